@@ -1,0 +1,22 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-fast lint serve bench
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Everything, the slow tests on the real packaged teacher and dataset included (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -m 'slow or not slow'
+
+# The default pytest selection: tiny seeded models only, well under 3 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,1 @@
+"""The distillation engine: a pure library (no web imports); may import teachers/."""

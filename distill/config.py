@@ -1,0 +1,168 @@
+"""The one typed job schema. Validated at the edge (CLI file or HTTP body), versioned.
+
+Every section forbids unknown keys so a typo is an error that names the key, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from teachers.registry import distill_home
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherConfig(_Section):
+    name: str = Field("minilm-l6", description="Registered teacher name, local HF directory, or hub id.")
+    head_epochs: int = Field(4, ge=0, description="Stage 1: task head only, on cached frozen-encoder features.")
+    head_lr: float = Field(2e-3, gt=0)
+    finetune_epochs: int = Field(1, ge=0, description="Stage 2: whole teacher unfrozen (0 skips it).")
+    finetune_lr: float = Field(3e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class DataConfig(_Section):
+    dataset: str = Field("reviews", description="Built-in dataset name, or 'files' to read train/validation/test.")
+    train: Path | None = None
+    validation: Path | None = Field(None, description="When absent, split off the training file.")
+    test: Path | None = Field(None, description="When absent, split off the training file.")
+    format: Literal["auto", "csv", "jsonl"] = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    transfer: Path | None = Field(None, description="Unlabeled texts (.txt one per line, or CSV/JSONL text column); "
+                                                    "the teacher labels them for the student.")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated.")
+    split_seed: int = Field(13, description="Seed of the deterministic 80/10/10 split.")
+    limit: int | None = Field(None, ge=10, description="Use only the first N training examples (quick runs).")
+
+    @model_validator(mode="after")
+    def _files_need_train(self) -> DataConfig:
+        if self.dataset == "files" and self.train is None:
+            raise ValueError("data.dataset is 'files' but data.train is not set: give the path of the training file")
+        if self.dataset != "files" and any(p is not None for p in (self.train, self.validation, self.test)):
+            raise ValueError(f"data.train/validation/test are only read when data.dataset is 'files' "
+                             f"(it is {self.dataset!r})")
+        return self
+
+
+class FromTeacher(_Section):
+    """DistilBERT-style: copy the teacher's embeddings and the listed layers."""
+    init: Literal["teacher"]
+    layers: list[int] = Field(min_length=1)
+
+
+class FromModel(_Section):
+    """The first N layers of another registered model (own tokenizer allowed)."""
+    init: Literal["model"]
+    model: str = Field(description="Registered teacher name, local HF directory, or hub id.")
+    num_layers: int = Field(ge=1)
+
+
+class Fresh(_Section):
+    """A randomly initialised encoder of the teacher's architecture and vocabulary."""
+    init: Literal["fresh"]
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=8)
+    num_heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> Fresh:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"student.hidden_size ({self.hidden_size}) must be divisible by student.num_heads "
+                             f"({self.num_heads})")
+        return self
+
+
+StudentConfig = Annotated[FromTeacher | FromModel | Fresh, Field(discriminator="init")]
+
+
+class LossConfig(_Section):
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature τ of kd_kl (loss scaled by τ²).")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of hard-label CE; (1 - alpha) goes to kd_kl.")
+    hidden_mse: float = Field(0.0, ge=0, description="Weight of hidden-state MSE (same tokenizer only).")
+    attention_kl: float = Field(0.0, ge=0, description="Weight of attention KL (same tokenizer only).")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    cache_teacher_logits: bool = Field(True, description="Run the teacher once per example, not once per epoch.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
+
+
+class JobConfig(_Section):
+    version: Literal[1] = CONFIG_VERSION
+    task: Literal["sequence-classification"] = "sequence-classification"
+    seed: int = 0
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = DataConfig()
+    student: StudentConfig = FromModel(init="model", model="minilm-l6", num_layers=3)
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    output_dir: Path | None = Field(None, description="Defaults to $DISTILL_HOME/runs/<config name>.")
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem: `section.key: what was wrong (allowed ...)`."""
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after")) or "config"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key; allowed keys: {', '.join(_allowed_keys(err['loc']))}")
+        else:
+            lines.append(f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if _short(err.get("input")) else ""))
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, str | int | float) and len(repr(value)) < 80
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:  # a union member tag such as 'model' inside student
+            model = {"teacher": FromTeacher, "model": FromModel, "fresh": Fresh}.get(str(part), model)
+            continue
+        model = field.annotation
+        if str(part) == "student":
+            return sorted({k for m in (FromTeacher, FromModel, Fresh) for k in m.model_fields})
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def parse_config(data: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: Path) -> JobConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the config: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
+    config = parse_config(data)
+    if config.output_dir is None:
+        config = config.model_copy(update={"output_dir": distill_home() / "runs" / Path(path).stem})
+    return config

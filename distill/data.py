@@ -1,0 +1,408 @@
+"""Task data: the built-in `reviews` dataset, user CSV/JSONL files, deterministic splits, transfer texts.
+
+Splits: the training rows are shuffled with `random.Random(config.split_seed)` (default seed 13); each
+held-out split that has no file of its own takes the next 10% of the shuffled rows (at least one row), and
+the rest is the training split. So with no validation/test file the split is 80/10/10, with one of them given
+it is 90/10, with both given nothing is carved off (the training rows are still shuffled so that
+`config.limit`, which keeps the first N training rows, takes a random sample, not the head of a file that may
+be sorted by label). The built-in dataset is always split 80/10/10.
+
+Every problem with the data is a `DataError` whose message names the file, the line (1-based, as an editor
+counts; a CSV header is line 1) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.config import DataConfig
+from teachers.registry import distill_home
+
+Progress = Callable[[str], None]
+
+HELD_OUT_FRACTION = 0.1
+
+
+class DataError(ValueError):
+    """Unusable task data; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int  # index into TaskData.labels
+
+
+@dataclass
+class TaskData:
+    name: str
+    labels: list[str]  # label names; index = class id
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    transfer: list[str]  # unlabeled texts for the teacher to label; may be empty
+
+    def summary(self) -> dict[str, Any]:
+        """Rows and label counts per split, and the transfer count (goes into report.json)."""
+        splits = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {
+            "name": self.name,
+            "labels": list(self.labels),
+            "splits": {split: {"rows": len(examples), "label_counts": self._label_counts(examples)}
+                       for split, examples in splits.items()},
+            "transfer": len(self.transfer),
+        }
+
+    def _label_counts(self, examples: list[Example]) -> dict[str, int]:
+        counts = Counter(e.label for e in examples)
+        return {name: counts[i] for i, name in enumerate(self.labels)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in datasets
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    description: str
+    source: str
+    license: str
+    labels: tuple[str, ...]
+    pull: Callable[[Path, Progress], None]  # (cache file to write, progress)
+
+    def cache_path(self, home: Path) -> Path:
+        return home / "datasets" / self.name / f"{self.name}.jsonl"
+
+
+VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+VADER_INNER_TAR = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+VADER_SNIPPETS_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+
+
+def pip_download_vader(dest: Path) -> Path:
+    """Download the vaderSentiment 3.3.2 sdist into `dest` with pip (the only network access); return it."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "vaderSentiment==3.3.2", "--dest", str(dest)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise DataError(f"could not download vaderSentiment==3.3.2 from PyPI "
+                        f"(pip exited {done.returncode}):\n{tail}")
+    return dest / VADER_SDIST
+
+
+def pull_reviews(dest: Path, progress: Progress,
+                 download: Callable[[Path], Path] = pip_download_vader,
+                 sdist_sha256: str = VADER_SDIST_SHA256,
+                 snippets_sha256: str = VADER_SNIPPETS_SHA256) -> None:
+    """Write the Rotten-Tomatoes snippets of the VADER paper (MIT) to `dest` as JSONL.
+
+    Rows with score 0 are dropped; label is 'positive' for score > 0, else 'negative'.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        progress("downloading the vaderSentiment==3.3.2 sdist from PyPI")
+        sdist = download(Path(tmp))
+        data = sdist.read_bytes()
+    _check_sha256(sdist.name, data, sdist_sha256)
+    inner = _tar_member(sdist.name, data, VADER_INNER_TAR)
+    raw = _tar_member(VADER_INNER_TAR, inner, VADER_SNIPPETS)
+    _check_sha256(VADER_SNIPPETS, raw, snippets_sha256)
+
+    rows = []
+    # The checksum pins the content, so splitting on the file's CRLF line ends and tabs is safe.
+    for line in raw.decode("utf-8").splitlines():
+        id_, score_text, text = line.split("\t")
+        score = float(score_text)
+        if score == 0:  # neutral: no sentiment label
+            continue
+        label = "positive" if score > 0 else "negative"
+        rows.append({"id": int(id_), "text": text.strip(), "label": label, "score": score})
+    _write_jsonl_atomic(dest, rows)
+    counts = Counter(r["label"] for r in rows)
+    progress(f"wrote {len(rows)} reviews ({counts['positive']} positive, {counts['negative']} negative) "
+             f"to {dest}")
+
+
+def _check_sha256(name: str, data: bytes, expected: str) -> None:
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise DataError(f"{name}: sha256 is {actual}, expected {expected}; "
+                        f"the download is corrupt or was changed")
+
+
+def _tar_member(archive: str, data: bytes, member: str) -> bytes:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            extracted = tar.extractfile(member)
+            if extracted is None:
+                raise KeyError(member)
+            return extracted.read()
+    except (KeyError, tarfile.TarError) as e:
+        raise DataError(f"{archive}: cannot read {member} from the archive ({e})") from None
+
+
+def _write_jsonl_atomic(dest: Path, rows: list[dict[str, Any]]) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=dest.parent, suffix=".tmp",
+                                     delete=False) as f:
+        try:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, dest)
+
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    "reviews": BuiltinDataset(
+        name="reviews",
+        description="10,568 Rotten-Tomatoes review snippets, positive/negative by human sentiment score",
+        source=f"{VADER_SNIPPETS} in the vaderSentiment==3.3.2 sdist (Hutto & Gilbert, ICWSM 2014)",
+        license="MIT",
+        labels=("negative", "positive"),
+        pull=pull_reviews,
+    ),
+}
+
+
+def _builtin(name: str) -> BuiltinDataset:
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown dataset {name!r}; built-in datasets: {', '.join(BUILTIN_DATASETS)} "
+                        f"(or 'files' to read your own train/validation/test files)")
+    return BUILTIN_DATASETS[name]
+
+
+def pull_dataset(name: str, progress: Progress | None = None, home: Path | None = None) -> Path:
+    """Download a built-in dataset into `home`/datasets/<name>/ (default: distill_home()); return the file.
+
+    A dataset already cached is left as it is (the cache is written atomically, so it is never half-written).
+    """
+    dataset = _builtin(name)
+    dest = dataset.cache_path(home or distill_home())
+    report = progress or (lambda _: None)
+    if dest.exists():
+        report(f"{name} is already cached at {dest}")
+    else:
+        dataset.pull(dest, report)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files
+
+@dataclass(frozen=True)
+class _Row:
+    line: int
+    text: str
+    label: str
+
+
+def _error(path: Path, line: int, problem: str) -> DataError:
+    return DataError(f"{path}, line {line}: {problem}")
+
+
+def _resolve_format(path: Path, format: str) -> str:
+    if format != "auto":
+        return format
+    by_suffix = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+    if path.suffix.lower() not in by_suffix:
+        raise DataError(f"{path}: cannot tell the format from the extension {path.suffix!r}; name the file "
+                        f".csv, .jsonl or .json, or set data.format to 'csv' or 'jsonl'")
+    return by_suffix[path.suffix.lower()]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise _error(path, line, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start}); "
+                                 f"save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")  # a BOM, as spreadsheet programs write it
+
+
+def _records(path: Path, format: str, columns: list[str]) -> list[tuple[int, list[Any]]]:
+    """(line, values of `columns`) per data row; None where a CSV row is short or a JSONL value is null."""
+    text = _read_text(path)
+    records: list[tuple[int, list[Any]]] = []
+    if format == "csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            raise _error(path, 1, "the file is empty; a CSV needs a header row naming the columns")
+        for column in columns:
+            if column not in header:
+                found = ", ".join(map(repr, header))
+                raise _error(path, 1, f"no column {column!r}; the header has columns: {found}")
+        where = [header.index(c) for c in columns]
+        last = reader.line_num
+        for values in reader:
+            # A quoted field may span lines, so the record starts just after the previous one ended.
+            start, last = last + 1, reader.line_num
+            if values:  # csv yields [] for a blank line
+                records.append((start, [values[i] if i < len(values) else None for i in where]))
+        if not records:
+            raise _error(path, last, "no data rows after the header")
+        return records
+
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON ({e.msg}); JSONL needs one JSON object per line"
+            raise _error(path, number, problem) from None
+        if not isinstance(obj, dict):
+            raise _error(path, number, f"expected a JSON object, got {type(obj).__name__}")
+        for column in columns:
+            if column not in obj:
+                found = ", ".join(map(repr, obj))
+                raise _error(path, number, f"no key {column!r}; the object has keys: {found}")
+        records.append((number, [obj[c] for c in columns]))
+    if not records:
+        raise _error(path, 1, "no data rows; JSONL needs one JSON object per line")
+    return records
+
+
+def _text(path: Path, line: int, column: str, value: Any) -> str:
+    if not isinstance(value, str):
+        if value is None:
+            raise _error(path, line, f"no text in column {column!r}")
+        raise _error(path, line, f"text in {column!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _error(path, line, f"empty text in column {column!r}")
+    return value
+
+
+def _read_rows(path: Path, format: str, text_column: str, label_column: str) -> list[_Row]:
+    rows = []
+    for line, (text, label) in _records(path, _resolve_format(path, format), [text_column, label_column]):
+        if isinstance(label, bool) or not isinstance(label, str | int | None):
+            raise _error(path, line, f"label in {label_column!r} must be a string or an integer, "
+                                     f"got {type(label).__name__} {label!r}")
+        raw = "" if label is None else str(label).strip()
+        if not raw:
+            raise _error(path, line, f"missing label in column {label_column!r}")
+        rows.append(_Row(line, _text(path, line, text_column, text), raw))
+    return rows
+
+
+def read_labeled_file(path: Path, format: str, text_column: str, label_column: str) -> list[tuple[str, str]]:
+    """(text, raw label string) per row of a CSV (header row required) or JSONL file.
+
+    format 'auto' goes by the extension: .csv, .jsonl or .json.
+    """
+    return [(r.text, r.label) for r in _read_rows(path, format, text_column, label_column)]
+
+
+def read_texts(path: Path, format: str, text_column: str) -> list[str]:
+    """Unlabeled texts: a .txt file is one text per line (blank lines skipped); otherwise the text column of a
+    CSV/JSONL file, `format` as for read_labeled_file (a blank text there is an error)."""
+    if path.suffix.lower() == ".txt":
+        texts = [line.rstrip("\r") for line in _read_text(path).split("\n") if line.strip()]
+        if not texts:
+            raise _error(path, 1, "no texts; the file is empty or blank")
+        return texts
+    return [_text(path, line, text_column, values[0])
+            for line, values in _records(path, _resolve_format(path, format), [text_column])]
+
+
+def _sorted_labels(raw: set[str]) -> list[str]:
+    if all(re.fullmatch(r"[+-]?[0-9]+", s) for s in raw):
+        return sorted(raw, key=int)  # "2" before "10"
+    return sorted(raw)
+
+
+def _examples(path: Path, rows: list[_Row], labels: list[str], known_from: str) -> list[Example]:
+    index = {name: i for i, name in enumerate(labels)}
+    for row in rows:
+        if row.label not in index:
+            raise _error(path, row.line, f"label {row.label!r} never occurs in {known_from}; "
+                                         f"known labels: {', '.join(labels)}")
+    return [Example(r.text, index[r.label]) for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits and loading
+
+def _split(examples: list[Example], seed: int, carve_validation: bool, carve_test: bool,
+           ) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, validation, test): shuffle, then each carved split takes the next 10% (at least one row)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    shuffled = [examples[i] for i in order]
+    size = max(1, int(len(examples) * HELD_OUT_FRACTION))
+    validation = shuffled[:size] if carve_validation else []
+    test = shuffled[len(validation):len(validation) + size] if carve_test else []
+    return shuffled[len(validation) + len(test):], validation, test
+
+
+def _load_files(config: DataConfig) -> TaskData:
+    assert config.train is not None  # DataConfig requires it for dataset 'files'
+    train_path = config.train
+    columns = (config.format, config.text_column, config.label_column)
+    rows = _read_rows(train_path, *columns)
+    raw_labels = {r.label for r in rows}
+    if len(raw_labels) < 2:
+        raise DataError(f"{train_path}: all {len(rows)} rows (lines {rows[0].line}-{rows[-1].line}) have "
+                        f"label {rows[0].label!r}; distillation needs at least 2 classes")
+    labels = _sorted_labels(raw_labels)
+    known_from = f"the training file {train_path}"
+    files = {"validation": config.validation, "test": config.test}
+    given = {split: _examples(path, _read_rows(path, *columns), labels, known_from)
+             for split, path in files.items() if path is not None}
+    train, validation, test = _split(_examples(train_path, rows, labels, known_from), config.split_seed,
+                                     "validation" not in given, "test" not in given)
+    if len(train) < 2:
+        raise DataError(f"{train_path}: only {len(rows)} rows, too few to split off validation/test rows; "
+                        f"add rows or give data.validation and data.test files")
+    return TaskData(name=train_path.name, labels=labels, train=train,
+                    validation=given.get("validation", validation), test=given.get("test", test), transfer=[])
+
+
+def _load_builtin(config: DataConfig) -> TaskData:
+    dataset = _builtin(config.dataset)
+    path = dataset.cache_path(distill_home())
+    if not path.exists():
+        raise DataError(f"dataset {dataset.name!r} is not downloaded yet ({path} is missing): "
+                        f"run `distill datasets pull {dataset.name}`")
+    labels = list(dataset.labels)
+    rows = _read_rows(path, "jsonl", "text", "label")
+    examples = _examples(path, rows, labels, f"dataset {dataset.name!r}")
+    train, validation, test = _split(examples, config.split_seed, True, True)
+    return TaskData(name=dataset.name, labels=labels, train=train, validation=validation, test=test,
+                    transfer=[])
+
+
+def load_task_data(config: DataConfig) -> TaskData:
+    """Labeled splits and transfer texts for a job; see the module docstring for the split scheme."""
+    data = _load_files(config) if config.dataset == "files" else _load_builtin(config)
+    if config.limit is not None:
+        data.train = data.train[:config.limit]  # already shuffled: a random sample, the same per seed
+    if config.transfer is not None:
+        data.transfer = read_texts(config.transfer, config.format, config.text_column)
+    return data

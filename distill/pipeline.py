@@ -1,0 +1,189 @@
+"""run(config, on_event) → student + report: the ONE place that chains the stages.
+
+data → prepare teacher → build student → teacher logits (cached once) → distill → test evaluation → report.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distill import engine
+from distill.config import ConfigError, JobConfig
+from distill.data import Example, TaskData, load_task_data
+from distill.engine import EventSink, Split, Teacher
+from distill.losses import IGNORE_INDEX
+from distill.prepare import prepare_teacher
+from distill.student import build_student, count_params
+from distill.tasks import TASKS, Task, predict_distilled
+from teachers.registry import resolve_teacher
+
+STUDENT = "student"
+REPORT = "report.json"
+TEACHER_LOGITS = "teacher_logits.pt"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    student_dir: Path
+    report: dict[str, Any]
+
+
+def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> RunResult:
+    """Run a whole job; artifacts land under config.output_dir (student/, report.json, checkpoint.pt)."""
+    emit = on_event or (lambda kind, data: None)
+    if config.output_dir is None:
+        raise ConfigError("output_dir: not set; give the directory the job writes to")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = TASKS[config.task]
+    timings: dict[str, float] = {}
+    clock = _Clock(timings, emit)
+    torch.manual_seed(config.seed)
+
+    with clock("data"):
+        data = load_task_data(config.data)
+        teacher_dir = resolve_teacher(config.teacher.name)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        teacher_view = {name: _split(task, teacher_tokenizer, examples, config.data.max_length)
+                        for name, examples in _labelled_splits(data).items()}
+
+    with clock("prepare-teacher"):
+        prepared = prepare_teacher(config, teacher_dir, data.labels, task, teacher_view["train"],
+                                   teacher_view["validation"], emit)
+        attention = "eager" if config.loss.attention_kl > 0 else "sdpa"  # SDPA returns no attention maps
+        teacher_model = AutoModelForSequenceClassification.from_pretrained(prepared.path,
+                                                                           attn_implementation=attention).eval()
+        teacher = Teacher(teacher_model, AutoTokenizer.from_pretrained(prepared.path))
+
+    with clock("build-student"):
+        student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention)
+        intermediate = config.loss.hidden_mse > 0 or config.loss.attention_kl > 0
+        if intermediate and not student.shares_teacher_tokenizer:
+            raise ConfigError("loss.hidden_mse/attention_kl compare teacher and student token by token, so both need "
+                              "the same tokenizer, and this student's tokenizer differs from the teacher's. Use logit "
+                              "distillation only (set them to 0) or a student with init 'teacher' or 'fresh'")
+        transfer = [Example(text, IGNORE_INDEX) for text in data.transfer]  # labelled by the teacher's logits
+        train_examples = data.train + transfer
+        max_length = config.data.max_length
+        splits = {"train": _split(task, student.tokenizer, train_examples, max_length, teacher_tokenizer),
+                  "validation": _split(task, student.tokenizer, data.validation, max_length, teacher_tokenizer),
+                  "test": _split(task, student.tokenizer, data.test, max_length, teacher_tokenizer)}
+
+    with clock("teacher-logits"):
+        cache_train = config.train.cache_teacher_logits and not intermediate
+        logits = _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit)
+        for name, split in splits.items():
+            split.teacher_logits = logits.get(name)
+
+    with clock("distill"):
+        result = engine.fit(task, student.model, student.tokenizer, splits["train"], splits["validation"],
+                            config.train, run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
+                            layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill")
+
+    with clock("evaluate"):
+        best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST)
+        student_metrics = engine.evaluate(task, best, student.tokenizer, splits["test"])
+        teacher_metrics = {name: _accuracy(task, logits[name], splits[name].labels)
+                           for name in ("validation", "test")}
+        _publish(out / engine.BEST, out / STUDENT)
+
+    teacher_params, student_params = count_params(teacher_model), count_params(best)
+    report = {
+        "config": json.loads(config.model_dump_json()),
+        "data": data.summary(),
+        "teacher": {"source": config.teacher.name, "prepared_dir": str(prepared.path), "params": teacher_params,
+                    "prepared_from_cache": prepared.cached, "preparation": prepared.summary,
+                    "validation_accuracy": teacher_metrics["validation"], "test_accuracy": teacher_metrics["test"]},
+        "student": {"dir": str(out / STUDENT), "params": student_params, "best_epoch": result.best_epoch,
+                    "history": result.history, "test_accuracy": student_metrics["accuracy"],
+                    "test_agreement": student_metrics["agreement"],
+                    "train_examples_per_second": result.examples_per_second},
+        "retention": student_metrics["accuracy"] / teacher_metrics["test"] if teacher_metrics["test"] else None,
+        "param_ratio": student_params / teacher_params,
+        "teacher_logits_cached": cache_train,
+        "timings_seconds": timings,
+    }
+    _write_json_atomically(out / REPORT, report)
+    emit("done", {"report": str(out / REPORT), "student_test_accuracy": student_metrics["accuracy"],
+                  "teacher_test_accuracy": teacher_metrics["test"]})
+    return RunResult(out, out / STUDENT, report)
+
+
+class _Clock:
+    """`with clock(stage):` emits the stage event and records its wall time."""
+
+    def __init__(self, timings: dict[str, float], emit: EventSink) -> None:
+        self.timings, self.emit = timings, emit
+
+    def __call__(self, stage: str) -> _Clock:
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.emit("stage", {"stage": self.stage})
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.stage] = round(time.perf_counter() - self.started, 3)
+
+
+def _labelled_splits(data: TaskData) -> dict[str, list[Example]]:
+    return {"train": data.train, "validation": data.validation, "test": data.test}
+
+
+def _split(task: Task, tokenizer: Any, examples: list[Example], max_length: int,
+           teacher_tokenizer: Any | None = None) -> Split:
+    texts = [e.text for e in examples]
+    return Split(student_inputs=task.encode(tokenizer, texts, max_length),
+                 labels=torch.tensor([e.label for e in examples], dtype=torch.long),
+                 teacher_inputs=task.encode(teacher_tokenizer, texts, max_length) if teacher_tokenizer else None)
+
+
+def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
+                    emit: EventSink) -> dict[str, torch.Tensor]:
+    """The teacher runs once per example: validation/test always (agreement), train when the cache is on.
+    Stored next to the checkpoint so a resumed job does not pay for it again."""
+    names = [n for n in splits if n != "train" or cache_train]
+    sizes = {n: len(splits[n]) for n in names}
+    if path.exists():
+        stored = torch.load(path)
+        if {n: len(t) for n, t in stored.items()} == sizes:
+            return stored
+    logits = {}
+    for name in names:
+        emit("log", {"message": f"teacher outputs for {sizes[name]} {name} examples"})
+        logits[name] = predict_distilled(task, teacher.model, teacher.tokenizer, splits[name].teacher_inputs)
+    tmp = path.with_suffix(".tmp")
+    torch.save(logits, tmp)
+    os.replace(tmp, path)
+    return logits
+
+
+def _accuracy(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return task.correct(logits, labels).float().mean().item()
+
+
+def _publish(best: Path, target: Path) -> None:
+    """Copy the best checkpoint to its published name atomically (a reader never sees a half directory)."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+

@@ -1,0 +1,155 @@
+"""Teacher preparation: give a pretrained encoder a task head and fine-tune it, cached by what determines the result.
+
+Stage 1 trains only the head on frozen-encoder features computed once (seconds, not an epoch of the encoder).
+Stage 2 (optional) unfreezes everything at a lower learning rate through the engine's fine-tune mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from distill.config import JobConfig, TrainConfig
+from distill.engine import BEST, EventSink, Split, fit
+from distill.tasks import Encoded, Task, length_sorted_batches
+from teachers.registry import distill_home
+
+
+@dataclass
+class PreparedTeacher:
+    path: Path
+    cached: bool
+    summary: dict[str, Any]  # how it was prepared: stages run, their validation accuracy
+
+
+def _bert_head(model: PreTrainedModel, cls: Tensor) -> Tensor:
+    return model.classifier(model.dropout(model.bert.pooler(cls[:, None, :])))
+
+
+def _sequence_head(model: PreTrainedModel, cls: Tensor) -> Tensor:
+    return model.classifier(cls[:, None, :])  # *ClassificationHead reads features[:, 0]
+
+
+# How each architecture's sequence-classification head turns the first token's final hidden state into logits.
+HEADS: dict[str, Callable[[PreTrainedModel, Tensor], Tensor]] = {
+    "bert": _bert_head, "mpnet": _sequence_head, "roberta": _sequence_head, "xlm-roberta": _sequence_head,
+}
+
+
+def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task: Task,
+                    train: Split, validation: Split, on_event: EventSink | None = None) -> PreparedTeacher:
+    """An HF directory holding `teacher_dir` with a head for `labels`, fine-tuned on `train`. `train`/`validation`
+    carry the teacher's own token ids (student_inputs of these splits are the teacher's)."""
+    emit = on_event or (lambda kind, data: None)
+    if _has_head_for(teacher_dir, labels):
+        return PreparedTeacher(Path(teacher_dir), cached=True, summary={"stages": [], "note": "already has the head"})
+    key = _cache_key(config, teacher_dir, labels, train)
+    target = distill_home() / "prepared" / key
+    if (target / "prepared.json").exists():
+        emit("log", {"message": f"reusing the prepared teacher {target}"})
+        return PreparedTeacher(target, cached=True, summary=json.loads((target / "prepared.json").read_text()))
+
+    tc = config.teacher
+    torch.manual_seed(config.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        teacher_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)})
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    stages: list[dict[str, Any]] = []
+    work = target.with_name(key + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    head = HEADS.get(model.config.model_type)
+    if tc.head_epochs and head is None:
+        emit("log", {"message": f"no frozen-feature head stage for model_type {model.config.model_type!r}; "
+                                f"known: {sorted(HEADS)}. Fine-tuning the whole model instead"})
+    if tc.head_epochs and head is not None:
+        emit("stage", {"stage": "teacher-head", "detail": "head on frozen features"})
+        features = {name: _first_token_features(task, model, tokenizer, split.student_inputs, tc.batch_size * 2)
+                    for name, split in (("train", train), ("validation", validation))}
+        accuracy = _train_head(model, head, features, train.labels, validation.labels, tc.head_epochs, tc.head_lr,
+                               tc.batch_size, emit)
+        stages.append({"stage": "head", "epochs": tc.head_epochs, "validation_accuracy": accuracy})
+    if tc.finetune_epochs or head is None:
+        cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr)
+        result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=config.seed,
+                     on_event=on_event, stage="teacher-finetune")
+        model = AutoModelForSequenceClassification.from_pretrained(work / BEST)
+        stages.append({"stage": "finetune", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
+                       "validation_accuracy": result.best_metrics["accuracy"]})
+    summary = {"teacher": teacher_dir, "labels": labels, "stages": stages}
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    (work / "model" / "prepared.json").write_text(json.dumps(summary, indent=2))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(work / "model", target)  # only a complete directory ever appears under its key
+    shutil.rmtree(work, ignore_errors=True)
+    return PreparedTeacher(target, cached=False, summary=summary)
+
+
+@torch.inference_mode()
+def _first_token_features(task: Task, model: PreTrainedModel, tokenizer: Any, encoded: list[Encoded],
+                          batch_size: int) -> Tensor:
+    """(N, H) final hidden state of the first token, the input of every HF sequence-classification head."""
+    model.eval()
+    out = torch.empty(len(encoded), model.config.hidden_size)
+    for idx in length_sorted_batches(encoded, batch_size):
+        hidden = model.base_model(**task.collate(tokenizer, [encoded[i] for i in idx])).last_hidden_state
+        out[idx] = hidden[:, 0]  # (B, H)
+    return out
+
+
+def _train_head(model: PreTrainedModel, head: Callable[[PreTrainedModel, Tensor], Tensor],
+                features: dict[str, Tensor], train_labels: Tensor, validation_labels: Tensor, epochs: int, lr: float,
+                batch_size: int, emit: EventSink) -> float:
+    """Train the head parameters only (everything outside the base model); return the best validation accuracy."""
+    base = {id(p) for p in model.base_model.parameters()}
+    params = [p for p in model.parameters() if id(p) not in base]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    best, best_state = -1.0, None
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train_labels))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(head(model, features["train"][idx]), train_labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.inference_mode():
+            accuracy = (head(model, features["validation"]).argmax(-1) == validation_labels).float().mean().item()
+        emit("metrics", {"stage": "teacher-head", "epoch": epoch + 1, "validation_accuracy": accuracy})
+        if accuracy > best:
+            best, best_state = accuracy, {id(p): p.detach().clone() for p in params}
+    with torch.no_grad():
+        for p in params:
+            p.copy_(best_state[id(p)])
+    return best
+
+
+def _has_head_for(teacher_dir: str, labels: list[str]) -> bool:
+    config = AutoConfig.from_pretrained(teacher_dir)
+    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    return has_head and [config.id2label[i] for i in range(len(config.id2label))] == labels
+
+
+def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Split) -> str:
+    """Everything the prepared weights depend on: teacher, training data, labels, settings, seed."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"teacher": str(teacher_dir), "labels": labels, "settings": config.teacher.model_dump(),
+                              "max_length": config.data.max_length, "seed": config.seed}, sort_keys=True).encode())
+    for example, label in zip(train.student_inputs, train.labels.tolist(), strict=True):
+        digest.update(json.dumps([example["input_ids"], label]).encode())
+    name = Path(str(teacher_dir)).name or "teacher"
+    return f"{name}-{digest.hexdigest()[:16]}"

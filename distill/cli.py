@@ -35,8 +35,10 @@ class ProgressPrinter:
             print(f"==> {data['stage']}" + (f" ({data['detail']})" if "detail" in data else ""), flush=True)
         elif kind == "metrics":
             print("    " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items()))
-        elif kind in ("log", "resumed", "done"):
-            print("    " + ", ".join(f"{k}: {v}" for k, v in data.items()), flush=True)
+        elif kind == "log":
+            print(f"    {data['message']}", flush=True)
+        elif kind in ("resumed", "done"):
+            print(f"    {kind}: " + ", ".join(f"{k}={v}" for k, v in data.items()), flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -45,8 +47,13 @@ class ProgressPrinter:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import transformers
+
     from distill.pipeline import run  # heavy (torch, transformers): only for the commands that train
 
+    # Our own events say what happens; transformers' load reports and per-file bars would bury them.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     config = load_config(args.config)
     if args.output_dir:
         config = config.model_copy(update={"output_dir": args.output_dir})

@@ -94,15 +94,20 @@ def pull_teacher(name: str, progress: Callable[[str], None] | None = None) -> Pa
 
 
 def count_parameters(model_dir: Path) -> int:
-    """Total elements of every tensor in the directory's *.safetensors files, read from the headers only."""
+    """Elements of the floating-point tensors in the directory's *.safetensors files, from the headers only.
+
+    Integer tensors are buffers, not parameters: older checkpoints (both packaged teachers) still carry an int64
+    `embeddings.position_ids`, which would otherwise add 512 to a count that should match `model.parameters()`.
+    """
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {model_dir}")
     total = 0
     for file in files:
         with safe_open(file, framework="pt") as f:
-            # get_slice reads shapes from the header, loading no data; safe_open is not iterable, hence .keys().
-            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+            # get_slice reads dtype and shape from the header, loading no data; safe_open is not iterable.
+            slices = [f.get_slice(key) for key in f.keys()]  # noqa: SIM118
+            total += sum(math.prod(s.get_shape()) for s in slices if s.get_dtype().startswith(("F", "BF")))
     return total
 
 

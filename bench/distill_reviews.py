@@ -1,0 +1,117 @@
+"""Benchmark: distill `reviews` teachers into a 3-layer MiniLM student; print a table, write JSON.
+
+    python bench/distill_reviews.py                      # mpnet-base and minilm-l6 teachers (about 1.5 h on 2 cores)
+    python bench/distill_reviews.py --teachers minilm-l6 # the quick one
+
+For each teacher: the whole pipeline with the teacher-logit cache (teacher accuracy, student accuracy, retention,
+params, wall time of every stage). For the first teacher, the distill stage again with the teacher run at every step
+instead, same data, same student, same epochs count; its examples/s is measured over --uncached-epochs epochs (the
+rate is the same every epoch, since nothing is cached) and compared with the cached run's examples/s over all
+epochs, the cache build included. Writes bench/results/distill_reviews.json; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
+from distill.data import pull_dataset
+from distill.pipeline import run
+from teachers.registry import distill_home, pull_teacher
+
+RESULTS = Path(__file__).parent / "results" / "distill_reviews.json"
+
+
+def job(teacher: str, out: Path, epochs: int, cache: bool, limit: int | None) -> JobConfig:
+    return JobConfig(
+        seed=0,
+        teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=1, finetune_lr=3e-5),
+        data=DataConfig(dataset="reviews", max_length=64, limit=limit),
+        student=FromModel(init="model", model="minilm-l6", num_layers=3),
+        loss=LossConfig(temperature=2.0, alpha=0.5),
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache),
+        output_dir=out)
+
+
+def log(kind: str, data: dict) -> None:
+    if kind == "progress" and data["step"] % 50:
+        return
+    print(f"  [{time.strftime('%H:%M:%S')}] {kind} {data}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teachers", nargs="+", default=["mpnet-base", "minilm-l6"])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--uncached-epochs", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None, help="training examples (default: all 8456)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    pull_dataset("reviews", progress=print)
+    work = distill_home() / "bench" / "distill_reviews"
+
+    rows = []
+    for teacher in args.teachers:
+        if teacher == "mpnet-base":
+            pull_teacher(teacher, progress=print)
+        print(f"== {teacher}: pipeline with the logit cache", flush=True)
+        report = run(job(teacher, work / teacher, args.epochs, True, args.limit), log).report
+        t = report["timings_seconds"]
+        row = {"teacher": teacher, "teacher_params": report["teacher"]["params"],
+               "student_params": report["student"]["params"], "param_ratio": report["param_ratio"],
+               "teacher_accuracy": report["teacher"]["test_accuracy"],
+               "student_accuracy": report["student"]["test_accuracy"],
+               "student_agreement": report["student"]["test_agreement"], "retention": report["retention"],
+               "teacher_prepared_from_cache": report["teacher"]["prepared_from_cache"],
+               "teacher_preparation": report["teacher"]["preparation"], "stage_seconds": t}
+        if teacher == args.teachers[0]:
+            # The cached run paid for the teacher's train-set outputs in its teacher-logits stage.
+            train_examples = report["data"]["splits"]["train"]["rows"] + report["data"]["transfer"]
+            cached_seconds = t["teacher-logits"] + t["distill"]
+            print(f"== {teacher}: distill stage with the teacher at every step", flush=True)
+            uncached = run(job(teacher, work / f"{teacher}-uncached", args.uncached_epochs, False, args.limit),
+                           log).report
+            u = uncached["timings_seconds"]
+            row["cached_examples_per_second"] = train_examples * args.epochs / cached_seconds
+            row["uncached_examples_per_second"] = train_examples * args.uncached_epochs / u["distill"]
+            row["cache_speedup"] = row["cached_examples_per_second"] / row["uncached_examples_per_second"]
+        rows.append(row)
+
+    print()
+    print(f"{'teacher':<11} {'params':>11} {'student':>11} {'ratio':>6} {'teacher acc':>11} {'student acc':>11} "
+          f"{'retention':>9} {'agree':>6}")
+    for r in rows:
+        print(f"{r['teacher']:<11} {r['teacher_params']:>11,} {r['student_params']:>11,} {r['param_ratio']:>6.3f} "
+              f"{r['teacher_accuracy']:>11.4f} {r['student_accuracy']:>11.4f} {r['retention']:>9.4f} "
+              f"{r['student_agreement']:>6.3f}")
+    for r in rows:
+        print(f"{r['teacher']} stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()))
+        if "cache_speedup" in r:
+            print(f"{r['teacher']} training examples/s: cached {r['cached_examples_per_second']:.1f} "
+                  f"(cache build included), teacher every step {r['uncached_examples_per_second']:.1f} "
+                  f"-> {r['cache_speedup']:.2f}x")
+
+    first = rows[0]
+    result = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+              "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+              "teacher": first["teacher"], "teacher_accuracy": first["teacher_accuracy"],
+              "student_accuracy": first["student_accuracy"], "retention": first["retention"],
+              "param_ratio": first["param_ratio"], "cache_speedup": first.get("cache_speedup"), "runs": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

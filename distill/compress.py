@@ -1,0 +1,167 @@
+"""Compression of an exported model: ORT graph optimization, then INT8 quantization; and the accuracy gate.
+
+compress(model.onnx) → model_optimized.onnx (fp32, fused) + model_int8.onnx, written next to each other:
+
+1. Graph optimization (`onnxruntime.transformers.optimizer`). BERT and MPNet both go through the 'bert' fusions:
+   for BERT they fuse embeddings, attention, bias+GELU and residual+LayerNorm; for MPNet the attention (it adds a
+   relative position bias) and embeddings stay unfused and only bias+GELU and residual+LayerNorm fuse (measured on
+   ORT 1.32). Other architectures get ORT's basic graph optimizations only. Either way the optimized graph must
+   match the input graph within `tolerance` or CompressError.
+2. Symbolic shape inference (`quant_pre_process`, no further optimization): the quantizer needs the types of the
+   fused com.microsoft ops' outputs, which ONNX's own shape inference does not know.
+3. INT8: `quantize_dynamic` (weights int8 ahead of time, activations quantized per call; no data needed) or
+   `quantize_static` (QDQ, activation ranges calibrated on tokenized texts).
+
+The accuracy gate is separate: evaluate both files, then `accuracy_gate` says which one to serve.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.optimizer import optimize_model
+from transformers import AutoConfig, PretrainedConfig
+
+from distill.export import CHECK_TEXTS, check_parity
+from distill.runtime import Inputs, OnnxPredictor
+
+OPTIMIZED_FILE = "model_optimized.onnx"
+INT8_FILE = "model_int8.onnx"
+Mode = Literal["dynamic", "static"]
+
+# HF config.model_type → ORT optimizer model_type. Only what has been checked; the parity check guards the rest.
+FUSIONS = {"bert": "bert", "mpnet": "bert"}
+# The op types each quantization mode can quantize (what exclude_ops may name).
+QUANTIZABLE: dict[str, list[str]] = {"dynamic": list(IntegerOpsRegistry), "static": list(QDQRegistry)}
+
+
+class CompressError(RuntimeError):
+    """Optimization changed the model's outputs, or a quantized file does not run; nothing was written."""
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    optimized_path: Path
+    optimized_bytes: int
+    int8_path: Path
+    int8_bytes: int
+    mode: Mode
+    fused_ops: dict[str, int]  # fused op type → count in the optimized graph (empty: basic optimizations only)
+    optimized_max_abs_diff: float  # vs the input graph; at most `tolerance`
+    int8_max_abs_diff: float  # vs the input graph; information only, accuracy_gate decides
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    drop_points: float  # fp32 accuracy − int8 accuracy, in percentage points
+    served: Literal["int8", "fp32"]
+    message: str
+
+
+def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_channel: bool = False,
+             exclude_ops: Sequence[str] = (), exclude_nodes: Sequence[str] = (),
+             calibration_texts: Sequence[str] | None = None, tokenizer_dir: Path | None = None,
+             max_length: int = 128, tolerance: float = 1e-4) -> CompressResult:
+    """Optimize onnx_path and quantize it to INT8; write OPTIMIZED_FILE and INT8_FILE into out_dir.
+
+    tokenizer_dir holds the tokenizer and config.json (default: onnx_path's directory, as export_model_dir lays
+    it out); config.json says the architecture. exclude_ops are op types left in fp32 (see QUANTIZABLE),
+    exclude_nodes node names. mode 'static' calibrates on calibration_texts (one text per batch). Each file
+    appears whole or not at all.
+    """
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else onnx_path.parent
+    if mode not in QUANTIZABLE:
+        raise ValueError(f"mode: {mode!r} is not one of {sorted(QUANTIZABLE)}")
+    unknown = sorted(set(exclude_ops) - set(QUANTIZABLE[mode]))
+    if unknown:
+        raise ValueError(f"exclude_ops: {unknown} are not op types {mode} quantization handles; "
+                         f"it handles {QUANTIZABLE[mode]}")
+    if mode == "static" and not calibration_texts:
+        raise ValueError("mode 'static' needs calibration_texts (a few hundred typical inputs)")
+    op_types = [op for op in QUANTIZABLE[mode] if op not in exclude_ops]
+    config = AutoConfig.from_pretrained(tokenizer_dir)
+    reference = OnnxPredictor(onnx_path, tokenizer_dir, max_length)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".compress-") as work:
+        optimized, prepared, int8 = Path(work, OPTIMIZED_FILE), Path(work, "prepared.onnx"), Path(work, INT8_FILE)
+        fused_ops = _optimize(onnx_path, optimized, config)
+        optimized_diff, shapes = check_parity(reference, OnnxPredictor(optimized, tokenizer_dir, max_length),
+                                              CHECK_TEXTS)
+        if optimized_diff > tolerance:
+            raise CompressError(f"graph optimization changed the logits by up to {optimized_diff:.3g} "
+                                f"(tolerance {tolerance:g}) on batches {shapes}; fusions: {fused_ops}")
+        quant_pre_process(optimized, prepared, skip_optimization=True)
+        if mode == "dynamic":
+            quantize_dynamic(prepared, int8, op_types_to_quantize=op_types, per_channel=per_channel,
+                             nodes_to_exclude=list(exclude_nodes), weight_type=QuantType.QInt8)
+        else:
+            calibration = OnnxPredictor(prepared, tokenizer_dir, max_length)
+            # QUInt8 activations with QInt8 weights in QDQ form is ORT's recommendation for x86 CPUs
+            # (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html).
+            quantize_static(prepared, int8, _Calibration(calibration.encode([t]) for t in calibration_texts or ()),
+                            quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=per_channel,
+                            nodes_to_exclude=list(exclude_nodes), activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        onnx.checker.check_model(str(int8))
+        int8_diff, _ = check_parity(reference, OnnxPredictor(int8, tokenizer_dir, max_length), CHECK_TEXTS)
+        os.replace(optimized, out_dir / OPTIMIZED_FILE)
+        os.replace(int8, out_dir / INT8_FILE)
+    return CompressResult(out_dir / OPTIMIZED_FILE, (out_dir / OPTIMIZED_FILE).stat().st_size,
+                          out_dir / INT8_FILE, (out_dir / INT8_FILE).stat().st_size, mode, fused_ops,
+                          optimized_diff, int8_diff)
+
+
+def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop_points: float = 1.0) -> GateResult:
+    """Serve INT8 unless it loses more than max_drop_points accuracy points against fp32.
+    Accuracies are fractions in [0, 1]; a drop of 0.012 is 1.2 points."""
+    for name, value in (("fp32_acc", fp32_acc), ("int8_acc", int8_acc)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: {value} is not an accuracy in [0, 1]")
+    if max_drop_points < 0:
+        raise ValueError(f"max_drop_points: {max_drop_points} is negative; give 0 or more points")
+    drop = round((fp32_acc - int8_acc) * 100, 6)  # rounded: 0.90 − 0.89 is 1.0000000000000009 points in floats
+    if drop > max_drop_points:
+        return GateResult(False, drop, "fp32", f"serving fp32: INT8 accuracy {int8_acc:.2%} is {drop:.2f} points "
+                                               f"below fp32 {fp32_acc:.2%}, more than the {max_drop_points:g} allowed")
+    return GateResult(True, drop, "int8", f"serving INT8: accuracy {int8_acc:.2%} vs fp32 {fp32_acc:.2%} "
+                                          f"({drop:+.2f} points drop, {max_drop_points:g} allowed)")
+
+
+def _optimize(source: Path, target: Path, config: PretrainedConfig) -> dict[str, int]:
+    """Write the optimized graph of `source` to `target`; return the fused op counts (nonzero only)."""
+    model_type = FUSIONS.get(config.model_type)
+    if model_type is None:  # no fusion patterns known for it: ORT's basic, portable graph rewrites only
+        optimize_model(str(source), opt_level=1, only_onnxruntime=True).save_model_to_file(str(target))
+        return {}
+    optimizer = optimize_model(str(source), model_type=model_type, num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size)
+    optimizer.save_model_to_file(str(target))
+    return {op: n for op, n in optimizer.get_fused_operator_statistics().items() if n}
+
+
+class _Calibration(CalibrationDataReader):
+    """Feeds quantize_static one batch of model inputs at a time."""
+
+    def __init__(self, batches: Iterator[Inputs]) -> None:
+        self.batches = batches
+
+    def get_next(self) -> Inputs | None:
+        return next(self.batches, None)

@@ -1,0 +1,47 @@
+"""The command line: a tiny job end to end, and errors as one line with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.cli import main
+
+
+def _write_config(path: Path, teacher_dir: Path, csv: Path, **extra: dict) -> Path:
+    config = {"teacher": {"name": str(teacher_dir), "head_epochs": 1, "finetune_epochs": 4, "finetune_lr": 3e-3,
+                          "batch_size": 16},
+              "data": {"dataset": "files", "train": str(csv), "max_length": 16},
+              "student": {"init": "teacher", "layers": [1]},
+              "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3}, **extra}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_run_prints_the_result_and_resume_finishes_a_completed_job(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _write_config(tmp_path / "job.yaml", tiny_teacher_dir, synthetic_csv)
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.rindex("{\n"):])
+    assert summary["student_dir"] == str(tmp_path / "out" / "student")
+    assert "==> distill" in printed
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--resume"]) == 0
+    assert "resumed: stage=distill, step=40, total_steps=40" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
+    ({"teacher": {"name": "no-such-teacher"}}, "minilm-l6"),
+    ({"data": {"dataset": "files", "train": "/nonexistent.csv"}}, "/nonexistent.csv"),
+])
+def test_errors_are_one_line_with_exit_code_2(extra: dict, message: str, tiny_teacher_dir: Path,
+                                              synthetic_csv: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    config = _write_config(tmp_path / "bad.yaml", tiny_teacher_dir, synthetic_csv, **extra)
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distill: error: ") and message in err and "Traceback" not in err

@@ -23,6 +23,8 @@ class ProgressPrinter:
         self.bar: tqdm | None = None
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "checkpoint":  # for the service's records; a line here would break the bar
+            return
         if kind == "progress":
             if self.bar is None or self.bar.desc != data["stage"]:
                 self.close()

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from distill import losses
 from distill.config import LossConfig, TrainConfig
-from distill.tasks import Encoded, Task, agreement, predict_distilled
+from distill.tasks import Encoded, Precision, Task, agreement, autocast, predict_distilled
 
 EventSink = Callable[[str, dict[str, Any]], None]
 CHECKPOINT = "checkpoint.pt"
@@ -65,7 +65,7 @@ class FitResult:
 def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Split, validation: Split,
         cfg: TrainConfig, *, run_dir: Path, seed: int, teacher: Teacher | None = None,
         loss: LossConfig | None = None, layer_map: list[int] | None = None, resume: bool = False,
-        on_event: EventSink | None = None, stage: str = "distill") -> FitResult:
+        on_event: EventSink | None = None, stage: str = "distill", precision: Precision = "fp32") -> FitResult:
     """Train `model` on `train`, keep the best epoch (validation accuracy) under run_dir/best; return metrics.
 
     Without `teacher` and without `train.teacher_logits` this is plain fine-tuning (CE on labels).
@@ -101,17 +101,18 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
             inputs = task.collate(tokenizer, [train.student_inputs[i] for i in idx])
             labels = train.labels[idx]
-            output = task.forward(model, inputs, internals=intermediate)
-            student_logits = task.distilled(output)
-            value = loss.alpha * losses.hard_ce(student_logits, labels)
-            if distilling:
-                teacher_output, teacher_logits = _teacher_view(task, teacher, train, idx, intermediate)
-                value = value + (1 - loss.alpha) * losses.kd_kl(student_logits, teacher_logits, loss.temperature)
-                if loss.hidden_mse > 0:
-                    hidden = _hidden_loss(output, teacher_output, inputs, layer_map, projection)
-                    value = value + loss.hidden_mse * hidden
-                if loss.attention_kl > 0:
-                    value = value + loss.attention_kl * _attention_loss(output, teacher_output, inputs, layer_map)
+            with autocast(precision):
+                output = task.forward(model, inputs, internals=intermediate)
+                student_logits = task.distilled(output)
+                value = loss.alpha * losses.hard_ce(student_logits, labels)
+                if distilling:
+                    teacher_output, teacher_logits = _teacher_view(task, teacher, train, idx, intermediate)
+                    value = value + (1 - loss.alpha) * losses.kd_kl(student_logits, teacher_logits, loss.temperature)
+                    if loss.hidden_mse > 0:
+                        hidden = _hidden_loss(output, teacher_output, inputs, layer_map, projection)
+                        value = value + loss.hidden_mse * hidden
+                    if loss.attention_kl > 0:
+                        value = value + loss.attention_kl * _attention_loss(output, teacher_output, inputs, layer_map)
             if not torch.isfinite(value):
                 raise TrainingError(f"{stage}: the loss became {value.item()} at step {step + 1} (epoch {epoch + 1}); "
                                     f"lower train.lr (now {cfg.lr}) or check the data")
@@ -130,7 +131,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             emit("progress", {"stage": stage, "step": step, "total_steps": total_steps, "epoch": epoch + 1,
                               "loss": value.item(), "lr": scheduler.get_last_lr()[0]})
 
-        metrics = {"epoch": epoch + 1, **evaluate(task, model, tokenizer, validation)}
+        metrics = {"epoch": epoch + 1, **evaluate(task, model, tokenizer, validation, precision)}
         state["history"].append(metrics)
         if state["best"] is None or _better(metrics, state["best"]):
             state["best"] = metrics
@@ -146,9 +147,10 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                      examples_per_second=examples / train_seconds if train_seconds else 0.0)
 
 
-def evaluate(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split) -> dict[str, float]:
+def evaluate(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
+             precision: Precision = "fp32") -> dict[str, float]:
     """Accuracy on labelled rows, and agreement with the teacher when its outputs are cached for the split."""
-    outputs = predict_distilled(task, model, tokenizer, split.student_inputs)
+    outputs = predict_distilled(task, model, tokenizer, split.student_inputs, precision=precision)
     labelled = split.labels != losses.IGNORE_INDEX
     metrics = {"accuracy": task.correct(outputs, split.labels).sum().item() / max(int(labelled.sum()), 1)}
     if split.teacher_logits is not None:

@@ -23,13 +23,12 @@ import onnx
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from distill.runtime import ONNX_FILE, HFPredictor, OnnxPredictor, TorchPredictor
+from distill.runtime import ONNX_FILE, OUTPUT_NAME, HFPredictor, OnnxPredictor, TorchPredictor
 
 # 17 is the first opset with LayerNormalization as one op (fewer nodes; ORT fuses it into SkipLayerNormalization);
 # ORT ≥ 1.14 runs it and its quantizer handles it. The TorchScript exporter stops at 20, and 18–20 add nothing
 # these encoders use (20's Gelu op is fused into BiasGelu by ORT either way).
 DEFAULT_OPSET = 17
-OUTPUT_NAME = "logits"
 
 # Short, long and in between, so the checks pad; the longest stays under 64 tokens (tiny test models have 64 positions).
 CHECK_TEXTS = [
@@ -63,10 +62,9 @@ def check_parity(reference: HFPredictor, candidate: HFPredictor,
     max_diff, shapes = 0.0, []
     for batch in (by_length[:1], by_length[-1:], texts):
         inputs = reference.encode(batch)
-        diff = abs(reference.logits(inputs) - candidate.logits(inputs)).max()
-        max_diff = max(max_diff, float(diff))
-        shapes.append(inputs["input_ids"].shape)
-    return max_diff, [(int(b), int(length)) for b, length in shapes]
+        max_diff = max(max_diff, float(abs(reference.logits(inputs) - candidate.logits(inputs)).max()))
+        shapes.append((len(batch), int(inputs["input_ids"].shape[1])))
+    return max_diff, shapes
 
 
 def export_onnx(model_dir: Path, out_path: Path, *, opset: int = DEFAULT_OPSET, tolerance: float = 1e-4,
@@ -97,7 +95,10 @@ def export_onnx(model_dir: Path, out_path: Path, *, opset: int = DEFAULT_OPSET, 
             warnings.filterwarnings("ignore", "Exporting aten::index operator")
             torch.onnx.export(reference.model, (), str(tmp), kwargs=sample, input_names=reference.input_names,
                               output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset, dynamo=False)
-        onnx.checker.check_model(str(tmp))  # by path: also works past protobuf's 2 GB limit
+        try:
+            onnx.checker.check_model(str(tmp))  # by path: also works past protobuf's 2 GB limit
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"the exported graph is not valid ONNX ({e}); {out_path} was not written") from e
         max_diff, shapes = check_parity(reference, OnnxPredictor(tmp, model_dir, max_length), texts)
         if max_diff > tolerance:
             raise ExportError(f"ONNX logits differ from PyTorch by up to {max_diff:.3g} (tolerance {tolerance:g}) "

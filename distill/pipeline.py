@@ -23,7 +23,7 @@ from distill.engine import EventSink, Split, Teacher
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher
 from distill.student import build_student, count_params
-from distill.tasks import TASKS, Task, predict_distilled
+from distill.tasks import TASKS, Precision, Task, predict_distilled
 from teachers.registry import resolve_teacher
 
 STUDENT = "student"
@@ -81,18 +81,19 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("teacher-logits"):
         cache_train = config.train.cache_teacher_logits and not intermediate
-        logits = _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit)
+        logits = _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision)
         for name, split in splits.items():
             split.teacher_logits = logits.get(name)
 
     with clock("distill"):
         result = engine.fit(task, student.model, student.tokenizer, splits["train"], splits["validation"],
                             config.train, run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
-                            layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill")
+                            layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill",
+                            precision=config.precision)
 
     with clock("evaluate"):
         best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST)
-        student_metrics = engine.evaluate(task, best, student.tokenizer, splits["test"])
+        student_metrics = engine.evaluate(task, best, student.tokenizer, splits["test"], config.precision)
         teacher_metrics = {name: _accuracy(task, logits[name], splits[name].labels)
                            for name in ("validation", "test")}
         _publish(out / engine.BEST, out / STUDENT)
@@ -150,7 +151,7 @@ def _split(task: Task, tokenizer: Any, examples: list[Example], max_length: int,
 
 
 def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
-                    emit: EventSink) -> dict[str, torch.Tensor]:
+                    emit: EventSink, precision: Precision) -> dict[str, torch.Tensor]:
     """The teacher runs once per example: validation/test always (agreement), train when the cache is on.
     Stored next to the checkpoint so a resumed job does not pay for it again."""
     names = [n for n in splits if n != "train" or cache_train]
@@ -162,7 +163,8 @@ def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cach
     logits = {}
     for name in names:
         emit("log", {"message": f"teacher outputs for {sizes[name]} {name} examples"})
-        logits[name] = predict_distilled(task, teacher.model, teacher.tokenizer, splits[name].teacher_inputs)
+        logits[name] = predict_distilled(task, teacher.model, teacher.tokenizer, splits[name].teacher_inputs,
+                                         precision=precision)
     tmp = path.with_suffix(".tmp")
     torch.save(logits, tmp)
     os.replace(tmp, path)

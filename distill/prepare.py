@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from distill.config import JobConfig, TrainConfig
 from distill.engine import BEST, EventSink, Split, fit
-from distill.tasks import Encoded, Task, length_sorted_batches
+from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches
 from teachers.registry import distill_home
 
 
@@ -75,7 +75,8 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
                                 f"known: {sorted(HEADS)}. Fine-tuning the whole model instead"})
     if tc.head_epochs and head is not None:
         emit("stage", {"stage": "teacher-head", "detail": "head on frozen features"})
-        features = {name: _first_token_features(task, model, tokenizer, split.student_inputs, tc.batch_size * 2)
+        features = {name: _first_token_features(task, model, tokenizer, split.student_inputs, tc.batch_size * 2,
+                                                config.precision)
                     for name, split in (("train", train), ("validation", validation))}
         accuracy = _train_head(model, head, features, train.labels, validation.labels, tc.head_epochs, tc.head_lr,
                                tc.batch_size, emit)
@@ -83,7 +84,7 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     if tc.finetune_epochs or head is None:
         cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr)
         result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=config.seed,
-                     on_event=on_event, stage="teacher-finetune")
+                     on_event=on_event, stage="teacher-finetune", precision=config.precision)
         model = AutoModelForSequenceClassification.from_pretrained(work / BEST)
         stages.append({"stage": "finetune", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
                        "validation_accuracy": result.best_metrics["accuracy"]})
@@ -99,12 +100,13 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
 
 @torch.inference_mode()
 def _first_token_features(task: Task, model: PreTrainedModel, tokenizer: Any, encoded: list[Encoded],
-                          batch_size: int) -> Tensor:
+                          batch_size: int, precision: Precision) -> Tensor:
     """(N, H) final hidden state of the first token, the input of every HF sequence-classification head."""
     model.eval()
     out = torch.empty(len(encoded), model.config.hidden_size)
     for idx in length_sorted_batches(encoded, batch_size):
-        hidden = model.base_model(**task.collate(tokenizer, [encoded[i] for i in idx])).last_hidden_state
+        with autocast(precision):
+            hidden = model.base_model(**task.collate(tokenizer, [encoded[i] for i in idx])).last_hidden_state
         out[idx] = hidden[:, 0]  # (B, H)
     return out
 
@@ -148,7 +150,8 @@ def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Sp
     """Everything the prepared weights depend on: teacher, training data, labels, settings, seed."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"teacher": str(teacher_dir), "labels": labels, "settings": config.teacher.model_dump(),
-                              "max_length": config.data.max_length, "seed": config.seed}, sort_keys=True).encode())
+                              "max_length": config.data.max_length, "seed": config.seed,
+                              "precision": config.precision}, sort_keys=True).encode())
     for example, label in zip(train.student_inputs, train.labels.tolist(), strict=True):
         digest.update(json.dumps([example["input_ids"], label]).encode())
     name = Path(str(teacher_dir)).name or "teacher"

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 ONNX_FILE = "model.onnx"  # the fp32 graph inside an exported model directory (see distill.export)
+OUTPUT_NAME = "logits"  # the graph's one output, (B, C)
 
 Inputs = dict[str, np.ndarray]  # input name → (B, L) int64 token ids / masks
 
@@ -138,7 +139,7 @@ class OnnxPredictor(HFPredictor):
                              f"not produce (it gives {self.tokenizer.model_input_names})")
 
     def logits(self, inputs: Inputs) -> np.ndarray:
-        (logits,) = self.session.run(["logits"], {name: inputs[name] for name in self.input_names})
+        (logits,) = self.session.run([OUTPUT_NAME], {name: inputs[name] for name in self.input_names})
         return logits.astype(np.float32)
 
 

@@ -5,7 +5,8 @@ Sequence classification is the one task today; sentence embeddings and causal LM
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -59,6 +60,15 @@ class SequenceClassification:
 
 TASKS: dict[str, Task] = {"sequence-classification": SequenceClassification()}
 
+Precision = Literal["fp32", "bf16"]
+
+
+def autocast(precision: Precision) -> contextlib.AbstractContextManager:
+    """bf16 matmuls with fp32 weights (torch autocast): about 2x faster on CPUs with AVX512-BF16/AMX."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
 
 def agreement(student: Tensor, teacher: Tensor) -> float:
     """Fraction of rows where the student's top class is the teacher's. (N, C) × (N, C)."""
@@ -73,12 +83,14 @@ def length_sorted_batches(encoded: list[Encoded], batch_size: int) -> list[list[
 
 @torch.inference_mode()
 def predict_distilled(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                      encoded: list[Encoded], batch_size: int = 64) -> Tensor:
+                      encoded: list[Encoded], batch_size: int = 64, precision: Precision = "fp32") -> Tensor:
     """(N, C) float32 outputs in the original order; the model is put in eval() mode."""
     model.eval()
     out: list[Tensor | None] = [None] * len(encoded)
     for idx in length_sorted_batches(encoded, batch_size):
-        logits = task.distilled(task.forward(model, task.collate(tokenizer, [encoded[i] for i in idx]))).float()
+        with autocast(precision):
+            output = task.forward(model, task.collate(tokenizer, [encoded[i] for i in idx]))
+        logits = task.distilled(output).float()
         for row, i in enumerate(idx):
             out[i] = logits[row]
     return torch.stack(out) if out else torch.empty(0)

@@ -126,3 +126,17 @@ def test_intermediate_losses_train_with_a_projection(setup, tmp_path: Path) -> N
     result = fit(TASK, student, tokenizer, train, validation, CFG.model_copy(update={"epochs": 1}),
                  run_dir=tmp_path, seed=5, teacher=teacher, loss=loss, layer_map=[2])
     assert result.steps == 8
+
+
+def test_bf16_autocast_trains_and_predicts_close_to_fp32(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    fp32 = predict_distilled(TASK, teacher.model, tokenizer, validation.teacher_inputs)
+    bf16 = predict_distilled(TASK, teacher.model, tokenizer, validation.teacher_inputs, precision="bf16")
+    assert bf16.dtype == torch.float32
+    assert torch.allclose(fp32, bf16, atol=0.05)  # bfloat16 keeps ~3 significant digits
+    model = _classifier(len(tokenizer), seed=1)
+    before = _weights(model)
+    result = fit(TASK, model, tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5, teacher=teacher,
+                 precision="bf16")
+    assert result.steps == 16 and not torch.equal(_weights(model), before)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights

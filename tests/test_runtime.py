@@ -1,0 +1,60 @@
+"""Predictors: PyTorch and ONNX agree on the same model; threads are set on the session; load_predictor picks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.export import export_model_dir
+from distill.runtime import OnnxPredictor, Predictor, TorchPredictor, load_predictor
+from tests.test_export import LABELS, random_texts, write_tiny_classifier  # the lead may move these to conftest
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_classifier(tmp_path_factory.mktemp("tiny-classifier"))
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_model_dir(model_dir, tmp_path_factory.mktemp("export") / "onnx").path.parent
+
+
+def test_torch_and_onnx_agree(model_dir: Path, onnx_dir: Path) -> None:
+    texts = random_texts(7, seed=3) + ["", "a" * 2000]  # empty and over-long (truncated to max_length) texts
+    predictors: list[Predictor] = [TorchPredictor(model_dir, max_length=64),
+                                   OnnxPredictor(onnx_dir / "model.onnx", onnx_dir, max_length=64, threads=1)]
+    torch_out, onnx_out = (p.predict(texts) for p in predictors)
+    assert torch_out.labels == onnx_out.labels
+    np.testing.assert_allclose(torch_out.probabilities, onnx_out.probabilities, atol=1e-4)
+    for predictor, out in zip(predictors, (torch_out, onnx_out), strict=True):
+        assert out.probabilities.shape == (len(texts), 2) and out.probabilities.dtype == np.float32
+        np.testing.assert_allclose(out.probabilities.sum(axis=1), 1.0, rtol=1e-6)
+        assert out.seconds > 0
+        assert (predictor.num_labels, predictor.label_names) == (2, [LABELS[0], LABELS[1]])
+
+
+def test_onnx_session_uses_the_threads_asked_for(onnx_dir: Path) -> None:
+    options = OnnxPredictor(onnx_dir / "model.onnx", onnx_dir, threads=3).session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+
+
+def test_load_predictor_picks_by_what_the_path_holds(model_dir: Path, onnx_dir: Path) -> None:
+    assert isinstance(load_predictor(model_dir), TorchPredictor)
+    assert isinstance(load_predictor(onnx_dir), OnnxPredictor)
+    assert isinstance(load_predictor(onnx_dir / "model.onnx"), OnnxPredictor)
+
+
+def test_missing_tokenizer_is_an_error_not_unknown_tokens(model_dir: Path, tmp_path: Path) -> None:
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        TorchPredictor(tmp_path)
+
+
+def test_empty_batch_is_rejected(onnx_dir: Path) -> None:
+    with pytest.raises(ValueError, match="texts is empty"):
+        load_predictor(onnx_dir).predict([])

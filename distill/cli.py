@@ -1,4 +1,4 @@
-"""`distill run|teachers|datasets`: the command line over the same library the service uses."""
+"""`distill run|teachers|datasets|export|compress|bench`: the command line over the same library the service uses."""
 
 from __future__ import annotations
 
@@ -10,10 +10,18 @@ from typing import Any
 
 from tqdm import tqdm
 
+from distill.compress import QUANTIZABLE, CompressError
 from distill.config import ConfigError, load_config
-from distill.data import BUILTIN_DATASETS, DataError, pull_dataset
+from distill.data import BUILTIN_DATASETS, DataError, pull_dataset, read_labeled_file, read_texts
 from distill.engine import TrainingError
+from distill.evaluate import EvaluateError
+from distill.export import DEFAULT_OPSET, ExportError
+from distill.runtime import ONNX_FILE
 from teachers.registry import TeacherNotFound, list_teachers, pull_teacher
+
+
+class UsageError(Exception):
+    """A path or option on the command line that cannot be used; the message names it."""
 
 
 class ProgressPrinter:
@@ -91,6 +99,82 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from distill.export import export_model_dir
+
+    _need(args.model_dir / "config.json", "an HF model directory (config.json, weights, tokenizer)")
+    result = export_model_dir(args.model_dir, args.out_dir, opset=args.opset, tolerance=args.tolerance)
+    print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}); max |logit difference| "
+          f"from PyTorch {result.max_abs_diff:.2e} on (batch, length) {result.checked_shapes}")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from distill.compress import compress
+
+    _need(args.onnx_dir / ONNX_FILE, "a directory written by `distill export`")
+    if args.mode == "static" and args.calibration_texts is None:
+        raise UsageError("--mode static needs --calibration-texts FILE (a few hundred typical inputs)")
+    texts = read_texts(args.calibration_texts, "auto", args.text_column) if args.calibration_texts else None
+    source = args.onnx_dir / ONNX_FILE
+    result = compress(source, args.onnx_dir, mode=args.mode, per_channel=args.per_channel,
+                      exclude_ops=args.exclude_ops, calibration_texts=texts)
+    print(f"{source}: {source.stat().st_size / 1e6:.1f} MB")
+    print(f"{result.optimized_path}: {result.optimized_bytes / 1e6:.1f} MB, fused {result.fused_ops or 'nothing'}, "
+          f"max |logit difference| {result.optimized_max_abs_diff:.2e}")
+    print(f"{result.int8_path}: {result.int8_bytes / 1e6:.1f} MB ({args.mode} INT8), "
+          f"max |logit difference| {result.int8_max_abs_diff:.2e}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import transformers
+
+    from distill.evaluate import evaluate_models, footprint, render_markdown, text_of_length
+    from distill.runtime import load_predictor
+
+    transformers.logging.set_verbosity_error()
+    if args.seq_len is not None and args.seq_len > args.max_length:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than --max-length {args.max_length}, "
+                         f"so the text would be truncated; raise --max-length")
+    models = {}
+    for path in args.models:
+        _need(path, "a model: an HF directory, an ONNX directory or a .onnx file")
+        try:
+            models[str(path)] = load_predictor(path, args.max_length, args.threads)
+        except (OSError, ValueError) as e:  # no config.json / tokenizer files / weights, a broken graph
+            raise UsageError(f"{path}: cannot load a model from it: {e}") from e
+    first = next(iter(models.values()))
+    labels = None
+    if args.label_column:
+        rows = read_labeled_file(args.texts, "auto", args.text_column, args.label_column)
+        unknown = sorted({label for _, label in rows} - set(first.label_names))
+        if unknown:
+            raise DataError(f"{args.texts}: labels {unknown} are not among {args.models[0]}'s labels "
+                            f"{first.label_names}")
+        texts, labels = [text for text, _ in rows], [first.label_names.index(label) for _, label in rows]
+    else:
+        texts = read_texts(args.texts, "auto", args.text_column)
+    sizes, params = {}, {}
+    for path in args.models:
+        sizes[str(path)], params[str(path)] = footprint(path)
+    report = evaluate_models(models, texts, labels, latency_calls=args.latency_calls, warmup_calls=args.warmup_calls,
+                             latency_text=text_of_length(first, args.seq_len) if args.seq_len else None,
+                             throughput_batch=args.batch_size, throughput_batches=args.throughput_batches, sizes=sizes,
+                             params={k: v for k, v in params.items() if v is not None}, on_progress=print)
+    print(render_markdown(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _need(path: Path, what: str) -> None:
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; expected {what}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +191,38 @@ def build_parser() -> argparse.ArgumentParser:
     datasets.add_argument("action", choices=["list", "pull"])
     datasets.add_argument("name", nargs="?", default="reviews")
     datasets.set_defaults(handler=_datasets)
+    export = commands.add_parser("export", help="export an HF model directory to ONNX (model.onnx + tokenizer)")
+    export.add_argument("model_dir", type=Path)
+    export.add_argument("out_dir", type=Path)
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    export.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference from PyTorch")
+    export.set_defaults(handler=_export)
+    compress = commands.add_parser("compress", help="optimize and INT8-quantize an exported model, in place")
+    compress.add_argument("onnx_dir", type=Path, help=f"a directory holding {ONNX_FILE} (from `distill export`)")
+    compress.add_argument("--mode", choices=sorted(QUANTIZABLE), default="dynamic")
+    compress.add_argument("--per-channel", action="store_true", help="one scale per output channel of a weight")
+    compress.add_argument("--exclude-ops", nargs="+", default=[], metavar="OP",
+                          choices=sorted({op for ops in QUANTIZABLE.values() for op in ops}),
+                          help="op types left in fp32")
+    compress.add_argument("--calibration-texts", type=Path, help="texts for --mode static (.txt, .csv, .jsonl)")
+    compress.add_argument("--text-column", default="text")
+    compress.set_defaults(handler=_compress)
+    bench = commands.add_parser("bench", help="compare models on the same texts: accuracy, latency, throughput")
+    bench.add_argument("models", type=Path, nargs="+",
+                       help="HF directories (PyTorch) or ONNX directories/files; the first is the reference")
+    bench.add_argument("--texts", type=Path, required=True, help=".txt (one per line), .csv or .jsonl")
+    bench.add_argument("--text-column", default="text")
+    bench.add_argument("--label-column", "--labels-column", dest="label_column",
+                       help="score accuracy against this column (label names as in the first model's config)")
+    bench.add_argument("--latency-calls", type=int, default=200)
+    bench.add_argument("--warmup-calls", type=int, default=20)
+    bench.add_argument("--batch-size", type=int, default=32, help="throughput batch size")
+    bench.add_argument("--throughput-batches", type=int, default=10)
+    bench.add_argument("--seq-len", type=int, help="time on a text of exactly this many tokens (default: the texts)")
+    bench.add_argument("--max-length", type=int, default=128, help="tokens per text; longer texts are truncated")
+    bench.add_argument("--threads", type=int, help="intra-op threads for PyTorch and onnxruntime")
+    bench.add_argument("--json", type=Path, help="also write the full report here")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -114,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataError, TeacherNotFound, TrainingError) as e:
+    except (ConfigError, DataError, TeacherNotFound, TrainingError, ExportError, CompressError, EvaluateError,
+            UsageError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
 

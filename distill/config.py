@@ -107,6 +107,42 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
 
 
+class ExportConfig(_Section):
+    onnx: bool = Field(True, description="Export the student (and the teacher) to ONNX, checked against PyTorch.")
+    teacher: bool = Field(True, description="Also export the teacher, for the side-by-side evaluation.")
+    opset: int = Field(17, ge=14, le=20)
+    tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference ONNX vs PyTorch; past it the job "
+                                                     "fails with the difference in the message.")
+
+
+class CompressConfig(_Section):
+    quantize: Literal["none", "dynamic", "static"] = Field(
+        "dynamic", description="INT8 after ORT graph optimization: dynamic needs no data, static calibrates on "
+                               "training texts.")
+    per_channel: bool = False
+    exclude_ops: list[str] = Field(default_factory=list, description="ONNX op types left in fp32, e.g. [Gather].")
+    calibration_size: int = Field(200, ge=1, description="Training texts that calibrate static INT8.")
+    max_accuracy_drop: float = Field(1.0, ge=0, description="Validation accuracy points INT8 may lose against the "
+                                                            "fp32 student; past it the fp32 model is served.")
+
+    @model_validator(mode="after")
+    def _known_ops(self) -> CompressConfig:
+        if self.quantize == "none" or not self.exclude_ops:
+            return self
+        from distill.compress import QUANTIZABLE  # onnxruntime: imported only when there is something to check
+
+        unknown = sorted(set(self.exclude_ops) - set(QUANTIZABLE[self.quantize]))
+        if unknown:
+            raise ValueError(f"compress.exclude_ops: {unknown} are not op types {self.quantize} quantization "
+                             f"handles; allowed: {sorted(QUANTIZABLE[self.quantize])}")
+        return self
+
+
+class EvaluateConfig(_Section):
+    latency_calls: int = Field(200, ge=10, description="Timed batch-1 calls per model, after warm-up.")
+    throughput_batch: int = Field(32, ge=1)
+
+
 class JobConfig(_Section):
     version: Literal[1] = CONFIG_VERSION
     task: Literal["sequence-classification"] = "sequence-classification"
@@ -119,6 +155,9 @@ class JobConfig(_Section):
     student: StudentConfig = FromModel(init="model", model="minilm-l6", num_layers=3)
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    compress: CompressConfig = CompressConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     output_dir: Path | None = Field(None, description="Defaults to $DISTILL_HOME/runs/<config name>.")
 
 
@@ -130,7 +169,11 @@ def format_validation_error(error: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key; allowed keys: {', '.join(_allowed_keys(err['loc']))}")
         else:
-            lines.append(f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if _short(err.get("input")) else ""))
+            message = err["msg"].removeprefix("Value error, ")
+            if message.startswith(f"{where}."):  # our own validators name the key themselves
+                lines.append(message)
+                continue
+            lines.append(f"{where}: {message}" + (f" (got {err['input']!r})" if _short(err.get("input")) else ""))
     return "\n".join(lines)
 
 

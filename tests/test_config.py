@@ -16,8 +16,10 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"trian": {}}, "trian: unknown key; allowed keys: data, loss, output_dir, precision, seed, student, task, "
-                    "teacher, train, version"),
+    ({"trian": {}}, "trian: unknown key; allowed keys: compress, data, evaluate, export, loss, output_dir, "
+                    "precision, seed, student, task, teacher, train, version"),
+    ({"compress": {"exclude_ops": ["Foo"]}}, "compress.exclude_ops: ['Foo'] are not op types dynamic quantization "
+                                             "handles; allowed: ['Attention', "),
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size, cache_teacher_logits"),
     ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1 (got 0)"),
     ({"loss": {"alpha": 1.5}}, "loss.alpha: Input should be less than or equal to 1"),

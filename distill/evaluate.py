@@ -1,0 +1,262 @@
+"""Several predictors side by side on the same texts: accuracy, agreement, latency, throughput, size → a report.
+
+What is timed, and how:
+- Every timing is `Predictor.predict` end to end, as a caller sees it: tokenization, the model, the softmax.
+- The timing texts are `latency_text` when given (every call the same length, which is what a FLOP count or a
+  "latency at sequence length N" needs; `text_of_length` makes one), otherwise the evaluation texts cycled in order.
+- Latency: `warmup_calls` untimed calls, then `latency_calls` calls at batch 1; p50/p90/p99 in milliseconds.
+- Throughput: one untimed batch, then `throughput_batches` batches of `throughput_batch` timing texts (padded to
+  the longest in the batch); texts per second over all of them.
+- Accuracy and agreement come from one untimed pass over all texts in batches of `throughput_batch`.
+Models are measured one after another in the caller's order, so they never compete for the CPU.
+
+Memory: `ru_maxrss` is the peak of the whole process, every model loaded so far included, so the report holds one
+process-wide number, not one per model.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import transformers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from distill.runtime import ONNX_FILE, HFPredictor, OnnxPredictor, Predictor, TorchPredictor, available_cpus
+from teachers.registry import count_parameters
+
+Progress = Callable[[str], None]
+
+# /proc/cpuinfo flags that decide how fast INT8 runs: VNNI does u8·s8 dot products in one instruction (512- or
+# 256-bit), AMX has tile matrix-multiply units; without any of them INT8 GEMMs can be slower than fp32 ones.
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# Initializer types that hold weights: float tensors and 8-bit quantized ones (int64 initializers are shapes/ids).
+WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8,
+                onnx.TensorProto.UINT8}
+
+
+class EvaluateError(ValueError):
+    """The models or inputs cannot be compared as asked; the message says what differs."""
+
+
+def evaluate_models(models: Mapping[str, Predictor], texts: list[str], labels: list[int] | None, *,
+                    reference: str | None = None, latency_calls: int = 200, warmup_calls: int = 20,
+                    latency_text: str | None = None, throughput_batch: int = 32, throughput_batches: int = 10,
+                    sizes: dict[str, int] | None = None, params: dict[str, int] | None = None,
+                    on_progress: Progress | None = None) -> dict[str, Any]:
+    """Measure every model on the same texts (see the module docstring for what is timed); a JSON-ready dict.
+
+    labels: class ids in the models' label order (all models must have the same label names), or None.
+    reference: the model agreement and speed-ups are relative to (default: the first). sizes (bytes) and params
+    are copied into the rows of the models they name. on_progress gets a line before and after each model.
+    """
+    if not models:
+        raise EvaluateError("models is empty; give at least one predictor")
+    if not texts:
+        raise EvaluateError("texts is empty; give at least one text")
+    if labels is not None and len(labels) != len(texts):
+        raise EvaluateError(f"{len(labels)} labels for {len(texts)} texts; give one label per text")
+    reference = reference or next(iter(models))
+    if reference not in models:
+        raise EvaluateError(f"reference {reference!r} is not one of the models: {', '.join(models)}")
+    names = {name: p.label_names for name, p in models.items()}
+    if any(n != names[reference] for n in names.values()):
+        raise EvaluateError(f"the models name their classes differently, so their answers cannot be compared: "
+                            f"{names}")
+    if min(latency_calls, throughput_batch, throughput_batches) < 1 or warmup_calls < 0:
+        raise EvaluateError("latency_calls, throughput_batch and throughput_batches must be at least 1, "
+                            "warmup_calls at least 0")
+    say = on_progress or (lambda line: None)
+    timing_texts = [latency_text] if latency_text is not None else texts
+
+    rows: dict[str, dict[str, Any]] = {}
+    predicted: dict[str, list[int]] = {}
+    for i, (name, predictor) in enumerate(models.items(), start=1):
+        say(f"[{i}/{len(models)}] {name}: measuring")
+        for call in range(warmup_calls):
+            predictor.predict([timing_texts[call % len(timing_texts)]])
+        latency_ms = [predictor.predict([timing_texts[call % len(timing_texts)]]).seconds * 1000
+                      for call in range(latency_calls)]
+        texts_per_second = _throughput(predictor, timing_texts, throughput_batch, throughput_batches)
+        predicted[name] = [label for start in range(0, len(texts), throughput_batch)
+                           for label in predictor.predict(texts[start:start + throughput_batch]).labels]
+        p50, p90, p99 = (float(v) for v in np.percentile(latency_ms, [50, 90, 99]))
+        rows[name] = {
+            "format": _format(predictor),
+            "threads": _threads(predictor),
+            "params": (params or {}).get(name),
+            "size_bytes": (sizes or {}).get(name),
+            "accuracy": _fraction_equal(predicted[name], labels) if labels is not None else None,
+            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "mean": float(np.mean(latency_ms))},
+            "latency_sequence_length": _sequence_length(predictor, latency_text),
+            "throughput_texts_per_second": texts_per_second,
+        }
+        accuracy = "" if labels is None else f"accuracy {rows[name]['accuracy']:.4f}, "
+        say(f"[{i}/{len(models)}] {name}: {accuracy}p50 {p50:.2f} ms, {texts_per_second:.1f} texts/s")
+
+    ref = rows[reference]
+    for name, row in rows.items():
+        row["agreement"] = _fraction_equal(predicted[name], predicted[reference])
+        row["speedup_b1"] = ref["latency_ms"]["p50"] / row["latency_ms"]["p50"]  # p50 over p50
+        row["throughput_ratio"] = row["throughput_texts_per_second"] / ref["throughput_texts_per_second"]
+    return {
+        "reference": reference,
+        "texts": len(texts),
+        "labelled": labels is not None,
+        "settings": {"latency_batch": 1, "latency_calls": latency_calls, "warmup_calls": warmup_calls,
+                     "timing_texts": "latency_text" if latency_text is not None else "texts cycled",
+                     "throughput_batch": throughput_batch, "throughput_batches": throughput_batches},
+        "machine": machine_facts(),
+        "process_peak_rss_bytes": _peak_rss_bytes(),
+        "process_peak_rss_note": "ru_maxrss: the peak of the whole process, all models loaded so far together",
+        "models": rows,
+    }
+
+
+def text_of_length(tokenizer: PreTrainedTokenizerBase | HFPredictor | Path | str, n: int) -> str:
+    """A text the tokenizer turns into exactly n tokens, special tokens ([CLS], [SEP], <s>, ...) included: one
+    single-token word repeated. tokenizer: a tokenizer, a predictor, or a directory holding a tokenizer."""
+    if isinstance(tokenizer, HFPredictor):
+        tokenizer = tokenizer.tokenizer
+    elif isinstance(tokenizer, Path | str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    words = n - tokenizer.num_special_tokens_to_add(pair=False)
+    if words < 1:
+        raise ValueError(f"n: {n} tokens leave no room for a word beside the special tokens; give more")
+    for word in ("the", "a", "good", "movie", "x"):  # common words are one token in BERT/MPNet/RoBERTa vocabularies
+        text = " ".join([word] * words)
+        if len(tokenizer(text)["input_ids"]) == n:
+            return text
+    raise ValueError(f"found no word this tokenizer keeps as one token; cannot make a text of {n} tokens")
+
+
+def machine_facts() -> dict[str, Any]:
+    """What changes the numbers: CPU model, INT8 instruction sets (None where /proc/cpuinfo is missing: not
+    Linux), CPUs available, torch's thread count, library versions."""
+    cpu, flags = platform.processor() or platform.machine(), None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            cpu = value.strip()
+        elif key.strip() == "flags" and flags is None:
+            present = set(value.split())
+            flags = {flag: flag in present for flag in INT8_FLAGS}
+    return {"cpu": cpu, "int8_flags": flags, "cpus_available": available_cpus(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}}
+
+
+def footprint(path: Path) -> tuple[int, int | None]:
+    """(size in bytes, parameter count) of a model as load_predictor reads it.
+
+    ONNX (a .onnx file or a directory holding model.onnx): the file's size, and the elements of its float and
+    8-bit weight initializers: the PyTorch count, plus quantization scales and zero points, minus repeats (the
+    exporter stores identical tensors once, e.g. the all-zero biases of an untrained model). An HF directory:
+    its *.safetensors / *.bin files, and the float tensors in its safetensors headers (None without safetensors).
+    """
+    path = Path(path)
+    onnx_path = path if path.suffix == ".onnx" else path / ONNX_FILE
+    if onnx_path.is_file():
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        weights = sum(math.prod(t.dims) for t in graph.initializer if t.data_type in WEIGHT_TYPES)
+        return onnx_path.stat().st_size, weights
+    files = [*path.glob("*.safetensors"), *path.glob("*.bin")]
+    params = count_parameters(path) if any(f.suffix == ".safetensors" for f in files) else None
+    return sum(f.stat().st_size for f in files), params
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table, one row per model, then the settings and the machine in two lines."""
+    settings, machine = report["settings"], report["machine"]
+    lines = ["| model | format | params | size MB | accuracy | agreement | p50 ms | p90 ms | p99 ms | texts/s "
+             "| speed-up b1 | speed-up b{} |".format(settings["throughput_batch"]),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in report["models"].items():
+        latency = row["latency_ms"]
+        cells = [name, row["format"], _maybe(row["params"], "{:,}"),
+                 _maybe(row["size_bytes"] and row["size_bytes"] / 1e6, "{:.1f}"), _maybe(row["accuracy"], "{:.4f}"),
+                 f"{row['agreement']:.4f}", f"{latency['p50']:.2f}", f"{latency['p90']:.2f}", f"{latency['p99']:.2f}",
+                 f"{row['throughput_texts_per_second']:.1f}", f"{row['speedup_b1']:.2f}x",
+                 f"{row['throughput_ratio']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lengths = {row["latency_sequence_length"] for row in report["models"].values()}
+    timing = ("a fixed text of " + "/".join(str(n) for n in sorted(lengths)) + " tokens"
+              if settings["timing_texts"] == "latency_text" else "the texts cycled")
+    counts = {name: row["threads"] for name, row in report["models"].items()}
+    threads = (f"{counts[report['reference']]} for every model" if len(set(counts.values())) == 1
+               else ", ".join(f"{name} {n}" for name, n in counts.items()))
+    flags = machine["int8_flags"]
+    int8 = ("unknown (no /proc/cpuinfo)" if flags is None
+            else ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in flags.items()))
+    rss = report["process_peak_rss_bytes"]
+    lines += ["",
+              f"{report['texts']} texts; agreement and speed-ups vs {report['reference']}. Latency: batch 1, "
+              f"{settings['latency_calls']} calls after {settings['warmup_calls']} warm-up, on {timing}; throughput: "
+              f"{settings['throughput_batches']} batches of {settings['throughput_batch']}; tokenization included.",
+              f"Machine: {machine['cpu']}, {machine['cpus_available']} CPUs; INT8: {int8}; threads: {threads}; "
+              f"process peak RSS {_maybe(rss and rss / 1e9, '{:.2f}')} GB (all models together)."]
+    return "\n".join(lines)
+
+
+def _throughput(predictor: Predictor, texts: list[str], batch: int, batches: int) -> float:
+    """Texts per second over `batches` batches of `batch` texts taken cyclically, after one untimed batch."""
+    def take(k: int) -> list[str]:
+        return [texts[(k * batch + j) % len(texts)] for j in range(batch)]
+
+    predictor.predict(take(0))  # the first big batch grows the allocators' arenas
+    seconds = sum(predictor.predict(take(k)).seconds for k in range(batches))
+    return batch * batches / seconds
+
+
+def _fraction_equal(a: list[int], b: list[int]) -> float:
+    return float(np.mean(np.asarray(a) == np.asarray(b)))
+
+
+def _format(predictor: Predictor) -> str:
+    if isinstance(predictor, TorchPredictor):
+        return "pytorch"
+    if isinstance(predictor, OnnxPredictor):
+        return "onnxruntime"
+    return type(predictor).__name__
+
+
+def _threads(predictor: Predictor) -> int | None:
+    """Intra-op threads the model ran with: the ORT session's, or PyTorch's process-wide setting."""
+    if isinstance(predictor, OnnxPredictor):
+        return predictor.session.get_session_options().intra_op_num_threads
+    if isinstance(predictor, TorchPredictor):
+        return torch.get_num_threads()
+    return None
+
+
+def _sequence_length(predictor: Predictor, text: str | None) -> int | None:
+    """Tokens the model is fed for `text` (after its truncation), where the predictor exposes its tokenization."""
+    if text is None or not isinstance(predictor, HFPredictor):
+        return None
+    return int(predictor.encode([text])["input_ids"].shape[1])
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _maybe(value: float | int | None, spec: str) -> str:
+    return "—" if value is None else spec.format(value)

@@ -134,9 +134,16 @@ def _bench(args: argparse.Namespace) -> int:
     from distill.runtime import load_predictor
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     if args.seq_len is not None and args.seq_len > args.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than --max-length {args.max_length}, "
                          f"so the text would be truncated; raise --max-length")
+    # The file first: a typo in it should not wait for every model to load.
+    if args.label_column:
+        rows = read_labeled_file(args.texts, "auto", args.text_column, args.label_column)
+        texts = [text for text, _ in rows]
+    else:
+        texts = read_texts(args.texts, "auto", args.text_column)
     models = {}
     for path in args.models:
         _need(path, "a model: an HF directory, an ONNX directory or a .onnx file")
@@ -147,14 +154,11 @@ def _bench(args: argparse.Namespace) -> int:
     first = next(iter(models.values()))
     labels = None
     if args.label_column:
-        rows = read_labeled_file(args.texts, "auto", args.text_column, args.label_column)
         unknown = sorted({label for _, label in rows} - set(first.label_names))
         if unknown:
             raise DataError(f"{args.texts}: labels {unknown} are not among {args.models[0]}'s labels "
                             f"{first.label_names}")
-        texts, labels = [text for text, _ in rows], [first.label_names.index(label) for _, label in rows]
-    else:
-        texts = read_texts(args.texts, "auto", args.text_column)
+        labels = [first.label_names.index(label) for _, label in rows]
     sizes, params = {}, {}
     for path in args.models:
         sizes[str(path)], params[str(path)] = footprint(path)

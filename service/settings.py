@@ -1,0 +1,49 @@
+"""Service settings from the environment (prefix DISTILL_); built in create_app or a cached getter, not at import."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from teachers.registry import distill_home
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+
+    home: Path = Field(default_factory=distill_home, description="Jobs, datasets, the SQLite store, caches.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = Field(None, description="When set, every route but /healthz needs 'Authorization: Bearer'.")
+    # Jobs
+    max_concurrent_jobs: int = Field(1, ge=1, description="Jobs training at once (each is one subprocess).")
+    max_queued_jobs: int = Field(16, ge=0, description="Jobs waiting beyond the running ones; past it: 429.")
+    # Datasets
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    # Inference
+    max_batch_texts: int = Field(64, ge=1, description="Texts per /predict or /compare request; past it: 413.")
+    max_text_chars: int = Field(5000, ge=1, description="Characters per text; past it: 422.")
+    model_cache_bytes: int = Field(4 * 1024**3, ge=1, description="Memory cap of the loaded-model LRU cache.")
+    batch_max_size: int = Field(32, ge=1, description="Micro-batching: most texts merged into one model call.")
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batching: longest wait for more requests.")
+    inference_threads: int | None = Field(None, ge=1, description="Intra-op threads per model (default: all CPUs).")
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "uploads"
+
+    @property
+    def database(self) -> Path:
+        return self.home / "service.sqlite3"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

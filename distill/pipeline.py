@@ -67,7 +67,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     with clock("prepare-teacher"):
         prepared = prepare_teacher(config, teacher_dir, data.labels, task, teacher_view["train"],
                                    teacher_view["validation"], emit)
-        attention = "eager" if config.loss.attention_kl > 0 else "sdpa"  # SDPA returns no attention maps
+        attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
         teacher_model = AutoModelForSequenceClassification.from_pretrained(prepared.path,
                                                                            attn_implementation=attention).eval()
         teacher = Teacher(teacher_model, AutoTokenizer.from_pretrained(prepared.path))
@@ -285,3 +285,65 @@ def _write_text_atomically(path: Path, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m distill.pipeline JOB_DIR [--resume] [--events FILE]`: the service runs each job this way.
+
+    Reads JOB_DIR/config.json, writes artifacts to JOB_DIR (unless the config names another output_dir) and
+    every event as one JSON line `{"kind", "data", "time"}` to stdout (or FILE). A failure ends with an `error`
+    event `{"message", "type"}` and exit code 2 (a known problem) or 1 (a bug, traceback on stderr).
+    """
+    import argparse
+    import sys
+    import traceback
+
+    import transformers
+
+    from distill.compress import CompressError
+    from distill.config import parse_config
+    from distill.data import DataError
+    from distill.engine import TrainingError
+    from distill.evaluate import EvaluateError
+    from distill.export import ExportError
+    from teachers.registry import TeacherNotFound
+
+    parser = argparse.ArgumentParser(prog="python -m distill.pipeline", description=main.__doc__)
+    parser.add_argument("job_dir", type=Path)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the job dir")
+    parser.add_argument("--events", type=Path, help="append events here instead of writing them to stdout")
+    args = parser.parse_args(argv)
+
+    if args.events:
+        stream = args.events.open("a", encoding="utf-8")
+    else:
+        # The event stream gets a private copy of stdout and fd 1 is pointed at stderr, so a stray print from a
+        # library (or C code writing to fd 1) can never interleave with an event line.
+        sys.stdout.flush()
+        stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+        os.dup2(2, 1)
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        stream.write(json.dumps({"kind": kind, "data": data, "time": time.time()}, default=str) + "\n")
+        stream.flush()
+
+    transformers.logging.set_verbosity_error()  # our events say what happens; load reports would bury them
+    transformers.logging.disable_progress_bar()
+    try:
+        config = parse_config(json.loads((args.job_dir / "config.json").read_text(encoding="utf-8")))
+        if config.output_dir is None:
+            config = config.model_copy(update={"output_dir": args.job_dir})
+        run(config, emit, resume=args.resume)
+        return 0
+    except (OSError, json.JSONDecodeError, ConfigError, DataError, TeacherNotFound, TrainingError, ExportError,
+            CompressError, EvaluateError) as e:
+        emit("error", {"message": str(e), "type": type(e).__name__})
+        return 2
+    except Exception as e:
+        traceback.print_exc()
+        emit("error", {"message": f"{type(e).__name__}: {e}", "type": type(e).__name__})
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -34,10 +34,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: str, *,
-                  attn_implementation: str = "sdpa") -> Student:
+                  attn_implementation: str | None = None) -> Student:
     """Student for `teacher` (an AutoModelForSequenceClassification) with the same labels.
 
-    attn_implementation: 'eager' when attention maps are distilled (SDPA does not return them).
+    attn_implementation: 'eager' when attention maps are distilled (SDPA does not return them); None lets
+    transformers pick (SDPA where the architecture has it; MPNet has not).
     """
     labels = {"num_labels": teacher.config.num_labels, "id2label": teacher.config.id2label,
               "label2id": teacher.config.label2id}
@@ -62,16 +63,15 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
     config = teacher.config.__class__.from_dict({
         **teacher.config.to_dict(), "num_hidden_layers": spec.num_layers, "hidden_size": spec.hidden_size,
         "num_attention_heads": spec.num_heads, "intermediate_size": spec.intermediate_size})
-    config._attn_implementation = attn_implementation
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
     return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True,
                    _uniform_layer_map(spec.num_layers, teacher_layers))
 
 
-def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_implementation: str) -> PreTrainedModel:
+def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int],
+                         attn_implementation: str | None) -> PreTrainedModel:
     config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
-    config._attn_implementation = attn_implementation
-    student = AutoModelForSequenceClassification.from_config(config)
+    student = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
     new_index = {old: new for new, old in enumerate(layers)}
     state = {}
     for key, value in teacher.state_dict().items():

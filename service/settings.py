@@ -17,10 +17,13 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=distill_home, description="Jobs, datasets, the SQLite store, caches.")
     host: str = "127.0.0.1"
     port: int = 8000
+    log_level: str = Field("INFO", description="Level of the JSON log lines on stderr.")
     api_key: str | None = Field(None, description="When set, every route but /healthz needs 'Authorization: Bearer'.")
     # Jobs
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs training at once (each is one subprocess).")
     max_queued_jobs: int = Field(16, ge=0, description="Jobs waiting beyond the running ones; past it: 429.")
+    cancel_grace_seconds: float = Field(10.0, ge=0, description="After SIGTERM, how long a job process has before "
+                                                                "SIGKILL (cancel, shutdown).")
     # Datasets
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # Inference

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel, MPNetTokenizer
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
@@ -40,6 +40,19 @@ def write_tiny_encoder(directory: Path, seed: int = 0, layers: int = 2, hidden: 
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=64)
     BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_mpnet_encoder(directory: Path, seed: int = 0) -> Path:
+    """The same, as MPNet (the mpnet-base teacher's architecture: no token_type_ids, no SDPA, relative positions)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>", *POSITIVE, *NEGATIVE, *NEUTRAL]
+    tokenizer = MPNetTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = MPNetConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=66)
+    MPNetModel(config).save_pretrained(directory)
     return directory
 
 

@@ -23,7 +23,7 @@ from distill.config import (
 )
 from distill.config import TrainConfig as Train
 from distill.pipeline import run
-from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder
+from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_mpnet_encoder
 
 TEACHER = dict(head_epochs=3, head_lr=1e-2, finetune_epochs=4, finetune_lr=3e-3, batch_size=16)
 
@@ -111,3 +111,14 @@ def test_transfer_texts_are_labelled_by_the_teacher(tiny_teacher_dir: Path, tmp_
     assert report["student"]["train_examples"] == 320 + 300
     assert report["student"]["steps"] == 5 * math.ceil(620 / 16)
     assert report["student"]["test_agreement"] >= 0.9
+
+
+def test_mpnet_teacher_end_to_end(synthetic_csv: Path, tmp_path: Path) -> None:
+    """MPNet (the mpnet-base teacher's architecture) through every stage, ONNX export and INT8 included."""
+    teacher = write_tiny_mpnet_encoder(tmp_path / "tiny-mpnet")
+    result = run(_config(teacher, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]), onnx=True))
+    report = result.report
+    assert report["teacher"]["test_accuracy"] >= 0.9
+    assert report["student"]["test_agreement"] >= 0.9
+    assert max(e["max_abs_diff"] for e in report["export"].values()) <= 1e-4
+    assert report["evaluation"]["models"]["student-onnx-int8"]["agreement"] >= 0.9

@@ -33,4 +33,5 @@ def test_minilm_teacher_on_a_reviews_slice(tmp_path: Path) -> None:
     assert max(e["max_abs_diff"] for e in report["export"].values()) <= 1e-4
     rows = report["evaluation"]["models"]
     assert rows["student-onnx-int8"]["size_bytes"] < 0.5 * rows["student-onnx-fp32"]["size_bytes"]
-    assert rows["student-onnx-int8"]["agreement"] > 0.7
+    # INT8 answers like the fp32 student it came from (within 3 points of its agreement with the teacher).
+    assert rows["student-onnx-int8"]["agreement"] > rows["student-onnx-fp32"]["agreement"] - 0.03

@@ -1,0 +1,142 @@
+"""Datasets over HTTP: the built-in ones (pulled or not) and uploaded CSV/JSONL files.
+
+An upload is checked exactly as `distill run` checks a training file (distill.data: columns, empty texts, labels,
+at least two classes, enough rows to split), then kept as settings.datasets_dir/<id>/data.<format>; a job uses it
+with `data.dataset: "upload:<id>"`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from distill.config import DataConfig
+from distill.data import BUILTIN_DATASETS, DataError, load_task_data
+from service.runner import UPLOAD_PREFIX, upload_path
+from service.schemas import DatasetPublic, ServiceError
+from service.settings import Settings
+from service.store import Dataset, Store, now
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the small text fields around the file
+COPY_CHUNK = 1024 * 1024
+
+
+@dataclass
+class Upload:
+    file: BinaryIO
+    filename: str
+    text_column: str
+    label_column: str
+
+
+async def read_upload(request: Request, settings: Settings) -> AsyncIterator[Upload]:
+    """The multipart form of POST /v1/datasets; an oversize body is refused before it is read (when the client
+    sends Content-Length; otherwise save_upload stops copying at the limit)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > settings.max_upload_bytes + FORM_OVERHEAD_BYTES:
+        raise ServiceError(413, f"the request body is {int(length):,} bytes; uploads are limited to "
+                                f"{settings.max_upload_bytes:,} bytes (max_upload_bytes)")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ServiceError(415, "send multipart/form-data with the CSV or JSONL file in the part 'file' (and "
+                                "optional text_column, label_column fields)")
+    form = await request.form(max_files=1, max_fields=2)
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise ServiceError(422, "file: missing; send the CSV or JSONL file as the multipart part 'file'")
+        columns = {key: form.get(key) or default for key, default in (("text_column", "text"),
+                                                                       ("label_column", "label"))}
+        for key, value in columns.items():
+            if not isinstance(value, str):
+                raise ServiceError(422, f"{key}: must be a text field naming a column, not a file")
+        yield Upload(file.file, file.filename or "upload", columns["text_column"], columns["label_column"])
+    finally:
+        await form.close()
+
+
+def save_upload(settings: Settings, store: Store, upload: Upload) -> DatasetPublic:
+    """Copy (at most max_upload_bytes), check as the CLI would, then publish the directory and the record."""
+    format = FORMATS.get(Path(upload.filename).suffix.lower())
+    if format is None:
+        raise ServiceError(422, f"file: cannot tell the format of {upload.filename!r}; name it .csv, .jsonl or "
+                                f".json")
+    dataset_id = uuid.uuid4().hex[:12]
+    final = upload_path(settings, dataset_id, format)
+    work = final.parent.with_name(dataset_id + ".tmp")  # published by one rename once it passed every check
+    work.mkdir(parents=True)
+    try:
+        size = _copy_capped(upload.file, work / final.name, settings.max_upload_bytes)
+        config = DataConfig(dataset="files", train=work / final.name, format=format,
+                            text_column=upload.text_column, label_column=upload.label_column)
+        try:
+            data = load_task_data(config)
+        except DataError as e:  # name the file as the client knows it, not its temporary path on the server
+            raise ServiceError(422, str(e).replace(str(work / final.name), upload.filename)) from None
+        os.replace(work, final.parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    counts: Counter[str] = Counter()
+    for split in data.summary()["splits"].values():
+        counts.update(split["label_counts"])
+    record = Dataset(id=dataset_id, name=upload.filename, filename=final.name, format=format,
+                     text_column=upload.text_column, label_column=upload.label_column, rows=sum(counts.values()),
+                     labels=data.labels, label_counts=dict(counts), size_bytes=size, created_at=now())
+    store.add_dataset(record)
+    return DatasetPublic.of(record)
+
+
+def _copy_capped(source: BinaryIO, target: Path, limit: int) -> int:
+    size = 0
+    with target.open("wb") as out:
+        while chunk := source.read(COPY_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(413, f"file: more than {limit:,} bytes; uploads are limited to {limit:,} bytes "
+                                        f"(max_upload_bytes)")
+            out.write(chunk)
+    return size
+
+
+def list_datasets(settings: Settings, store: Store) -> list[DatasetPublic]:
+    return [_builtin(settings, name) for name in BUILTIN_DATASETS] + [DatasetPublic.of(d)
+                                                                      for d in store.list_datasets()]
+
+
+def get_dataset(settings: Settings, store: Store, dataset_id: str) -> DatasetPublic:
+    if dataset_id in BUILTIN_DATASETS:
+        return _builtin(settings, dataset_id)
+    return DatasetPublic.of(_upload(store, dataset_id))
+
+
+def delete_dataset(settings: Settings, store: Store, dataset_id: str) -> None:
+    if dataset_id in BUILTIN_DATASETS:
+        raise ServiceError(409, f"{dataset_id!r} is a built-in dataset; only uploads can be deleted")
+    record = _upload(store, dataset_id)
+    users = store.delete_dataset(dataset_id)
+    if users:
+        raise ServiceError(409, f"dataset {dataset_id!r} is used by queued or running jobs: {', '.join(users)}; "
+                                f"cancel them or wait until they end")
+    shutil.rmtree(upload_path(settings, record.id, record.format).parent, ignore_errors=True)
+
+
+def _upload(store: Store, dataset_id: str) -> Dataset:
+    record = store.get_dataset(dataset_id.removeprefix(UPLOAD_PREFIX))
+    if record is None:
+        raise ServiceError(404, f"no dataset {dataset_id!r}; GET /v1/datasets lists the built-in and uploaded ones")
+    return record
+
+
+def _builtin(settings: Settings, name: str) -> DatasetPublic:
+    dataset = BUILTIN_DATASETS[name]
+    return DatasetPublic(id=name, kind="builtin", reference=name, name=name, description=dataset.description,
+                         pulled=dataset.cache_path(settings.home).exists(), labels=list(dataset.labels))

@@ -1,0 +1,289 @@
+"""Runs queued jobs outside the event loop: one `python -m distill.pipeline <job-dir>` subprocess per job.
+
+A dispatcher thread starts queued jobs while fewer than `max_concurrent_jobs` run; a watcher thread per job reads
+the subprocess's events (JSON lines on its stdout) into the store and records how it ended. A job's directory is
+`settings.jobs_dir/<id>/`: the pipeline's output_dir, holding config.json (written at submission) and stderr.log.
+
+Restart: jobs the store still has as `running` lost their process with the previous server. `start()` stops any
+orphan left of it, puts each back in the queue, and its next run passes `--resume`, so the engine continues from
+its last checkpoint (exactly: data order and RNG are in the checkpoint). A resume that fails ends the job `failed`
+with the reason; no job stays `running` without a process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from distill.config import ConfigError, FromModel, JobConfig, parse_config
+from distill.data import BUILTIN_DATASETS
+from service.schemas import ServiceError
+from service.settings import Settings
+from service.store import TERMINAL, Job, Store
+from teachers.registry import TeacherNotFound, resolve_teacher
+
+CONFIG_FILE = "config.json"
+STDERR_FILE = "stderr.log"
+UPLOAD_PREFIX = "upload:"
+RETRY_AFTER_SECONDS = 30  # a guess at when a slot frees up; tiny jobs take a minute, real ones much longer
+
+log = logging.getLogger("distill.service.runner")
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return settings.jobs_dir / job_id
+
+
+def upload_path(settings: Settings, dataset_id: str, format: str) -> Path:
+    return settings.datasets_dir / dataset_id / f"data.{format}"
+
+
+def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[JobConfig, JobConfig, str | None]:
+    """(the config as submitted, the config the job runs, the uploaded dataset it reads) or a 422.
+
+    Everything a job can be refused for is checked here, before it is queued: the schema, the dataset (an
+    uploaded one is `upload:<id>`; the server rewrites it to its file) and the teacher and student sources.
+    """
+    if "output_dir" in body:
+        raise ServiceError(422, "output_dir: chosen by the server (each job writes to its own directory, whose "
+                                "files GET /v1/jobs/{id}/artifacts lists); remove the key")
+    try:
+        config = parse_config(body)
+    except ConfigError as e:
+        raise ServiceError(422, str(e)) from None
+    data, dataset_id = config.data, None
+    # Paths on the server are not a client's to choose: files come in through POST /v1/datasets.
+    if data.dataset == "files":
+        raise ServiceError(422, "data.dataset: 'files' reads paths on the server, which the HTTP API does not "
+                                "accept; upload the file with POST /v1/datasets and set data.dataset to "
+                                "'upload:<id>'")
+    if data.transfer is not None:
+        raise ServiceError(422, "data.transfer: a path on the server, which the HTTP API does not accept; remove it")
+    if data.dataset.startswith(UPLOAD_PREFIX):
+        dataset_id = data.dataset.removeprefix(UPLOAD_PREFIX)
+        upload = store.get_dataset(dataset_id)
+        if upload is None:
+            raise ServiceError(422, f"data.dataset: no uploaded dataset {dataset_id!r}; GET /v1/datasets lists "
+                                    f"them, POST /v1/datasets uploads one")
+        data = data.model_copy(update={"dataset": "files", "format": upload.format,
+                                       "train": upload_path(settings, upload.id, upload.format),
+                                       "text_column": upload.text_column, "label_column": upload.label_column})
+    elif data.dataset not in BUILTIN_DATASETS:
+        raise ServiceError(422, f"data.dataset: unknown dataset {data.dataset!r}; allowed: the built-in "
+                                f"{', '.join(map(repr, BUILTIN_DATASETS))} or 'upload:<id>' of an uploaded file")
+    elif not BUILTIN_DATASETS[data.dataset].cache_path(settings.home).exists():
+        raise ServiceError(422, f"data.dataset: the built-in dataset {data.dataset!r} is not downloaded on the "
+                                f"server yet; run `distill datasets pull {data.dataset}` there, or upload a file")
+    sources = {"teacher.name": config.teacher.name}
+    if isinstance(config.student, FromModel):
+        sources["student.model"] = config.student.model
+    for key, name in sources.items():
+        try:
+            resolve_teacher(name)
+        except TeacherNotFound as e:
+            raise ServiceError(422, f"{key}: {e}") from None
+    return config, config.model_copy(update={"data": data}), dataset_id
+
+
+class Runner:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings, self.store = settings, store
+        self._lock = threading.Lock()  # guards the three dicts/sets below and claim + launch as one step
+        self._procs: dict[str, subprocess.Popen[str]] = {}
+        self._watchers: dict[str, threading.Thread] = {}
+        self._cancelling: set[str] = set()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._dispatcher is not None and self._dispatcher.is_alive() and not self._stopping.is_set()
+
+    def start(self) -> None:
+        self._recover()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="job-dispatcher", daemon=True)
+        self._dispatcher.start()
+
+    def stop(self) -> None:
+        """Stop the dispatcher and the job processes; their jobs stay `running` and resume at the next start."""
+        self._stopping.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join()
+        with self._lock:
+            procs, watchers = list(self._procs.values()), list(self._watchers.values())
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            self._reap(proc)
+        for watcher in watchers:
+            watcher.join()
+
+    def submit(self, body: dict[str, Any]) -> Job:
+        """Validate, write the job's directory and config, and queue it (422 / 429 when it cannot be)."""
+        submitted, runnable, dataset_id = check_job(body, self.settings, self.store)
+        job_id = uuid.uuid4().hex[:12]
+        directory = job_dir(self.settings, job_id)
+        directory.mkdir(parents=True)
+        runnable = runnable.model_copy(update={"output_dir": directory})
+        (directory / CONFIG_FILE).write_text(runnable.model_dump_json(indent=2), encoding="utf-8")
+        capacity = self.settings.max_concurrent_jobs + self.settings.max_queued_jobs
+        job = self.store.create_job(job_id, submitted.model_dump(mode="json", exclude={"output_dir"}), dataset_id,
+                                    capacity)
+        if job is None:
+            shutil.rmtree(directory)
+            raise ServiceError(429, f"the job queue is full ({self.settings.max_concurrent_jobs} running and "
+                                    f"{self.settings.max_queued_jobs} waiting at most); retry later",
+                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        log.info("job queued", extra={"job_id": job_id})
+        self._wake.set()
+        return job
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a queued job at once; stop a running one (terminate, kill after the grace period) and return when
+        its watcher has recorded it `cancelled` with the events it had written."""
+        with self._lock:
+            if self.store.cancel_queued(job_id):
+                log.info("job cancelled before it started", extra={"job_id": job_id})
+                return
+            proc, watcher = self._procs.get(job_id), self._watchers.get(job_id)
+            if proc is None or watcher is None:  # it ended meanwhile
+                return
+            self._cancelling.add(job_id)
+        proc.terminate()
+        self._reap(proc)
+        watcher.join()
+
+    def _reap(self, proc: subprocess.Popen[str]) -> None:
+        try:
+            proc.wait(self.settings.cancel_grace_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _recover(self) -> None:
+        for job_id in self.store.job_ids("running"):
+            job = self.store.get_job(job_id)
+            assert job is not None
+            directory = job_dir(self.settings, job_id)
+            if job.pid is not None:
+                _stop_orphan(job.pid, directory)
+            if not (directory / CONFIG_FILE).is_file():
+                self.store.finish(job_id, "failed", f"the server stopped while this job ran and its directory "
+                                                    f"{directory} is gone, so it cannot resume")
+                continue
+            self.store.requeue(job_id, "the server stopped while this job ran; it resumes from its last checkpoint")
+            log.info("job requeued to resume", extra={"job_id": job_id})
+
+    def _dispatch(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                while not self._stopping.is_set() and len(self._procs) < self.settings.max_concurrent_jobs:
+                    job = self.store.claim_next()
+                    if job is None:
+                        break
+                    self._launch(job)
+            self._wake.wait(timeout=1.0)  # woken by submit and by every job's end; the timeout is a safety net
+            self._wake.clear()
+
+    def _launch(self, job: Job) -> None:
+        """Start the job's process (called holding the lock, so cancel never sees a claimed job without one)."""
+        directory = job_dir(self.settings, job.id)
+        command = [sys.executable, "-m", "distill.pipeline", str(directory)] + (["--resume"] if job.runs > 1 else [])
+        env = {**os.environ, "DISTILL_HOME": str(self.settings.home)}
+        try:
+            with (directory / STDERR_FILE).open("a", encoding="utf-8") as stderr:
+                # A session of its own: Ctrl-C on the server's terminal must not kill jobs before stop() says so.
+                proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
+                                        encoding="utf-8", errors="replace", start_new_session=True)
+        except OSError as e:
+            self.store.finish(job.id, "failed", f"could not start the job process: {e}")
+            return
+        self.store.set_pid(job.id, proc.pid)
+        watcher = threading.Thread(target=self._watch, args=(job, proc), name=f"job-{job.id}", daemon=True)
+        self._procs[job.id], self._watchers[job.id] = proc, watcher
+        watcher.start()
+        log.info("job started", extra={"job_id": job.id, "pid": proc.pid, "run": job.runs})
+
+    def _watch(self, job: Job, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        error, done = None, False
+        for line in proc.stdout:
+            kind, data = _parse_event(line)
+            if kind == "error":  # becomes the job's error, in its final status event
+                error = data.get("message")
+                continue
+            done = done or kind == "done"
+            self.store.add_event(job.id, kind, data)
+        code = proc.wait()
+        with self._lock:
+            self._procs.pop(job.id, None)
+            self._watchers.pop(job.id, None)
+            cancelled = job.id in self._cancelling
+            self._cancelling.discard(job.id)
+        if self._stopping.is_set() and not cancelled:
+            return  # the server is stopping: the job stays `running` and resumes at the next start
+        if cancelled:
+            self.store.finish(job.id, "cancelled")
+        elif code == 0 and done:
+            self.store.finish(job.id, "succeeded")
+        else:
+            reason = error or _exit_reason(code, job_dir(self.settings, job.id) / STDERR_FILE)
+            self.store.finish(job.id, "failed", f"resuming failed: {reason}" if job.runs > 1 else reason)
+        final = self.store.get_job(job.id)
+        assert final is not None and final.status in TERMINAL
+        log.info(f"job {final.status}", extra={"job_id": job.id, "exit_code": code})
+        self._wake.set()
+
+
+def _parse_event(line: str) -> tuple[str, dict[str, Any]]:
+    try:
+        event = json.loads(line)
+        return str(event["kind"]), dict(event["data"])
+    except (ValueError, KeyError, TypeError):  # not an event line: keep it as a log message
+        return "log", {"message": line.rstrip()}
+
+
+def _exit_reason(code: int, stderr: Path) -> str:
+    how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    try:
+        tail = [line for line in stderr.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        tail = []
+    return f"the job process {how}" + (f": {tail[-1].strip()}" if tail else "")
+
+
+def _stop_orphan(pid: int, directory: Path) -> None:
+    """Kill a job process left by a crashed server, so two processes never write one job directory.
+
+    Such an orphan dies by itself at its next event (its stdout pipe is broken), but it may be between events for
+    a while. The pid is checked against /proc/<pid>/cmdline, because it may belong to another process by now.
+    """
+    def alive() -> bool:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone (or no /proc: then it is left to die at its next event)
+            return False
+        return b"distill.pipeline" in args and str(directory).encode() in args
+
+    if not alive():
+        return
+    log.warning("killing the job process left by the previous server", extra={"pid": pid})
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:  # a zombie has an empty cmdline, so this ends once it died
+        time.sleep(0.05)

@@ -20,3 +20,9 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The API on 127.0.0.1:8000 with the embedded defaults: SQLite store and job artifacts under $DISTILL_HOME
+# (~/.cache/distill), the packaged minilm-l6 teacher, the built-in reviews dataset (pulled once).
+serve: $(STAMP)
+	$(VENV)/bin/distill datasets pull reviews
+	$(VENV)/bin/distill serve --host 127.0.0.1 --port 8000

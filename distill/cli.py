@@ -1,4 +1,4 @@
-"""`distill run|teachers|datasets|export|compress|bench`: the command line over the same library the service uses."""
+"""`distill run|teachers|datasets|export|compress|bench|serve`: the command line over the library the service uses."""
 
 from __future__ import annotations
 
@@ -174,6 +174,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from service.__main__ import main as serve  # the HTTP face lives in service/; the engine imports no web code
+
+    serve([*(["--host", args.host] if args.host else []), *(["--port", str(args.port)] if args.port else [])])
+    return 0
+
+
 def _need(path: Path, what: str) -> None:
     if not path.exists():
         raise UsageError(f"{path} does not exist; expected {what}")
@@ -227,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="intra-op threads for PyTorch and onnxruntime")
     bench.add_argument("--json", type=Path, help="also write the full report here")
     bench.set_defaults(handler=_bench)
+    serve = commands.add_parser("serve", help="serve the HTTP API (settings from DISTILL_* variables)")
+    serve.add_argument("--host", help="interface to listen on (default: DISTILL_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: DISTILL_PORT or 8000)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 
 from distill.config import DataConfig
 from distill.data import BUILTIN_DATASETS, DataError, load_task_data
+from service.deps import SettingsDep
 from service.runner import UPLOAD_PREFIX, upload_path
 from service.schemas import DatasetPublic, ServiceError
 from service.settings import Settings
@@ -39,7 +40,7 @@ class Upload:
     label_column: str
 
 
-async def read_upload(request: Request, settings: Settings) -> AsyncIterator[Upload]:
+async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[Upload]:
     """The multipart form of POST /v1/datasets; an oversize body is refused before it is read (when the client
     sends Content-Length; otherwise save_upload stops copying at the limit)."""
     length = request.headers.get("content-length", "")
@@ -122,7 +123,7 @@ def delete_dataset(settings: Settings, store: Store, dataset_id: str) -> None:
     if dataset_id in BUILTIN_DATASETS:
         raise ServiceError(409, f"{dataset_id!r} is a built-in dataset; only uploads can be deleted")
     record = _upload(store, dataset_id)
-    users = store.delete_dataset(dataset_id)
+    users = store.delete_dataset(record.id)
     if users:
         raise ServiceError(409, f"dataset {dataset_id!r} is used by queued or running jobs: {', '.join(users)}; "
                                 f"cancel them or wait until they end")

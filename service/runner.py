@@ -34,6 +34,7 @@ from teachers.registry import TeacherNotFound, resolve_teacher
 
 CONFIG_FILE = "config.json"
 STDERR_FILE = "stderr.log"
+REPORT_FILE = "report.json"  # distill.pipeline.REPORT, not imported from there: that module loads torch
 UPLOAD_PREFIX = "upload:"
 RETRY_AFTER_SECONDS = 30  # a guess at when a slot frees up; tiny jobs take a minute, real ones much longer
 

@@ -26,6 +26,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: tuple[JobStatus, ...] = ("queued", "running")
 TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 STATUSES: tuple[JobStatus, ...] = (*ACTIVE, *TERMINAL)
+_IS_ACTIVE = "status IN ('queued', 'running')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -143,7 +144,7 @@ class Store:
         """Insert a queued job unless `capacity` jobs are already queued or running (then None)."""
         stamp = now()
         with self._lock, self._db:
-            active = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
+            active = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {_IS_ACTIVE}").fetchone()[0]
             if active >= capacity:
                 return None
             self._db.execute("INSERT INTO jobs (id, status, config, dataset_id, created_at, updated_at) "
@@ -285,8 +286,8 @@ class Store:
     def delete_dataset(self, dataset_id: str) -> list[str]:
         """Delete the record unless queued or running jobs read it; returns those jobs (deleted when empty)."""
         with self._lock, self._db:
-            users = [r[0] for r in self._db.execute(f"SELECT id FROM jobs WHERE dataset_id = ? AND status IN "
-                                                    f"{ACTIVE}", (dataset_id,))]
+            users = [r[0] for r in self._db.execute(f"SELECT id FROM jobs WHERE dataset_id = ? AND {_IS_ACTIVE}",
+                                                    (dataset_id,))]
             if not users:
                 self._db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
             return users

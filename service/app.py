@@ -1,0 +1,97 @@
+"""create_app(settings): the FastAPI app; its lifespan wires the store, the job runner and the model catalog."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import ModuleType
+from typing import Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.deps import require_api_key
+from service.routes import datasets, jobs, ops
+from service.runner import Runner
+from service.schemas import ServiceError
+from service.settings import Settings, get_settings
+from service.store import Store
+from service.telemetry import RequestTelemetry, build_registry, configure_logging
+
+log = logging.getLogger("distill.service")
+
+DESCRIPTION = """Distil a Transformer teacher into a small student, export it to ONNX, compress it, and serve it.
+
+Submit a job (`POST /v1/jobs`, the same config as `distill run`), follow its events, download its artifacts.
+Upload your own labelled CSV/JSONL with `POST /v1/datasets` and use it as `data.dataset: "upload:<id>"`.
+When the server has an API key, send `Authorization: Bearer <key>` (every route but `/healthz`).
+"""
+
+
+def _optional(module: str) -> ModuleType | None:
+    """The inference half (service.models, service.routes.models/compare) is built alongside; until its modules
+    exist the app runs without them. Any other import error is a bug and raises."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    models_module = _optional("service.models")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.database)
+        runner = Runner(settings, store)
+        await anyio.to_thread.run_sync(runner.start)  # recovery may wait for an orphaned job process to exit
+        app.state.settings, app.state.store, app.state.runner = settings, store, runner
+        app.state.models = models_module.ModelCatalog(settings) if models_module else None
+        log.info("ready", extra={"home": str(settings.home), "max_concurrent_jobs": settings.max_concurrent_jobs})
+        try:
+            yield
+        finally:
+            if app.state.models is not None:
+                await app.state.models.close()
+            await anyio.to_thread.run_sync(runner.stop)
+            store.close()
+
+    app = FastAPI(title="distill", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings  # before start-up too, so dependencies never miss it
+    app.state.store = None
+    app.state.metrics_registry, histogram = build_registry(lambda: app.state.store)
+    app.add_middleware(RequestTelemetry, histogram=histogram)
+    app.add_exception_handler(ServiceError, _service_error)
+
+    protected = [Depends(require_api_key)]
+    app.include_router(ops.health_router)
+    for router in (ops.router, jobs.router, datasets.router):
+        app.include_router(router, dependencies=protected)
+    for name in ("service.routes.models", "service.routes.compare"):
+        module = _optional(name)
+        if module is not None:
+            app.include_router(module.router, dependencies=protected)
+    return app
+
+
+async def _service_error(request: Request, exc: Any) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Run the API with uvicorn on settings.host:settings.port, logging JSON lines."""
+    import uvicorn
+
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    # log_config=None: keep our JSON handler; access_log=False: RequestTelemetry writes one line per request.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)

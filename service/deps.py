@@ -1,0 +1,47 @@
+"""Dependencies of the routes: what lifespan put on app.state, and the API key check."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.runner import Runner
+from service.settings import Settings
+from service.store import Store
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_runner(request: Request) -> Runner:
+    return request.app.state.runner
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+RunnerDep = Annotated[Runner, Depends(get_runner)]
+
+# auto_error=False: a missing header is answered by require_api_key (401 with our message), not HTTPBearer's 403.
+_bearer = HTTPBearer(auto_error=False, description="The server's DISTILL_API_KEY, when it has one.")
+
+
+def require_api_key(settings: SettingsDep,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """When settings.api_key is set, every route but /healthz needs `Authorization: Bearer <key>`."""
+    if settings.api_key is None:
+        return
+    if credentials is None:
+        message = "missing API key: send the header 'Authorization: Bearer <key>'"
+    elif not secrets.compare_digest(credentials.credentials.encode(), settings.api_key.encode()):
+        message = "invalid API key: the bearer token does not match the server's DISTILL_API_KEY"
+    else:
+        return
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})

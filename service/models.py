@@ -1,0 +1,495 @@
+"""Inference over the models jobs produced: the catalog, an LRU cache of loaded models, micro-batching, comparisons.
+
+Ids. A succeeded job is a directory `jobs_dir/<job_id>/` holding `report.json`; it yields up to four models, each
+`<job_id>.<variant>` (URL-safe; the variant never contains a dot, so the last dot splits an id):
+
+    <job_id>.teacher        the prepared teacher (PyTorch)
+    <job_id>.student        the student the job serves: report.served (ONNX INT8 or fp32), PyTorch without ONNX export
+    <job_id>.student-fp32   the fp32 ONNX student (the ORT-optimized graph when compress made one)
+    <job_id>.student-torch  the student as PyTorch
+
+Listing reads only report.json files, cached by modification time; a lookup by id reads one job's report.
+
+Cache. Models load on first use, in a worker thread, and stay in an LRU cache capped at settings.model_cache_bytes.
+A model's memory is *estimated* from the bytes of its weight files (the .onnx file; *.safetensors / *.bin): the
+weights dominate what a loaded model holds, while activations, ORT's arena and the tokenizer come on top and are
+not counted. The estimate is known before loading, so room is made first (least recently used models go) and a
+load never overshoots the cap; a single model larger than the cap is still loaded, alone. Two ids that name the
+same file (a job serving its fp32 student, a prepared teacher shared by jobs) share one loaded model; a file
+rewritten in place is loaded anew, and the old copy ages out of the cache.
+
+Micro-batching: see MicroBatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from distill.config import DataConfig
+from distill.data import BUILTIN_DATASETS, DataError, load_task_data
+from distill.evaluate import EvaluateError, evaluate_models, render_markdown
+from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, HFPredictor, OnnxPredictor, Prediction, Predictor, TorchPredictor
+from service.settings import Settings
+
+log = logging.getLogger("distill.service.models")
+
+REPORT = "report.json"  # distill.pipeline.REPORT
+VARIANTS = ("teacher", "student", "student-fp32", "student-torch")
+JOB_DATASET_PREFIX = "job:"
+
+Kind = Literal["teacher", "student"]
+Format = Literal["torch", "onnx-fp32", "onnx-int8"]
+
+
+class UnknownModelError(LookupError):
+    """No model has this id; the message says how to find the ids."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"no model {model_id!r}; GET /v1/models lists the ids (each succeeded job has "
+                         f"<job_id>.teacher, <job_id>.student, <job_id>.student-fp32 and <job_id>.student-torch)")
+
+
+class ModelLoadError(RuntimeError):
+    """A listed model's files could not be loaded (removed or corrupt since the job wrote them)."""
+
+
+class CompareError(ValueError):
+    """The comparison cannot run as asked; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    job_id: str
+    variant: str
+    kind: Kind
+    format: Format
+    path: Path  # the .onnx file, or the HF directory PyTorch loads
+    max_length: int  # the job's data.max_length: texts are truncated as in training
+    params: int | None
+    size_bytes: int  # of the weight files; also the memory estimate of the cache
+    test_accuracy: float | None
+    label_names: list[str]
+    created_at: datetime  # when the job's report was written
+    file_mtime_ns: int  # of path: a model rewritten in place (a job run again) is a new cache entry
+
+    @property
+    def cache_key(self) -> tuple[Path, int, int]:
+        return self.path, self.max_length, self.file_mtime_ns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Micro-batching
+
+@dataclass
+class _Request:
+    texts: list[str]
+    future: asyncio.Future[Prediction]
+
+
+class MicroBatcher:
+    """Merges concurrent predict calls to one model into one predictor call, run in a worker thread.
+
+    One task per model serves a queue: it takes the first waiting request, then more until the batch holds
+    max_size texts (a request that would overflow it opens the next batch; one larger than max_size runs alone).
+    It waits up to max_wait_s for more only while traffic is concurrent, i.e. the previous call merged several
+    requests: a lone caller never waits, so sequential latency is the model's own, and under load requests pile up
+    during a call anyway. Each caller gets its own rows of the probabilities; `seconds` is the whole call's.
+    """
+
+    def __init__(self, predictor: Predictor, max_size: int, max_wait_s: float) -> None:
+        self.predictor, self.max_size, self.max_wait_s = predictor, max_size, max_wait_s
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()  # None: wakes the server to stop
+        self._held: _Request | None = None  # the request that did not fit into the previous batch
+        self._concurrent = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def predict(self, texts: list[str]) -> Prediction:
+        if self._closed:  # cannot happen through ModelCatalog: it hands out a batcher and enqueues without a pause
+            raise RuntimeError("this model was unloaded; call the catalog again")
+        if self._task is None:  # started on first use, so it lives on the loop that serves the requests
+            self._task = asyncio.create_task(self._serve(), name=f"batcher:{self.predictor.name}")
+        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(texts, future))
+        return await future
+
+    def close(self) -> None:
+        """Stop taking requests; the ones already queued are still answered, then the task ends."""
+        self._closed = True
+        self._queue.put_nowait(None)
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._task is not None:
+            await self._task
+
+    async def _serve(self) -> None:
+        while (batch := await self._next_batch()) is not None:
+            texts = [text for request in batch for text in request.texts]
+            try:
+                prediction = await asyncio.to_thread(self.predictor.predict, texts)
+            except Exception as e:  # every caller of the batch gets the error, the server goes on
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(e)
+                continue
+            start = 0
+            for request in batch:
+                end = start + len(request.texts)
+                if not request.future.done():  # done: the caller went away (cancelled)
+                    request.future.set_result(Prediction(prediction.labels[start:end],
+                                                         prediction.probabilities[start:end], prediction.seconds))
+                start = end
+
+    async def _next_batch(self) -> list[_Request] | None:
+        first = self._held or await self._queue.get()
+        self._held = None
+        if first is None:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.max_wait_s if self._concurrent else 0.0)
+        batch, size = [first], len(first.texts)
+        while size < self.max_size:
+            if self._queue.empty():
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    request = await asyncio.wait_for(self._queue.get(), timeout)
+                except TimeoutError:
+                    break
+            else:
+                request = self._queue.get_nowait()
+            if request is None:  # closing: answer this batch, then stop
+                self._queue.put_nowait(None)
+                break
+            if size + len(request.texts) > self.max_size:
+                self._held = request
+                break
+            batch.append(request)
+            size += len(request.texts)
+        self._concurrent = len(batch) > 1
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The catalog and the cache
+
+@dataclass
+class _Loaded:
+    predictor: HFPredictor
+    batcher: MicroBatcher
+    memory_bytes: int
+
+
+class ModelCatalog:
+    """What app.state.models holds: lists the models of succeeded jobs, loads them, runs predictions; owns the
+    comparisons. Use from one event loop (the server's); `list` and `get` are also safe from worker threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._reports: dict[str, tuple[int, dict[str, ModelInfo]]] = {}  # job id → (report mtime_ns, models)
+        self._cache: OrderedDict[tuple[Path, int, int], _Loaded] = OrderedDict()  # least recently used first
+        self._load_lock = asyncio.Lock()  # one load at a time: a second request for a model waits for the first
+        self.comparisons = Comparisons(self)
+
+    # Listing -------------------------------------------------------------------------------------------------
+
+    def list(self) -> list[ModelInfo]:
+        """Every model of every succeeded job, jobs oldest first."""
+        jobs_dir = self.settings.jobs_dir
+        job_ids = sorted(p.name for p in jobs_dir.iterdir() if (p / REPORT).is_file()) if jobs_dir.is_dir() else []
+        for gone in set(self._reports) - set(job_ids):
+            self._reports.pop(gone, None)
+        models = [info for job_id in job_ids for info in self._job_models(job_id).values()]
+        return sorted(models, key=lambda m: (m.created_at, m.job_id, VARIANTS.index(m.variant)))
+
+    def get(self, model_id: str) -> ModelInfo:
+        job_id, _, variant = model_id.rpartition(".")
+        if not job_id or Path(job_id).name != job_id or job_id in (".", ".."):  # a plain directory name only
+            raise UnknownModelError(model_id)
+        info = self._job_models(job_id).get(variant)
+        if info is None:
+            raise UnknownModelError(model_id)
+        return info
+
+    def is_loaded(self, info: ModelInfo) -> bool:
+        return info.cache_key in self._cache
+
+    def _job_models(self, job_id: str) -> dict[str, ModelInfo]:
+        """The job's models by variant, from its report.json (re-read only when the file changed). Threads may
+        race here; the worst case is a report parsed twice."""
+        path = self.settings.jobs_dir / job_id / REPORT
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            self._reports.pop(job_id, None)
+            return {}
+        cached = self._reports.get(job_id)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        try:
+            models = _models_of_report(job_id, path.parent, json.loads(path.read_text()), self.settings.home,
+                                       datetime.fromtimestamp(mtime / 1e9, UTC))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # half-copied or foreign report: skip the job
+            log.warning("skipping job %s: unreadable %s (%s)", job_id, path, e)
+            models = {}
+        self._reports[job_id] = (mtime, models)
+        return models
+
+    # Loading and predicting ----------------------------------------------------------------------------------
+
+    async def predict(self, model_id: str, texts: list[str]) -> tuple[ModelInfo, Prediction]:
+        info = self.get(model_id)
+        loaded = await self._loaded(info)
+        return info, await loaded.batcher.predict(texts)
+
+    async def predictor(self, info: ModelInfo) -> HFPredictor:
+        """The loaded predictor of a model (loading it when needed), for callers that time it themselves."""
+        return (await self._loaded(info)).predictor
+
+    async def _loaded(self, info: ModelInfo) -> _Loaded:
+        loaded = self._cache.get(info.cache_key)
+        if loaded is None:
+            async with self._load_lock:
+                loaded = self._cache.get(info.cache_key)
+                if loaded is None:
+                    self._make_room(info.size_bytes)
+                    predictor = await asyncio.to_thread(open_model, info, self.settings.inference_threads)
+                    batcher = MicroBatcher(predictor, self.settings.batch_max_size,
+                                           self.settings.batch_max_wait_ms / 1000)
+                    loaded = self._cache[info.cache_key] = _Loaded(predictor, batcher, info.size_bytes)
+        self._cache.move_to_end(info.cache_key)
+        return loaded
+
+    def _make_room(self, needed: int) -> None:
+        """Unload least recently used models until `needed` more bytes fit under the cap (or nothing is left)."""
+        cap = self.settings.model_cache_bytes
+        while self._cache and sum(m.memory_bytes for m in self._cache.values()) + needed > cap:
+            (path, *_), evicted = self._cache.popitem(last=False)
+            evicted.batcher.close()  # its queued requests are still answered; then the predictor is freed
+            log.info("unloaded %s (%d bytes) to make room for %d bytes", path, evicted.memory_bytes, needed)
+        if needed > cap:
+            log.warning("a model of %d bytes is larger than model_cache_bytes=%d; it is loaded alone", needed, cap)
+
+    async def close(self) -> None:
+        """Answer what is queued, then drop every model; cancel running comparisons."""
+        await self.comparisons.close()
+        loaded, self._cache = list(self._cache.values()), OrderedDict()
+        await asyncio.gather(*(m.batcher.aclose() for m in loaded))
+
+
+def open_model(info: ModelInfo, threads: int | None = None) -> HFPredictor:
+    """The model as the server runs it: PyTorch for torch, onnxruntime (tokenizer next to the file) otherwise."""
+    try:
+        if info.format == "torch":
+            return TorchPredictor(info.path, info.max_length, threads, name=info.id)
+        return OnnxPredictor(info.path, info.path.parent, info.max_length, threads, name=info.id)
+    except Exception as e:
+        raise ModelLoadError(f"could not load {info.id} from {info.path}: {e}") from e
+
+
+def _models_of_report(job_id: str, job_dir: Path, report: dict[str, Any], home: Path,
+                      created_at: datetime) -> dict[str, ModelInfo]:
+    """A job's models by variant. Paths are taken relative to the job directory (and the teacher's to
+    home/prepared when its recorded path is gone), so a home moved or mounted elsewhere still works; a model
+    whose files are missing is left out."""
+    rows = report.get("evaluation", {}).get("models", {})  # evaluate_models rows, when the job exported ONNX
+    teacher_dir = Path(report["teacher"]["prepared_dir"])
+    if not teacher_dir.is_dir():
+        teacher_dir = home / "prepared" / teacher_dir.name
+    onnx_dir = job_dir / "student-onnx"
+    fp32 = next((onnx_dir / n for n in (OPTIMIZED_FILE, ONNX_FILE) if (onnx_dir / n).is_file()), None)
+    served = report.get("served")
+    # (variant, kind, format, path or None, its evaluate_models row: params and test accuracy when present, else
+    # the report's teacher/student section has them)
+    candidates: list[tuple[str, Kind, Format, Path | None, str]] = [
+        ("teacher", "teacher", "torch", teacher_dir, "teacher-torch"),
+        ("student", "student", served["format"], onnx_dir / Path(served["path"]).name,
+         "student-onnx-int8" if served["format"] == "onnx-int8" else "student-onnx-fp32")
+        if served else ("student", "student", "torch", job_dir / "student", "student-torch"),
+        ("student-fp32", "student", "onnx-fp32", fp32, "student-onnx-fp32"),
+        ("student-torch", "student", "torch", job_dir / "student", "student-torch"),
+    ]
+    models = {}
+    for variant, kind, format, path, row_name in candidates:
+        if path is None or not path.exists():
+            continue
+        row = rows.get(row_name, {})
+        section = report["teacher"] if kind == "teacher" else report["student"]
+        models[variant] = ModelInfo(
+            id=f"{job_id}.{variant}", job_id=job_id, variant=variant, kind=kind, format=format, path=path,
+            max_length=report["config"]["data"]["max_length"],
+            params=row.get("params") or section.get("params"), size_bytes=_weight_bytes(path),
+            test_accuracy=row.get("accuracy", section.get("test_accuracy")),
+            label_names=list(report["data"]["labels"]), created_at=created_at, file_mtime_ns=path.stat().st_mtime_ns)
+    return models
+
+
+def _weight_bytes(path: Path) -> int:
+    """Bytes of the weights a load reads: the .onnx file, or an HF directory's *.safetensors / *.bin files."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparisons
+
+WARMUP_CALLS = 5
+THROUGHPUT_BATCHES = 5
+INLINE_TIMED_CALLS = 200  # texts given and at most this many timed calls over all models: answered in the request
+KEPT_COMPARISONS = 100  # finished comparisons kept in memory, oldest dropped first
+
+Status = Literal["queued", "running", "succeeded", "failed"]
+
+
+@dataclass
+class Comparison:
+    id: str
+    models: list[str]
+    background: bool
+    created_at: datetime
+    status: Status = "queued"
+    finished_at: datetime | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Inputs:
+    """What to run the models on: texts given in the request, or a dataset split loaded in the worker."""
+    texts: list[str] | None
+    labels: list[str] | None  # label names, one per text
+    dataset: str | None
+    split: Literal["test", "validation"]
+    limit: int | None
+
+
+class Comparisons:
+    """Several models on the same inputs with distill.evaluate.evaluate_models: accuracy (when labels are known),
+    agreement with the first model, latency percentiles, throughput, size, speed-ups against the first model.
+
+    Kept in an in-memory dict (lost on restart; the last KEPT_COMPARISONS are kept). They run one at a time in one
+    worker thread, so two comparisons never skew each other's timings; /predict traffic still shares the CPU, and
+    a model loaded for a comparison is the cached one that /predict also uses.
+    """
+
+    def __init__(self, catalog: ModelCatalog) -> None:
+        self.catalog = catalog
+        self._items: OrderedDict[str, Comparison] = OrderedDict()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compare")
+
+    def start(self, models: list[str], *, texts: list[str] | None = None, labels: list[str] | None = None,
+              dataset: str | None = None, split: Literal["test", "validation"] = "test", limit: int | None = None,
+              repeats: int = 20) -> Comparison:
+        """Check what can be checked now (UnknownModelError, CompareError), then run in the background. The caller
+        awaits `comparison.task` when `comparison.background` is False (texts given, few timed calls)."""
+        if len(set(models)) != len(models):
+            raise CompareError(f"models: {models} lists a model twice; list each once")
+        infos = [self.catalog.get(model_id) for model_id in models]
+        names = {info.id: info.label_names for info in infos}
+        if any(n != infos[0].label_names for n in names.values()):
+            raise CompareError(f"the models name their classes differently, so their answers cannot be compared: "
+                               f"{names}")
+        if labels is not None:
+            unknown = sorted(set(labels) - set(infos[0].label_names))
+            if unknown:
+                raise CompareError(f"labels: {unknown} are not label names of the models; they are "
+                                   f"{infos[0].label_names}")
+        if dataset is not None:
+            _data_config(self.catalog, dataset)  # refuses an unknown dataset or job now, not in the background
+        background = texts is None or repeats * len(models) > INLINE_TIMED_CALLS
+        comparison = Comparison(uuid.uuid4().hex[:12], models, background, datetime.now(UTC))
+        self._keep(comparison)
+        inputs = _Inputs(texts, labels, dataset, split, limit)
+        comparison.task = asyncio.create_task(self._run(comparison, infos, inputs, repeats))
+        return comparison
+
+    def get(self, comparison_id: str) -> Comparison | None:
+        return self._items.get(comparison_id)
+
+    async def _run(self, comparison: Comparison, infos: list[ModelInfo], inputs: _Inputs, repeats: int) -> None:
+        comparison.status = "running"
+        try:
+            predictors = {info.id: await self.catalog.predictor(info) for info in infos}
+            comparison.result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._measure, predictors, infos, inputs, repeats)
+            comparison.status = "succeeded"
+        except (CompareError, DataError, EvaluateError, ModelLoadError) as e:
+            comparison.status, comparison.error = "failed", str(e)
+        except Exception as e:  # a bug: say so in the comparison instead of losing it in a task nobody awaits
+            log.exception("comparison %s failed", comparison.id)
+            comparison.status, comparison.error = "failed", f"internal error: {type(e).__name__}: {e}"
+        comparison.finished_at = datetime.now(UTC)
+
+    def _measure(self, predictors: dict[str, HFPredictor], infos: list[ModelInfo], inputs: _Inputs,
+                 repeats: int) -> dict[str, Any]:
+        """In the worker thread: load the inputs, run evaluate_models, add speed-ups and the Markdown table."""
+        label_names = infos[0].label_names
+        if inputs.texts is not None:
+            texts, names = inputs.texts, inputs.labels
+        else:
+            assert inputs.dataset is not None  # the route requires one of them
+            texts, names = _load_split(self.catalog, inputs.dataset, inputs.split, inputs.limit)
+            missing = sorted(set(names) - set(label_names))
+            if missing:
+                raise CompareError(f"dataset {inputs.dataset!r} has labels {missing} the models do not know; "
+                                   f"theirs are {label_names}")
+        labels = [label_names.index(n) for n in names] if names is not None else None
+        report = evaluate_models(
+            predictors, texts, labels, latency_calls=repeats, warmup_calls=min(WARMUP_CALLS, repeats),
+            throughput_batch=min(self.catalog.settings.batch_max_size, len(texts)),
+            throughput_batches=THROUGHPUT_BATCHES,
+            sizes={i.id: i.size_bytes for i in infos}, params={i.id: i.params for i in infos if i.params is not None})
+        report["inputs"] = ({"texts": len(texts)} if inputs.dataset is None else
+                            {"dataset": inputs.dataset, "split": inputs.split, "limit": inputs.limit})
+        report["speedups"] = {name: {"latency_p50": row["speedup_b1"], "throughput": row["throughput_ratio"]}
+                              for name, row in report["models"].items()}
+        report["markdown"] = render_markdown(report)
+        return report
+
+    def _keep(self, comparison: Comparison) -> None:
+        self._items[comparison.id] = comparison
+        finished = [c.id for c in self._items.values() if c.status in ("succeeded", "failed")]
+        for old in finished[:max(0, len(self._items) - KEPT_COMPARISONS)]:
+            del self._items[old]
+
+    async def close(self) -> None:
+        for comparison in self._items.values():
+            if comparison.task is not None:
+                comparison.task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _data_config(catalog: ModelCatalog, dataset: str) -> DataConfig:
+    """`reviews` (a built-in dataset, pulled) or `job:<job_id>` (the data that job was trained and tested on)."""
+    if dataset.startswith(JOB_DATASET_PREFIX):
+        job_id = dataset.removeprefix(JOB_DATASET_PREFIX)
+        report = catalog.settings.jobs_dir / job_id / REPORT
+        if Path(job_id).name != job_id or job_id in ("", ".", "..") or not report.is_file():
+            raise CompareError(f"dataset {dataset!r}: no succeeded job {job_id!r}; GET /v1/jobs lists the jobs")
+        return DataConfig(**json.loads(report.read_text())["config"]["data"])
+    if dataset in BUILTIN_DATASETS:
+        return DataConfig(dataset=dataset)
+    raise CompareError(f"dataset {dataset!r} is not known; give a built-in dataset "
+                       f"({', '.join(BUILTIN_DATASETS)}) or 'job:<job_id>' for the data a job was tested on")
+
+
+def _load_split(catalog: ModelCatalog, dataset: str, split: Literal["test", "validation"],
+                limit: int | None) -> tuple[list[str], list[str]]:
+    """(texts, label names) of a dataset split: the same seeded split the jobs use, first `limit` rows."""
+    data = load_task_data(_data_config(catalog, dataset))
+    examples = (data.test if split == "test" else data.validation)[:limit]
+    return [e.text for e in examples], [data.labels[e.label] for e in examples]

@@ -1,0 +1,1 @@
+"""One router per resource: jobs, datasets, ops (health, readiness, metrics), models, compare."""

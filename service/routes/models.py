@@ -1,0 +1,112 @@
+"""/v1/models: the models succeeded jobs produced, and predictions with them (micro-batched; see service.models)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.deps import SettingsDep, require_api_key
+from service.models import Format, Kind, ModelCatalog, ModelInfo, ModelLoadError, UnknownModelError
+from service.schemas import error_responses
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+
+
+def get_catalog(request: Request) -> ModelCatalog:
+    return request.app.state.models
+
+
+CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
+
+
+class ModelPublic(BaseModel):
+    id: str = Field(examples=["3f9a1c2b7d4e.student"], description="<job_id>.<variant>")
+    job_id: str
+    kind: Kind
+    format: Format = Field(description="torch runs in PyTorch; onnx-fp32 / onnx-int8 in onnxruntime.")
+    params: int | None
+    size_bytes: int = Field(description="Bytes of the weight files; the model cache's memory estimate.")
+    test_accuracy: float | None = Field(description="On the job's test split, from its report.")
+    label_names: list[str]
+    max_length: int = Field(description="Tokens per text; longer texts are truncated.")
+    loaded: bool = Field(description="In the model cache now (the next prediction needs no load).")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, info: ModelInfo, loaded: bool) -> ModelPublic:
+        return cls(id=info.id, job_id=info.job_id, kind=info.kind, format=info.format, params=info.params,
+                   size_bytes=info.size_bytes, test_accuracy=info.test_accuracy, label_names=info.label_names,
+                   max_length=info.max_length, loaded=loaded, created_at=info.created_at)
+
+
+class ModelList(BaseModel):
+    items: list[ModelPublic]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(examples=[["a gripping, beautifully shot film", "dull and far too long"]])
+
+
+class PredictResponse(BaseModel):
+    model: str
+    labels: list[str] = Field(description="The predicted label name of each text.")
+    label_ids: list[int]
+    probabilities: list[list[float]] = Field(description="(texts, classes); columns in label_names order.")
+    server_ms: float = Field(description="Time in the server: waiting for a batch, tokenization, the model.")
+
+
+def check_texts(texts: list[str], settings: Settings) -> None:
+    """The request limits of /predict and /compare: 422 for an empty list or a long text, 413 for too many."""
+    if not texts:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "texts is empty; give at least one text")
+    if len(texts) > settings.max_batch_texts:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                            f"{len(texts)} texts; at most {settings.max_batch_texts} per request "
+                            f"(DISTILL_MAX_BATCH_TEXTS): split them over several requests")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_text_chars:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"texts[{i}] has {len(text)} characters; at most {settings.max_text_chars} "
+                                f"(DISTILL_MAX_TEXT_CHARS)")
+
+
+def find_model(catalog: ModelCatalog, model_id: str) -> ModelInfo:
+    try:
+        return catalog.get(model_id)
+    except UnknownModelError as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+
+
+@router.get("", response_model=ModelList, summary="List the models of succeeded jobs")
+async def list_models(catalog: CatalogDep) -> ModelList:
+    infos = await anyio.to_thread.run_sync(catalog.list)  # reads report.json files the first time
+    return ModelList(items=[ModelPublic.of(info, catalog.is_loaded(info)) for info in infos])
+
+
+@router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404), summary="One model")
+async def get_model(model_id: str, catalog: CatalogDep) -> ModelPublic:
+    info = find_model(catalog, model_id)
+    return ModelPublic.of(info, catalog.is_loaded(info))
+
+
+@router.post("/{model_id}/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422, 500),
+             summary="Classify texts with a model")
+async def predict(model_id: str, body: PredictRequest, catalog: CatalogDep, settings: SettingsDep) -> PredictResponse:
+    started = time.perf_counter()
+    check_texts(body.texts, settings)
+    try:
+        info, prediction = await catalog.predict(model_id, body.texts)
+    except UnknownModelError as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+    except ModelLoadError as e:
+        raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, str(e)) from None
+    return PredictResponse(model=info.id, labels=[info.label_names[i] for i in prediction.labels],
+                           label_ids=prediction.labels, probabilities=prediction.probabilities.tolist(),
+                           server_ms=(time.perf_counter() - started) * 1000)

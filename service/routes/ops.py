@@ -1,0 +1,33 @@
+"""Operations: liveness (no auth), readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import RunnerDep, StoreDep
+from service.schemas import Health, Readiness
+
+health_router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"])
+
+
+@health_router.get("/healthz", response_model=Health, summary="The process is alive (no API key needed)")
+def healthz() -> Health:
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+            summary="The store answers and the job runner runs")
+def readyz(store: StoreDep, runner: RunnerDep, response: Response) -> Readiness:
+    readiness = Readiness(ready=False, store=store.ping(), runner=runner.ready)
+    readiness.ready = readiness.store and readiness.runner
+    if not readiness.ready:
+        response.status_code = 503
+    return readiness
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics", responses={
+    200: {"content": {CONTENT_TYPE_LATEST: {"example": 'distill_jobs{status="running"} 1.0\n'}}}})
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

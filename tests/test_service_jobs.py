@@ -1,0 +1,258 @@
+"""The jobs and datasets API through TestClient: real job subprocesses on tiny seeded models, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import synthetic_rows, write_csv
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def tiny_job(teacher_dir: Path, dataset: str, epochs: int = 2, **train: Any) -> dict[str, Any]:
+    """A job that trains a 1-layer, 16-wide student in seconds (the subprocess spends most of it importing torch)."""
+    return {"teacher": {"name": str(teacher_dir), "head_epochs": 1, "head_lr": 1e-2, "finetune_epochs": 0,
+                        "batch_size": 16},
+            "data": {"dataset": dataset, "max_length": 16},
+            "student": {"init": "fresh", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32},
+            "train": {"epochs": epochs, "batch_size": 16, "lr": 5e-3, **train},
+            "export": {"onnx": False}}
+
+
+def upload(client: Any, path: Path, **fields: str) -> Any:
+    with path.open("rb") as f:
+        return client.post("/v1/datasets", files={"file": (path.name, f, "text/csv")}, data=fields)
+
+
+def wait_for(client: Any, job_id: str, until: Any, timeout: float = 60) -> dict[str, Any]:
+    """Poll the job until `until(job)` holds; fail with its last state after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        assert time.monotonic() < deadline, f"job did not get there in {timeout}s: {job}"
+        time.sleep(0.1)
+
+
+def all_events(client: Any, job_id: str) -> list[dict[str, Any]]:
+    """Every event, page by page through the `after` cursor."""
+    events: list[dict[str, Any]] = []
+    while page := client.get(f"/v1/jobs/{job_id}/events", params={"after": len(events)}).json()["events"]:
+        events += page
+    return events
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    """Parse a text/event-stream body: the `data:` of each frame, checked against its `id:` and `event:`."""
+    events = []
+    for frame in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in frame.splitlines() if not line.startswith(":"))
+        event = json.loads(fields["data"])
+        assert (fields["id"], fields["event"]) == (str(event["seq"]), event["kind"])
+        events.append(event)
+    return events
+
+
+@pytest.fixture
+def make_client(distill_home: Path) -> Iterator[Any]:
+    clients: list[TestClient] = []
+
+    def make(**settings: Any) -> TestClient:
+        client = TestClient(create_app(Settings(home=distill_home, cancel_grace_seconds=5, **settings)))
+        clients.append(client.__enter__())  # runs the lifespan: store, runner, recovery
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_a_job_goes_queued_running_succeeded_with_ordered_events_report_and_artifacts(
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path) -> None:
+    client = make_client()
+    dataset = upload(client, synthetic_csv)
+    assert dataset.status_code == 201, dataset.text
+    assert dataset.json() | {"id": "x", "created_at": "x", "size_bytes": 0} == {
+        "id": "x", "kind": "upload", "reference": f"upload:{dataset.json()['id']}", "name": "synthetic.csv",
+        "description": None, "pulled": True, "rows": 400, "labels": ["negative", "positive"],
+        "label_counts": dataset.json()["label_counts"], "text_column": "text", "label_column": "label",
+        "size_bytes": 0, "created_at": "x"}
+    assert sum(dataset.json()["label_counts"].values()) == 400
+
+    created = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset.json()["reference"]))
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    assert created.headers["location"] == f"/v1/jobs/{job_id}"
+    assert created.json()["status"] == "queued"
+    assert created.json()["config"]["data"]["dataset"] == dataset.json()["reference"]  # as submitted
+    job = wait_for(client, job_id, lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 1 and job["runs"] == 1 and job["error"] is None
+    assert job["metrics"]["distill"]["epoch"] == 2 and "student_test_accuracy" in job["metrics"]["test"]
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+
+    events = all_events(client, job_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    statuses = [e["data"]["status"] for e in events if e["kind"] == "status"]
+    assert statuses == ["queued", "running", "succeeded"]
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("stage") < kinds.index("progress") < kinds.index("done") < len(kinds) - 1
+    page = client.get(f"/v1/jobs/{job_id}/events", params={"after": 3, "limit": 4}).json()
+    assert [e["seq"] for e in page["events"]] == [4, 5, 6, 7] and page["next_after"] == 7
+    assert client.get(f"/v1/jobs/{job_id}/events", params={"after": len(events)}).json()["events"] == []
+    stream = client.get(f"/v1/jobs/{job_id}/events", params={"after": 2}, headers={"Accept": "text/event-stream"})
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert sse_events(stream.text) == events[2:]  # the stream ends because the job has ended
+    resumed = client.get(f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": "5"})
+    assert [e["seq"] for e in sse_events(resumed.text)] == [e["seq"] for e in events[5:]]
+
+    report = client.get(f"/v1/jobs/{job_id}/report")
+    assert report.status_code == 200 and report.json()["student"]["test_accuracy"] == \
+        job["metrics"]["test"]["student_test_accuracy"]
+    files = client.get(f"/v1/jobs/{job_id}/artifacts").json()["files"]
+    assert {"config.json", "report.json", "report.md", "student/config.json", "stderr.log"} <= set(files)
+    markdown = client.get(f"/v1/jobs/{job_id}/artifacts/report.md")
+    assert markdown.status_code == 200 and markdown.text.startswith("# Distillation report")
+    directory = client.get(f"/v1/jobs/{job_id}/artifacts/student")
+    assert directory.status_code == 400 and "student/config.json" in directory.json()["detail"]
+    escape = client.get(f"/v1/jobs/{job_id}/artifacts/%2E%2E%2F%2E%2E%2Fservice.sqlite3")
+    assert escape.status_code == 400 and "leaves the job directory" in escape.json()["detail"]
+    missing = client.get(f"/v1/jobs/{job_id}/artifacts/student-onnx/model_int8.onnx")
+    assert missing.status_code == 404 and "report.md" in missing.json()["detail"]
+
+    listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()
+    assert listed["total"] == 1 and listed["items"][0]["id"] == job_id
+    assert client.get("/v1/jobs", params={"status": "running"}).json() == {
+        "items": [], "total": 0, "limit": 20, "offset": 0}
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    assert client.delete(f"/v1/datasets/{dataset.json()['id']}").status_code == 204  # no active job uses it
+
+
+def test_cancel_stops_a_running_job_and_a_full_queue_answers_429(
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, distill_home: Path) -> None:
+    client = make_client(max_concurrent_jobs=1, max_queued_jobs=1)
+    reference = upload(client, synthetic_csv).json()["reference"]
+    running = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference, epochs=500)).json()
+    waiting = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()
+    full = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference))
+    assert full.status_code == 429 and full.headers["retry-after"].isdigit()
+    assert "queue is full" in full.json()["detail"]
+    in_use = client.delete(f"/v1/datasets/{reference.removeprefix('upload:')}")
+    assert in_use.status_code == 409 and running["id"] in in_use.json()["detail"]
+
+    job = wait_for(client, running["id"], lambda j: j["stage"] == "distill" and j["progress"] > 0)
+    assert job["status"] == "running" and client.get(f"/v1/jobs/{waiting['id']}").json()["status"] == "queued"
+    cancelled = client.post(f"/v1/jobs/{waiting['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert [e["data"] for e in all_events(client, waiting["id"])] == [{"status": "queued"}, {"status": "cancelled"}]
+
+    started = time.monotonic()
+    stopped = client.post(f"/v1/jobs/{running['id']}/cancel")
+    assert stopped.status_code == 200 and stopped.json()["status"] == "cancelled"
+    assert time.monotonic() - started < 5  # SIGTERM ends it at once; SIGKILL would come after the 5 s grace
+    events = all_events(client, running["id"])
+    assert any(e["kind"] == "progress" for e in events)  # the partial history is kept
+    assert events[-1]["data"] == {"status": "cancelled"}
+    report = client.get(f"/v1/jobs/{running['id']}/report")
+    assert report.status_code == 404 and "it is cancelled" in report.json()["detail"]
+    assert not (distill_home / "jobs" / running["id"] / "report.json").exists()
+    assert client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference, epochs=1)).status_code == 202
+
+
+@pytest.fixture
+def client_and_dataset(make_client: Any, synthetic_csv: Path) -> tuple[Any, str]:
+    client = make_client()
+    return client, upload(client, synthetic_csv).json()["reference"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size"),
+    ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
+    ({"output_dir": "/tmp/elsewhere"}, "output_dir: chosen by the server"),
+    ({"teacher": {"name": "no-such-teacher"}}, "teacher.name: unknown teacher 'no-such-teacher'; use a registered "
+                                               "name (minilm-l6, mpnet-base)"),
+    ({"student": {"init": "model", "model": "nope", "num_layers": 1}}, "student.model: unknown teacher 'nope'"),
+    ({"data": {"dataset": "upload:0123456789ab"}}, "data.dataset: no uploaded dataset '0123456789ab'"),
+    ({"data": {"dataset": "imdb"}}, "data.dataset: unknown dataset 'imdb'; allowed: the built-in 'reviews'"),
+    ({"data": {"dataset": "reviews"}}, "built-in dataset 'reviews' is not downloaded on the server yet"),
+    ({"data": {"dataset": "files", "train": "/etc/hosts"}}, "data.dataset: 'files' reads paths on the server"),
+])
+def test_a_bad_job_is_refused_with_422_naming_the_key(client_and_dataset: tuple[Any, str], tiny_teacher_dir: Path,
+                                                      change: dict[str, Any], message: str) -> None:
+    client, dataset = client_and_dataset
+    response = client.post("/v1/jobs", json={**tiny_job(tiny_teacher_dir, dataset), **change})
+    assert response.status_code == 422
+    assert message in response.json()["detail"]
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path: Path) -> None:
+    client = make_client(max_upload_bytes=4000)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\ngood film,positive\n  ,negative\n")
+    response = upload(client, bad)
+    assert response.status_code == 422
+    assert response.json()["detail"] == "bad.csv, line 3: empty text in column 'text'"
+    columns = upload(client, write_csv(tmp_path / "small.csv", synthetic_rows(20, seed=2)), text_column="review")
+    assert columns.status_code == 422
+    assert columns.json()["detail"] == "small.csv, line 1: no column 'review'; the header has columns: 'text', 'label'"
+    one_class = tmp_path / "one.jsonl"
+    one_class.write_text("".join(json.dumps({"text": f"film {i}", "label": "positive"}) + "\n" for i in range(9)))
+    assert "distillation needs at least 2 classes" in upload(client, one_class).json()["detail"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("text,label\n")
+    assert "name it .csv, .jsonl or .json" in upload(client, notes).json()["detail"]
+
+    big = write_csv(tmp_path / "big.csv", synthetic_rows(200, seed=3))  # ~9 kB: read, then refused at 4,000 bytes
+    assert big.stat().st_size < 4000 + 64 * 1024
+    too_big = upload(client, big)
+    assert too_big.status_code == 413 and "limited to 4,000 bytes" in too_big.json()["detail"]
+    huge = write_csv(tmp_path / "huge.csv", synthetic_rows(3000, seed=4))  # over the limit plus form overhead
+    refused = upload(client, huge)
+    assert refused.status_code == 413 and "the request body is" in refused.json()["detail"]
+    assert client.post("/v1/datasets", json={"file": "x"}).status_code == 415
+
+    listed = client.get("/v1/datasets").json()["items"]
+    assert [(d["id"], d["kind"], d["pulled"]) for d in listed] == [("reviews", "builtin", False)]
+    assert not list((client.app.state.settings.datasets_dir).iterdir())  # nothing half-written is left
+    assert client.delete("/v1/datasets/reviews").status_code == 409
+    assert client.get("/v1/datasets/nope").status_code == 404
+
+
+def test_api_key_guards_every_route_but_healthz(make_client: Any) -> None:
+    client = make_client(api_key="s3cret")
+    missing = client.get("/v1/jobs")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "missing API key" in missing.json()["detail"]
+    wrong = client.get("/v1/datasets", headers={"Authorization": "Bearer guess"})
+    assert wrong.status_code == 401 and "invalid API key" in wrong.json()["detail"]
+    assert client.get("/readyz").status_code == 401
+    assert client.get("/healthz").status_code == 200
+    ok = {"Authorization": "Bearer s3cret"}
+    assert client.get("/v1/jobs", headers=ok).status_code == 200
+    assert client.get("/readyz", headers=ok).json() == {"ready": True, "store": True, "runner": True}
+
+
+def test_metrics_use_route_templates_and_count_jobs(make_client: Any) -> None:
+    client = make_client()
+    assert client.get("/v1/jobs/0123456789ab").status_code == 404
+    assert client.get("/docs").status_code == 200
+    text = client.get("/metrics").text
+    assert ('distill_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0'
+            in text)
+    assert 'route="/docs",status="200"' in text
+    assert 'distill_jobs{status="queued"} 0.0' in text and "distill_job_queue_depth 0.0" in text
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    assert "teacher" in body["schema"]["properties"] and "output_dir" not in body["schema"]["properties"]
+    assert body["examples"]["reviews"]["value"]["data"]["dataset"] == "reviews"

@@ -1,0 +1,259 @@
+"""/v1/models and /v1/compare on a tiny finished job: listing, predictions, limits, micro-batching, the LRU cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from distill.config import DataConfig, EvaluateConfig, ExportConfig, Fresh, JobConfig, TeacherConfig
+from distill.config import TrainConfig as Train
+from distill.pipeline import run
+from distill.runtime import OnnxPredictor, Prediction, TorchPredictor
+from service.models import CompareError, MicroBatcher, ModelCatalog
+from service.routes import compare, models
+from service.settings import Settings
+from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder
+
+TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
+IDS = ["job1.teacher", "job1.student", "job1.student-fp32", "job1.student-torch"]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A home holding one finished tiny job, jobs/job1 (teacher, student, ONNX fp32 + INT8, report.json)."""
+    root = tmp_path_factory.mktemp("service-models")
+    home = root / "home"
+    config = JobConfig(
+        teacher=TeacherConfig(name=str(write_tiny_encoder(root / "teacher")), head_epochs=3, head_lr=1e-2,
+                              finetune_epochs=4, finetune_lr=3e-3, batch_size=16),
+        data=DataConfig(dataset="files", train=write_csv(root / "data.csv", synthetic_rows(400, seed=1)),
+                        max_length=16),
+        student=Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32),
+        train=Train(epochs=5, batch_size=16, lr=5e-3), export=ExportConfig(onnx=True, teacher=False),
+        evaluate=EvaluateConfig(latency_calls=10), output_dir=home / "jobs" / "job1")
+    with pytest.MonkeyPatch.context() as mp:  # the prepared teacher is cached under $DISTILL_HOME/prepared
+        mp.setenv("DISTILL_HOME", str(home))
+        run(config)
+    return Settings(home=home, max_batch_texts=8, max_text_chars=100)
+
+
+@pytest.fixture(scope="module")
+def report(settings: Settings) -> dict:
+    return json.loads((settings.jobs_dir / "job1" / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The two routers on an app wired as service.app's lifespan wires them."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings, app.state.models = settings, ModelCatalog(settings)
+        yield
+        await app.state.models.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(models.router)
+    app.include_router(compare.router)
+    with TestClient(app) as client:  # one event loop for the whole module, as in a server
+        yield client
+
+
+def test_models_lists_the_teacher_and_the_students_of_a_job(client: TestClient, report: dict) -> None:
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["items"]}
+    assert list(listed) == IDS
+    assert {i: m["format"] for i, m in listed.items()} == {
+        "job1.teacher": "torch", "job1.student": report["served"]["format"], "job1.student-fp32": "onnx-fp32",
+        "job1.student-torch": "torch"}
+    rows = report["evaluation"]["models"]
+    served_row = "student-onnx-int8" if report["served"]["format"] == "onnx-int8" else "student-onnx-fp32"
+    assert listed["job1.student"]["test_accuracy"] == rows[served_row]["accuracy"]
+    assert listed["job1.teacher"]["params"] == report["teacher"]["params"]
+    assert listed["job1.student"]["size_bytes"] == Path(report["served"]["path"]).stat().st_size
+    assert all(m["label_names"] == ["negative", "positive"] and m["job_id"] == "job1" for m in listed.values())
+    assert {m["kind"] for m in listed.values()} == {"teacher", "student"}
+
+    one = client.get("/v1/models/job1.student-fp32")
+    assert one.status_code == 200 and one.json()["id"] == "job1.student-fp32"
+    missing = client.get("/v1/models/job1.nothing")
+    assert missing.status_code == 404 and "GET /v1/models lists the ids" in missing.json()["detail"]
+
+
+def test_predict_matches_the_same_model_in_process(client: TestClient, report: dict) -> None:
+    max_length = report["config"]["data"]["max_length"]
+    served = Path(report["served"]["path"])
+    expected = OnnxPredictor(served, served.parent, max_length).predict(TEXTS)
+    response = client.post("/v1/models/job1.student/predict", json={"texts": TEXTS})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "job1.student" and body["server_ms"] > 0
+    assert body["label_ids"] == expected.labels
+    assert body["labels"] == [["negative", "positive"][i] for i in expected.labels]
+    np.testing.assert_allclose(body["probabilities"], expected.probabilities, atol=1e-6)
+
+    teacher = TorchPredictor(Path(report["teacher"]["prepared_dir"]), max_length).predict(TEXTS)
+    body = client.post("/v1/models/job1.teacher/predict", json={"texts": TEXTS}).json()
+    np.testing.assert_allclose(body["probabilities"], teacher.probabilities, atol=1e-5)
+    assert client.get("/v1/models/job1.teacher").json()["loaded"] is True
+
+
+@pytest.mark.parametrize(("texts", "code", "message"), [
+    (["a"] * 9, 413, "9 texts; at most 8 per request"),
+    (["fine", "x" * 101], 422, "texts[1] has 101 characters; at most 100"),
+    ([], 422, "texts is empty"),
+])
+def test_predict_limits(client: TestClient, texts: list[str], code: int, message: str) -> None:
+    response = client.post("/v1/models/job1.student/predict", json={"texts": texts})
+    assert response.status_code == code and message in response.json()["detail"]
+
+
+def test_predict_on_an_unknown_model_says_where_the_ids_are(client: TestClient) -> None:
+    for model_id in ("nojob.student", "student", "...student"):
+        response = client.post(f"/v1/models/{model_id}/predict", json={"texts": ["fine"]})
+        assert response.status_code == 404 and "GET /v1/models" in response.json()["detail"], model_id
+
+
+class Counting:
+    """A predictor that records the texts of every call."""
+
+    def __init__(self, predictor: OnnxPredictor) -> None:
+        self.inner, self.name, self.calls = predictor, predictor.name, []
+
+    def predict(self, texts: list[str]) -> Prediction:
+        self.calls.append(list(texts))
+        return self.inner.predict(texts)
+
+
+def test_micro_batcher_gives_each_concurrent_caller_its_own_rows(report: dict) -> None:
+    # The fp32 graph: dynamic INT8 quantizes activations with one scale per batch, so an INT8 row moves a little
+    # (about 1e-3 here) with its batch-mates, which would blur whose rows a caller got.
+    fp32 = Path(report["served"]["path"]).with_name("model_optimized.onnx")
+    predictor = OnnxPredictor(fp32, fp32.parent, report["config"]["data"]["max_length"])
+    requests = [[f"{w} film number {i}"] for i, w in enumerate(["good", "awful", "dull", "superb"] * 8)]
+    requests[5] = ["great plot", "poor acting", "the story"]  # a caller with several texts gets all its rows
+    alone = [predictor.predict(texts) for texts in requests]
+    counting = Counting(predictor)
+
+    async def concurrently() -> list[Prediction]:
+        batcher = MicroBatcher(counting, max_size=8, max_wait_s=0.005)
+        answers = await asyncio.gather(*(batcher.predict(texts) for texts in requests))
+        await batcher.aclose()
+        return answers
+
+    answers = asyncio.run(concurrently())
+    for got, want in zip(answers, alone, strict=True):
+        assert got.labels == want.labels
+        np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)  # padding differs per batch
+    assert len(counting.calls) < len(requests)
+    assert all(len(call) <= 8 for call in counting.calls)
+    assert sorted(t for call in counting.calls for t in call) == sorted(t for texts in requests for t in texts)
+
+
+def test_micro_batcher_hands_a_failure_to_every_caller_of_the_batch() -> None:
+    class Failing:
+        name = "failing"
+
+        def predict(self, texts: list[str]) -> Prediction:
+            raise RuntimeError("boom")
+
+    async def concurrently() -> list[object]:
+        batcher = MicroBatcher(Failing(), max_size=4, max_wait_s=0)
+        return await asyncio.gather(*(batcher.predict(["x"]) for _ in range(3)), return_exceptions=True)
+
+    assert [str(e) for e in asyncio.run(concurrently())] == ["boom"] * 3
+
+
+def test_lru_cache_unloads_the_least_recently_used_model_past_the_cap(settings: Settings) -> None:
+    catalog = ModelCatalog(settings)
+    sizes = {i: catalog.get(i).size_bytes for i in ("job1.student", "job1.student-fp32", "job1.student-torch")}
+    cap = sum(sorted(sizes.values())[:2]) - 1  # each fits alone, no two together
+    catalog = ModelCatalog(settings.model_copy(update={"model_cache_bytes": cap}))
+
+    def loaded() -> set[str]:
+        return {i for i in sizes if catalog.is_loaded(catalog.get(i))}
+
+    async def use(*model_ids: str) -> list[set[str]]:
+        seen = []
+        for model_id in model_ids:
+            await catalog.predict(model_id, ["fine"])
+            seen.append(loaded())
+        await catalog.close()
+        return seen
+
+    assert asyncio.run(use("job1.student", "job1.student-fp32", "job1.student-fp32", "job1.student-torch")) == [
+        {"job1.student"}, {"job1.student-fp32"}, {"job1.student-fp32"}, {"job1.student-torch"}]
+
+
+def test_compare_texts_answers_in_the_request(client: TestClient) -> None:
+    body = {"models": ["job1.student-fp32", "job1.student-torch", "job1.student"], "texts": TEXTS,
+            "labels": ["positive", "negative", "positive", "negative"], "repeats": 5}
+    response = client.post("/v1/compare", json=body)
+    assert response.status_code == 200, response.text
+    comparison = response.json()
+    assert comparison["status"] == "succeeded"
+    result = comparison["result"]
+    rows = result["models"]
+    assert list(rows) == body["models"] and result["reference"] == "job1.student-fp32"
+    assert rows["job1.student-fp32"]["agreement"] == 1.0
+    assert rows["job1.student-torch"]["agreement"] == 1.0  # the same weights in PyTorch
+    assert all(row["accuracy"] is not None and row["latency_ms"]["p99"] > 0 for row in rows.values())
+    assert result["speedups"]["job1.student-fp32"] == {"latency_p50": 1.0, "throughput": 1.0}
+    assert "| job1.student-torch |" in result["markdown"]
+    assert client.get(f"/v1/compare/{comparison['id']}").json()["status"] == "succeeded"
+
+
+def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, report: dict) -> None:
+    body = {"models": ["job1.teacher", "job1.student"], "dataset": "job:job1", "repeats": 3}
+    response = client.post("/v1/compare", json=body)
+    assert response.status_code == 202, response.text
+    location = response.headers["location"]
+    assert location == f"/v1/compare/{response.json()['id']}"
+    deadline = time.monotonic() + 30
+    while (comparison := client.get(location).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, comparison
+        time.sleep(0.05)
+    assert comparison["status"] == "succeeded", comparison["error"]
+    result = comparison["result"]
+    assert result["texts"] == report["data"]["splits"]["test"]["rows"] and result["labelled"]
+    assert result["models"]["job1.teacher"]["accuracy"] == pytest.approx(report["teacher"]["test_accuracy"])
+    assert result["models"]["job1.teacher"]["agreement"] == 1.0
+
+
+@pytest.mark.parametrize(("body", "code", "message"), [
+    ({"models": ["job1.student"], "texts": ["fine"], "dataset": "job:job1"}, 422, "either texts or dataset"),
+    ({"models": [], "texts": ["fine"]}, 422, "at least 1 item"),
+    ({"models": ["job1.student", "nojob.student"], "texts": ["fine"]}, 404, "no model 'nojob.student'"),
+    ({"models": ["job1.student", "job1.student"], "texts": ["fine"]}, 422, "lists a model twice"),
+    ({"models": ["job1.student"], "texts": ["fine"], "labels": ["neutral"]}, 422, "['neutral'] are not label"),
+    ({"models": ["job1.student"], "dataset": "imdb"}, 422, "'job:<job_id>'"),
+    ({"models": ["job1.student"], "dataset": "job:nojob"}, 422, "no succeeded job 'nojob'"),
+    ({"models": ["job1.student"], "texts": ["a"] * 9}, 413, "at most 8 per request"),
+])
+def test_compare_refuses_what_it_cannot_run(client: TestClient, body: dict, code: int, message: str) -> None:
+    response = client.post("/v1/compare", json=body)
+    assert response.status_code == code and message in json.dumps(response.json()), response.text
+
+
+def test_compare_refuses_models_whose_labels_differ(settings: Settings, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(settings.jobs_dir / "job1", home / "jobs" / "job1")
+    shutil.copytree(settings.jobs_dir / "job1", home / "jobs" / "job2")
+    report = home / "jobs" / "job2" / "report.json"
+    report.write_text(report.read_text().replace('"positive"', '"good"'))
+    catalog = ModelCatalog(Settings(home=home))
+    with pytest.raises(CompareError, match="name their classes differently"):
+        catalog.comparisons.start(["job1.student", "job2.student"], texts=["fine"])
+
+
+def test_unknown_comparison_is_404(client: TestClient) -> None:
+    response = client.get("/v1/compare/nothing")
+    assert response.status_code == 404 and "POST /v1/compare starts one" in response.json()["detail"]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import ModuleType
 from typing import Any
 
 import anyio
@@ -14,7 +12,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import require_api_key
-from service.routes import datasets, jobs, ops
+from service.models import ModelCatalog
+from service.routes import compare, datasets, jobs, models, ops
 from service.runner import Runner
 from service.schemas import ServiceError
 from service.settings import Settings, get_settings
@@ -31,20 +30,8 @@ When the server has an API key, send `Authorization: Bearer <key>` (every route 
 """
 
 
-def _optional(module: str) -> ModuleType | None:
-    """The inference half (service.models, service.routes.models/compare) is built alongside; until its modules
-    exist the app runs without them. Any other import error is a bug and raises."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return None
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    models_module = _optional("service.models")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,13 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner = Runner(settings, store)
         await anyio.to_thread.run_sync(runner.start)  # recovery may wait for an orphaned job process to exit
         app.state.settings, app.state.store, app.state.runner = settings, store, runner
-        app.state.models = models_module.ModelCatalog(settings) if models_module else None
+        app.state.models = ModelCatalog(settings)
         log.info("ready", extra={"home": str(settings.home), "max_concurrent_jobs": settings.max_concurrent_jobs})
         try:
             yield
         finally:
-            if app.state.models is not None:
-                await app.state.models.close()
+            await app.state.models.close()
             await anyio.to_thread.run_sync(runner.stop)
             store.close()
 
@@ -73,12 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     protected = [Depends(require_api_key)]
     app.include_router(ops.health_router)
-    for router in (ops.router, jobs.router, datasets.router):
+    for router in (ops.router, jobs.router, datasets.router, models.router, compare.router):
         app.include_router(router, dependencies=protected)
-    for name in ("service.routes.models", "service.routes.compare"):
-        module = _optional(name)
-        if module is not None:
-            app.include_router(module.router, dependencies=protected)
     return app
 
 

@@ -11,15 +11,15 @@ import asyncio
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.deps import SettingsDep, require_api_key
+from service.deps import SettingsDep
 from service.models import KEPT_COMPARISONS, CompareError, Comparison, Status, UnknownModelError
 from service.routes.models import CatalogDep, check_texts
 from service.schemas import error_responses
 
-router = APIRouter(prefix="/v1/compare", tags=["compare"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/compare", tags=["compare"])
 
 
 class CompareRequest(BaseModel):

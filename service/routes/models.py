@@ -10,12 +10,12 @@ import anyio
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import SettingsDep, require_api_key
+from service.deps import SettingsDep
 from service.models import Format, Kind, ModelCatalog, ModelInfo, ModelLoadError, UnknownModelError
 from service.schemas import error_responses
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def get_catalog(request: Request) -> ModelCatalog:

@@ -5,6 +5,7 @@ data → prepare teacher → build student → teacher logits (cached once) → 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -88,7 +89,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("teacher-logits"):
         cache_train = config.train.cache_teacher_logits and not intermediate
-        logits = _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision)
+        logits = _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
+                                 fingerprint=f"{prepared.path}:{config.precision}", reuse=resume)
         for name, split in splits.items():
             split.teacher_logits = logits.get(name)
 
@@ -243,22 +245,26 @@ def _split(task: Task, tokenizer: Any, examples: list[Example], max_length: int,
 
 
 def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
-                    emit: EventSink, precision: Precision) -> dict[str, torch.Tensor]:
+                    emit: EventSink, precision: Precision, *, fingerprint: str, reuse: bool) -> dict[str, torch.Tensor]:
     """The teacher runs once per example: validation/test always (agreement), train when the cache is on.
-    Stored next to the checkpoint so a resumed job does not pay for it again."""
+    Stored next to the checkpoint so a resumed job does not pay for it again; reused only when resuming and only
+    for the same teacher, precision and token ids."""
     names = [n for n in splits if n != "train" or cache_train]
-    sizes = {n: len(splits[n]) for n in names}
-    if path.exists():
+    digest = hashlib.sha256(fingerprint.encode())
+    for name in names:
+        digest.update(json.dumps([name, [e["input_ids"] for e in splits[name].teacher_inputs]]).encode())
+    if reuse and path.exists():
         stored = torch.load(path)
-        if {n: len(t) for n, t in stored.items()} == sizes:
-            return stored
+        if stored["fingerprint"] == digest.hexdigest():
+            emit("log", {"message": f"reusing the teacher outputs in {path}"})
+            return stored["logits"]
     logits = {}
     for name in names:
-        emit("log", {"message": f"teacher outputs for {sizes[name]} {name} examples"})
+        emit("log", {"message": f"teacher outputs for {len(splits[name])} {name} examples"})
         logits[name] = predict_distilled(task, teacher.model, teacher.tokenizer, splits[name].teacher_inputs,
                                          precision=precision)
     tmp = path.with_suffix(".tmp")
-    torch.save(logits, tmp)
+    torch.save({"fingerprint": digest.hexdigest(), "logits": logits}, tmp)
     os.replace(tmp, path)
     return logits
 

@@ -30,7 +30,9 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     assert summary["student_dir"] == str(tmp_path / "out" / "student")
     assert "==> distill" in printed
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--resume"]) == 0
-    assert "resumed: stage=distill, step=40, total_steps=40" in capsys.readouterr().out
+    resumed = capsys.readouterr().out
+    assert "resumed: stage=distill, step=40, total_steps=40" in resumed
+    assert "reusing the teacher outputs" in resumed  # the resumed job does not run the teacher again
 
 
 @pytest.mark.parametrize("extra, message", [

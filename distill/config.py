@@ -41,8 +41,10 @@ class DataConfig(_Section):
     format: Literal["auto", "csv", "jsonl"] = "auto"
     text_column: str = "text"
     label_column: str = "label"
-    transfer: Path | None = Field(None, description="Unlabeled texts (.txt one per line, or CSV/JSONL text column); "
-                                                    "the teacher labels them for the student.")
+    transfer: Literal["builtin"] | Path | None = Field(
+        None, description="Unlabeled texts the teacher labels for the student: a file (.txt one per line, or "
+                          "CSV/JSONL text column), or 'builtin' for a built-in dataset's own (reviews: 13,098 "
+                          "Amazon, NYT and Twitter snippets from the same source).")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated.")
     split_seed: int = Field(13, description="Seed of the deterministic 80/10/10 split.")
     limit: int | None = Field(None, ge=10, description="Use only the first N training examples (quick runs).")
@@ -51,6 +53,8 @@ class DataConfig(_Section):
     def _files_need_train(self) -> DataConfig:
         if self.dataset == "files" and self.train is None:
             raise ValueError("data.dataset is 'files' but data.train is not set: give the path of the training file")
+        if self.dataset == "files" and self.transfer == "builtin":
+            raise ValueError("data.transfer is 'builtin', which only built-in datasets have; give a file instead")
         if self.dataset != "files" and any(p is not None for p in (self.train, self.validation, self.test)):
             raise ValueError(f"data.train/validation/test are only read when data.dataset is 'files' "
                              f"(it is {self.dataset!r})")

@@ -94,6 +94,10 @@ VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b8370384
 VADER_INNER_TAR = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 VADER_SNIPPETS_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+# The paper's other snippet sets (Amazon reviews, NYT editorials, tweets): unlabelled transfer texts for `reviews`.
+VADER_TRANSFER = tuple(f"hutto_ICWSM_2014/{name}_GroundTruth.txt"
+                       for name in ("amazonReviewSnippets", "nytEditorialSnippets", "tweets"))
+TRANSFER_FILE = "transfer.txt"
 
 
 def pip_download_vader(dest: Path) -> Path:
@@ -125,6 +129,12 @@ def pull_reviews(dest: Path, progress: Progress,
     raw = _tar_member(VADER_INNER_TAR, inner, VADER_SNIPPETS)
     _check_sha256(VADER_SNIPPETS, raw, snippets_sha256)
 
+    # The sdist checksum pins these too. Written first: a present reviews.jsonl means the pull completed.
+    transfer = [" ".join(line.split("\t", 2)[2].split())
+                for member in VADER_TRANSFER
+                for line in _tar_member(VADER_INNER_TAR, inner, member).decode("utf-8").splitlines() if line.strip()]
+    _write_lines_atomic(dest.with_name(TRANSFER_FILE), transfer)
+
     rows = []
     # The checksum pins the content, so splitting on the file's CRLF line ends and tabs is safe.
     for line in raw.decode("utf-8").splitlines():
@@ -137,7 +147,7 @@ def pull_reviews(dest: Path, progress: Progress,
     _write_jsonl_atomic(dest, rows)
     counts = Counter(r["label"] for r in rows)
     progress(f"wrote {len(rows)} reviews ({counts['positive']} positive, {counts['negative']} negative) "
-             f"to {dest}")
+             f"to {dest}, and {len(transfer)} unlabelled transfer texts")
 
 
 def _check_sha256(name: str, data: bytes, expected: str) -> None:
@@ -159,11 +169,15 @@ def _tar_member(archive: str, data: bytes, member: str) -> bytes:
 
 
 def _write_jsonl_atomic(dest: Path, rows: list[dict[str, Any]]) -> None:
+    _write_lines_atomic(dest, [json.dumps(row, ensure_ascii=False) for row in rows])
+
+
+def _write_lines_atomic(dest: Path, lines: list[str]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=dest.parent, suffix=".tmp",
                                      delete=False) as f:
         try:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            f.writelines(line + "\n" for line in lines)
         except BaseException:
             os.unlink(f.name)
             raise
@@ -403,6 +417,12 @@ def load_task_data(config: DataConfig) -> TaskData:
     data = _load_files(config) if config.dataset == "files" else _load_builtin(config)
     if config.limit is not None:
         data.train = data.train[:config.limit]  # already shuffled: a random sample, the same per seed
-    if config.transfer is not None:
+    if config.transfer == "builtin":
+        path = _builtin(config.dataset).cache_path(distill_home()).with_name(TRANSFER_FILE)
+        if not path.exists():  # a cache pulled before the transfer texts existed
+            raise DataError(f"{path} is missing: delete {path.parent} and run `distill datasets pull "
+                            f"{config.dataset}` again")
+        data.transfer = read_texts(path, "auto", "text")
+    elif config.transfer is not None:
         data.transfer = read_texts(config.transfer, config.format, config.text_column)
     return data

@@ -68,9 +68,12 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
         raise ServiceError(422, "data.dataset: 'files' reads paths on the server, which the HTTP API does not "
                                 "accept; upload the file with POST /v1/datasets and set data.dataset to "
                                 "'upload:<id>'")
-    if data.transfer is not None:
-        raise ServiceError(422, "data.transfer: a path on the server, which the HTTP API does not accept; remove it")
+    if data.transfer not in (None, "builtin"):
+        raise ServiceError(422, "data.transfer: a path on the server, which the HTTP API does not accept; use "
+                                "'builtin' (a built-in dataset's own transfer texts) or remove it")
     if data.dataset.startswith(UPLOAD_PREFIX):
+        if data.transfer == "builtin":
+            raise ServiceError(422, "data.transfer: 'builtin' belongs to built-in datasets, not uploads; remove it")
         dataset_id = data.dataset.removeprefix(UPLOAD_PREFIX)
         upload = store.get_dataset(dataset_id)
         if upload is None:

@@ -198,11 +198,13 @@ SNIPPETS = "1\t2.5\tA joy. \r\n2\t-1.25\tDull and long.\r\n3\t0\tA film.\r\n4\t0
 def fake_sdist() -> tuple[bytes, bytes]:
     """(sdist, snippets file) laid out like the real vaderSentiment-3.3.2.tar.gz."""
     snippets = SNIPPETS.encode()
-    inner = tar_gz({"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": snippets})
+    transfer = {f"hutto_ICWSM_2014/{name}_GroundTruth.txt": f"1\t0.5\t{name}  one \r\n2\t-1\t{name} two\r\n".encode()
+                for name in ("amazonReviewSnippets", "nytEditorialSnippets", "tweets")}
+    inner = tar_gz({"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": snippets, **transfer})
     return tar_gz({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner}), snippets
 
 
-def test_pull_reviews_parses_a_fake_sdist(tmp_path):
+def test_pull_reviews_parses_a_fake_sdist(tmp_path, monkeypatch):
     sdist, snippets = fake_sdist()
 
     def download(dest: Path) -> Path:
@@ -219,8 +221,18 @@ def test_pull_reviews_parses_a_fake_sdist(tmp_path):
         {"id": 2, "text": "Dull and long.", "label": "negative", "score": -1.25},
         {"id": 4, "text": "Fine, I guess.", "label": "positive", "score": 0.1},
     ]
-    assert list(dest.parent.iterdir()) == [dest]  # no temp file left behind
-    assert "wrote 3 reviews (2 positive, 1 negative)" in messages[-1]
+    transfer = dest.with_name("transfer.txt")
+    assert transfer.read_text().splitlines() == [f"{name} {n}" for name in ("amazonReviewSnippets",
+                                                 "nytEditorialSnippets", "tweets") for n in ("one", "two")]
+    assert sorted(dest.parent.iterdir()) == [dest, transfer]  # no temp file left behind
+    assert "wrote 3 reviews (2 positive, 1 negative)" in messages[-1] and "6 unlabelled" in messages[-1]
+
+    # The built-in transfer texts come with the dataset.
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    assert len(load_task_data(DataConfig(transfer="builtin")).transfer) == 6
+    transfer.unlink()
+    with pytest.raises(DataError, match="transfer.txt is missing: delete .* and run `distill datasets pull reviews`"):
+        load_task_data(DataConfig(transfer="builtin"))
 
     # Already cached: pull_dataset leaves it alone (and so does not download).
     assert pull_dataset("reviews", home=tmp_path / "home") == dest
@@ -238,5 +250,6 @@ def test_pull_real_reviews(tmp_path, monkeypatch):
     data = load_task_data(DataConfig())
     every = data.train + data.validation + data.test
     assert len(every) == 10568
+    assert len(load_task_data(DataConfig(transfer="builtin")).transfer) == 13098
     assert Counter(data.labels[e.label] for e in every) == {"positive": 5242, "negative": 5326}
     assert (len(data.train), len(data.validation), len(data.test)) == (8456, 1056, 1056)

@@ -61,13 +61,19 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     with clock("data"):
         data = load_task_data(config.data)
         teacher_dir = resolve_teacher(config.teacher.name)
+        transfer = [Example(text, IGNORE_INDEX) for text in data.transfer]  # labelled by the teacher's logits
+        examples = {"train": data.train + transfer, "validation": data.validation, "test": data.test}
+        texts = {name: [e.text for e in rows] for name, rows in examples.items()}
+        labels = {name: torch.tensor([e.label for e in rows], dtype=torch.long) for name, rows in examples.items()}
+        max_length = config.data.max_length
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-        teacher_view = {name: _split(task, teacher_tokenizer, examples, config.data.max_length)
-                        for name, examples in _labelled_splits(data).items()}
+        teacher_inputs = {name: task.encode(teacher_tokenizer, batch, max_length) for name, batch in texts.items()}
 
     with clock("prepare-teacher"):
-        prepared = prepare_teacher(config, teacher_dir, data.labels, task, teacher_view["train"],
-                                   teacher_view["validation"], emit)
+        labelled = len(data.train)  # the transfer texts have no labels to fine-tune on
+        prepared = prepare_teacher(config, teacher_dir, data.labels, task,
+                                   Split(teacher_inputs["train"][:labelled], labels["train"][:labelled]),
+                                   Split(teacher_inputs["validation"], labels["validation"]), emit)
         attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
         teacher_model = AutoModelForSequenceClassification.from_pretrained(prepared.path,
                                                                            attn_implementation=attention).eval()
@@ -80,12 +86,10 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
             raise ConfigError("loss.hidden_mse/attention_kl compare teacher and student token by token, so both need "
                               "the same tokenizer, and this student's tokenizer differs from the teacher's. Use logit "
                               "distillation only (set them to 0) or a student with init 'teacher' or 'fresh'")
-        transfer = [Example(text, IGNORE_INDEX) for text in data.transfer]  # labelled by the teacher's logits
-        train_examples = data.train + transfer
-        max_length = config.data.max_length
-        splits = {"train": _split(task, student.tokenizer, train_examples, max_length, teacher_tokenizer),
-                  "validation": _split(task, student.tokenizer, data.validation, max_length, teacher_tokenizer),
-                  "test": _split(task, student.tokenizer, data.test, max_length, teacher_tokenizer)}
+        student_inputs = teacher_inputs if student.shares_teacher_tokenizer else {
+            name: task.encode(student.tokenizer, batch, max_length) for name, batch in texts.items()}
+        splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
+                  for name in examples}
 
     with clock("teacher-logits"):
         cache_train = config.train.cache_teacher_logits and not intermediate
@@ -230,18 +234,6 @@ class _Clock:
 
     def __exit__(self, *exc: object) -> None:
         self.timings[self.stage] = round(time.perf_counter() - self.started, 3)
-
-
-def _labelled_splits(data: TaskData) -> dict[str, list[Example]]:
-    return {"train": data.train, "validation": data.validation, "test": data.test}
-
-
-def _split(task: Task, tokenizer: Any, examples: list[Example], max_length: int,
-           teacher_tokenizer: Any | None = None) -> Split:
-    texts = [e.text for e in examples]
-    return Split(student_inputs=task.encode(tokenizer, texts, max_length),
-                 labels=torch.tensor([e.label for e in examples], dtype=torch.long),
-                 teacher_inputs=task.encode(teacher_tokenizer, texts, max_length) if teacher_tokenizer else None)
 
 
 def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,

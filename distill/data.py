@@ -17,7 +17,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import subprocess
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distill import atomic
 from distill.config import DataConfig
 from teachers.registry import distill_home
 
@@ -144,7 +144,7 @@ def pull_reviews(dest: Path, progress: Progress,
             continue
         label = "positive" if score > 0 else "negative"
         rows.append({"id": int(id_), "text": text.strip(), "label": label, "score": score})
-    _write_jsonl_atomic(dest, rows)
+    _write_lines_atomic(dest, [json.dumps(row, ensure_ascii=False) for row in rows])
     counts = Counter(r["label"] for r in rows)
     progress(f"wrote {len(rows)} reviews ({counts['positive']} positive, {counts['negative']} negative) "
              f"to {dest}, and {len(transfer)} unlabelled transfer texts")
@@ -168,20 +168,8 @@ def _tar_member(archive: str, data: bytes, member: str) -> bytes:
         raise DataError(f"{archive}: cannot read {member} from the archive ({e})") from None
 
 
-def _write_jsonl_atomic(dest: Path, rows: list[dict[str, Any]]) -> None:
-    _write_lines_atomic(dest, [json.dumps(row, ensure_ascii=False) for row in rows])
-
-
 def _write_lines_atomic(dest: Path, lines: list[str]) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=dest.parent, suffix=".tmp",
-                                     delete=False) as f:
-        try:
-            f.writelines(line + "\n" for line in lines)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, dest)
+    atomic.write_text(dest, "".join(line + "\n" for line in lines))
 
 
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from distill import losses
+from distill import atomic, losses
 from distill.config import LossConfig, TrainConfig
 from distill.tasks import Encoded, Precision, Task, agreement, autocast, predict_distilled
 
@@ -150,7 +149,11 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def evaluate(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
              precision: Precision = "fp32") -> dict[str, float]:
     """Accuracy on labelled rows, and agreement with the teacher when its outputs are cached for the split."""
-    outputs = predict_distilled(task, model, tokenizer, split.student_inputs, precision=precision)
+    return score(task, predict_distilled(task, model, tokenizer, split.student_inputs, precision=precision), split)
+
+
+def score(task: Task, outputs: Tensor, split: Split) -> dict[str, float]:
+    """The metrics of `evaluate` for outputs (N, C) already computed."""
     labelled = split.labels != losses.IGNORE_INDEX
     metrics = {"accuracy": task.correct(outputs, split.labels).sum().item() / max(int(labelled.sum()), 1)}
     if split.teacher_logits is not None:
@@ -222,12 +225,7 @@ def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
 
 
 def _save_model_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    staged = atomic.staging(target)
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    atomic.replace_dir(staged, target)

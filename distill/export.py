@@ -23,6 +23,7 @@ import onnx
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from distill import atomic
 from distill.runtime import ONNX_FILE, OUTPUT_NAME, HFPredictor, OnnxPredictor, TorchPredictor
 
 # 17 is the first opset with LayerNormalization as one op (fewer nodes; ORT fuses it into SkipLayerNormalization);
@@ -114,19 +115,13 @@ def export_model_dir(model_dir: Path, out_dir: Path, *, opset: int = DEFAULT_OPS
     """Export for serving: out_dir gets model.onnx, the tokenizer files and config.json (labels), and nothing
     else. It is built beside out_dir and swapped in whole, replacing what was there; see export_onnx."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    staged = atomic.staging(out_dir)
     try:
-        result = export_onnx(model_dir, tmp / ONNX_FILE, opset=opset, tolerance=tolerance,
+        result = export_onnx(model_dir, staged / ONNX_FILE, opset=opset, tolerance=tolerance,
                              check_texts=check_texts, max_length=max_length)
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-        AutoConfig.from_pretrained(model_dir).save_pretrained(tmp)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(staged)
+        AutoConfig.from_pretrained(model_dir).save_pretrained(staged)
+        atomic.replace_dir(staged, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
     return replace(result, path=out_dir / ONNX_FILE)

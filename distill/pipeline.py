@@ -5,11 +5,14 @@ data → prepare teacher → build student → teacher logits (cached once) → 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distill import engine
+from distill import atomic, engine
 from distill.compress import accuracy_gate, compress, optimize
 from distill.config import ConfigError, JobConfig
 from distill.data import Example, TaskData, load_task_data
@@ -55,7 +58,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     out.mkdir(parents=True, exist_ok=True)
     task = TASKS[config.task]
     timings: dict[str, float] = {}
-    clock = _Clock(timings, emit)
+    clock = functools.partial(_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)
 
     with clock("data"):
@@ -107,7 +110,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     with clock("evaluate"):
         best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST)
         student_metrics = engine.evaluate(task, best, student.tokenizer, splits["test"], config.precision)
-        teacher_metrics = {name: _accuracy(task, logits[name], splits[name].labels)
+        teacher_metrics = {name: engine.score(task, logits[name], splits[name])["accuracy"]
                            for name in ("validation", "test")}
         _publish(out / engine.BEST, out / STUDENT)
 
@@ -130,15 +133,15 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         **deployment,
         "timings_seconds": timings,
     }
-    _write_json_atomically(out / REPORT, report)
-    _write_text_atomically(out / REPORT_MD, render_job_markdown(report))
+    atomic.write_text(out / REPORT, json.dumps(report, indent=2))
+    atomic.write_text(out / REPORT_MD, render_job_markdown(report))
     emit("done", {"report": str(out / REPORT), "student_test_accuracy": student_metrics["accuracy"],
                   "teacher_test_accuracy": teacher_metrics["test"]})
     return RunResult(out, out / STUDENT, report)
 
 
-def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData, clock: _Clock,
-            emit: EventSink) -> dict[str, Any]:
+def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData,
+            clock: Callable[[str], contextlib.AbstractContextManager[None]], emit: EventSink) -> dict[str, Any]:
     """Export → optimize/quantize → accuracy gate → teacher and students side by side on the test split."""
     max_length, tolerance = config.data.max_length, config.export.tolerance
     student_onnx, teacher_onnx = out / STUDENT_ONNX, out / TEACHER_ONNX
@@ -163,9 +166,11 @@ def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData, clo
                               exclude_ops=cc.exclude_ops, max_length=max_length, tolerance=tolerance,
                               calibration_texts=[e.text for e in data.train[:cc.calibration_size]])
             fp32_path, int8_path = result.optimized_path, result.int8_path
+        student_fp32 = OnnxPredictor(fp32_path, student_onnx, max_length)
+        student_int8 = OnnxPredictor(int8_path, student_onnx, max_length) if int8_path is not None else None
+        if student_int8 is not None:
             texts, labels = [e.text for e in data.validation], [e.label for e in data.validation]
-            gate = accuracy_gate(accuracy(OnnxPredictor(fp32_path, student_onnx, max_length), texts, labels),
-                                 accuracy(OnnxPredictor(int8_path, student_onnx, max_length), texts, labels),
+            gate = accuracy_gate(accuracy(student_fp32, texts, labels), accuracy(student_int8, texts, labels),
                                  cc.max_accuracy_drop)
             emit("log", {"message": gate.message})
             section["compress"] = {"mode": cc.quantize, "per_channel": cc.per_channel, "fused_ops": result.fused_ops,
@@ -177,16 +182,17 @@ def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData, clo
     section["served"] = {"path": str(served), "format": "onnx-int8" if served == int8_path else "onnx-fp32"}
 
     with clock("evaluate-deployment"):
-        models: dict[str, Predictor] = {"teacher-torch": TorchPredictor(teacher_dir, max_length)}
+        variants: list[tuple[str, Predictor, Path]] = [
+            ("teacher-torch", TorchPredictor(teacher_dir, max_length), teacher_dir)]
         if config.export.teacher:
-            models["teacher-onnx-fp32"] = OnnxPredictor(teacher_onnx / OPTIMIZED_FILE, teacher_onnx, max_length)
-        models["student-torch"] = TorchPredictor(out / STUDENT, max_length)
-        models["student-onnx-fp32"] = OnnxPredictor(fp32_path, student_onnx, max_length)
-        if int8_path is not None:
-            models["student-onnx-int8"] = OnnxPredictor(int8_path, student_onnx, max_length)
-        paths = {"teacher-torch": teacher_dir, "teacher-onnx-fp32": teacher_onnx / OPTIMIZED_FILE,
-                 "student-torch": out / STUDENT, "student-onnx-fp32": fp32_path, "student-onnx-int8": int8_path}
-        sizes = {name: footprint(paths[name]) for name in models}
+            teacher_fp32 = teacher_onnx / OPTIMIZED_FILE
+            variants.append(("teacher-onnx-fp32", OnnxPredictor(teacher_fp32, teacher_onnx, max_length), teacher_fp32))
+        variants += [("student-torch", TorchPredictor(out / STUDENT, max_length), out / STUDENT),
+                     ("student-onnx-fp32", student_fp32, fp32_path)]
+        if student_int8 is not None and int8_path is not None:
+            variants.append(("student-onnx-int8", student_int8, int8_path))
+        models = {name: predictor for name, predictor, _ in variants}
+        sizes = {name: footprint(path) for name, _, path in variants}
         section["evaluation"] = evaluate_models(
             models, [e.text for e in data.test], [e.label for e in data.test], reference="teacher-torch",
             latency_calls=config.evaluate.latency_calls, throughput_batch=config.evaluate.throughput_batch,
@@ -218,22 +224,13 @@ def render_job_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _Clock:
+@contextlib.contextmanager
+def _stage(name: str, *, timings: dict[str, float], emit: EventSink) -> Iterator[None]:
     """`with clock(stage):` emits the stage event and records its wall time."""
-
-    def __init__(self, timings: dict[str, float], emit: EventSink) -> None:
-        self.timings, self.emit = timings, emit
-
-    def __call__(self, stage: str) -> _Clock:
-        self.stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self.emit("stage", {"stage": self.stage})
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self.stage] = round(time.perf_counter() - self.started, 3)
+    emit("stage", {"stage": name})
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 3)
 
 
 def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
@@ -261,27 +258,11 @@ def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cach
     return logits
 
 
-def _accuracy(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return task.correct(logits, labels).float().mean().item()
-
-
 def _publish(best: Path, target: Path) -> None:
-    """Copy the best checkpoint to its published name atomically (a reader never sees a half directory)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    _write_text_atomically(path, json.dumps(payload, indent=2))
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Copy the best checkpoint to its published name (a reader never sees a half directory)."""
+    staged = atomic.staging(target)
+    shutil.copytree(best, staged)
+    atomic.replace_dir(staged, target)
 
 
 

@@ -6,13 +6,14 @@ Sequence classification is the one task today; sentence embeddings and causal LM
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import ModelOutput
 
+from distill.config import Precision
 from distill.losses import IGNORE_INDEX
 
 Encoded = dict[str, list[int]]  # one example's token ids, unpadded
@@ -59,9 +60,6 @@ class SequenceClassification:
 
 
 TASKS: dict[str, Task] = {"sequence-classification": SequenceClassification()}
-
-Precision = Literal["fp32", "bf16"]
-
 
 def autocast(precision: Precision) -> contextlib.AbstractContextManager:
     """bf16 matmuls with fp32 weights (torch autocast): about 2x faster on CPUs with AVX512-BF16/AMX."""

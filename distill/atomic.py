@@ -1,0 +1,31 @@
+"""Write, then rename: a reader (or a crash) never finds a half-written artifact under its final name."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def staging(target: Path) -> Path:
+    """The empty place beside `target` to build it in (same filesystem, so the final rename is atomic)."""
+    staged = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    return staged
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Swap a fully built directory in for `target` (whatever was there is removed afterwards)."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, path)

@@ -156,7 +156,7 @@ class JobConfig(_Section):
     task: Literal["sequence-classification"] = "sequence-classification"
     seed: int = 0
     precision: Precision = Field(
-        "fp32", description="bf16: autocast matmuls to bfloat16 in every stage (about 2x faster on CPUs with "
+        "fp32", description="bf16: autocast matmuls to bfloat16 in every stage (faster on CPUs with "
                             "AVX512-BF16 or AMX; numbers differ slightly from fp32)")
     teacher: TeacherConfig = TeacherConfig()
     data: DataConfig = DataConfig()

@@ -97,10 +97,30 @@ StudentConfig = Annotated[FromTeacher | FromModel | Fresh, Field(discriminator="
 
 
 class LossConfig(_Section):
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature τ of kd_kl (loss scaled by τ²).")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of hard-label CE; (1 - alpha) goes to kd_kl.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature τ of the logit divergence (scaled by τ²).")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of hard-label CE (class labels; next tokens for "
+                                                      "causal-lm); (1 - alpha) goes to the logit divergence.")
+    divergence: Literal["kd_kl", "reverse_kl", "jsd"] = Field(
+        "kd_kl", description="Logit divergence: kd_kl = forward KL(teacher ‖ student), the classic KD; reverse_kl = "
+                             "KL(student ‖ teacher), mode-seeking (MiniLLM); jsd = generalized Jensen-Shannon (GKD).")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="β of jsd: the teacher's weight in the mixture.")
+    embedding_mse: float = Field(1.0, ge=0, description="sentence-embedding: weight of MSE to the teacher's embedding.")
+    embedding_cosine: float = Field(0.0, ge=0, description="sentence-embedding: weight of 1 − cosine to the teacher's.")
+    similarity_kl: float = Field(1.0, ge=0, description="sentence-embedding: weight of KL between in-batch "
+                                                         "similarity distributions.")
+    similarity_temperature: float = Field(0.05, gt=0, description="sentence-embedding: τ of the similarity softmax.")
     hidden_mse: float = Field(0.0, ge=0, description="Weight of hidden-state MSE (same tokenizer only).")
-    attention_kl: float = Field(0.0, ge=0, description="Weight of attention KL (same tokenizer only).")
+    attention_kl: float = Field(0.0, ge=0, description="Weight of attention-distribution KL (same tokenizer only).")
+    value_kl: float = Field(0.0, ge=0, description="Weight of value-relation KL, MiniLM (same tokenizer only).")
+
+    @property
+    def intermediate(self) -> bool:
+        """Whether a loss compares inner layers: the teacher then runs every step, on the same token ids."""
+        return self.hidden_mse > 0 or self.attention_kl > 0 or self.value_kl > 0
+
+
+EMBEDDING_LOSS_KEYS = ("embedding_mse", "embedding_cosine", "similarity_kl", "similarity_temperature")
+LOGIT_LOSS_KEYS = ("temperature", "alpha", "divergence", "jsd_beta")
 
 
 class TrainConfig(_Section):
@@ -151,9 +171,27 @@ class EvaluateConfig(_Section):
     throughput_batch: int = Field(32, ge=1)
 
 
+class DistributedConfig(_Section):
+    """Data-parallel training through torchrun + DDP (gloo on CPU, nccl on GPU); 1 process by default."""
+    nproc_per_node: int = Field(1, ge=1, description="Training processes on this machine.")
+    nnodes: int = Field(1, ge=1, description="Machines; more than 1 needs rdzv_endpoint.")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous (torchrun --rdzv-endpoint).")
+
+    @model_validator(mode="after")
+    def _nodes_need_rendezvous(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"distributed.nnodes is {self.nnodes}: set distributed.rdzv_endpoint (host:port) so "
+                             f"the machines can find each other")
+        return self
+
+
+Task = Literal["sequence-classification", "sentence-embedding", "causal-lm"]
+
+
 class JobConfig(_Section):
     version: Literal[1] = CONFIG_VERSION
-    task: Literal["sequence-classification"] = "sequence-classification"
+    task: Task = Field("sequence-classification", description="What the student is for: a classifier (teacher "
+                                                              "gets a head), sentence embeddings, or next tokens.")
     seed: int = 0
     precision: Precision = Field(
         "fp32", description="bf16: autocast matmuls to bfloat16 in every stage (faster on CPUs with "
@@ -166,7 +204,20 @@ class JobConfig(_Section):
     export: ExportConfig = ExportConfig()
     compress: CompressConfig = CompressConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    distributed: DistributedConfig = DistributedConfig()
     output_dir: Path | None = Field(None, description="Defaults to $DISTILL_HOME/runs/<config name>.")
+
+    @model_validator(mode="after")
+    def _losses_fit_the_task(self) -> JobConfig:
+        """A loss setting the task never reads is a mistake to report, not a setting to ignore."""
+        own, other = ((EMBEDDING_LOSS_KEYS, LOGIT_LOSS_KEYS) if self.task == "sentence-embedding"
+                      else (LOGIT_LOSS_KEYS, EMBEDDING_LOSS_KEYS))
+        # Compared with the defaults, not with the keys given: a stored config round-trips with every key filled in.
+        unused = [k for k in other if getattr(self.loss, k) != LossConfig.model_fields[k].default]
+        if unused:
+            raise ValueError(f"loss.{unused[0]}: not used by task {self.task!r}; its loss keys are "
+                             f"{', '.join(own)}, hidden_mse, attention_kl, value_kl")
+        return self
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -178,7 +229,7 @@ def format_validation_error(error: ValidationError) -> str:
             lines.append(f"{where}: unknown key; allowed keys: {', '.join(_allowed_keys(err['loc']))}")
         else:
             message = err["msg"].removeprefix("Value error, ")
-            if message.startswith(f"{where}."):  # our own validators name the key themselves
+            if where == "config" or message.startswith(f"{where}."):  # our own validators name the key themselves
                 lines.append(message)
                 continue
             lines.append(f"{where}: {message}" + (f" (got {err['input']!r})" if _short(err.get("input")) else ""))

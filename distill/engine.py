@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from distill import atomic, losses
 from distill.config import LossConfig, TrainConfig
-from distill.tasks import Encoded, Precision, Task, agreement, autocast, predict_distilled
+from distill.tasks import Encoded, Precision, Task, autocast
 
 EventSink = Callable[[str, dict[str, Any]], None]
 CHECKPOINT = "checkpoint.pt"
@@ -39,7 +40,7 @@ class Split:
     student_inputs: list[Encoded]
     labels: Tensor  # (N,) long
     teacher_inputs: list[Encoded] | None = None
-    teacher_logits: Tensor | None = None  # (N, C) float32, from the logit cache
+    teacher_outputs: Tensor | None = None  # (N, ...) float32 distilled outputs, from the teacher-output cache
 
     def __len__(self) -> int:
         return len(self.student_inputs)
@@ -67,14 +68,14 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         on_event: EventSink | None = None, stage: str = "distill", precision: Precision = "fp32") -> FitResult:
     """Train `model` on `train`, keep the best epoch (validation accuracy) under run_dir/best; return metrics.
 
-    Without `teacher` and without `train.teacher_logits` this is plain fine-tuning (CE on labels).
+    Without `teacher` and without `train.teacher_outputs` this is plain fine-tuning (the task's loss on labels).
     """
     emit = on_event or (lambda kind, data: None)
     loss = loss or LossConfig(alpha=1.0)
-    intermediate = loss.hidden_mse > 0 or loss.attention_kl > 0
-    distilling = teacher is not None or train.teacher_logits is not None
+    intermediate = loss.intermediate
+    distilling = teacher is not None or train.teacher_outputs is not None
     if intermediate and (teacher is None or train.teacher_inputs is None):
-        raise TrainingError("hidden_mse/attention_kl need the teacher at every step (no logit cache)")
+        raise TrainingError("hidden_mse/attention_kl/value_kl need the teacher at every step (no output cache)")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
@@ -91,6 +92,9 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
     if teacher is not None:
         teacher.model.eval()
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
+    values = ((_capture_values(model, hooks), _capture_values(teacher.model, hooks))
+              if teacher and loss.value_kl > 0 else None)
     step, examples, train_seconds = state["step"], 0, 0.0
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
@@ -102,16 +106,17 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             labels = train.labels[idx]
             with autocast(precision):
                 output = task.forward(model, inputs, internals=intermediate)
-                student_logits = task.distilled(output)
-                value = loss.alpha * losses.hard_ce(student_logits, labels)
+                teacher_output, teacher_distilled = (_teacher_view(task, teacher, train, idx, intermediate)
+                                                     if distilling else (None, None))
+                value = task.loss(task.distilled(output, inputs), teacher_distilled, inputs, labels, loss)
                 if distilling:
-                    teacher_output, teacher_logits = _teacher_view(task, teacher, train, idx, intermediate)
-                    value = value + (1 - loss.alpha) * losses.kd_kl(student_logits, teacher_logits, loss.temperature)
                     if loss.hidden_mse > 0:
                         hidden = _hidden_loss(output, teacher_output, inputs, layer_map, projection)
                         value = value + loss.hidden_mse * hidden
                     if loss.attention_kl > 0:
                         value = value + loss.attention_kl * _attention_loss(output, teacher_output, inputs, layer_map)
+                    if values is not None:
+                        value = value + loss.value_kl * _value_loss(*values, inputs, layer_map)
             if not torch.isfinite(value):
                 raise TrainingError(f"{stage}: the loss became {value.item()} at step {step + 1} (epoch {epoch + 1}); "
                                     f"lower train.lr (now {cfg.lr}) or check the data")
@@ -130,52 +135,36 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             emit("progress", {"stage": stage, "step": step, "total_steps": total_steps, "epoch": epoch + 1,
                               "loss": value.item(), "lr": scheduler.get_last_lr()[0]})
 
-        metrics = {"epoch": epoch + 1, **evaluate(task, model, tokenizer, validation, precision)}
+        metrics = {"epoch": epoch + 1, **task.evaluate(model, tokenizer, validation, precision)}
         state["history"].append(metrics)
-        if state["best"] is None or _better(metrics, state["best"]):
+        if state["best"] is None or task.better(metrics, state["best"]):
             state["best"] = metrics
-            _save_model_atomically(model, tokenizer, run_dir / BEST)
+            staged = atomic.staging(run_dir / BEST)
+            task.save(model, tokenizer, staged)
+            atomic.replace_dir(staged, run_dir / BEST)
         emit("metrics", {"stage": stage, **{f"validation_{k}": v for k, v in metrics.items() if k != "epoch"},
                          "epoch": epoch + 1})
         state.update(step=step)
         _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, total_steps)
 
+    for hook in hooks:
+        hook.remove()
     best = state["best"]
     return FitResult(best_epoch=int(best["epoch"]), best_metrics=best, history=state["history"], steps=step,
                      train_seconds=train_seconds,
                      examples_per_second=examples / train_seconds if train_seconds else 0.0)
 
 
-def evaluate(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
-             precision: Precision = "fp32") -> dict[str, float]:
-    """Accuracy on labelled rows, and agreement with the teacher when its outputs are cached for the split."""
-    return score(task, predict_distilled(task, model, tokenizer, split.student_inputs, precision=precision), split)
-
-
-def score(task: Task, outputs: Tensor, split: Split) -> dict[str, float]:
-    """The metrics of `evaluate` for outputs (N, C) already computed."""
-    labelled = split.labels != losses.IGNORE_INDEX
-    metrics = {"accuracy": task.correct(outputs, split.labels).sum().item() / max(int(labelled.sum()), 1)}
-    if split.teacher_logits is not None:
-        metrics["agreement"] = agreement(outputs, split.teacher_logits)
-    return metrics
-
-
-def _better(new: dict[str, float], old: dict[str, float]) -> bool:
-    key = lambda m: (m["accuracy"], m.get("agreement", 0.0))  # noqa: E731 - accuracy first, agreement breaks ties
-    return key(new) > key(old)
-
-
 def _teacher_view(task: Task, teacher: Teacher | None, train: Split, idx: list[int],
                   internals: bool) -> tuple[Any, Tensor]:
     """The teacher's outputs for a batch: from the logit cache when possible, else a frozen forward pass."""
-    if train.teacher_logits is not None and not internals:
-        return None, train.teacher_logits[idx]
+    if train.teacher_outputs is not None and not internals:
+        return None, train.teacher_outputs[idx]
     assert teacher is not None and train.teacher_inputs is not None
     with torch.inference_mode():
         inputs = task.collate(teacher.tokenizer, [train.teacher_inputs[i] for i in idx])
         output = task.forward(teacher.model, inputs, internals=internals)
-    return output, task.distilled(output).float()
+    return output, task.distilled(output, inputs).float()
 
 
 def _projection(model: PreTrainedModel, teacher: Teacher | None) -> nn.Linear | None:
@@ -197,6 +186,37 @@ def _attention_loss(output: Any, teacher_output: Any, inputs: dict[str, Tensor],
     assert layer_map is not None  # attentions[i] belongs to hidden_states[i + 1]
     pairs = zip(output.attentions, (teacher_output.attentions[i - 1] for i in layer_map), strict=True)
     return torch.stack([losses.attention_kl(s, t, inputs["attention_mask"]) for s, t in pairs]).mean()
+
+
+# Each architecture's value projection inside self-attention; its output is V for value_relation_kl.
+VALUE_PROJECTIONS = re.compile(r"\.layer\.(\d+)\.attention\.(?:self\.value|attn\.v)$")  # BERT/RoBERTa, MPNet
+
+
+def _capture_values(model: nn.Module, hooks: list[torch.utils.hooks.RemovableHandle]) -> dict[int, Tensor]:
+    """Hooks (appended to `hooks`) that keep each layer's latest value vectors, (B, heads, L, d) by layer index."""
+    heads, captured = model.config.num_attention_heads, {}
+    found = [(int(m.group(1)), module) for name, module in model.named_modules()
+             if (m := VALUE_PROJECTIONS.search(name))]
+    if not found:
+        raise TrainingError(f"loss.value_kl: cannot find the value projections of {type(model).__name__}; supported "
+                            f"encoders are BERT-, RoBERTa- and MPNet-style")
+
+    def keep(layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Tensor) -> None:
+            b, length, width = out.shape
+            captured[layer] = out.view(b, length, heads, width // heads).transpose(1, 2)  # (B, heads, L, d)
+        return hook
+
+    hooks += [module.register_forward_hook(keep(layer)) for layer, module in found]
+    return captured
+
+
+def _value_loss(student_values: dict[int, Tensor], teacher_values: dict[int, Tensor], inputs: dict[str, Tensor],
+                layer_map: list[int] | None) -> Tensor:
+    assert layer_map is not None  # hidden-state index i is the output of layer i - 1
+    terms = [losses.value_relation_kl(student_values[j], teacher_values[i - 1], inputs["attention_mask"])
+             for j, i in enumerate(layer_map)]
+    return torch.stack(terms).mean()
 
 
 def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
@@ -222,10 +242,3 @@ def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
     scheduler.load_state_dict(payload["scheduler"])
     torch.set_rng_state(payload["rng"])
     return payload["state"]
-
-
-def _save_model_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    staged = atomic.staging(target)
-    model.save_pretrained(staged)
-    tokenizer.save_pretrained(staged)
-    atomic.replace_dir(staged, target)

@@ -6,20 +6,56 @@ temperature-softened term is scaled by τ² so its gradient magnitude does not s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100  # label of transfer-set examples: the teacher's soft labels only, no hard-label CE
 
 
-def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """τ²·KL(p_t ‖ p_s) on softened distributions. Shapes: (B, C) or (B, L, V); mean over the leading dim."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+    """Forward KL, the classic KD: τ²·KL(p_t ‖ p_s) on softened distributions. Shapes: (B, C), or (B, L, V) with
+    mask (B, L) marking the real tokens; the mean is over rows (examples, or real tokens)."""
+    log_p_s, log_p_t = _log_softmax_pair(student_logits, teacher_logits, temperature)
+    kl_rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    return _row_mean(kl_rows, mask) * temperature**2
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+               mask: Tensor | None = None) -> Tensor:
+    """τ²·KL(p_s ‖ p_t): mode-seeking, the student does not spread mass where the teacher has little (MiniLLM,
+    Gu et al. 2023). Shapes as kd_kl."""
+    log_p_s, log_p_t = _log_softmax_pair(student_logits, teacher_logits, temperature)
+    kl_rows = (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=-1)
+    return _row_mean(kl_rows, mask) * temperature**2
+
+
+def jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None,
+        beta: float = 0.5) -> Tensor:
+    """τ²·generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024): β·KL(p_t ‖ m) + (1 − β)·KL(p_s ‖ m) with
+    m = β·p_t + (1 − β)·p_s; bounded, and it tends to forward KL as β → 0 (scaled by β) and reverse KL as β → 1.
+    Shapes as kd_kl."""
+    log_p_s, log_p_t = _log_softmax_pair(student_logits, teacher_logits, temperature)
+    log_m = torch.logsumexp(torch.stack([log_p_t + math.log(beta), log_p_s + math.log(1 - beta)]), dim=0)
+    kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum(dim=-1)
+    kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum(dim=-1)
+    return _row_mean(beta * kl_t + (1 - beta) * kl_s, mask) * temperature**2
+
+
+def _log_softmax_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    return (F.log_softmax(student_logits.float() / temperature, dim=-1),
+            F.log_softmax(teacher_logits.float() / temperature, dim=-1))
+
+
+def _row_mean(rows: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of per-row values (B,) or (B, L) over the rows mask (B, L) keeps (all rows without a mask)."""
+    if mask is None:
+        return rows.mean()
+    mask = mask.float()
+    return (rows * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def hard_ce(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -57,9 +93,51 @@ def attention_kl(student_attention: Tensor, teacher_attention: Tensor, attention
     return (kl_rows * query_mask).sum() / (query_mask.sum() * kl_rows.shape[1])
 
 
+def value_relation_kl(student_values: Tensor, teacher_values: Tensor, attention_mask: Tensor) -> Tensor:
+    """KL between value-relation distributions softmax(V·Vᵀ/√d) per head (MiniLM, Wang et al. 2020), over real
+    tokens. Values (B, heads, L, d); the head dimension d may differ between the two. Head counts may differ: both
+    sides' relations are averaged over heads first then, as attention_kl does."""
+    key_mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L): padded keys get no probability
+    relations = []
+    for values in (student_values, teacher_values):
+        scores = values.float() @ values.float().transpose(-1, -2) / math.sqrt(values.shape[-1])  # (B, h, L, L)
+        relations.append(torch.softmax(scores.masked_fill(~key_mask, float("-inf")), dim=-1))
+    return attention_kl(relations[0], relations[1], attention_mask)
+
+
+def embedding_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error between sentence embeddings (B, D) in the teacher's space."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def embedding_cosine(student: Tensor, teacher: Tensor) -> Tensor:
+    """1 − cosine similarity between sentence embeddings (B, D), averaged over the batch."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def similarity_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL between in-batch similarity distributions: row i is softmax_j(cos(e_i, e_j)/τ) over the other examples
+    (the diagonal is left out: it is 1 on both sides). Embeddings (B, D), B ≥ 2; teacher and student widths may
+    differ since only their similarity matrices meet."""
+    def log_relations(embeddings: Tensor) -> Tensor:
+        unit = F.normalize(embeddings.float(), dim=-1)
+        cosine = unit @ unit.T  # (B, B)
+        eye = torch.eye(len(cosine), dtype=torch.bool, device=cosine.device)
+        return F.log_softmax(cosine.masked_fill(eye, float("-inf")) / temperature, dim=-1).masked_fill(eye, 0.0)
+
+    log_s, log_t = log_relations(student), log_relations(teacher)
+    return (log_t.exp() * (log_t - log_s)).sum(dim=-1).mean()
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "kd_kl": kd_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
     "hard_ce": hard_ce,
     "hidden_mse": hidden_mse,
     "attention_kl": attention_kl,
+    "value_relation_kl": value_relation_kl,
+    "embedding_mse": embedding_mse,
+    "embedding_cosine": embedding_cosine,
+    "similarity_kl": similarity_kl,
 }

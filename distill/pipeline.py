@@ -31,7 +31,7 @@ from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
 from distill.student import build_student, count_params
-from distill.tasks import TASKS, Precision, Task, predict_distilled
+from distill.tasks import Precision, SequenceClassification, Task, predict_distilled
 from teachers.registry import resolve_teacher
 
 STUDENT = "student"
@@ -56,7 +56,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         raise ConfigError("output_dir: not set; give the directory the job writes to")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task = TASKS[config.task]
+    task = SequenceClassification()
     timings: dict[str, float] = {}
     clock = functools.partial(_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)
@@ -84,11 +84,11 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("build-student"):
         student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention)
-        intermediate = config.loss.hidden_mse > 0 or config.loss.attention_kl > 0
+        intermediate = config.loss.intermediate
         if intermediate and not student.shares_teacher_tokenizer:
-            raise ConfigError("loss.hidden_mse/attention_kl compare teacher and student token by token, so both need "
-                              "the same tokenizer, and this student's tokenizer differs from the teacher's. Use logit "
-                              "distillation only (set them to 0) or a student with init 'teacher' or 'fresh'")
+            raise ConfigError("loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so "
+                              "both need the same tokenizer, and this student's tokenizer differs from the teacher's. "
+                              "Use logit distillation only (set them to 0) or a student with init 'teacher' or 'fresh'")
         student_inputs = teacher_inputs if student.shares_teacher_tokenizer else {
             name: task.encode(student.tokenizer, batch, max_length) for name, batch in texts.items()}
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
@@ -99,7 +99,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         logits = _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
                                  fingerprint=f"{prepared.path}:{config.precision}", reuse=resume)
         for name, split in splits.items():
-            split.teacher_logits = logits.get(name)
+            split.teacher_outputs = logits.get(name)
 
     with clock("distill"):
         result = engine.fit(task, student.model, student.tokenizer, splits["train"], splits["validation"],
@@ -109,8 +109,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("evaluate"):
         best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST)
-        student_metrics = engine.evaluate(task, best, student.tokenizer, splits["test"], config.precision)
-        teacher_metrics = {name: engine.score(task, logits[name], splits[name])["accuracy"]
+        student_metrics = task.evaluate(best, student.tokenizer, splits["test"], config.precision)
+        teacher_metrics = {name: task.score(logits[name], splits[name])["accuracy"]
                            for name in ("validation", "test")}
         _publish(out / engine.BEST, out / STUDENT)
 

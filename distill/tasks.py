@@ -1,26 +1,34 @@
-"""The task interface the engine is shaped around: how a batch is built, what is distilled, how it is scored.
+"""The task interface the engine is shaped around: how a batch is built, what is distilled, the objective on the
+distilled outputs, how a model is scored and saved.
 
-Sequence classification is the one task today; sentence embeddings and causal LMs plug in as new entries of TASKS.
+The engine owns the loop (optimizer, schedule, checkpoints, intermediate-layer losses); a task owns everything that
+depends on what the model is for. Tasks are chosen by the registry key `JobConfig.task`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import ModelOutput
 
-from distill.config import Precision
+from distill import losses
+from distill.config import LossConfig, Precision
 from distill.losses import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from distill.engine import Split
 
 Encoded = dict[str, list[int]]  # one example's token ids, unpadded
 
 
 class Task(Protocol):
     name: str
+    cache_teacher: bool  # the teacher's distilled outputs are small enough to keep per example (the logit cache)
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Encoded]: ...
 
@@ -30,17 +38,32 @@ class Task(Protocol):
         """Run the model; `internals` also returns hidden states and attentions for intermediate losses."""
         ...
 
-    def distilled(self, output: ModelOutput) -> Tensor:
-        """The output the KD loss matches: (B, C) logits for classification."""
+    def distilled(self, output: ModelOutput, inputs: dict[str, Tensor]) -> Tensor:
+        """The output the KD loss matches and the cache keeps: (B, C) logits for classification."""
         ...
 
-    def correct(self, distilled: Tensor, labels: Tensor) -> Tensor:
-        """(B,) bool: which labelled examples the model gets right (unlabelled rows are False)."""
+    def loss(self, student: Tensor, teacher: Tensor | None, inputs: dict[str, Tensor], labels: Tensor,
+             cfg: LossConfig) -> Tensor:
+        """The objective on distilled outputs; `teacher` None means plain fine-tuning (no teacher)."""
+        ...
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
+                 precision: Precision) -> dict[str, float]:
+        """Validation metrics of an epoch (agreement with the teacher when its outputs are cached for the split)."""
+        ...
+
+    def better(self, new: dict[str, float], old: dict[str, float]) -> bool:
+        """Whether the epoch with metrics `new` beats the best so far."""
+        ...
+
+    def save(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+        """Write a loadable model directory (target does not exist yet)."""
         ...
 
 
 class SequenceClassification:
     name = "sequence-classification"
+    cache_teacher = True
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Encoded]:
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
@@ -52,14 +75,47 @@ class SequenceClassification:
     def forward(self, model: PreTrainedModel, inputs: dict[str, Tensor], *, internals: bool = False) -> ModelOutput:
         return model(**inputs, output_hidden_states=internals, output_attentions=internals)
 
-    def distilled(self, output: ModelOutput) -> Tensor:
+    def distilled(self, output: ModelOutput, inputs: dict[str, Tensor]) -> Tensor:
         return output.logits
 
-    def correct(self, distilled: Tensor, labels: Tensor) -> Tensor:
-        return (distilled.argmax(dim=-1) == labels) & (labels != IGNORE_INDEX)
+    def loss(self, student: Tensor, teacher: Tensor | None, inputs: dict[str, Tensor], labels: Tensor,
+             cfg: LossConfig) -> Tensor:
+        """alpha·CE(labels) + (1 − alpha)·divergence(teacher, student); CE alone without a teacher."""
+        if teacher is None:
+            return losses.hard_ce(student, labels)
+        return cfg.alpha * losses.hard_ce(student, labels) + (1 - cfg.alpha) * logit_divergence(student, teacher, cfg)
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
+                 precision: Precision) -> dict[str, float]:
+        return self.score(predict_distilled(self, model, tokenizer, split.student_inputs, precision=precision), split)
+
+    def score(self, logits: Tensor, split: Split) -> dict[str, float]:
+        """Accuracy on labelled rows of (N, C) logits; agreement when the split has the teacher's."""
+        labelled = split.labels != IGNORE_INDEX
+        correct = (logits.argmax(dim=-1) == split.labels) & labelled
+        metrics = {"accuracy": correct.sum().item() / max(int(labelled.sum()), 1)}
+        if split.teacher_outputs is not None:
+            metrics["agreement"] = agreement(logits, split.teacher_outputs)
+        return metrics
+
+    def better(self, new: dict[str, float], old: dict[str, float]) -> bool:
+        key = lambda m: (m["accuracy"], m.get("agreement", 0.0))  # noqa: E731 - agreement breaks accuracy ties
+        return key(new) > key(old)
+
+    def save(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
 
 
 TASKS: dict[str, Task] = {"sequence-classification": SequenceClassification()}
+
+
+def logit_divergence(student: Tensor, teacher: Tensor, cfg: LossConfig, mask: Tensor | None = None) -> Tensor:
+    """The configured divergence (kd_kl, reverse_kl or jsd) between logits (B, C), or (B, L, V) masked by (B, L)."""
+    if cfg.divergence == "jsd":
+        return losses.jsd(student, teacher, cfg.temperature, mask, beta=cfg.jsd_beta)
+    return losses.LOSSES[cfg.divergence](student, teacher, cfg.temperature, mask)
+
 
 def autocast(precision: Precision) -> contextlib.AbstractContextManager:
     """bf16 matmuls with fp32 weights (torch autocast): about 2x faster on CPUs with AVX512-BF16/AMX."""
@@ -82,13 +138,13 @@ def length_sorted_batches(encoded: list[Encoded], batch_size: int) -> list[list[
 @torch.inference_mode()
 def predict_distilled(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       encoded: list[Encoded], batch_size: int = 64, precision: Precision = "fp32") -> Tensor:
-    """(N, C) float32 outputs in the original order; the model is put in eval() mode."""
+    """(N, ...) float32 distilled outputs in the original order; the model is put in eval() mode."""
     model.eval()
     out: list[Tensor | None] = [None] * len(encoded)
     for idx in length_sorted_batches(encoded, batch_size):
+        inputs = task.collate(tokenizer, [encoded[i] for i in idx])
         with autocast(precision):
-            output = task.forward(model, task.collate(tokenizer, [encoded[i] for i in idx]))
-        logits = task.distilled(output).float()
+            logits = task.distilled(task.forward(model, inputs), inputs).float()
         for row, i in enumerate(idx):
             out[i] = logits[row]
     return torch.stack(out) if out else torch.empty(0)

@@ -16,8 +16,14 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"trian": {}}, "trian: unknown key; allowed keys: compress, data, evaluate, export, loss, output_dir, "
-                    "precision, seed, student, task, teacher, train, version"),
+    ({"trian": {}}, "trian: unknown key; allowed keys: compress, data, distributed, evaluate, export, loss, "
+                    "output_dir, precision, seed, student, task, teacher, train, version"),
+    ({"task": "causal-lm", "loss": {"similarity_kl": 2}}, "loss.similarity_kl: not used by task 'causal-lm'; its "
+                                                            "loss keys are temperature, alpha, divergence"),
+    ({"task": "sentence-embedding", "loss": {"divergence": "jsd"}}, "loss.divergence: not used by task "
+                                                                     "'sentence-embedding'"),
+    ({"loss": {"divergence": "js"}}, "loss.divergence: Input should be 'kd_kl', 'reverse_kl' or 'jsd'"),
+    ({"distributed": {"nnodes": 2}}, "distributed.nnodes is 2: set distributed.rdzv_endpoint"),
     ({"compress": {"exclude_ops": ["Foo"]}}, "compress.exclude_ops: ['Foo'] are not op types dynamic quantization "
                                              "handles; allowed: ['Attention', "),
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size, cache_teacher_logits"),

@@ -14,7 +14,16 @@ from transformers import (
 )
 
 from distill.config import LossConfig, TrainConfig
-from distill.engine import CHECKPOINT, Split, Teacher, TrainingError, fit
+from distill.engine import (
+    CHECKPOINT,
+    VALUE_PROJECTIONS,
+    Split,
+    Teacher,
+    TrainingError,
+    _capture_values,
+    _value_loss,
+    fit,
+)
 from distill.tasks import TASKS, predict_distilled
 from tests.conftest import synthetic_rows, write_tiny_tokenizer
 
@@ -37,7 +46,7 @@ def setup(tmp_path: Path):
     teacher = Teacher(_classifier(len(tokenizer), seed=7).eval(), tokenizer)
     train = Split(encoded[:64], labels[:64], teacher_inputs=encoded[:64])
     validation = Split(encoded[64:], labels[64:], teacher_inputs=encoded[64:])
-    validation.teacher_logits = predict_distilled(TASK, teacher.model, tokenizer, validation.teacher_inputs)
+    validation.teacher_outputs = predict_distilled(TASK, teacher.model, tokenizer, validation.teacher_inputs)
     return tokenizer, teacher, train, validation
 
 
@@ -89,7 +98,7 @@ def test_logit_cache_trains_like_running_the_teacher_every_step(setup, tmp_path:
     live = _classifier(len(tokenizer), seed=1)
     fit(TASK, live, tokenizer, train, validation, CFG, run_dir=tmp_path / "live", seed=5, teacher=teacher)
     cached_train = Split(train.student_inputs, train.labels,
-                         teacher_logits=predict_distilled(TASK, teacher.model, tokenizer, train.teacher_inputs))
+                         teacher_outputs=predict_distilled(TASK, teacher.model, tokenizer, train.teacher_inputs))
     cached = _classifier(len(tokenizer), seed=1)
     fit(TASK, cached, tokenizer, cached_train, validation, CFG, run_dir=tmp_path / "cached", seed=5, teacher=None)
     # Only the padding of the teacher's batches differs, so the float noise is tiny.
@@ -98,7 +107,7 @@ def test_logit_cache_trains_like_running_the_teacher_every_step(setup, tmp_path:
 
 def test_non_finite_loss_stops_with_a_clear_error(setup, tmp_path: Path) -> None:
     tokenizer, _, train, validation = setup
-    poisoned = Split(train.student_inputs, train.labels, teacher_logits=torch.full((len(train), 2), float("nan")))
+    poisoned = Split(train.student_inputs, train.labels, teacher_outputs=torch.full((len(train), 2), float("nan")))
     with pytest.raises(TrainingError, match=r"loss became nan at step 1 \(epoch 1\).*lower train.lr"):
         fit(TASK, _classifier(len(tokenizer), 1), tokenizer, poisoned, validation, CFG, run_dir=tmp_path, seed=5)
 
@@ -111,8 +120,8 @@ def test_best_epoch_is_saved_loadable_and_reported(setup, tmp_path: Path) -> Non
     assert result.best_metrics == max(result.history, key=lambda m: (m["accuracy"], m["agreement"]))
     best = AutoModelForSequenceClassification.from_pretrained(tmp_path / "best")
     assert AutoTokenizer.from_pretrained(tmp_path / "best").get_vocab() == tokenizer.get_vocab()
-    from distill.engine import evaluate
-    assert evaluate(TASK, best, tokenizer, validation) == {k: v for k, v in result.best_metrics.items() if k != "epoch"}
+    best_metrics = {k: v for k, v in result.best_metrics.items() if k != "epoch"}
+    assert TASK.evaluate(best, tokenizer, validation, "fp32") == best_metrics
 
 
 def test_intermediate_losses_train_with_a_projection(setup, tmp_path: Path) -> None:
@@ -122,10 +131,35 @@ def test_intermediate_losses_train_with_a_projection(setup, tmp_path: Path) -> N
     teacher = Teacher(teacher_model.eval(), tokenizer)
     student = _classifier(len(tokenizer), seed=1, layers=1, hidden=16)
     student.config._attn_implementation = "eager"
-    loss = LossConfig(hidden_mse=1.0, attention_kl=1.0)
+    loss = LossConfig(hidden_mse=1.0, attention_kl=1.0, value_kl=1.0)
     result = fit(TASK, student, tokenizer, train, validation, CFG.model_copy(update={"epochs": 1}),
                  run_dir=tmp_path, seed=5, teacher=teacher, loss=loss, layer_map=[2])
     assert result.steps == 8
+    values = [m for model in (student, teacher_model) for name, m in model.named_modules()
+              if VALUE_PROJECTIONS.search(name)]
+    assert len(values) == 3 and not any(m._forward_hooks for m in values)  # the capturing hooks are removed
+
+
+def test_value_relation_kl_alone_moves_the_student_towards_the_teacher(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    student = _classifier(len(tokenizer), seed=1, layers=1)
+    loss = LossConfig(alpha=0.0, value_kl=1.0)
+
+    def value_gap() -> float:
+        hooks: list = []
+        values = _capture_values(student, hooks), _capture_values(teacher.model, hooks)
+        inputs = TASK.collate(tokenizer, validation.student_inputs)
+        with torch.no_grad():
+            student(**inputs), teacher.model(**inputs)
+        gap = _value_loss(*values, inputs, [2]).item()
+        for hook in hooks:
+            hook.remove()
+        return gap
+
+    before = value_gap()
+    fit(TASK, student, tokenizer, train, validation, CFG.model_copy(update={"lr": 3e-3}), run_dir=tmp_path, seed=5,
+        teacher=teacher, loss=loss, layer_map=[2])
+    assert value_gap() < 0.5 * before
 
 
 def test_bf16_autocast_trains_and_predicts_close_to_fp32(setup, tmp_path: Path) -> None:

@@ -6,7 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import IGNORE_INDEX, LOSSES, attention_kl, hard_ce, hidden_mse, kd_kl
+from distill.losses import (
+    IGNORE_INDEX,
+    LOSSES,
+    attention_kl,
+    embedding_cosine,
+    embedding_mse,
+    hard_ce,
+    hidden_mse,
+    jsd,
+    kd_kl,
+    reverse_kl,
+    similarity_kl,
+    value_relation_kl,
+)
 
 
 def test_kd_kl_is_zero_for_equal_logits() -> None:
@@ -80,5 +93,69 @@ def test_attention_kl_zero_for_equal_maps_positive_otherwise_and_averages_heads(
     assert attention_kl(two_heads, attention, mask).item() >= 0
 
 
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def test_reverse_kl_and_jsd_known_values() -> None:
+    student = torch.tensor([[0.0, 0.0]])  # p_s = (0.5, 0.5)
+    teacher = torch.tensor([[math.log(3.0), 0.0]])  # p_t = (0.75, 0.25)
+    p_s, p_t = [0.5, 0.5], [0.75, 0.25]
+    assert reverse_kl(student, teacher, 1.0).item() == pytest.approx(_kl(p_s, p_t), rel=1e-6)
+    m = [0.3 * t + 0.7 * s for t, s in zip(p_t, p_s, strict=True)]
+    expected = 0.3 * _kl(p_t, m) + 0.7 * _kl(p_s, m)
+    assert jsd(student, teacher, 1.0, beta=0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert jsd(student, teacher, 2.0, beta=0.3).item() > 0
+    assert jsd(teacher, teacher, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_divergences_mean_over_real_tokens_only() -> None:
+    teacher = torch.randn(2, 4, 7)
+    student = teacher.clone()
+    student[0, 3, 0] += 5.0  # a padded position: must not count
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    for divergence in (kd_kl, reverse_kl, jsd):
+        assert divergence(student, teacher, 1.0, mask).item() == pytest.approx(0.0, abs=1e-6)
+        assert divergence(student, teacher, 1.0).item() > 0
+    student[1, 0, 0] += 5.0  # one real token of seven differs: the mean divides by 7
+    one_token = kd_kl(student[1:, :1], teacher[1:, :1], 1.0).item()
+    assert kd_kl(student, teacher, 1.0, mask).item() == pytest.approx(one_token / 7, rel=1e-5)
+
+
+def test_value_relation_kl_zero_for_equal_values_ignores_padding_and_head_dims_may_differ() -> None:
+    mask = torch.tensor([[1, 1, 1, 0]])
+    values = torch.randn(1, 2, 4, 8)
+    assert value_relation_kl(values, values.clone(), mask).item() == pytest.approx(0.0, abs=1e-6)
+    padded = values.clone()
+    padded[:, :, 3] = 50.0  # padding only: as a key it is masked, as a query row it is not counted
+    assert value_relation_kl(padded, values, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert value_relation_kl(torch.randn(1, 2, 4, 3), values, mask).item() > 0
+    assert value_relation_kl(torch.randn(1, 4, 4, 3), values, mask).item() > 0  # heads averaged when counts differ
+
+
+def test_embedding_losses_known_values() -> None:
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert embedding_mse(teacher.clone(), teacher).item() == 0.0
+    assert embedding_mse(torch.zeros(2, 2), teacher).item() == pytest.approx(5 / 4)
+    assert embedding_cosine(teacher * 3, teacher).item() == pytest.approx(0.0, abs=1e-7)  # scale-free
+    assert embedding_cosine(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), teacher).item() == pytest.approx(1.0)
+
+
+def test_similarity_kl_compares_relations_not_coordinates() -> None:
+    teacher = torch.randn(6, 8)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8))
+    assert similarity_kl(teacher @ rotation, teacher, 0.05).item() == pytest.approx(0.0, abs=1e-5)
+    wide = torch.cat([teacher, torch.zeros(6, 4)], dim=1)  # other width, same cosines
+    assert similarity_kl(teacher, wide, 0.05).item() == pytest.approx(0.0, abs=1e-5)
+    assert similarity_kl(torch.randn(6, 8), teacher, 0.05).item() > 0
+    # Known value, 3 examples at τ = 1: row i is softmax over the cosines to the two others.
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # rows: (1, 0), (1, 0), (0, 0)
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # rows: (0, 1), (0, 0), (1, 0)
+    p, uniform = [math.e / (math.e + 1), 1 / (math.e + 1)], [0.5, 0.5]
+    rows = [_kl(p, p[::-1]), _kl(p, uniform), _kl(uniform, p)]
+    assert similarity_kl(s, t, 1.0).item() == pytest.approx(sum(rows) / 3, rel=1e-5)
+
+
 def test_registry_names_every_loss() -> None:
-    assert set(LOSSES) == {"kd_kl", "hard_ce", "hidden_mse", "attention_kl"}
+    assert set(LOSSES) == {"kd_kl", "reverse_kl", "jsd", "hard_ce", "hidden_mse", "attention_kl", "value_relation_kl",
+                           "embedding_mse", "embedding_cosine", "similarity_kl"}

@@ -12,6 +12,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from distill.config import FromModel, FromTeacher, StudentConfig
 from teachers.registry import resolve_teacher
@@ -34,25 +35,27 @@ def count_params(model: nn.Module) -> int:
 
 
 def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: str, *,
-                  attn_implementation: str | None = None) -> Student:
-    """Student for `teacher` (an AutoModelForSequenceClassification) with the same labels.
+                  attn_implementation: str | None = None,
+                  auto_class: type[_BaseAutoModelClass] = AutoModelForSequenceClassification) -> Student:
+    """Student for `teacher`, built as `auto_class` (a classifier gets the teacher's labels; AutoModel for sentence
+    embeddings, AutoModelForCausalLM for next tokens).
 
     attn_implementation: 'eager' when attention maps are distilled (SDPA does not return them); None lets
     transformers pick (SDPA where the architecture has it; MPNet has not).
     """
     labels = {"num_labels": teacher.config.num_labels, "id2label": teacher.config.id2label,
-              "label2id": teacher.config.label2id}
+              "label2id": teacher.config.label2id} if auto_class is AutoModelForSequenceClassification else {}
     teacher_layers = teacher.config.num_hidden_layers
     if isinstance(spec, FromTeacher):
         bad = [i for i in spec.layers if not 0 <= i < teacher_layers]
         if bad or sorted(set(spec.layers)) != spec.layers:
             raise ValueError(f"student.layers must be distinct increasing indices in 0..{teacher_layers - 1} "
                              f"(the teacher has {teacher_layers} layers); got {spec.layers}")
-        model = _from_teacher_layers(teacher, spec.layers, attn_implementation)
+        model = _from_teacher_layers(teacher, spec.layers, attn_implementation, auto_class)
         return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True, [i + 1 for i in spec.layers])
     if isinstance(spec, FromModel):
         source = resolve_teacher(spec.model)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto_class.from_pretrained(
             source, num_hidden_layers=spec.num_layers, attn_implementation=attn_implementation, **labels)
         if model.config.num_hidden_layers != spec.num_layers:
             raise ValueError(f"student.num_layers {spec.num_layers} but {spec.model!r} built "
@@ -63,15 +66,15 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
     config = teacher.config.__class__.from_dict({
         **teacher.config.to_dict(), "num_hidden_layers": spec.num_layers, "hidden_size": spec.hidden_size,
         "num_attention_heads": spec.num_heads, "intermediate_size": spec.intermediate_size})
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
+    model = auto_class.from_config(config, attn_implementation=attn_implementation)
     return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True,
                    _uniform_layer_map(spec.num_layers, teacher_layers))
 
 
-def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int],
-                         attn_implementation: str | None) -> PreTrainedModel:
+def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_implementation: str | None,
+                         auto_class: type[_BaseAutoModelClass]) -> PreTrainedModel:
     config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
-    student = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
+    student = auto_class.from_config(config, attn_implementation=attn_implementation)
     new_index = {old: new for new, old in enumerate(layers)}
     state = {}
     for key, value in teacher.state_dict().items():

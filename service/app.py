@@ -76,4 +76,7 @@ def serve(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     # log_config=None: keep our JSON handler; access_log=False: RequestTelemetry writes one line per request.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+    # uvloop and httptools (uvicorn[standard]) named, not "auto": without them start-up fails instead of every
+    # request silently costing more.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
+                loop="uvloop", http="httptools")

@@ -18,7 +18,7 @@ from service.settings import Settings
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def get_catalog(request: Request) -> ModelCatalog:
+async def get_catalog(request: Request) -> ModelCatalog:
     return request.app.state.models
 
 

@@ -48,6 +48,8 @@ class DataConfig(_Section):
         None, description="Unlabeled texts the teacher labels for the student: a file (.txt one per line, or "
                           "CSV/JSONL text column), or 'builtin' for a built-in dataset's own (reviews: 13,098 "
                           "Amazon, NYT and Twitter snippets from the same source).")
+    augment: int = Field(0, ge=0, le=20, description="Perturbed copies of each training text (span sampling and word "
+                                                     "dropout) added to the transfer texts for the teacher to label.")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated.")
     split_seed: int = Field(13, description="Seed of the deterministic 80/10/10 split.")
     limit: int | None = Field(None, ge=10, description="Use only the first N training examples (quick runs).")

@@ -413,4 +413,28 @@ def load_task_data(config: DataConfig) -> TaskData:
         data.transfer = read_texts(path, "auto", "text")
     elif config.transfer is not None:
         data.transfer = read_texts(config.transfer, config.format, config.text_column)
+    if config.augment:
+        data.transfer += augment([e.text for e in data.train], config.augment, seed=config.split_seed)
     return data
+
+
+def augment(texts: list[str], copies: int, seed: int) -> list[str]:
+    """Up to `copies` perturbed variants of each text, for the teacher to label: more of the teacher's function for
+    the student to match, from the task's own distribution (Tang et al. 2019, "Distilling task-specific knowledge
+    from BERT into simple neural networks", §3.1: masking and n-gram sampling). A variant is, with probability 1/2,
+    a random span of at least 3 of the text's words; then each word is dropped with probability 0.1. Empty variants
+    and copies of the original are skipped."""
+    rng = random.Random(seed)
+    variants = []
+    for text in texts:
+        words = text.split()
+        for _ in range(copies):
+            kept = words
+            if len(kept) > 3 and rng.random() < 0.5:
+                length = rng.randint(3, len(kept) - 1)
+                start = rng.randint(0, len(kept) - length)
+                kept = kept[start:start + length]
+            variant = " ".join(word for word in kept if rng.random() >= 0.1)
+            if variant and variant != text:
+                variants.append(variant)
+    return variants

@@ -13,6 +13,7 @@ from distill.data import (
     BUILTIN_DATASETS,
     DataError,
     Example,
+    augment,
     load_task_data,
     pull_dataset,
     pull_reviews,
@@ -159,6 +160,25 @@ def test_transfer_texts_from_txt_and_csv(tmp_path):
                       header=("body", "id"))
     config = files(train=train, transfer=table, text_column="body", label_column="id")
     assert load_task_data(config).transfer == ["x", "y"]
+
+
+def test_augment_makes_seeded_word_subsequences_and_joins_the_transfer_texts(tmp_path):
+    texts = ["a gripping and beautifully shot film with a story", "dull", "far too long"]
+    variants = augment(texts, copies=4, seed=0)
+    assert variants == augment(texts, copies=4, seed=0) and variants != augment(texts, copies=4, seed=1)
+    assert 0 < len(variants) <= 12 and "dull" not in variants and "" not in variants
+    for variant in variants:  # every variant keeps words of one source text, in order
+        assert any(_in_order(variant.split(), text.split()) for text in texts)
+    assert any(len(v.split()) < 9 for v in variants if _in_order(v.split(), texts[0].split()))
+    train = write_csv(tmp_path / "train.csv", [[f"word{i} other words here", str(i % 2)] for i in range(20)])
+    data = load_task_data(files(train=train, augment=2))
+    assert 0 < len(data.transfer) <= 2 * len(data.train)
+    assert load_task_data(files(train=train)).transfer == []
+
+
+def _in_order(words: list[str], source: list[str]) -> bool:
+    it = iter(source)
+    return all(word in it for word in words)
 
 
 def test_reviews_reads_cache_under_distill_home(tmp_path, monkeypatch):

@@ -51,6 +51,10 @@ class RunResult:
 
 def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> RunResult:
     """Run a whole job; artifacts land under config.output_dir (student/, report.json, checkpoint.pt)."""
+    if config.task == "causal-lm":
+        from distill import causal_lm  # which imports this module's stage helpers
+
+        return causal_lm.run(config, on_event, resume=resume)
     emit = on_event or (lambda kind, data: None)
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")

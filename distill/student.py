@@ -71,6 +71,10 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
                    _uniform_layer_map(spec.num_layers, teacher_layers))
 
 
+# A weight of transformer block N: `encoder.layer.N.` (BERT, RoBERTa, MPNet) or `transformer.h.N.` (GPT-2).
+LAYER_KEY = re.compile(r"\.(layer|h)\.(\d+)\.")
+
+
 def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_implementation: str | None,
                          auto_class: type[_BaseAutoModelClass]) -> PreTrainedModel:
     config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
@@ -78,11 +82,11 @@ def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_imple
     new_index = {old: new for new, old in enumerate(layers)}
     state = {}
     for key, value in teacher.state_dict().items():
-        match = re.search(r"\.layer\.(\d+)\.", key)
-        if match is None:  # embeddings, pooler, head, relative position bias: copied as they are
+        match = LAYER_KEY.search(key)
+        if match is None:  # embeddings, pooler, head, relative position bias, final norm: copied as they are
             state[key] = value
-        elif int(match.group(1)) in new_index:
-            state[key.replace(match.group(0), f".layer.{new_index[int(match.group(1))]}.", 1)] = value
+        elif int(match.group(2)) in new_index:
+            state[key.replace(match.group(0), f".{match.group(1)}.{new_index[int(match.group(2))]}.", 1)] = value
     student.load_state_dict(state, strict=True)
     return student
 

@@ -1,0 +1,139 @@
+"""Causal-LM distillation on tiny seeded GPT-2s: the shift and mask, perplexity and each objective against
+hand-computed values, students from teacher blocks, a teacher trained from scratch, and a whole job."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from distill.causal_lm import TASK, next_tokens, score, torch_logits, train_lm_teacher, train_tokenizer
+from distill.config import (
+    DataConfig,
+    EvaluateConfig,
+    FromTeacher,
+    JobConfig,
+    LossConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+from distill.pipeline import run
+from distill.student import build_student
+from tests.conftest import synthetic_rows, write_csv
+
+TEXTS = [text for text, _ in synthetic_rows(240, seed=5)]
+# One batch: a 3-token text and a 2-token one padded to 3.
+INPUTS = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+
+
+def _tiny_gpt2(directory: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A seeded, untrained GPT-2 (hidden 32) with a BPE tokenizer learned from TEXTS, saved like a hub model."""
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_logits_at_t_predict_token_t_plus_one_where_both_are_real() -> None:
+    targets, mask = next_tokens(INPUTS)
+    assert targets.tolist() == [[6, 7], [9, 0]]
+    assert mask.tolist() == [[1, 1], [1, 0]]  # the second text's last real token predicts padding: not counted
+
+
+def test_perplexity_of_known_distributions() -> None:
+    encoded = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ([1, 2, 3, 1], [2, 1], [3])]
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    vocab = 4
+
+    def uniform(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.zeros(*inputs["input_ids"].shape, vocab)
+
+    def half_on_next(inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # weight 3 on the next token, 1 on the rest
+        targets, _ = next_tokens(inputs)
+        logits = uniform(inputs)
+        logits[:, :-1].scatter_(-1, targets.unsqueeze(-1), math.log(3.0))
+        return logits
+
+    assert score(uniform, tokenizer, encoded)["perplexity"] == pytest.approx(vocab)
+    assert score(half_on_next, tokenizer, encoded)["perplexity"] == pytest.approx(2.0)
+    both = score(half_on_next, tokenizer, encoded, reference=uniform)  # KL(uniform ‖ (1/2, 1/6, 1/6, 1/6))
+    assert both["kl_from_teacher"] == pytest.approx(0.25 * (math.log(0.5) + 3 * math.log(1.5)))
+    assert score(uniform, tokenizer, encoded, reference=uniform)["kl_from_teacher"] == pytest.approx(0.0)
+
+
+# Teacher (1/2, 1/2), student (3/4, 1/4) at the one counted position of the second text; mixture m = (5/8, 3/8).
+KL_TS = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+KL_ST = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+JSD = 0.5 * (0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.375)) + \
+      0.5 * (0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.375))
+
+
+@pytest.mark.parametrize(("divergence", "expected"), [("kd_kl", KL_TS), ("reverse_kl", KL_ST), ("jsd", JSD)])
+def test_each_objective_counts_only_predicted_positions(divergence: str, expected: float) -> None:
+    inputs = {"input_ids": torch.tensor([[0, 1]]), "attention_mask": torch.tensor([[1, 1]])}
+    teacher = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])  # (B, L, V); the last position predicts nothing
+    student = torch.tensor([[[math.log(3.0), 0.0], [-9.0, 9.0]]])
+    cfg = LossConfig(temperature=1.0, alpha=0.0, divergence=divergence)
+    assert TASK.loss(student, teacher, inputs, torch.zeros(1), cfg).item() == pytest.approx(expected)
+    # alpha = 1: next-token CE alone, −log p_s(token 1) = −log 1/4.
+    ce = TASK.loss(student, teacher, inputs, torch.zeros(1), cfg.model_copy(update={"alpha": 1.0}))
+    assert ce.item() == pytest.approx(math.log(4.0))
+    assert TASK.loss(student, None, inputs, torch.zeros(1), cfg).item() == pytest.approx(math.log(4.0))
+
+
+def test_student_from_teacher_blocks_copies_gpt2_blocks(tmp_path: Path) -> None:
+    teacher_dir = _tiny_gpt2(tmp_path / "t", layers=4)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = build_student(FromTeacher(init="teacher", layers=[0, 2]), teacher, str(teacher_dir),
+                            auto_class=AutoModelForCausalLM)
+    assert student.model.config.n_layer == 2 and student.shares_teacher_tokenizer
+    assert torch.equal(student.model.transformer.h[1].attn.c_attn.weight, teacher.transformer.h[2].attn.c_attn.weight)
+    assert torch.equal(student.model.lm_head.weight, teacher.lm_head.weight)
+
+
+def test_teacher_trained_from_scratch_beats_the_uniform_guess(tmp_path: Path) -> None:
+    out = train_lm_teacher(TEXTS[:200], TEXTS[200:], tmp_path / "teacher", layers=1, hidden=32, heads=2,
+                           vocab_size=300, max_length=16, train=TrainConfig(epochs=2, batch_size=16, lr=3e-3))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    encoded = TASK.encode(tokenizer, TEXTS[200:], 16)
+    assert encoded[0]["input_ids"][0] == encoded[0]["input_ids"][-1] == tokenizer.eos_token_id  # BOS is EOS
+    assert score(torch_logits(model, "fp32"), tokenizer, encoded)["perplexity"] < len(tokenizer) / 3
+    assert not any(p.name.startswith("tmp") for p in tmp_path.iterdir())  # the work directory is gone
+
+
+def test_tiny_causal_lm_job_writes_a_report_and_a_checked_onnx_student(tmp_path: Path) -> None:
+    teacher_dir = train_lm_teacher(TEXTS, TEXTS[:40], tmp_path / "teacher", layers=2, hidden=32, heads=2,
+                                   vocab_size=300, max_length=16, train=TrainConfig(epochs=2, batch_size=16, lr=3e-3))
+    csv = write_csv(tmp_path / "texts.csv", synthetic_rows(200, seed=9))
+    events: list[tuple[str, dict]] = []
+    config = JobConfig(task="causal-lm", teacher=TeacherConfig(name=str(teacher_dir)),
+                       data=DataConfig(dataset="files", train=csv, max_length=16),
+                       student=FromTeacher(init="teacher", layers=[1]), loss=LossConfig(divergence="jsd"),
+                       train=TrainConfig(epochs=2, batch_size=16, lr=3e-3), evaluate=EvaluateConfig(latency_calls=10),
+                       output_dir=tmp_path / "job")
+    result = run(config, lambda kind, data: events.append((kind, data)))
+
+    report = json.loads((tmp_path / "job" / "report.json").read_text())
+    assert report["task"] == "causal-lm"
+    assert [d["stage"] for k, d in events if k == "stage"] == [
+        "data", "build-student", "distill", "evaluate", "export", "compress", "evaluate-deployment"]
+    assert report["student"]["test_perplexity"] == pytest.approx(
+        report["perplexity_ratio"] * report["teacher"]["test_perplexity"])
+    assert report["student"]["test_kl_from_teacher"] > 0
+    assert report["param_ratio"] < 1
+    assert report["export"]["student"]["max_abs_diff"] <= 1e-4
+    rows = report["evaluation"]["models"]
+    assert rows["student-onnx-fp32"]["test_perplexity"] == pytest.approx(report["student"]["test_perplexity"],
+                                                                         rel=1e-4)
+    assert rows["student-onnx-int8"]["test_perplexity"] < 2 * report["student"]["test_perplexity"]
+    assert report["evaluation"]["latency_ratio"] > 0
+    assert "| student-onnx-int8 |" in (tmp_path / "job" / "report.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(result.student_dir).config.n_layer == 1

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from distill import distributed
 from distill.compress import QUANTIZABLE, CompressError
 from distill.config import ConfigError, load_config
 from distill.data import BUILTIN_DATASETS, DataError, pull_dataset, read_labeled_file, read_texts
@@ -67,9 +69,18 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.output_dir:
         config = config.model_copy(update={"output_dir": args.output_dir})
+    if distributed.wanted(config.distributed) and not distributed.launched():
+        # The same command again as torchrun workers; rank 0 draws the progress, the exit code is torchrun's.
+        assert config.output_dir is not None  # load_config fills it in
+        again = ["run", str(args.config), "--output-dir", str(config.output_dir), *(["--resume"] * args.resume)]
+        command = distributed.torchrun_command(config.distributed, config.output_dir.name, "distill.cli", *again)
+        return subprocess.run(command).returncode
     printer = ProgressPrinter()
-    result = run(config, printer, resume=args.resume)
+    with distributed.process_group():
+        result = run(config, printer, resume=args.resume)
     printer.close()
+    if result is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     report = result.report
     print(json.dumps({"student_dir": str(result.student_dir),
                       "teacher_test_accuracy": report["teacher"]["test_accuracy"],

@@ -3,6 +3,10 @@
 One loop for both modes: AdamW, linear warmup then decay, gradient clipping, evaluation each epoch, the best model
 kept, resumable checkpoints every N steps (model, optimizer, scheduler, step, RNG; the data order is a function of
 (seed, epoch), so it needs no state). Progress goes to an event callback; the CLI draws it, the service stores it.
+
+Under torchrun (distill/distributed.py) the same loop is data-parallel: every rank walks the same global batches and
+trains on its slice of each, DistributedDataParallel averages the gradients, and rank 0 alone writes files and emits
+events. `train.batch_size` is the global batch either way, so N processes take the same steps as one.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from distill import atomic, losses
+from distill import atomic, distributed, losses
 from distill.config import LossConfig, TrainConfig
 from distill.tasks import Encoded, Precision, Task, autocast
 
@@ -70,16 +75,21 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
     Without `teacher` and without `train.teacher_outputs` this is plain fine-tuning (the task's loss on labels).
     """
-    emit = on_event or (lambda kind, data: None)
+    emit = on_event if on_event is not None and distributed.is_main() else _ignore  # rank 0 speaks for all
     loss = loss or LossConfig(alpha=1.0)
     intermediate = loss.intermediate
     distilling = teacher is not None or train.teacher_outputs is not None
     if intermediate and (teacher is None or train.teacher_inputs is None):
         raise TrainingError("hidden_mse/attention_kl/value_kl need the teacher at every step (no output cache)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
+    device = distributed.device()
+    model.to(device)
     projection = _projection(model, teacher) if loss.hidden_mse > 0 else None
+    if projection is not None:
+        projection.to(device)
     trainable = [*model.parameters(), *(projection.parameters() if projection else [])]
     # fused: one kernel over all parameters; the default per-tensor loop costs ~10x more per step on CPU
     # (54 ms vs 5 ms for a 3-layer MiniLM, most of it the 11.7M-parameter embedding table).
@@ -87,28 +97,32 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    if distributed.active():
+        torch.manual_seed(seed + distributed.rank())  # each rank its own dropout masks (the checkpoint keeps each)
     state = {"step": 0, "history": [], "best": None}
     if resume and (run_dir / CHECKPOINT).exists():
         state = _load_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, total_steps)
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})
+    net = _data_parallel(model, projection, device) if distributed.active() else model
 
     if teacher is not None:
-        teacher.model.eval()
+        teacher.model.eval().to(device)
     hooks: list[torch.utils.hooks.RemovableHandle] = []
     values = ((_capture_values(model, hooks), _capture_values(teacher.model, hooks))
               if teacher and loss.value_kl > 0 else None)
     step, examples, train_seconds = state["step"], 0, 0.0
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        model.train()
+        net.train()
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             started = time.perf_counter()
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
-            inputs = task.collate(tokenizer, [train.student_inputs[i] for i in idx])
-            labels = train.labels[idx]
+            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
+            idx, share = _shard(batch)
+            inputs = _to(task.collate(tokenizer, [train.student_inputs[i] for i in idx]), device)
+            labels = train.labels[idx].to(device)
             with autocast(precision):
-                output = task.forward(model, inputs, internals=intermediate)
-                teacher_output, teacher_distilled = (_teacher_view(task, teacher, train, idx, intermediate)
+                output = task.forward(net, inputs, internals=intermediate)
+                teacher_output, teacher_distilled = (_teacher_view(task, teacher, train, idx, intermediate, device)
                                                      if distilling else (None, None))
                 value = task.loss(task.distilled(output, inputs), teacher_distilled, inputs, labels, loss)
                 if distilling:
@@ -119,31 +133,36 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                         value = value + loss.attention_kl * _attention_loss(output, teacher_output, inputs, layer_map)
                     if values is not None:
                         value = value + loss.value_kl * _value_loss(*values, inputs, layer_map)
-            if not torch.isfinite(value):
-                raise TrainingError(f"{stage}: the loss became {value.item()} at step {step + 1} (epoch {epoch + 1}); "
-                                    f"lower train.lr (now {cfg.lr}) or check the data")
+            batch_loss = distributed.sum_across(value * share)  # the global batch's mean loss, the same on every rank
+            if not torch.isfinite(batch_loss):
+                raise TrainingError(f"{stage}: the loss became {batch_loss.item()} at step {step + 1} (epoch "
+                                    f"{epoch + 1}); lower train.lr (now {cfg.lr}) or check the data")
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            # DDP averages the ranks' gradients; scaled by its share x world size, each rank's slice weighs what its
+            # examples weigh in the global batch's mean, also when the slices differ in size.
+            (value * (share * distributed.world_size())).backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
-            examples += len(idx)
+            examples += len(batch)
             train_seconds += time.perf_counter() - started
             if step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:  # epoch ends checkpoint after eval
                 state.update(step=step)
                 _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, total_steps)
                 emit("checkpoint", {"stage": stage, "step": step})
             emit("progress", {"stage": stage, "step": step, "total_steps": total_steps, "epoch": epoch + 1,
-                              "loss": value.item(), "lr": scheduler.get_last_lr()[0]})
+                              "loss": batch_loss.item(), "lr": scheduler.get_last_lr()[0]})
 
+        # Every rank evaluates the same weights on the same split, so all agree on the best epoch without a message.
         metrics = {"epoch": epoch + 1, **task.evaluate(model, tokenizer, validation, precision)}
         state["history"].append(metrics)
         if state["best"] is None or task.better(metrics, state["best"]):
             state["best"] = metrics
-            staged = atomic.staging(run_dir / BEST)
-            task.save(model, tokenizer, staged)
-            atomic.replace_dir(staged, run_dir / BEST)
+            if distributed.is_main():
+                staged = atomic.staging(run_dir / BEST)
+                task.save(model, tokenizer, staged)
+                atomic.replace_dir(staged, run_dir / BEST)
         emit("metrics", {"stage": stage, **{f"validation_{k}": v for k, v in metrics.items() if k != "epoch"},
                          "epoch": epoch + 1})
         state.update(step=step)
@@ -151,20 +170,58 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
     for hook in hooks:
         hook.remove()
+    distributed.barrier()  # every rank returns once rank 0 has written best/ and the last checkpoint
     best = state["best"]
     return FitResult(best_epoch=int(best["epoch"]), best_metrics=best, history=state["history"], steps=step,
                      train_seconds=train_seconds,
                      examples_per_second=examples / train_seconds if train_seconds else 0.0)
 
 
-def _teacher_view(task: Task, teacher: Teacher | None, train: Split, idx: list[int],
-                  internals: bool) -> tuple[Any, Tensor]:
+def _ignore(kind: str, data: dict[str, Any]) -> None:
+    """The event sink of ranks other than 0."""
+
+
+class _Trained(nn.Module):
+    """The student and the modules only its loss uses (the hidden-state projection) as one module for DDP, which
+    averages the gradients of every parameter it holds, used inside forward() or after it."""
+
+    def __init__(self, model: PreTrainedModel, projection: nn.Module | None) -> None:
+        super().__init__()
+        self.model, self.projection = model, projection
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def _data_parallel(model: PreTrainedModel, projection: nn.Module | None, device: torch.device) -> nn.Module:
+    # Buffers are synced once, here (with rank 0's parameters), not before every forward: the encoders' buffers are
+    # constants (position ids), so a broadcast per step would buy nothing.
+    return DistributedDataParallel(_Trained(model, projection), forward_sync_buffers=False,
+                                   device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _shard(batch: list[int]) -> tuple[list[int], float]:
+    """This rank's examples of a global batch and their share of it (all of it, 1.0, in a single process).
+
+    A rank left without examples (a last batch smaller than the world) runs one example with share 0: DDP needs
+    every rank in every backward pass, and a zero weight keeps that example out of the gradient.
+    """
+    own = batch[distributed.rank()::distributed.world_size()]
+    return (own, len(own) / len(batch)) if own else (batch[:1], 0.0)
+
+
+def _to(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+def _teacher_view(task: Task, teacher: Teacher | None, train: Split, idx: list[int], internals: bool,
+                  device: torch.device) -> tuple[Any, Tensor]:
     """The teacher's outputs for a batch: from the logit cache when possible, else a frozen forward pass."""
     if train.teacher_outputs is not None and not internals:
-        return None, train.teacher_outputs[idx]
+        return None, train.teacher_outputs[idx].to(device)
     assert teacher is not None and train.teacher_inputs is not None
     with torch.inference_mode():
-        inputs = task.collate(teacher.tokenizer, [train.teacher_inputs[i] for i in idx])
+        inputs = _to(task.collate(teacher.tokenizer, [train.teacher_inputs[i] for i in idx]), device)
         output = task.forward(teacher.model, inputs, internals=internals)
     return output, task.distilled(output, inputs).float()
 
@@ -223,9 +280,13 @@ def _value_loss(student_values: dict[int, Tensor], teacher_values: dict[int, Ten
 
 def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
                      scheduler: Any, state: dict[str, Any], total_steps: int) -> None:
+    """Called on every rank (each one's dropout RNG goes in); rank 0 writes."""
+    rng = distributed.gather(torch.get_rng_state())
+    if not distributed.is_main():
+        return
     payload = {"model": model.state_dict(), "projection": projection.state_dict() if projection else None,
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-               "total_steps": total_steps, "rng": torch.get_rng_state()}
+               "total_steps": total_steps, "rng": rng}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
@@ -233,7 +294,7 @@ def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
 
 def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
                      scheduler: Any, total_steps: int) -> dict[str, Any]:
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # the RNG states must stay on the CPU
     if payload["total_steps"] != total_steps:
         raise TrainingError(f"{path} was written by a run of {payload['total_steps']} steps, this one has "
                             f"{total_steps}: the config changed; start afresh without --resume")
@@ -242,5 +303,6 @@ def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
         projection.load_state_dict(payload["projection"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(payload["rng"])
+    rng = payload["rng"]  # one per rank; resumed with another world size, dropout cannot continue exactly
+    torch.set_rng_state(rng[distributed.rank() % len(rng)])
     return payload["state"]

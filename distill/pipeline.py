@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distill import atomic, engine
+from distill import atomic, distributed, engine
 from distill.compress import accuracy_gate, compress, optimize
 from distill.config import ConfigError, JobConfig
 from distill.data import Example, TaskData, load_task_data
@@ -49,17 +49,23 @@ class RunResult:
     report: dict[str, Any]
 
 
-def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> RunResult:
-    """Run a whole job; artifacts land under config.output_dir (student/, report.json, checkpoint.pt)."""
+def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> RunResult | None:
+    """Run a whole job; artifacts land under config.output_dir (student/, report.json, checkpoint.pt).
+
+    Under torchrun every rank runs this: all prepare the teacher and distill together, rank 0 alone computes the
+    teacher's outputs, writes files, emits events and runs the stages after training; the others return None once
+    training is done.
+    """
     if config.task == "causal-lm":
         from distill import causal_lm  # which imports this module's stage helpers
 
         return causal_lm.run(config, on_event, resume=resume)
-    emit = on_event or (lambda kind, data: None)
+    emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     task = SequenceClassification()
     timings: dict[str, float] = {}
     clock = functools.partial(_stage, timings=timings, emit=emit)
@@ -82,8 +88,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                                    Split(teacher_inputs["train"][:labelled], labels["train"][:labelled]),
                                    Split(teacher_inputs["validation"], labels["validation"]), emit)
         attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
-        teacher_model = AutoModelForSequenceClassification.from_pretrained(prepared.path,
-                                                                           attn_implementation=attention).eval()
+        teacher_model = AutoModelForSequenceClassification.from_pretrained(
+            prepared.path, attn_implementation=attention).eval().to(distributed.device())
         teacher = Teacher(teacher_model, AutoTokenizer.from_pretrained(prepared.path))
 
     with clock("build-student"):
@@ -100,8 +106,11 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("teacher-logits"):
         cache_train = config.train.cache_teacher_logits and not intermediate
-        logits = _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
-                                 fingerprint=f"{prepared.path}:{config.precision}", reuse=resume)
+        # Computed once, by rank 0 (which also stores them), and sent to the other ranks.
+        logits = distributed.broadcast(
+            _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
+                            fingerprint=f"{prepared.path}:{config.precision}", reuse=resume)
+            if distributed.is_main() else None)
         for name, split in splits.items():
             split.teacher_outputs = logits.get(name)
 
@@ -110,6 +119,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                             config.train, run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
                             layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill",
                             precision=config.precision)
+    if not distributed.is_main():
+        return None
 
     with clock("evaluate"):
         best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST)
@@ -316,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(json.loads((args.job_dir / "config.json").read_text(encoding="utf-8")))
         if config.output_dir is None:
             config = config.model_copy(update={"output_dir": args.job_dir})
-        run(config, emit, resume=args.resume)
+        with distributed.process_group():  # a torchrun worker (the runner launches nproc_per_node > 1 that way)
+            run(config, emit, resume=args.resume)
         return 0
     except (OSError, json.JSONDecodeError, ConfigError, DataError, TeacherNotFound, TrainingError, ExportError,
             CompressError, EvaluateError) as e:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from distill import distributed
 from distill.config import JobConfig, TrainConfig
 from distill.engine import BEST, EventSink, Split, fit
 from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches
@@ -68,7 +69,10 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     stages: list[dict[str, Any]] = []
     work = target.with_name(key + ".tmp")
-    shutil.rmtree(work, ignore_errors=True)
+    # Under torchrun every rank prepares the teacher (the fine-tuning is data-parallel); rank 0 alone writes.
+    if distributed.is_main():
+        shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
     head = HEADS.get(model.config.model_type)
     if tc.head_epochs and head is None:
         emit("log", {"message": f"no frozen-feature head stage for model_type {model.config.model_type!r}; "
@@ -89,12 +93,14 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         stages.append({"stage": "finetune", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
                        "validation_accuracy": result.best_metrics["accuracy"]})
     summary = {"teacher": teacher_dir, "labels": labels, "stages": stages}
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    (work / "model" / "prepared.json").write_text(json.dumps(summary, indent=2))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(work / "model", target)  # only a complete directory ever appears under its key
-    shutil.rmtree(work, ignore_errors=True)
+    if distributed.is_main():
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        (work / "model" / "prepared.json").write_text(json.dumps(summary, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work / "model", target)  # only a complete directory ever appears under its key
+        shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()  # the other ranks load it next
     return PreparedTeacher(target, cached=False, summary=summary)
 
 

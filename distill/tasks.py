@@ -138,13 +138,13 @@ def length_sorted_batches(encoded: list[Encoded], batch_size: int) -> list[list[
 @torch.inference_mode()
 def predict_distilled(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       encoded: list[Encoded], batch_size: int = 64, precision: Precision = "fp32") -> Tensor:
-    """(N, ...) float32 distilled outputs in the original order; the model is put in eval() mode."""
+    """(N, ...) float32 distilled outputs in the original order, on the CPU; the model is put in eval() mode."""
     model.eval()
     out: list[Tensor | None] = [None] * len(encoded)
     for idx in length_sorted_batches(encoded, batch_size):
-        inputs = task.collate(tokenizer, [encoded[i] for i in idx])
+        inputs = {k: v.to(model.device) for k, v in task.collate(tokenizer, [encoded[i] for i in idx]).items()}
         with autocast(precision):
             logits = task.distilled(task.forward(model, inputs), inputs).float()
         for row, i in enumerate(idx):
-            out[i] = logits[row]
+            out[i] = logits[row].cpu()  # scores and the teacher-output cache live on the CPU, wherever the model ran
     return torch.stack(out) if out else torch.empty(0)

@@ -25,8 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from distill.config import ConfigError, FromModel, JobConfig, parse_config
+from distill.config import ConfigError, DistributedConfig, FromModel, JobConfig, parse_config
 from distill.data import BUILTIN_DATASETS
+from distill.distributed import torchrun_command, wanted
 from service.schemas import ServiceError
 from service.settings import Settings
 from service.store import TERMINAL, Job, Store
@@ -204,7 +205,11 @@ class Runner:
     def _launch(self, job: Job) -> None:
         """Start the job's process (called holding the lock, so cancel never sees a claimed job without one)."""
         directory = job_dir(self.settings, job.id)
-        command = [sys.executable, "-m", "distill.pipeline", str(directory)] + (["--resume"] if job.runs > 1 else [])
+        args = [str(directory), *(["--resume"] if job.runs > 1 else [])]
+        # Data-parallel jobs run as torchrun workers; only rank 0 writes events to the stdout they share.
+        parallel = DistributedConfig.model_validate(job.config.get("distributed", {}))
+        command = (torchrun_command(parallel, job.id, "distill.pipeline", *args) if wanted(parallel)
+                   else [sys.executable, "-m", "distill.pipeline", *args])
         env = {**os.environ, "DISTILL_HOME": str(self.settings.home)}
         try:
             with (directory / STDERR_FILE).open("a", encoding="utf-8") as stderr:

@@ -1,0 +1,126 @@
+"""Data-parallel runs: the torchrun command line, the process group, and rank helpers.
+
+A job with `distributed.nproc_per_node > 1` (or several nodes) is re-executed under torchrun
+(`python -m torch.distributed.run`); each worker joins the process group from the environment torchrun sets and the
+engine wraps the student in DistributedDataParallel. Without torchrun nothing here initializes anything, and the
+helpers answer as for a single process (rank 0 of 1), so the common path has no DDP in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from distill.config import DistributedConfig
+
+T = TypeVar("T")
+
+# Ranks wait for rank 0 while it prepares the teacher and computes its outputs (minutes to tens of minutes for a
+# 100M-parameter teacher on CPU); torchrun stops the whole group when a worker dies, so this only bounds a hang.
+WAIT = datetime.timedelta(hours=6)
+
+
+def wanted(cfg: DistributedConfig) -> bool:
+    """Whether the job asks for more than one process (so it has to be launched through torchrun)."""
+    return cfg.nproc_per_node * cfg.nnodes > 1
+
+
+def launched() -> bool:
+    """Whether this process is a torchrun worker (torchrun sets LOCAL_RANK, RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def torchrun_command(cfg: DistributedConfig, run_id: str, module: str, *args: str) -> list[str]:
+    """The command that runs `python -m module args...` as cfg.nproc_per_node workers per node.
+
+    One node: `--standalone` (a private rendezvous on a free port). Several: the c10d rendezvous at
+    cfg.rdzv_endpoint, with `run_id` naming the job (every node must run the same command).
+    """
+    if cfg.nnodes == 1:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+                 f"--rdzv-id={run_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={cfg.nproc_per_node}",
+            "-m", module, *args]
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """Join the process group when running under torchrun (gloo on CPU, nccl with CUDA: one GPU per local rank);
+    a no-op otherwise."""
+    if not launched() or dist.is_initialized():
+        yield
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """More than one process trains together (the engine wraps the model in DDP)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes files and emits events."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """Where this process trains: its own GPU under nccl, else the CPU (a single process stays on the CPU)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast(obj: T | None) -> T:
+    """Rank 0's `obj` on every rank (pickled; other ranks pass None)."""
+    if not active():
+        assert obj is not None
+        return obj
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_across(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over ranks (a copy; the input is left alone)."""
+    total = value.detach().clone()
+    if active():
+        dist.all_reduce(total)
+    return total

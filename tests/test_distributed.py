@@ -1,0 +1,173 @@
+"""Data-parallel training: 2 torchrun workers on the CPU (gloo) train like 1 process with the same global batch.
+
+The workers run this module (`python -m torch.distributed.run ... -m tests.test_distributed OUT`): `_train` is the
+same code in one process and in two, so the test compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import BertConfig, BertForSequenceClassification
+
+from distill import distributed
+from distill.cli import main as cli
+from distill.config import DistributedConfig, LossConfig, TrainConfig
+from distill.engine import CHECKPOINT, Split, Teacher, fit
+from distill.tasks import SequenceClassification, predict_distilled
+from tests.conftest import synthetic_rows, write_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+# 64 training examples in global batches of 7: 10 steps an epoch, the last of one example, so rank 1 gets an empty
+# slice there (and the 3/4 splits elsewhere are unequal): the weighting of both is under test.
+CFG = TrainConfig(epochs=2, batch_size=7, lr=1e-3, checkpoint_every=3)
+# Summation order differs (two partial means, then gloo's all-reduce), and AdamW's normalized steps amplify float
+# noise a little over 20 steps; with dropout off nothing else differs.
+ATOL = 1e-4
+
+
+def _classifier(vocab: int, seed: int, hidden: int = 32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=hidden * 2, max_position_embeddings=64, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # dropout differs by rank
+    return BertForSequenceClassification(config)
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAtStep(SequenceClassification):
+    """Fails on every rank at the same training step (as a killed job would), before that step's all-reduce."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.calls = step, 0
+
+    def loss(self, *args: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.step:
+            raise Crash
+        return super().loss(*args)
+
+
+def _train(out: Path) -> dict[str, Any]:
+    """Three fits (plain KD with cached teacher logits; the same crashed at step 14 and resumed from its step-12
+    checkpoint; hidden-state MSE through a learned projection) → weights, metrics and every rank's events.
+
+    The hidden-state run reads texts cut to 4 tokens: its loss is a mean over tokens while ranks are weighted by
+    examples, which is exact only when every example has as many tokens (otherwise close: 1e-3 on these weights).
+    """
+    task = SequenceClassification()
+    tokenizer = write_tiny_tokenizer(out / f"tok-{distributed.rank()}")
+    rows = synthetic_rows(96, seed=3)
+    encoded = task.encode(tokenizer, [t for t, _ in rows], 16)
+    labels = torch.tensor([int(label == "positive") for _, label in rows])
+    teacher = Teacher(_classifier(len(tokenizer), seed=7).eval(), tokenizer)
+    teacher_outputs = predict_distilled(task, teacher.model, tokenizer, encoded)
+    short = task.encode(tokenizer, [t for t, _ in rows[:64]], 4)
+    train = Split(short, labels[:64], teacher_inputs=short)
+    cached = Split(encoded[:64], labels[:64], teacher_outputs=teacher_outputs[:64])
+    validation = Split(encoded[64:], labels[64:], teacher_inputs=encoded[64:], teacher_outputs=teacher_outputs[64:])
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    plain = _classifier(len(tokenizer), seed=1)
+    result = fit(task, plain, tokenizer, cached, validation, CFG, run_dir=out / "plain", seed=5,
+                 on_event=lambda kind, data: events.append((kind, data)))
+    with pytest.raises(Crash):
+        fit(CrashAtStep(14), _classifier(len(tokenizer), seed=1), tokenizer, cached, validation, CFG,
+            run_dir=out / "resumed", seed=5)
+    resumed = _classifier(len(tokenizer), seed=99)  # weights come from the checkpoint
+    fit(task, resumed, tokenizer, cached, validation, CFG, run_dir=out / "resumed", seed=5, resume=True)
+    narrow = _classifier(len(tokenizer), seed=1, hidden=16)
+    fit(task, narrow, tokenizer, train, validation, CFG.model_copy(update={"epochs": 1}), run_dir=out / "hidden",
+        seed=5, teacher=teacher, loss=LossConfig(hidden_mse=1.0), layer_map=[1, 2])
+    return {"plain": _weights(plain), "resumed": _weights(resumed), "hidden": _weights(narrow),
+            "history": result.history, "steps": result.steps, "events": distributed.gather(events)}
+
+
+def _torchrun(module_args: list[str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    command = distributed.torchrun_command(DistributedConfig(nproc_per_node=nproc), "test", *module_args)
+    return subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    one = _train(tmp_path / "one")
+    done = _torchrun(["tests.test_distributed", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "result.pt", weights_only=False)
+
+    assert two["steps"] == one["steps"] == 20
+    for name in ("plain", "hidden"):
+        assert torch.allclose(two[name], one[name], atol=ATOL), (name, (two[name] - one[name]).abs().max())
+    for a, b in zip(two["history"], one["history"], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)  # accuracy/agreement on 32 examples: the same predictions
+    # Resume under DDP: every rank reloads the checkpoint and continues exactly.
+    assert torch.equal(two["resumed"], two["plain"])
+    # Rank 0 alone emits (the same events as one process; its loss is the global batch's) and writes.
+    rank0, rank1 = two["events"]
+    assert rank1 == []
+    assert [kind for kind, _ in rank0] == [kind for kind, _ in one["events"][0]]
+    losses = [(a["loss"], b["loss"]) for (kind, a), (_, b) in zip(rank0, one["events"][0], strict=True)
+              if kind == "progress"]
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in losses)
+    for run in ("plain", "resumed", "hidden"):
+        assert sorted(p.name for p in (tmp_path / "two" / run).iterdir()) == ["best", CHECKPOINT]
+
+
+def test_distill_run_relaunches_itself_through_torchrun(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """The real path: `distill run` with nproc_per_node 2 → torchrun → the pipeline on both ranks (teacher head and
+    DDP fine-tuning, logits broadcast from rank 0, DDP distillation) → rank 0 evaluates and reports. The 1-process
+    run after it reuses the teacher the 2 processes prepared."""
+    job = {"teacher": {"name": str(tiny_teacher_dir), "head_epochs": 3, "head_lr": 1e-2, "finetune_epochs": 2,
+                       "finetune_lr": 3e-3, "batch_size": 16},
+           "data": {"dataset": "files", "train": str(synthetic_csv), "max_length": 16},
+           "student": {"init": "fresh", "num_layers": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32},
+           "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3}, "export": {"onnx": False}}
+    reports = {}
+    for nproc in (2, 1):
+        config = tmp_path / f"job{nproc}.yaml"
+        config.write_text(yaml.safe_dump({**job, "distributed": {"nproc_per_node": nproc}}))
+        assert cli(["run", str(config), "--output-dir", str(tmp_path / f"out{nproc}")]) == 0
+        reports[nproc] = json.loads((tmp_path / f"out{nproc}" / "report.json").read_text())
+    stdout = capfd.readouterr().out
+    assert stdout.count('"student_test_accuracy"') == 2  # one summary per run: rank 1 prints nothing
+    one, two = reports[1]["student"], reports[2]["student"]
+    assert two["steps"] == one["steps"] == 3 * 20  # 320 training examples in global batches of 16
+    # Dropout masks differ by rank, so the two runs match in outcome, not bit for bit.
+    assert two["test_agreement"] >= 0.9 and one["test_agreement"] >= 0.9
+    assert abs(two["test_accuracy"] - one["test_accuracy"]) <= 0.05
+    assert reports[1]["teacher"]["prepared_from_cache"] and reports[2]["teacher"]["test_accuracy"] >= 0.9
+
+
+def test_torchrun_command_for_one_and_several_nodes() -> None:
+    local = distributed.torchrun_command(DistributedConfig(nproc_per_node=4), "job", "distill.pipeline", "dir")
+    assert local[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
+                         "distill.pipeline", "dir"]
+    nodes = DistributedConfig(nproc_per_node=2, nnodes=3, rdzv_endpoint="head:29500")
+    assert distributed.torchrun_command(nodes, "job", "m")[3:7] == [
+        "--nnodes=3", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29500", "--rdzv-id=job"]
+    assert not distributed.wanted(DistributedConfig()) and distributed.wanted(nodes)
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+
+
+if __name__ == "__main__":  # a torchrun worker of the first test
+    with distributed.process_group():
+        out = Path(sys.argv[1])
+        result = _train(out)
+        if distributed.is_main():
+            torch.save(result, out / "result.pt")

@@ -172,6 +172,32 @@ def test_micro_batcher_hands_a_failure_to_every_caller_of_the_batch() -> None:
     assert [str(e) for e in asyncio.run(concurrently())] == ["boom"] * 3
 
 
+def test_micro_batcher_of_size_one_calls_the_model_one_text_at_a_time() -> None:
+    # bench/serve.py's server without batching: concurrent callers queue for the model instead of running it
+    # side by side in several threads, so the baseline neither thrashes the cores nor gains from parallel calls.
+    class Slow:
+        def __init__(self) -> None:
+            self.name, self.running, self.most, self.calls = "slow", 0, 0, []
+
+        def predict(self, texts: list[str]) -> Prediction:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.calls.append(list(texts))
+            time.sleep(0.002)
+            self.running -= 1
+            return Prediction([0] * len(texts), np.zeros((len(texts), 2), np.float32), 0.002)
+
+    slow = Slow()
+
+    async def concurrently() -> None:
+        batcher = MicroBatcher(slow, max_size=1, max_wait_s=0.005)
+        await asyncio.gather(*(batcher.predict([f"text {i}"]) for i in range(16)))
+        await batcher.aclose()
+
+    asyncio.run(concurrently())
+    assert slow.most == 1 and len(slow.calls) == 16 and all(len(call) == 1 for call in slow.calls)
+
+
 def test_lru_cache_unloads_the_least_recently_used_model_past_the_cap(settings: Settings) -> None:
     catalog = ModelCatalog(settings)
     sizes = {i: catalog.get(i).size_bytes for i in ("job1.student", "job1.student-fp32", "job1.student-torch")}

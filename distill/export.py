@@ -3,6 +3,8 @@
 `export_model_dir` is the way to export for serving: it writes a directory that runs without PyTorch
 (model.onnx + tokenizer files + config.json), which `runtime.load_predictor` / `OnnxPredictor` read.
 `export_onnx` writes the single file; `check_parity` is the comparison both this module and compress use.
+`export_module` exports any other module (sentence embeddings, causal LMs) with its own named inputs and outputs,
+checked against PyTorch the same way.
 
 Exporter: the TorchScript one (`dynamo=False`). torch 2.13 defaults to the torch.export-based exporter, which needs
 the `onnxscript` package; the TorchScript exporter is still shipped (deprecated, not removed), needs nothing extra,
@@ -16,12 +18,16 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
+from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic
 from distill.runtime import ONNX_FILE, OUTPUT_NAME, HFPredictor, OnnxPredictor, TorchPredictor
@@ -84,30 +90,86 @@ def export_onnx(model_dir: Path, out_path: Path, *, opset: int = DEFAULT_OPSET, 
     sample = {name: torch.from_numpy(array) for name, array in reference.encode(texts).items()}  # padded batch
     axes = {name: {0: "batch", 1: "sequence"} for name in reference.input_names} | {OUTPUT_NAME: {0: "batch"}}
 
+
+    def write_and_compare(tmp: Path) -> tuple[float, list[tuple[int, int]]]:
+        _write_graph(reference.model, sample, tmp, reference.input_names, [OUTPUT_NAME], axes, opset, out_path)
+        return check_parity(reference, OnnxPredictor(tmp, model_dir, max_length), texts)
+
+    return _export_checked(out_path, opset, tolerance, "logits", write_and_compare)
+
+
+def export_module(module: nn.Module, batches: list[dict[str, Tensor]], out_path: Path, *,
+                  output_axes: dict[str, dict[int, str]], opset: int = DEFAULT_OPSET,
+                  tolerance: float = 1e-4) -> ExportResult:
+    """Export any module (an embedding model, a causal LM, ...) whose forward takes the (B, L) int64 tensors of a
+    batch as keyword arguments and returns one tensor per name of `output_axes`, in that order (a ModelOutput's
+    fields count in order). The batch keys must follow forward's parameter order: the exporter binds by position.
+
+    Inputs get dynamic batch and sequence axes; `output_axes` gives each output's dynamic axes, e.g.
+    {"sentence_embedding": {0: "batch"}}. The first batch is traced; then every batch runs through PyTorch (eval,
+    inference mode) and onnxruntime, and the file appears at out_path only when the largest abs difference of any
+    output is within `tolerance` (otherwise ExportError and nothing at out_path).
+    """
+    out_path = Path(out_path)
+    module.eval()
+    input_names, output_names = list(batches[0]), list(output_axes)
+    axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | output_axes
+
+    def write_and_compare(tmp: Path) -> tuple[float, list[tuple[int, int]]]:
+        _write_graph(module, batches[0], tmp, input_names, output_names, axes, opset, out_path)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        max_diff, shapes = 0.0, []
+        for batch in batches:
+            with torch.inference_mode():
+                expected = _tensors(module(**batch))
+            actual = session.run(output_names, {name: batch[name].numpy() for name in input_names})
+            for e, a in zip(expected, actual, strict=True):
+                max_diff = max(max_diff, float(abs(e.float().numpy() - a).max()))
+            shapes.append((int(batch[input_names[0]].shape[0]), int(batch[input_names[0]].shape[1])))
+        return max_diff, shapes
+
+    return _export_checked(out_path, opset, tolerance, "outputs", write_and_compare)
+
+
+def _export_checked(out_path: Path, opset: int, tolerance: float, what: str,
+                    write_and_compare: Callable[[Path], tuple[float, list[tuple[int, int]]]]) -> ExportResult:
+    """Write the graph to a temporary name with `write_and_compare` (→ max abs difference to PyTorch, checked
+    (batch, length) shapes) and rename it to out_path only within `tolerance`; ExportError and no file otherwise."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")  # not *.onnx: a half-written file never looks like a model
     try:
-        with warnings.catch_warnings():
-            # The legacy-exporter DeprecationWarning and TracerWarnings on shape checks in transformers' mask code
-            # (those checks only compare lengths); the parity check below is what catches a bad trace.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # Its one aten::index is the padding-mask lookup in transformers' masking_utils, indexed by aranges.
-            warnings.filterwarnings("ignore", "Exporting aten::index operator")
-            torch.onnx.export(reference.model, (), str(tmp), kwargs=sample, input_names=reference.input_names,
-                              output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset, dynamo=False)
-        try:
-            onnx.checker.check_model(str(tmp))  # by path: also works past protobuf's 2 GB limit
-        except onnx.checker.ValidationError as e:
-            raise ExportError(f"the exported graph is not valid ONNX ({e}); {out_path} was not written") from e
-        max_diff, shapes = check_parity(reference, OnnxPredictor(tmp, model_dir, max_length), texts)
+        max_diff, shapes = write_and_compare(tmp)
         if max_diff > tolerance:
-            raise ExportError(f"ONNX logits differ from PyTorch by up to {max_diff:.3g} (tolerance {tolerance:g}) "
+            raise ExportError(f"ONNX {what} differ from PyTorch by up to {max_diff:.3g} (tolerance {tolerance:g}) "
                               f"on batches {shapes}; {out_path} was not written")
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(out_path, opset, max_diff, shapes, out_path.stat().st_size)
+
+
+def _tensors(output: Tensor | tuple[Tensor, ...] | ModelOutput) -> tuple[Tensor, ...]:
+    if isinstance(output, Tensor):
+        return (output,)
+    return output.to_tuple() if isinstance(output, ModelOutput) else tuple(output)
+
+
+def _write_graph(module: nn.Module, sample: dict[str, Tensor], path: Path, input_names: list[str],
+                 output_names: list[str], axes: dict[str, dict[int, str]], opset: int, final: Path) -> None:
+    """Trace `module` on `sample` (keyword inputs) into `path` and validate it; ExportError naming `final`."""
+    with warnings.catch_warnings():
+        # The legacy-exporter DeprecationWarning and TracerWarnings on shape checks in transformers' mask code
+        # (those checks only compare lengths); the parity checks after this are what catch a bad trace.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Its one aten::index is the padding-mask lookup in transformers' masking_utils, indexed by aranges.
+        warnings.filterwarnings("ignore", "Exporting aten::index operator")
+        torch.onnx.export(module, (), str(path), kwargs=sample, input_names=input_names, output_names=output_names,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    try:
+        onnx.checker.check_model(str(path))  # by path: also works past protobuf's 2 GB limit
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph is not valid ONNX ({e}); {final} was not written") from e
 
 
 def export_model_dir(model_dir: Path, out_dir: Path, *, opset: int = DEFAULT_OPSET, tolerance: float = 1e-4,

@@ -60,6 +60,10 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         from distill import causal_lm  # which imports this module's stage helpers
 
         return causal_lm.run(config, on_event, resume=resume)
+    if config.task == "sentence-embedding":
+        from distill import embedding  # which imports this module's stage helpers
+
+        return embedding.run(config, on_event, resume=resume)
     emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")

@@ -1,0 +1,486 @@
+"""Sentence-embedding distillation: a small encoder + pooling learns to place texts where the teacher does.
+
+Teacher and student are `SentenceEncoder`s: a Transformer, pooling (mean, cls or max, as the teacher's
+sentence-transformers files say; mean for a plain HF directory), a linear projection when the student is narrower
+than the teacher, and L2 normalization when the teacher has it. The objective (`SentenceEmbedding.loss`) is
+MSE and/or 1 − cosine to the teacher's embedding plus KL between the in-batch similarity distributions; the teacher's
+(N, D) embeddings go through the same per-example cache as a classifier's logits.
+
+Evaluation: cosine agreement with the teacher, recall@10 agreement (how many of each held-out text's 10 nearest
+neighbours under the student are also among the teacher's) and linear-probe accuracy on the task's labels. The
+student is saved as a sentence-transformers directory and exported to ONNX with a pooled, normalized output.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import ModelOutput
+
+from distill import atomic, distributed, engine, losses
+from distill.config import ConfigError, JobConfig, LossConfig, Precision
+from distill.data import load_task_data
+from distill.engine import EventSink, Split, Teacher
+from distill.export import CHECK_TEXTS, ExportResult, export_module
+from distill.losses import IGNORE_INDEX
+from distill.pipeline import REPORT, REPORT_MD, STUDENT, STUDENT_ONNX, TEACHER_LOGITS, RunResult, _publish, _stage
+from distill.pipeline import _teacher_logits as _teacher_outputs
+from distill.student import build_student, count_params
+from distill.tasks import SequenceClassification, predict_distilled
+from teachers.registry import resolve_teacher
+
+OUTPUT = "sentence_embedding"  # the ONNX graph's output, (B, D) L2-normalized, as sentence-transformers names it
+INT8_FILE = "model_int8.onnx"
+NEIGHBOURS = 10  # k of recall@k agreement
+POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+# modules.json type names: the `sentence_transformers.models` paths load in every sentence-transformers release.
+ST_MODULE = "sentence_transformers.models.{}"
+IDENTITY = "torch.nn.modules.linear.Identity"  # a Dense layer's activation when it is a plain projection
+
+
+@dataclass
+class EmbeddingOutput(ModelOutput):
+    embedding: Tensor | None = None  # (B, D)
+    hidden_states: tuple[Tensor, ...] | None = None  # the encoder's, for intermediate losses
+    attentions: tuple[Tensor, ...] | None = None
+
+
+class SentenceEncoder(nn.Module):
+    """Transformer → pooling → optional projection (D_s → D) → optional L2 normalization: (B, L) ids → (B, D)."""
+
+    def __init__(self, encoder: PreTrainedModel, pooling: str, projection: nn.Linear | None, normalize: bool) -> None:
+        super().__init__()
+        if pooling not in POOLING_FLAGS.values():
+            raise ValueError(f"pooling {pooling!r} is not supported; use one of {sorted(POOLING_FLAGS.values())}")
+        self.encoder, self.pooling, self.projection, self.normalize = encoder, pooling, projection, normalize
+        self.config = encoder.config  # what the engine reads for intermediate losses (widths, heads)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dimension(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.config.hidden_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                internals: bool = False) -> EmbeddingOutput:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # MPNet takes none
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=internals,
+                           output_attentions=internals, **extra)
+        embedding = pool(out.last_hidden_state, attention_mask, self.pooling)
+        if self.projection is not None:
+            embedding = self.projection(embedding)
+        if self.normalize:
+            embedding = F.normalize(embedding, dim=-1)
+        return EmbeddingOutput(embedding, out.hidden_states, out.attentions)
+
+
+class _Normalized(nn.Module):
+    """The exported graph: a SentenceEncoder's embedding, always L2-normalized (idempotent when it already is)."""
+
+    def __init__(self, model: SentenceEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        return F.normalize(self.model(input_ids, attention_mask, token_type_ids).embedding, dim=-1)
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
+    """(B, L, H) token states → (B, H) over the real tokens: their mean, the first token's, or their max."""
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+    if mode == "max":  # padded tokens must never win (sentence-transformers fills them with -1e9 the same way)
+        return hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
+
+
+def load_sentence_encoder(model_dir: str | Path, attn_implementation: str | None = None) -> SentenceEncoder:
+    """A sentence-transformers directory (Transformer, Pooling, Dense, Normalize modules) or a plain HF encoder
+    directory (mean pooling, nothing else) as a SentenceEncoder."""
+    model_dir = Path(model_dir)
+    modules = (json.loads((model_dir / "modules.json").read_text()) if (model_dir / "modules.json").is_file()
+               else [{"type": ST_MODULE.format("Transformer"), "path": ""}])
+    pooling, projection, normalize = "mean", None, False
+    for module in modules:
+        kind, path = module["type"].rsplit(".", 1)[-1], model_dir / module["path"]
+        if kind == "Pooling":
+            pooling = _pooling_mode(json.loads((path / "config.json").read_text()), path)
+        elif kind == "Dense":
+            projection = _load_projection(path)
+        elif kind == "Normalize":
+            normalize = True
+        elif kind != "Transformer":
+            raise ValueError(f"{model_dir}/modules.json: module {module['type']} is not supported (supported: "
+                             f"Transformer, Pooling, Dense without activation, Normalize)")
+    encoder = AutoModel.from_pretrained(model_dir, attn_implementation=attn_implementation)
+    return SentenceEncoder(encoder, pooling, projection, normalize)
+
+
+def _pooling_mode(config: dict[str, Any], path: Path) -> str:
+    """The one pooling mode of a Pooling config: sentence-transformers ≥ 5 writes `pooling_mode`, older releases
+    one boolean flag per mode."""
+    modes = [config["pooling_mode"]] if "pooling_mode" in config else [
+        mode for flag, mode in POOLING_FLAGS.items() if config.get(flag)]
+    unknown = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in POOLING_FLAGS]
+    if len(modes) != 1 or unknown:
+        raise ValueError(f"{path}/config.json: exactly one pooling mode of {sorted(POOLING_FLAGS.values())} is "
+                         f"supported; got {modes + unknown}")
+    return modes[0]
+
+
+def _load_projection(path: Path) -> nn.Linear:
+    config = json.loads((path / "config.json").read_text())
+    if config.get("activation_function", IDENTITY) != IDENTITY:
+        raise ValueError(f"{path}/config.json: a Dense layer with activation {config['activation_function']} is "
+                         f"not supported; only a plain projection ({IDENTITY})")
+    projection = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+    projection.load_state_dict({k.removeprefix("linear."): v for k, v in load_file(path / "model.safetensors").items()})
+    return projection
+
+
+def save_sentence_encoder(model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, target: Path,
+                          max_length: int) -> None:
+    """A directory sentence-transformers loads (`SentenceTransformer(target)`), and `load_sentence_encoder` too:
+    the encoder and tokenizer at the root, 1_Pooling, 2_Dense (the projection, if any), 3_Normalize (if any).
+    Pooling is written in the boolean-flag form every sentence-transformers release reads."""
+    model.encoder.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    modules = [("Transformer", "")]
+    pooling = {"word_embedding_dimension": model.config.hidden_size,
+               **{flag: mode == model.pooling for flag, mode in POOLING_FLAGS.items()}}
+    _write_json(target / "1_Pooling" / "config.json", pooling)
+    modules.append(("Pooling", "1_Pooling"))
+    if model.projection is not None:
+        dense = {"in_features": model.projection.in_features, "out_features": model.projection.out_features,
+                 "bias": model.projection.bias is not None, "activation_function": IDENTITY}
+        _write_json(target / "2_Dense" / "config.json", dense)
+        save_file({f"linear.{k}": v.contiguous() for k, v in model.projection.state_dict().items()},
+                  target / "2_Dense" / "model.safetensors")
+        modules.append(("Dense", "2_Dense"))
+    if model.normalize:
+        (target / "3_Normalize").mkdir()
+        modules.append(("Normalize", "3_Normalize"))
+    _write_json(target / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
+    _write_json(target / "modules.json", [{"idx": i, "name": str(i), "path": path, "type": ST_MODULE.format(kind)}
+                                          for i, (kind, path) in enumerate(modules)])
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+
+
+def agreement_metrics(student: Tensor, teacher: Tensor, k: int = NEIGHBOURS) -> dict[str, float]:
+    """Cosine agreement (mean cos(student_i, teacher_i); needs equal widths) and recall@k agreement: for each text,
+    the share of its k nearest neighbours among the other texts under the student that are also among the
+    teacher's. Embeddings (N, D) × (N, D); k shrinks to N − 1 on fewer than k + 1 texts."""
+    k = min(k, len(student) - 1)
+    cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean().item()
+    neighbours = [_nearest(e, k) for e in (student, teacher)]  # (N, k) each
+    shared = (neighbours[0].unsqueeze(-1) == neighbours[1].unsqueeze(-2)).any(dim=-1).sum(dim=-1)  # (N,)
+    return {"cosine": cosine, f"recall_at_{NEIGHBOURS}": (shared.float() / k).mean().item()}
+
+
+def _nearest(embeddings: Tensor, k: int) -> Tensor:
+    """(N, D) → (N, k) indices of each row's k most cosine-similar other rows."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    similarity = (unit @ unit.T).fill_diagonal_(-math.inf)
+    return similarity.topk(k, dim=-1).indices
+
+
+def linear_probe(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, *, l2: float = 1e-3,
+                 steps: int = 200) -> float:
+    """Test accuracy of logistic regression on frozen embeddings (N, D) with class ids (N,): features standardized
+    by the training rows, full-batch L-BFGS with an L2 penalty (deterministic, no sklearn)."""
+    mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+    x, x_test = (train - mean) / std, (test - mean) / std
+    torch.manual_seed(0)
+    classifier = nn.Linear(x.shape[1], int(max(train_labels.max(), test_labels.max())) + 1)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        value = F.cross_entropy(classifier(x), train_labels) + l2 * classifier.weight.pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():  # callers may run under inference_mode
+        optimizer.step(closure)
+    with torch.no_grad():
+        return (classifier(x_test).argmax(dim=-1) == test_labels).float().mean().item()
+
+
+class SentenceEmbedding(SequenceClassification):
+    """The Task for sentence embeddings; tokenizing and batching are a classifier's, everything else is its own."""
+
+    name = "sentence-embedding"
+    cache_teacher = True  # (N, D) embeddings: a few KB per example
+
+    def __init__(self, max_length: int = 128) -> None:
+        self.max_length = max_length  # written into the saved directory as its max_seq_length
+
+    def forward(self, model: SentenceEncoder, inputs: dict[str, Tensor], *, internals: bool = False) -> ModelOutput:
+        return model(**inputs, internals=internals)
+
+    def distilled(self, output: ModelOutput, inputs: dict[str, Tensor]) -> Tensor:
+        return output.embedding
+
+    def loss(self, student: Tensor, teacher: Tensor | None, inputs: dict[str, Tensor], labels: Tensor,
+             cfg: LossConfig) -> Tensor:
+        """embedding_mse·MSE + embedding_cosine·(1 − cos) + similarity_kl·KL(in-batch similarities); (B, D) each."""
+        if teacher is None:
+            raise ValueError("sentence-embedding has no objective without the teacher's embeddings")
+        if teacher.is_inference():  # the engine's live teacher pass; autograd may not save it (MSE saves its target)
+            teacher = teacher.clone()
+        value = (cfg.embedding_mse * losses.embedding_mse(student, teacher)
+                 + cfg.embedding_cosine * losses.embedding_cosine(student, teacher))
+        if len(student) > 1:  # a last batch of one text has no other texts to relate to
+            value = value + cfg.similarity_kl * losses.similarity_kl(student, teacher, cfg.similarity_temperature)
+        return value
+
+    def evaluate(self, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, split: Split,
+                 precision: Precision) -> dict[str, float]:
+        assert split.teacher_outputs is not None, "the teacher's embeddings of the split are cached before training"
+        return agreement_metrics(predict_distilled(self, model, tokenizer, split.student_inputs, precision=precision),
+                                 split.teacher_outputs)
+
+    def better(self, new: dict[str, float], old: dict[str, float]) -> bool:
+        key = lambda m: (m[f"recall_at_{NEIGHBOURS}"], m["cosine"])  # noqa: E731 - cosine breaks recall ties
+        return key(new) > key(old)
+
+    def save(self, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+        save_sentence_encoder(model, tokenizer, target, self.max_length)
+
+
+def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> RunResult:
+    """pipeline.run for task 'sentence-embedding': data → teacher → student → teacher embeddings (cached once) →
+    distill → test evaluation (agreement, recall@10, linear probe) → student/ → ONNX + INT8 → report.json/.md.
+
+    There is no teacher-preparation stage: the teacher is used as it is (its pooling and normalization)."""
+    emit = on_event or (lambda kind, data: None)
+    if config.output_dir is None:
+        raise ConfigError("output_dir: not set; give the directory the job writes to")
+    if distributed.wanted(config.distributed):
+        raise ConfigError("distributed: task 'sentence-embedding' trains in one process for now; set "
+                          "distributed.nproc_per_node and distributed.nnodes to 1")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = SentenceEmbedding(config.data.max_length)
+    timings: dict[str, float] = {}
+    clock = functools.partial(_stage, timings=timings, emit=emit)
+    torch.manual_seed(config.seed)
+    attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
+
+    with clock("data"):
+        data = load_task_data(config.data)
+        teacher_dir = resolve_teacher(config.teacher.name)
+        texts = {"train": [e.text for e in data.train] + data.transfer,
+                 "validation": [e.text for e in data.validation], "test": [e.text for e in data.test]}
+        labels = {"train": torch.tensor([e.label for e in data.train] + [IGNORE_INDEX] * len(data.transfer)),
+                  "validation": torch.tensor([e.label for e in data.validation]),
+                  "test": torch.tensor([e.label for e in data.test])}
+        teacher = Teacher(load_sentence_encoder(teacher_dir, attention).eval(),
+                          AutoTokenizer.from_pretrained(teacher_dir))
+        teacher_inputs = {name: task.encode(teacher.tokenizer, batch, config.data.max_length)
+                          for name, batch in texts.items()}
+
+    with clock("build-student"):
+        built = build_student(config.student, teacher.model.encoder, teacher_dir, attn_implementation=attention,
+                              auto_class=AutoModel)
+        if config.loss.intermediate and not built.shares_teacher_tokenizer:
+            raise ConfigError("loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so "
+                              "both need the same tokenizer, and this student's tokenizer differs from the teacher's. "
+                              "Use embedding losses only (set them to 0) or a student with init 'teacher' or 'fresh'")
+        width, teacher_width = built.model.config.hidden_size, teacher.model.dimension
+        # The student pools and normalizes as its teacher does, so their embeddings live in the same space.
+        student = SentenceEncoder(built.model, teacher.model.pooling,
+                                  nn.Linear(width, teacher_width) if width != teacher_width else None,
+                                  teacher.model.normalize)
+        student_inputs = teacher_inputs if built.shares_teacher_tokenizer else {
+            name: task.encode(built.tokenizer, batch, config.data.max_length) for name, batch in texts.items()}
+        splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
+                  for name in texts}
+
+    with clock("teacher-embeddings"):
+        cache_train = config.train.cache_teacher_logits and not config.loss.intermediate
+        embeddings = _teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
+                                      fingerprint=f"{teacher_dir}:{config.precision}:embedding", reuse=resume)
+        for name, split in splits.items():
+            split.teacher_outputs = embeddings.get(name)
+
+    with clock("distill"):
+        result = engine.fit(task, student, built.tokenizer, splits["train"], splits["validation"], config.train,
+                            run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
+                            layer_map=built.layer_map, resume=resume, on_event=emit, stage="distill",
+                            precision=config.precision)
+
+    with clock("evaluate"):
+        best = load_sentence_encoder(out / engine.BEST)
+        labelled = len(data.train)  # the probe learns from labelled rows only (transfer texts have no label)
+        teacher_train = (embeddings["train"][:labelled] if cache_train else predict_distilled(
+            task, teacher.model, teacher.tokenizer, teacher_inputs["train"][:labelled], precision=config.precision))
+        student_train, student_test = (
+            predict_distilled(task, best, built.tokenizer, inputs, precision=config.precision)
+            for inputs in (student_inputs["train"][:labelled], student_inputs["test"]))
+        train_labels = labels["train"][:labelled]
+        probe = {"teacher": linear_probe(teacher_train, train_labels, embeddings["test"], labels["test"]),
+                 "student": linear_probe(student_train, train_labels, student_test, labels["test"])}
+        test_metrics = agreement_metrics(student_test, embeddings["test"])
+        _publish(out / engine.BEST, out / STUDENT)
+
+    onnx = _deploy(config, out, best, built.tokenizer, texts["test"], embeddings["test"], clock) \
+        if config.export.onnx else {}
+    teacher_params, student_params = count_params(teacher.model), count_params(best)
+    report = {
+        "config": json.loads(config.model_dump_json()),
+        "task": task.name,
+        "data": data.summary(),
+        "teacher": {"source": config.teacher.name, "dir": teacher_dir, "params": teacher_params,
+                    "dimension": teacher.model.dimension, "pooling": teacher.model.pooling,
+                    "normalize": teacher.model.normalize, "test_probe_accuracy": probe["teacher"]},
+        "student": {"dir": str(out / STUDENT), "params": student_params, "width": width,
+                    "projection": student.projection is not None, "best_epoch": result.best_epoch,
+                    "train_examples": len(splits["train"]), "steps": result.steps, "history": result.history,
+                    "test_cosine": test_metrics["cosine"],
+                    f"test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"],
+                    "test_probe_accuracy": probe["student"],
+                    "train_examples_per_second": result.examples_per_second},
+        "probe_retention": probe["student"] / probe["teacher"] if probe["teacher"] else None,
+        "param_ratio": student_params / teacher_params,
+        "teacher_logits_cached": cache_train,
+        **onnx,
+        "timings_seconds": timings,
+    }
+    atomic.write_text(out / REPORT, json.dumps(report, indent=2))
+    atomic.write_text(out / REPORT_MD, render_markdown(report))
+    emit("done", {"report": str(out / REPORT), "student_test_probe_accuracy": probe["student"],
+                  f"student_test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"]})
+    return RunResult(out, out / STUDENT, report)
+
+
+def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase,
+            test_texts: list[str], teacher_test: Tensor, clock: Any) -> dict[str, Any]:
+    """student-onnx/: model.onnx (checked against PyTorch) and, unless compress.quantize is 'none', a dynamic INT8
+    model_int8.onnx; both measured against the teacher on the test split."""
+    target = out / STUDENT_ONNX
+    with clock("export"):
+        exported = export_embedding_onnx(model, tokenizer, target, max_length=config.data.max_length,
+                                         opset=config.export.opset, tolerance=config.export.tolerance)
+    section: dict[str, Any] = {"export": {"student": {"path": str(exported.path), "opset": exported.opset,
+                                                      "size_bytes": exported.size_bytes,
+                                                      "max_abs_diff": exported.max_abs_diff,
+                                                      "checked_shapes": exported.checked_shapes}}}
+    files = {"onnx-fp32": exported.path}
+    if config.compress.quantize != "none":
+        with clock("compress"):
+            files["onnx-int8"] = quantize_embedding_onnx(exported.path, per_channel=config.compress.per_channel)
+    section["deployment"] = {name: {"path": str(path), "size_bytes": path.stat().st_size,
+                                    **agreement_metrics(OnnxEmbedder(path, config.data.max_length).embed(test_texts),
+                                                        teacher_test)}
+                             for name, path in files.items()}
+    return section
+
+
+def export_embedding_onnx(model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, target: Path, *,
+                          max_length: int = 128, opset: int = 17, tolerance: float = 1e-4) -> ExportResult:
+    """target/ gets model.onnx ((B, L) ids → (B, D) L2-normalized `sentence_embedding`), the tokenizer and the
+    encoder's config.json; parity-checked against PyTorch on a short, a long and a padded batch (CHECK_TEXTS)."""
+    target = Path(target)
+    graph = _Normalized(model)
+    by_length = sorted(CHECK_TEXTS, key=len)
+    # In SentenceEncoder.forward's order: the exporter binds inputs by position.
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
+    batches = [{name: encoded[name] for name in names}
+               for encoded in (tokenizer(batch, padding=True, truncation=True, max_length=max_length,
+                                         return_tensors="pt")
+                               for batch in (by_length[:1], by_length[-1:], CHECK_TEXTS))]
+    staged = atomic.staging(target)
+    result = export_module(graph, batches, staged / "model.onnx", output_axes={OUTPUT: {0: "batch"}}, opset=opset,
+                           tolerance=tolerance)
+    tokenizer.save_pretrained(staged)
+    model.config.save_pretrained(staged)
+    atomic.replace_dir(staged, target)
+    return ExportResult(target / "model.onnx", result.opset, result.max_abs_diff, result.checked_shapes,
+                        result.size_bytes)
+
+
+def quantize_embedding_onnx(onnx_path: Path, *, per_channel: bool = True) -> Path:
+    """Dynamic INT8 (per-channel weight scales by default) of an exported embedding graph → model_int8.onnx beside it.
+
+    Not `compress.compress`: its parity checks and accuracy gate read a classifier's `logits` output. Without ORT's
+    transformer fusions first; how close INT8 stays is measured by the caller (cosine/recall against the teacher)."""
+    int8 = onnx_path.with_name(INT8_FILE)
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent, prefix=".quantize-") as work:
+        prepared, quantized = Path(work, "prepared.onnx"), Path(work, INT8_FILE)
+        quant_pre_process(onnx_path, prepared, skip_symbolic_shape=True)  # shape inference the quantizer asks for
+        quantize_dynamic(prepared, quantized, per_channel=per_channel, weight_type=QuantType.QInt8)
+        quantized.replace(int8)
+    return int8
+
+
+class OnnxEmbedder:
+    """An exported embedding directory (model.onnx or model_int8.onnx + tokenizer) run by onnxruntime on the CPU."""
+
+    def __init__(self, onnx_path: Path, max_length: int = 128, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from distill.runtime import available_cpus
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cpus()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(onnx_path).parent)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.max_length = max_length
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> Tensor:
+        """(N, D) float32 embeddings, in order."""
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            encoded = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="np")
+            (embedding,) = self.session.run([OUTPUT], {n: encoded[n].astype("int64") for n in self.input_names})
+            rows.append(torch.from_numpy(embedding))
+        return torch.cat(rows)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md of a sentence-embedding job."""
+    teacher, student = report["teacher"], report["student"]
+    lines = ["# Sentence-embedding distillation report", "",
+             f"Teacher `{teacher['source']}`: {teacher['params']:,} params, {teacher['dimension']}-d "
+             f"{teacher['pooling']} pooling{', normalized' if teacher['normalize'] else ''}.",
+             f"Student: {student['params']:,} params ({report['param_ratio']:.1%} of the teacher), width "
+             f"{student['width']}{' + projection' if student['projection'] else ''}.", "",
+             "| model | test probe accuracy | cosine to teacher | recall@10 agreement |",
+             "| --- | ---: | ---: | ---: |",
+             f"| teacher (PyTorch) | {teacher['test_probe_accuracy']:.4f} | 1.0000 | 1.0000 |",
+             f"| student (PyTorch) | {student['test_probe_accuracy']:.4f} | {student['test_cosine']:.4f} | "
+             f"{student[f'test_recall_at_{NEIGHBOURS}']:.4f} |"]
+    lines += [f"| student ({name}) | | {row['cosine']:.4f} | {row[f'recall_at_{NEIGHBOURS}']:.4f} |"
+              for name, row in report.get("deployment", {}).items()]
+    lines += ["", f"Probe retention: {report['probe_retention']:.4f}."]
+    if "export" in report:
+        lines += [f"ONNX export checked against PyTorch: max abs difference "
+                  f"{report['export']['student']['max_abs_diff']:.2g}."]
+    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["timings_seconds"].items()]
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,78 @@
+"""Causal-LM part of bench/tasks.py: train a GPT-2-shaped teacher on the reviews texts, distill it into half its
+blocks, and measure perplexity of both on the test split, KL(teacher ‖ student), params and the latency ratio
+ORT INT8 student / PyTorch teacher (batch 1, a median-length test text). Target: student perplexity within 15% of
+the teacher's (lm_perplexity_ratio ≤ 1.15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.causal_lm import train_lm_teacher
+from distill.config import (
+    DataConfig,
+    EvaluateConfig,
+    FromTeacher,
+    JobConfig,
+    LossConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+from distill.data import load_task_data, pull_dataset
+from distill.pipeline import run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("causal-lm")
+    group.add_argument("--lm-layers", type=int, default=4, help="teacher blocks; the student keeps every other one")
+    group.add_argument("--lm-hidden", type=int, default=256)
+    group.add_argument("--lm-vocab", type=int, default=4096, help="BPE vocabulary learned from the training texts")
+    group.add_argument("--lm-max-length", type=int, default=48)
+    group.add_argument("--lm-teacher-epochs", type=int, default=3)
+    group.add_argument("--lm-epochs", type=int, default=2, help="distillation epochs")
+    group.add_argument("--lm-divergence", choices=["kd_kl", "reverse_kl", "jsd"], default="kd_kl")
+
+
+def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train the teacher under work/, run the distillation job, return the numbers for tasks.json."""
+    pull_dataset("reviews")
+    data = load_task_data(DataConfig(dataset="reviews"))
+    started = time.perf_counter()
+    teacher_dir = train_lm_teacher(
+        [e.text for e in data.train], [e.text for e in data.validation], work / "lm-teacher", layers=args.lm_layers,
+        hidden=args.lm_hidden, heads=4, vocab_size=args.lm_vocab, max_length=args.lm_max_length,
+        train=TrainConfig(epochs=args.lm_teacher_epochs, batch_size=32, lr=1e-3), precision=args.precision,
+        on_event=_log)
+    teacher_seconds = time.perf_counter() - started
+    config = JobConfig(
+        task="causal-lm", seed=0, precision=args.precision, teacher=TeacherConfig(name=str(teacher_dir)),
+        data=DataConfig(dataset="reviews", max_length=args.lm_max_length),
+        student=FromTeacher(init="teacher", layers=list(range(0, args.lm_layers, 2))),
+        loss=LossConfig(temperature=1.0, alpha=0.5, divergence=args.lm_divergence),
+        train=TrainConfig(epochs=args.lm_epochs, batch_size=32, lr=5e-4),
+        evaluate=EvaluateConfig(latency_calls=100), output_dir=work / "lm-job")
+    report = run(config, _log).report
+    teacher, student, evaluation = report["teacher"], report["student"], report["evaluation"]
+    return {
+        "lm_teacher_perplexity": teacher["test_perplexity"],
+        "lm_student_perplexity": student["test_perplexity"],
+        "lm_perplexity_ratio": report["perplexity_ratio"],
+        "lm_kl_from_teacher": student["test_kl_from_teacher"],
+        "lm_int8_student_perplexity": evaluation["models"]["student-onnx-int8"]["test_perplexity"],
+        "lm_teacher_params": teacher["params"],
+        "lm_student_params": student["params"],
+        "lm_latency_ratio_int8_student_over_torch_teacher": evaluation["latency_ratio"],
+        "lm_latency_p50_ms": {name: row["latency_p50_ms"] for name, row in evaluation["models"].items()},
+        "lm_test_predicted_tokens": report["data"]["test_predicted_tokens"],
+        "lm_seconds": {"teacher_training": round(teacher_seconds, 1), **report["timings_seconds"]},
+        "lm_target_met": report["perplexity_ratio"] <= 1.15,
+    }
+
+
+def _log(kind: str, data: dict[str, Any]) -> None:
+    if kind == "progress" and data["step"] % 100:
+        return
+    print(f"  [{time.strftime('%H:%M:%S')}] {kind} {data}", flush=True)

@@ -218,6 +218,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     emit = on_event or (lambda kind, data: None)
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
+    if config.distributed.nproc_per_node > 1 or config.distributed.nnodes > 1:
+        raise ConfigError("distributed: task 'causal-lm' trains in one process; leave nproc_per_node and nnodes at 1")
     if config.compress.quantize == "static":
         raise ConfigError("compress.quantize: static INT8 is not available for task 'causal-lm'; use dynamic or none")
     out = Path(config.output_dir)

@@ -1,0 +1,104 @@
+"""Sentence-embedding part of bench/tasks.py: distill the mpnet-base sentence encoder into the first 3 layers of
+MiniLM-L6 (+ a 384 → 768 projection) on the reviews texts (+ the built-in transfer texts), and measure on the test
+split: linear-probe accuracy of teacher and student (trained on the train split's frozen embeddings), probe
+retention, cosine and recall@10 agreement with the teacher, params, and the latency ratio ORT INT8 student / PyTorch
+teacher (batch 1, a median-length test text, tokenization included). Targets: probe retention ≥ 0.95, recall@10
+agreement ≥ 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
+from distill.data import load_task_data, pull_dataset
+from distill.embedding import INT8_FILE, OnnxEmbedder, load_sentence_encoder
+from distill.pipeline import STUDENT_ONNX, run
+from teachers.registry import pull_teacher
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sentence-embedding")
+    group.add_argument("--emb-teacher", default="mpnet-base")
+    group.add_argument("--emb-student-layers", type=int, default=3, help="first N layers of minilm-l6")
+    group.add_argument("--emb-epochs", type=int, default=2)
+    group.add_argument("--emb-max-length", type=int, default=64)
+    group.add_argument("--emb-transfer", action=argparse.BooleanOptionalAction, default=True,
+                       help="also train on the 13,098 built-in unlabelled snippets (data.transfer: builtin)")
+    group.add_argument("--emb-latency-calls", type=int, default=100)
+    group.add_argument("--emb-limit", type=int, default=None, help="training examples (quick runs; default: all)")
+
+
+def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run the distillation job under work/, time teacher and INT8 student, return the numbers for tasks.json."""
+    pull_dataset("reviews")
+    teacher_dir = pull_teacher(args.emb_teacher)  # present already: returns its directory
+    config = JobConfig(
+        task="sentence-embedding", seed=0, precision=args.precision, teacher=TeacherConfig(name=args.emb_teacher),
+        data=DataConfig(dataset="reviews", max_length=args.emb_max_length, limit=args.emb_limit,
+                        transfer="builtin" if args.emb_transfer else None),
+        student=FromModel(init="model", model="minilm-l6", num_layers=args.emb_student_layers),
+        loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=1.0, similarity_temperature=0.05),
+        train=TrainConfig(epochs=args.emb_epochs, batch_size=32, lr=1e-4), output_dir=work / "embedding-job")
+    report = run(config, _log).report
+    teacher, student = report["teacher"], report["student"]
+
+    texts = [e.text for e in load_task_data(config.data).test]
+    text = sorted(texts, key=len)[len(texts) // 2]
+    teacher_model, teacher_tokenizer = load_sentence_encoder(teacher_dir).eval(), AutoTokenizer.from_pretrained(
+        teacher_dir)
+
+    def teacher_call() -> None:
+        with torch.inference_mode():
+            teacher_model(**teacher_tokenizer([text], truncation=True, max_length=args.emb_max_length,
+                                              return_tensors="pt"))
+
+    int8 = OnnxEmbedder(work / "embedding-job" / STUDENT_ONNX / INT8_FILE, args.emb_max_length)
+    latency = {"teacher-torch": _p50_ms(teacher_call, args.emb_latency_calls),
+               "student-onnx-int8": _p50_ms(lambda: int8.embed([text]), args.emb_latency_calls)}
+    deployment = report["deployment"]
+    return {
+        "embedding_teacher_probe_accuracy": teacher["test_probe_accuracy"],
+        "embedding_student_probe_accuracy": student["test_probe_accuracy"],
+        "embedding_probe_retention": report["probe_retention"],
+        "embedding_recall_at_10": student["test_recall_at_10"],
+        "embedding_cosine": student["test_cosine"],
+        "embedding_int8_recall_at_10": deployment["onnx-int8"]["recall_at_10"],
+        "embedding_int8_cosine": deployment["onnx-int8"]["cosine"],
+        "embedding_teacher_params": teacher["params"],
+        "embedding_student_params": student["params"],
+        "embedding_latency_p50_ms": latency,
+        "embedding_latency_ratio_int8_student_over_torch_teacher":
+            latency["student-onnx-int8"] / latency["teacher-torch"],
+        "embedding_latency_text_tokens": len(teacher_tokenizer(text)["input_ids"]),
+        "embedding_train_texts": student["train_examples"],
+        "embedding_history": student["history"],
+        "embedding_seconds": report["timings_seconds"],
+        "embedding_targets_met": {"probe_retention_0.95": report["probe_retention"] >= 0.95,
+                                  "recall_at_10_0.8": student["test_recall_at_10"] >= 0.8},
+    }
+
+
+def _p50_ms(call: Callable[[], object], calls: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def _log(kind: str, data: dict[str, Any]) -> None:
+    if kind == "progress" and data["step"] % 100:
+        return
+    print(f"  [{time.strftime('%H:%M:%S')}] {kind} {data}", flush=True)

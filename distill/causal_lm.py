@@ -44,7 +44,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import ModelOutput
 
-from distill import atomic, engine
+from distill import atomic, engine, pipeline  # pipeline imports this module only inside run()
 from distill.compress import INT8_FILE, QUANTIZABLE
 from distill.config import ConfigError, DataConfig, JobConfig, LossConfig, Precision, TrainConfig
 from distill.data import load_task_data
@@ -54,6 +54,7 @@ from distill.losses import IGNORE_INDEX, kd_kl
 from distill.runtime import ONNX_FILE, OUTPUT_NAME, available_cpus
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence
+from teachers.registry import resolve_teacher
 
 END = "<|endoftext|>"  # GPT-2's one special token: begins and ends every text, and pads
 Logits = Callable[[dict[str, Tensor]], Tensor]  # (B, L) inputs → (B, L, V) float logits
@@ -211,10 +212,8 @@ def _split(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
     return Split(encoded, torch.full((len(encoded),), IGNORE_INDEX), teacher_inputs=encoded)
 
 
-def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> Any:
-    """A `task: causal-lm` job (see the module docstring); returns pipeline.RunResult."""
-    from distill import pipeline  # pipeline.run dispatches here, so pipeline imports this module
-
+def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> pipeline.RunResult:
+    """A `task: causal-lm` job (see the module docstring); pipeline.run hands it over."""
     emit = on_event or (lambda kind, data: None)
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
@@ -231,7 +230,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("data"):
         data = load_task_data(config.data)
-        teacher_dir = pipeline.resolve_teacher(config.teacher.name)
+        teacher_dir = resolve_teacher(config.teacher.name)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         if tokenizer.pad_token is None:  # GPT-2's own tokenizer has none; padded positions are masked anyway
             tokenizer.pad_token = tokenizer.eos_token
@@ -242,6 +241,9 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     with clock("build-student"):
         attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
         teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, attn_implementation=attention).eval()
+        positions = getattr(teacher.config, "max_position_embeddings", None)
+        if positions is not None and max_length > positions:
+            raise ConfigError(f"data.max_length: {max_length} tokens, but the teacher has {positions} positions")
         student = build_student(config.student, teacher, teacher_dir, attn_implementation=attention,
                                 auto_class=AutoModelForCausalLM)
         if not student.shares_teacher_tokenizer:
@@ -293,8 +295,6 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
             tokenizer: PreTrainedTokenizerBase, test: list[Encoded], clock: Callable[..., Any]) -> dict[str, Any]:
     """student-onnx/ (model.onnx, model_int8.onnx, tokenizer, config), then perplexity of each file on the test
     split and batch-1 latency against the PyTorch teacher."""
-    from distill import pipeline
-
     target = out / pipeline.STUDENT_ONNX
     staged = atomic.staging(target)
     by_length = sorted(test, key=lambda e: len(e["input_ids"]))

@@ -66,6 +66,7 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "lm_student_params": student["params"],
         "lm_latency_ratio_int8_student_over_torch_teacher": evaluation["latency_ratio"],
         "lm_latency_p50_ms": {name: row["latency_p50_ms"] for name, row in evaluation["models"].items()},
+        "lm_latency_threads": {"torch": evaluation["torch_threads"], "onnx": evaluation["onnx_threads"]},
         "lm_test_predicted_tokens": report["data"]["test_predicted_tokens"],
         "lm_seconds": {"teacher_training": round(teacher_seconds, 1), **report["timings_seconds"]},
         "lm_target_met": report["perplexity_ratio"] <= 1.15,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -301,24 +302,27 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
     # The shortest and longest alone, then a padded batch of mixed lengths.
     checks = [TASK.collate(tokenizer, batch)
               for batch in ([by_length[0]], [by_length[-1]], by_length[::max(len(by_length) // 4, 1)])]
-    with clock("export"):
-        exported = export_module(NextTokenLogits(student), checks, staged / ONNX_FILE,
-                                 output_axes={OUTPUT_NAME: {0: "batch", 1: "sequence"}}, opset=config.export.opset,
-                                 tolerance=config.export.tolerance)
-        tokenizer.save_pretrained(staged)
-        student.config.save_pretrained(staged)
-    section: dict[str, Any] = {"export": {"student": {
-        "path": str(target / ONNX_FILE), "opset": exported.opset, "size_bytes": exported.size_bytes,
-        "max_abs_diff": exported.max_abs_diff, "checked_shapes": exported.checked_shapes}}}
-    cc = config.compress
-    if cc.quantize == "dynamic":
-        with clock("compress"):
-            quantize_dynamic(staged / ONNX_FILE, staged / INT8_FILE, weight_type=QuantType.QInt8,
-                             per_channel=cc.per_channel,
-                             op_types_to_quantize=[op for op in QUANTIZABLE["dynamic"] if op not in cc.exclude_ops])
-        section["compress"] = {"mode": "dynamic", "per_channel": cc.per_channel,
-                               "int8_bytes": (staged / INT8_FILE).stat().st_size}
-    atomic.replace_dir(staged, target)
+    try:
+        with clock("export"):
+            exported = export_module(NextTokenLogits(student), checks, staged / ONNX_FILE,
+                                     output_axes={OUTPUT_NAME: {0: "batch", 1: "sequence"}}, opset=config.export.opset,
+                                     tolerance=config.export.tolerance)
+            tokenizer.save_pretrained(staged)
+            student.config.save_pretrained(staged)
+        section: dict[str, Any] = {"export": {"student": {
+            "path": str(target / ONNX_FILE), "opset": exported.opset, "size_bytes": exported.size_bytes,
+            "max_abs_diff": exported.max_abs_diff, "checked_shapes": exported.checked_shapes}}}
+        cc = config.compress
+        if cc.quantize == "dynamic":
+            with clock("compress"):
+                quantize_dynamic(staged / ONNX_FILE, staged / INT8_FILE, weight_type=QuantType.QInt8,
+                                 per_channel=cc.per_channel,
+                                 op_types_to_quantize=[op for op in QUANTIZABLE["dynamic"] if op not in cc.exclude_ops])
+            section["compress"] = {"mode": "dynamic", "per_channel": cc.per_channel,
+                                   "int8_bytes": (staged / INT8_FILE).stat().st_size}
+        atomic.replace_dir(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone after the swap; what a failed export left
 
     with clock("evaluate-deployment"):
         variants = {"teacher-torch": teacher_logits, "student-torch": torch_logits(student, config.precision),

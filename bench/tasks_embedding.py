@@ -9,6 +9,7 @@ agreement ≥ 0.8.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from transformers import AutoTokenizer
 from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
 from distill.data import load_task_data, pull_dataset
 from distill.embedding import INT8_FILE, OnnxEmbedder, load_sentence_encoder
-from distill.pipeline import STUDENT_ONNX, run
+from distill.pipeline import STUDENT_ONNX, TEACHER_LOGITS, run
 from teachers.registry import pull_teacher
 
 
@@ -35,20 +36,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also train on the 13,098 built-in unlabelled snippets (data.transfer: builtin)")
     group.add_argument("--emb-latency-calls", type=int, default=100)
     group.add_argument("--emb-limit", type=int, default=None, help="training examples (quick runs; default: all)")
+    group.add_argument("--emb-teacher-cache", type=Path, default=None,
+                       help="a teacher_logits.pt to reuse: the job takes it only when its fingerprint (teacher, "
+                            "precision, every text's token ids) matches, else computes its own; written here after "
+                            "the job when the file does not exist yet")
 
 
 def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Run the distillation job under work/, time teacher and INT8 student, return the numbers for tasks.json."""
     pull_dataset("reviews")
     teacher_dir = pull_teacher(args.emb_teacher)  # present already: returns its directory
+    job = work / "embedding-job"
     config = JobConfig(
         task="sentence-embedding", seed=0, precision=args.precision, teacher=TeacherConfig(name=args.emb_teacher),
         data=DataConfig(dataset="reviews", max_length=args.emb_max_length, limit=args.emb_limit,
                         transfer="builtin" if args.emb_transfer else None),
         student=FromModel(init="model", model="minilm-l6", num_layers=args.emb_student_layers),
         loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=1.0, similarity_temperature=0.05),
-        train=TrainConfig(epochs=args.emb_epochs, batch_size=32, lr=1e-4), output_dir=work / "embedding-job")
-    report = run(config, _log).report
+        train=TrainConfig(epochs=args.emb_epochs, batch_size=32, lr=1e-4), output_dir=job)
+    cache = args.emb_teacher_cache
+    if cache is not None and cache.is_file():
+        job.mkdir(parents=True)
+        shutil.copyfile(cache, job / TEACHER_LOGITS)
+    # resume only reuses the teacher's outputs here: a fresh job directory holds no checkpoint to continue.
+    report = run(config, _log, resume=True).report
+    if cache is not None and not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(job / TEACHER_LOGITS, cache)
     teacher, student = report["teacher"], report["student"]
 
     texts = [e.text for e in load_task_data(config.data).test]
@@ -61,7 +75,7 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             teacher_model(**teacher_tokenizer([text], truncation=True, max_length=args.emb_max_length,
                                               return_tensors="pt"))
 
-    int8 = OnnxEmbedder(work / "embedding-job" / STUDENT_ONNX / INT8_FILE, args.emb_max_length)
+    int8 = OnnxEmbedder(job / STUDENT_ONNX / INT8_FILE, args.emb_max_length)
     latency = {"teacher-torch": _p50_ms(teacher_call, args.emb_latency_calls),
                "student-onnx-int8": _p50_ms(lambda: int8.embed([text]), args.emb_latency_calls)}
     deployment = report["deployment"]

@@ -193,3 +193,28 @@ def test_real_minilm_teacher_into_two_of_its_layers(tmp_path: Path) -> None:
     # Measured: cosine 0.77, recall@10 0.74 after these 40 steps; the teacher's synthetic neighbourhoods are noisy.
     assert report["student"]["test_cosine"] >= 0.7 and report["student"]["test_recall_at_10"] >= 0.6
     assert report["probe_retention"] >= 0.9
+
+
+def test_fit_projection_recovers_a_linear_map(tmp_path: Path) -> None:
+    """Teacher embeddings that are an exact affine map of the student's pooled ones: least squares finds it, so the
+    student starts where the teacher is (cosine 1) instead of at a random projection (cosine ~0)."""
+    from torch import nn
+    from transformers import AutoModel, AutoTokenizer
+
+    from distill.embedding import SentenceEncoder, fit_projection
+    from distill.tasks import predict_distilled
+
+    directory = write_tiny_encoder(tmp_path / "student", hidden=16)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(0)
+    model = SentenceEncoder(AutoModel.from_pretrained(directory), "mean", nn.Linear(16, 32), normalize=True)
+    inputs = TASK.encode(tokenizer, [text for text, _ in synthetic_rows(120, seed=4)], 16)
+    model.projection, model.normalize = None, False
+    pooled = predict_distilled(TASK, model, tokenizer, inputs)
+    model.projection, model.normalize = nn.Linear(16, 32), True
+    teacher = pooled @ torch.randn(16, 32) + torch.randn(32)
+    before = agreement_metrics(predict_distilled(TASK, model, tokenizer, inputs), teacher)["cosine"]
+    assert fit_projection(model, tokenizer, inputs, teacher, rows=60) == pytest.approx(1.0, abs=1e-4)
+    after = predict_distilled(TASK, model, tokenizer, inputs)  # all 120 texts, though it read 60 of them
+    assert agreement_metrics(after, teacher)["cosine"] == pytest.approx(1.0, abs=1e-4) and before < 0.5
+    assert (model.projection is not None, model.normalize) == (True, True)  # put back after reading pooled outputs

@@ -137,3 +137,24 @@ def test_tiny_causal_lm_job_writes_a_report_and_a_checked_onnx_student(tmp_path:
     assert report["evaluation"]["latency_ratio"] > 0
     assert "| student-onnx-int8 |" in (tmp_path / "job" / "report.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(result.student_dir).config.n_layer == 1
+
+
+def test_distill_run_prints_the_causal_lm_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from distill.cli import main
+
+    teacher_dir = train_lm_teacher(TEXTS, TEXTS[:40], tmp_path / "teacher", layers=2, hidden=32, heads=2,
+                                   vocab_size=300, max_length=16, train=TrainConfig(epochs=1, batch_size=16, lr=3e-3))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "causal-lm", "teacher": {"name": str(teacher_dir)},
+        "data": {"dataset": "files", "train": str(write_csv(tmp_path / "texts.csv", synthetic_rows(100, seed=9))),
+                 "max_length": 16},
+        "student": {"init": "teacher", "layers": [1]}, "train": {"epochs": 1, "batch_size": 16},
+        "export": {"onnx": False}}))
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.rindex("{\n"):])
+    assert summary["student_dir"] == str(tmp_path / "out" / "student")
+    assert summary["student_test_perplexity"] > 1 and 0 < summary["param_ratio"] < 1

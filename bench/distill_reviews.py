@@ -31,11 +31,12 @@ from teachers.registry import distill_home, pull_teacher
 RESULTS = Path(__file__).parent / "results" / "distill_reviews.json"
 
 
-def job(teacher: str, out: Path, epochs: int, cache: bool, limit: int | None, precision: str) -> JobConfig:
+def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namespace) -> JobConfig:
     return JobConfig(
-        seed=0, precision=precision,
+        seed=0, precision=args.precision,
         teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=1, finetune_lr=3e-5),
-        data=DataConfig(dataset="reviews", max_length=64, limit=limit),
+        data=DataConfig(dataset="reviews", max_length=64, limit=args.limit,
+                        transfer="builtin" if args.transfer else None, augment=args.augment),
         student=FromModel(init="model", model="minilm-l6", num_layers=3),
         loss=LossConfig(temperature=2.0, alpha=0.5),
         train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache),
@@ -55,6 +56,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--uncached-epochs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="training examples (default: all 8456)")
+    parser.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True,
+                        help="the built-in transfer texts (13,098 unlabelled snippets the teacher labels)")
+    parser.add_argument("--augment", type=int, default=3,
+                        help="perturbed copies of each training text for the teacher to label (data.augment)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                         help="bf16 autocast: faster on CPUs with AVX512-BF16; what the README quotes")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -69,7 +74,7 @@ def main() -> None:
         if teacher == "mpnet-base":
             pull_teacher(teacher, progress=print)
         print(f"== {teacher}: pipeline with the logit cache", flush=True)
-        report = run(job(teacher, work / teacher, args.epochs, True, args.limit, args.precision), log).report
+        report = run(job(teacher, work / teacher, args.epochs, True, args), log).report
         t = report["timings_seconds"]
         row = {"teacher": teacher, "teacher_params": report["teacher"]["params"],
                "student_params": report["student"]["params"], "param_ratio": report["param_ratio"],
@@ -83,8 +88,7 @@ def main() -> None:
             train_examples = report["data"]["splits"]["train"]["rows"] + report["data"]["transfer"]
             cached_seconds = t["teacher-logits"] + t["distill"]
             print(f"== {teacher}: distill stage with the teacher at every step", flush=True)
-            uncached = run(job(teacher, work / f"{teacher}-uncached", args.uncached_epochs, False, args.limit,
-                               args.precision), log).report
+            uncached = run(job(teacher, work / f"{teacher}-uncached", args.uncached_epochs, False, args), log).report
             u = uncached["timings_seconds"]
             row["cached_examples_per_second"] = train_examples * args.epochs / cached_seconds
             row["uncached_examples_per_second"] = train_examples * args.uncached_epochs / u["distill"]

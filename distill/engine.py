@@ -70,13 +70,10 @@ class FitResult:
 def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Split, validation: Split,
         cfg: TrainConfig, *, run_dir: Path, seed: int, teacher: Teacher | None = None,
         loss: LossConfig | None = None, layer_map: list[int] | None = None, resume: bool = False,
-        on_event: EventSink | None = None, stage: str = "distill", precision: Precision = "fp32",
-        lr_scale: dict[str, float] | None = None) -> FitResult:
+        on_event: EventSink | None = None, stage: str = "distill", precision: Precision = "fp32") -> FitResult:
     """Train `model` on `train`, keep the best epoch (validation accuracy) under run_dir/best; return metrics.
 
     Without `teacher` and without `train.teacher_outputs` this is plain fine-tuning (the task's loss on labels).
-    `lr_scale` maps a parameter-name prefix of `model` to a multiple of `cfg.lr` for those parameters (the schedule
-    scales every group alike).
     """
     emit = on_event if on_event is not None and distributed.is_main() else _ignore  # rank 0 speaks for all
     loss = loss or LossConfig(alpha=1.0)
@@ -96,8 +93,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     trainable = [*model.parameters(), *(projection.parameters() if projection else [])]
     # fused: one kernel over all parameters; the default per-tensor loop costs ~10x more per step on CPU
     # (54 ms vs 5 ms for a 3-layer MiniLM, most of it the 11.7M-parameter embedding table).
-    optimizer = torch.optim.AdamW(_param_groups(model, projection, cfg.lr, lr_scale or {}), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -202,17 +198,6 @@ def _data_parallel(model: PreTrainedModel, projection: nn.Module | None, device:
     # constants (position ids), so a broadcast per step would buy nothing.
     return DistributedDataParallel(_Trained(model, projection), forward_sync_buffers=False,
                                    device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _param_groups(model: nn.Module, projection: nn.Module | None, lr: float,
-                  lr_scale: dict[str, float]) -> list[dict[str, Any]]:
-    """One AdamW group per learning rate: parameters named under a `lr_scale` prefix get lr × its factor."""
-    groups: dict[float, list[nn.Parameter]] = {lr: []}
-    for name, parameter in model.named_parameters():
-        factor = next((f for prefix, f in lr_scale.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault(lr * factor, []).append(parameter)
-    groups[lr] += list(projection.parameters()) if projection else []
-    return [{"params": params, "lr": group_lr} for group_lr, params in groups.items() if params]
 
 
 def _shard(batch: list[int]) -> tuple[list[int], float]:

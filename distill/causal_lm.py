@@ -225,7 +225,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    clock = functools.partial(pipeline._stage, timings=timings, emit=emit)
+    clock = functools.partial(pipeline.timed_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)
     precision, max_length = config.precision, config.data.max_length
 
@@ -263,7 +263,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         teacher_logits = torch_logits(teacher, precision)
         teacher_test = score(teacher_logits, tokenizer, test)
         student_test = score(torch_logits(best, precision), tokenizer, test, reference=teacher_logits)
-        pipeline._publish(out / engine.BEST, out / pipeline.STUDENT)
+        pipeline.publish(out / engine.BEST, out / pipeline.STUDENT)
 
     deployment = _deploy(config, out, best, teacher_logits, tokenizer, test, clock) if config.export.onnx else {}
     teacher_params, student_params = count_params(teacher), count_params(best)
@@ -285,11 +285,9 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         **deployment,
         "timings_seconds": timings,
     }
-    atomic.write_text(out / pipeline.REPORT, json.dumps(report, indent=2))
-    atomic.write_text(out / pipeline.REPORT_MD, render_markdown(report))
-    emit("done", {"report": str(out / pipeline.REPORT), "student_test_perplexity": student_test["perplexity"],
-                  "teacher_test_perplexity": teacher_test["perplexity"]})
-    return pipeline.RunResult(out, out / pipeline.STUDENT, report)
+    return pipeline.finish(out, report, render_markdown(report), emit,
+                           {"student_test_perplexity": student_test["perplexity"],
+                            "teacher_test_perplexity": teacher_test["perplexity"]})
 
 
 def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logits: Logits,

@@ -36,8 +36,16 @@ from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
 from distill.export import CHECK_TEXTS, ExportResult, export_module
 from distill.losses import IGNORE_INDEX
-from distill.pipeline import REPORT, REPORT_MD, STUDENT, STUDENT_ONNX, TEACHER_LOGITS, RunResult, _publish, _stage
-from distill.pipeline import _teacher_logits as _teacher_outputs
+from distill.pipeline import (
+    STUDENT,
+    STUDENT_ONNX,
+    TEACHER_LOGITS,
+    RunResult,
+    finish,
+    publish,
+    teacher_outputs,
+    timed_stage,
+)
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, SequenceClassification, predict_distilled
 from teachers.registry import resolve_teacher
@@ -313,7 +321,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     out.mkdir(parents=True, exist_ok=True)
     task = SentenceEmbedding(config.data.max_length)
     timings: dict[str, float] = {}
-    clock = functools.partial(_stage, timings=timings, emit=emit)
+    clock = functools.partial(timed_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)
     attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
 
@@ -349,7 +357,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("teacher-embeddings"):
         cache_train = config.train.cache_teacher_logits and not config.loss.intermediate
-        embeddings = _teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
+        embeddings = teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
                                       fingerprint=f"{teacher_dir}:{config.precision}:embedding", reuse=resume)
         for name, split in splits.items():
             split.teacher_outputs = embeddings.get(name)
@@ -377,7 +385,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         probe = {"teacher": linear_probe(teacher_train, train_labels, embeddings["test"], labels["test"]),
                  "student": linear_probe(student_train, train_labels, student_test, labels["test"])}
         test_metrics = agreement_metrics(student_test, embeddings["test"])
-        _publish(out / engine.BEST, out / STUDENT)
+        publish(out / engine.BEST, out / STUDENT)
 
     onnx = _deploy(config, out, best, built.tokenizer, texts["test"], embeddings["test"], clock) \
         if config.export.onnx else {}
@@ -402,11 +410,9 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         **onnx,
         "timings_seconds": timings,
     }
-    atomic.write_text(out / REPORT, json.dumps(report, indent=2))
-    atomic.write_text(out / REPORT_MD, render_markdown(report))
-    emit("done", {"report": str(out / REPORT), "student_test_probe_accuracy": probe["student"],
-                  f"student_test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"]})
-    return RunResult(out, out / STUDENT, report)
+    return finish(out, report, render_markdown(report), emit,
+                  {"student_test_probe_accuracy": probe["student"],
+                   f"student_test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"]})
 
 
 def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase,

@@ -72,7 +72,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         out.mkdir(parents=True, exist_ok=True)
     task = SequenceClassification()
     timings: dict[str, float] = {}
-    clock = functools.partial(_stage, timings=timings, emit=emit)
+    clock = functools.partial(timed_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)
 
     with clock("data"):
@@ -112,7 +112,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         cache_train = config.train.cache_teacher_logits and not intermediate
         # Computed once, by rank 0 (which also stores them), and sent to the other ranks.
         logits = distributed.broadcast(
-            _teacher_logits(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
+            teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
                             fingerprint=f"{prepared.path}:{config.precision}", reuse=resume)
             if distributed.is_main() else None)
         for name, split in splits.items():
@@ -131,7 +131,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         student_metrics = task.evaluate(best, student.tokenizer, splits["test"], config.precision)
         teacher_metrics = {name: task.score(logits[name], splits[name])["accuracy"]
                            for name in ("validation", "test")}
-        _publish(out / engine.BEST, out / STUDENT)
+        publish(out / engine.BEST, out / STUDENT)
 
     deployment = _deploy(config, out, prepared.path, data, clock, emit) if config.export.onnx else {}
     teacher_params, student_params = count_params(teacher_model), count_params(best)
@@ -152,10 +152,18 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         **deployment,
         "timings_seconds": timings,
     }
+    return finish(out, report, render_job_markdown(report), emit,
+                  {"student_test_accuracy": student_metrics["accuracy"],
+                   "teacher_test_accuracy": teacher_metrics["test"]})
+
+
+def finish(out: Path, report: dict[str, Any], markdown: str, emit: EventSink,
+           headline: dict[str, Any]) -> RunResult:
+    """Every task's last step: report.json and report.md in `out`, then the `done` event with the headline numbers
+    (what `distill run` prints)."""
     atomic.write_text(out / REPORT, json.dumps(report, indent=2))
-    atomic.write_text(out / REPORT_MD, render_job_markdown(report))
-    emit("done", {"report": str(out / REPORT), "student_test_accuracy": student_metrics["accuracy"],
-                  "teacher_test_accuracy": teacher_metrics["test"]})
+    atomic.write_text(out / REPORT_MD, markdown)
+    emit("done", {"report": str(out / REPORT), **headline})
     return RunResult(out, out / STUDENT, report)
 
 
@@ -244,7 +252,7 @@ def render_job_markdown(report: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _stage(name: str, *, timings: dict[str, float], emit: EventSink) -> Iterator[None]:
+def timed_stage(name: str, *, timings: dict[str, float], emit: EventSink) -> Iterator[None]:
     """`with clock(stage):` emits the stage event and records its wall time."""
     emit("stage", {"stage": name})
     started = time.perf_counter()
@@ -252,7 +260,7 @@ def _stage(name: str, *, timings: dict[str, float], emit: EventSink) -> Iterator
     timings[name] = round(time.perf_counter() - started, 3)
 
 
-def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
+def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
                     emit: EventSink, precision: Precision, *, fingerprint: str, reuse: bool) -> dict[str, torch.Tensor]:
     """The teacher runs once per example: validation/test always (agreement), train when the cache is on.
     Stored next to the checkpoint so a resumed job does not pay for it again; reused only when resuming and only
@@ -277,7 +285,7 @@ def _teacher_logits(task: Task, teacher: Teacher, splits: dict[str, Split], cach
     return logits
 
 
-def _publish(best: Path, target: Path) -> None:
+def publish(best: Path, target: Path) -> None:
     """Copy the best checkpoint to its published name (a reader never sees a half directory)."""
     staged = atomic.staging(target)
     shutil.copytree(best, staged)

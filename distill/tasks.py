@@ -2,7 +2,8 @@
 distilled outputs, how a model is scored and saved.
 
 The engine owns the loop (optimizer, schedule, checkpoints, intermediate-layer losses); a task owns everything that
-depends on what the model is for. Tasks are chosen by the registry key `JobConfig.task`.
+depends on what the model is for. `JobConfig.task` picks one; `pipeline.run` hands sentence-embedding and
+causal-lm jobs to their modules (distill/embedding.py, distill/causal_lm.py), which define theirs.
 """
 
 from __future__ import annotations
@@ -105,9 +106,6 @@ class SequenceClassification:
     def save(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
-
-
-TASKS: dict[str, Task] = {"sequence-classification": SequenceClassification()}
 
 
 def logit_divergence(student: Tensor, teacher: Tensor, cfg: LossConfig, mask: Tensor | None = None) -> Tensor:

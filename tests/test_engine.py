@@ -24,10 +24,10 @@ from distill.engine import (
     _value_loss,
     fit,
 )
-from distill.tasks import TASKS, predict_distilled
+from distill.tasks import SequenceClassification, predict_distilled
 from tests.conftest import synthetic_rows, write_tiny_tokenizer
 
-TASK = TASKS["sequence-classification"]
+TASK = SequenceClassification()
 
 
 def _classifier(tokenizer_len: int, seed: int, layers: int = 2, hidden: int = 32) -> BertForSequenceClassification:

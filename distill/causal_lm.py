@@ -31,7 +31,6 @@ from typing import Any
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import QuantType, quantize_dynamic
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformers import (
@@ -46,7 +45,7 @@ from transformers import (
 from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic, engine, pipeline  # pipeline imports this module only inside run()
-from distill.compress import INT8_FILE, QUANTIZABLE
+from distill.compress import INT8_FILE, QUANTIZABLE, quantize_dynamic_int8
 from distill.config import ConfigError, DataConfig, JobConfig, LossConfig, Precision, TrainConfig
 from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
@@ -313,9 +312,8 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
         cc = config.compress
         if cc.quantize == "dynamic":
             with clock("compress"):
-                quantize_dynamic(staged / ONNX_FILE, staged / INT8_FILE, weight_type=QuantType.QInt8,
-                                 per_channel=cc.per_channel,
-                                 op_types_to_quantize=[op for op in QUANTIZABLE["dynamic"] if op not in cc.exclude_ops])
+                quantize_dynamic_int8(staged / ONNX_FILE, staged / INT8_FILE, per_channel=cc.per_channel,
+                                      op_types=[op for op in QUANTIZABLE["dynamic"] if op not in cc.exclude_ops])
             section["compress"] = {"mode": "dynamic", "per_channel": cc.per_channel,
                                    "int8_bytes": (staged / INT8_FILE).stat().st_size}
         atomic.replace_dir(staged, target)

@@ -109,10 +109,8 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
         prepared, int8 = Path(work, "prepared.onnx"), Path(work, INT8_FILE)
         if mode == "dynamic":
             # Symbolic inference is only needed for fused ops, and fails on some unfused graphs (DistilBERT's mask).
-            quant_pre_process(optimized.path, prepared, skip_optimization=True,
-                              skip_symbolic_shape=not optimized.fused_ops)
-            quantize_dynamic(prepared, int8, op_types_to_quantize=op_types, per_channel=per_channel,
-                             nodes_to_exclude=list(exclude_nodes), weight_type=QuantType.QInt8)
+            quantize_dynamic_int8(optimized.path, int8, per_channel=per_channel, op_types=op_types,
+                                  exclude_nodes=exclude_nodes, symbolic_shapes=bool(optimized.fused_ops))
         else:
             quant_pre_process(onnx_path, prepared, skip_symbolic_shape=True)  # unfused: see the module docstring
             calibration = OnnxPredictor(prepared, tokenizer_dir, max_length)
@@ -128,6 +126,19 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
     return CompressResult(optimized.path, optimized.path.stat().st_size, out_dir / INT8_FILE,
                           (out_dir / INT8_FILE).stat().st_size, mode, optimized.fused_ops, optimized.max_abs_diff,
                           int8_diff)
+
+
+def quantize_dynamic_int8(source: Path, target: Path, *, per_channel: bool, op_types: Sequence[str] | None = None,
+                          exclude_nodes: Sequence[str] = (), symbolic_shapes: bool = False) -> None:
+    """Dynamic INT8 (QInt8 weights) of any ONNX graph, without checks: for graphs whose outputs are not a
+    classifier's logits, the caller measures what INT8 costs. `op_types` None: every op type dynamic mode handles."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-") as work:
+        prepared, quantized = Path(work, "prepared.onnx"), Path(work, target.name)
+        # Shape inference the quantizer needs; graph optimization is optimize()'s job, not this step's.
+        quant_pre_process(source, prepared, skip_optimization=True, skip_symbolic_shape=not symbolic_shapes)
+        quantize_dynamic(prepared, quantized, op_types_to_quantize=list(op_types or QUANTIZABLE["dynamic"]),
+                         per_channel=per_channel, nodes_to_exclude=list(exclude_nodes), weight_type=QuantType.QInt8)
+        os.replace(quantized, target)
 
 
 @dataclass(frozen=True)

@@ -16,21 +16,19 @@ from __future__ import annotations
 import functools
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic, distributed, engine, losses
+from distill.compress import quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
 from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
@@ -467,11 +465,7 @@ def quantize_embedding_onnx(onnx_path: Path, *, per_channel: bool = True) -> Pat
     Not `compress.compress`: its parity checks and accuracy gate read a classifier's `logits` output. Without ORT's
     transformer fusions first; how close INT8 stays is measured by the caller (cosine/recall against the teacher)."""
     int8 = onnx_path.with_name(INT8_FILE)
-    with tempfile.TemporaryDirectory(dir=onnx_path.parent, prefix=".quantize-") as work:
-        prepared, quantized = Path(work, "prepared.onnx"), Path(work, INT8_FILE)
-        quant_pre_process(onnx_path, prepared, skip_symbolic_shape=True)  # shape inference the quantizer asks for
-        quantize_dynamic(prepared, quantized, per_channel=per_channel, weight_type=QuantType.QInt8)
-        quantized.replace(int8)
+    quantize_dynamic_int8(onnx_path, int8, per_channel=per_channel)
     return int8
 
 

@@ -1,4 +1,5 @@
-"""Benchmark: distill `reviews` teachers into a 3-layer MiniLM student; print a table, write JSON.
+"""Benchmark: distill `reviews` teachers into a MiniLM student (all 6 layers, its vocabulary trimmed to the training
+texts' tokens, by default); print a table, write JSON.
 
     python bench/distill_reviews.py                      # mpnet-base and minilm-l6 teachers (about 1.5 h on 2 cores)
     python bench/distill_reviews.py --teachers minilm-l6 # the quick one
@@ -37,7 +38,8 @@ def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namesp
         teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=1, finetune_lr=3e-5),
         data=DataConfig(dataset="reviews", max_length=64, limit=args.limit,
                         transfer="builtin" if args.transfer else None, augment=args.augment),
-        student=FromModel(init="model", model="minilm-l6", num_layers=3),
+        student=FromModel(init="model", model="minilm-l6", num_layers=args.student_layers,
+                          trim_vocabulary=args.trim_vocabulary),
         loss=LossConfig(temperature=2.0, alpha=0.5),
         train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache),
         export=ExportConfig(onnx=cache),  # the uncached run is only timed; bench/compare.py measures deployment
@@ -60,6 +62,9 @@ def main() -> None:
                         help="the built-in transfer texts (13,098 unlabelled snippets the teacher labels)")
     parser.add_argument("--augment", type=int, default=3,
                         help="perturbed copies of each training text for the teacher to label (data.augment)")
+    parser.add_argument("--student-layers", type=int, default=6, help="MiniLM layers the student keeps (of 6)")
+    parser.add_argument("--trim-vocabulary", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep only the token embeddings the training texts use (student.trim_vocabulary)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                         help="bf16 autocast: faster on CPUs with AVX512-BF16; what the README quotes")
     parser.add_argument("--out", type=Path, default=RESULTS)

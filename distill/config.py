@@ -77,6 +77,9 @@ class FromModel(_Section):
     init: Literal["model"]
     model: str = Field(description="Registered teacher name, local HF directory, or hub id.")
     num_layers: int = Field(ge=1)
+    trim_vocabulary: bool = Field(False, description="Keep only the token embeddings the training texts use (plus "
+                                                     "special tokens and single characters): a smaller student, "
+                                                     "the same on in-domain text. WordPiece tokenizers only.")
 
 
 class Fresh(_Section):

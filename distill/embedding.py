@@ -338,7 +338,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("build-student"):
         built = build_student(config.student, teacher.model.encoder, teacher_dir, attn_implementation=attention,
-                              auto_class=AutoModel)
+                              auto_class=AutoModel, texts=texts["train"])
         if config.loss.intermediate and not built.shares_teacher_tokenizer:
             raise ConfigError("loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so "
                               "both need the same tokenizer, and this student's tokenizer differs from the teacher's. "

@@ -97,7 +97,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         teacher = Teacher(teacher_model, AutoTokenizer.from_pretrained(prepared.path))
 
     with clock("build-student"):
-        student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention)
+        student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention,
+                                texts=texts["train"])
         intermediate = config.loss.intermediate
         if intermediate and not student.shares_teacher_tokenizer:
             raise ConfigError("loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so "

@@ -42,8 +42,7 @@ def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namesp
         teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=1, finetune_lr=3e-5),
         data=DataConfig(dataset="reviews", max_length=64, limit=args.limit,
                         transfer="builtin" if args.transfer else None, augment=args.augment),
-        student=FromModel(init="model", model="minilm-l6", num_layers=args.student_layers,
-                          trim_vocabulary=args.trim_vocabulary),
+        student=FromModel(init="model", model="minilm-l6", num_layers=6 if compact else 3, trim_vocabulary=compact),
         loss=LossConfig(temperature=2.0, alpha=0.5),
         train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache),
         export=ExportConfig(onnx=cache and onnx),  # the uncached run is only timed
@@ -66,9 +65,6 @@ def main() -> None:
                         help="the built-in transfer texts (13,098 unlabelled snippets the teacher labels)")
     parser.add_argument("--augment", type=int, default=3,
                         help="perturbed copies of each training text for the teacher to label (data.augment)")
-    parser.add_argument("--student-layers", type=int, default=6, help="MiniLM layers the student keeps (of 6)")
-    parser.add_argument("--trim-vocabulary", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep only the token embeddings the training texts use (student.trim_vocabulary)")
     parser.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                         help="also the compact student (6 layers, trimmed vocabulary) for the first teacher")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",

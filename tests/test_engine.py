@@ -23,6 +23,7 @@ from distill.engine import (
     _capture_values,
     _value_loss,
     fit,
+    set_dropout,
 )
 from distill.tasks import SequenceClassification, predict_distilled
 from tests.conftest import synthetic_rows, write_tiny_tokenizer
@@ -174,3 +175,27 @@ def test_bf16_autocast_trains_and_predicts_close_to_fp32(setup, tmp_path: Path) 
                  precision="bf16")
     assert result.steps == 16 and not torch.equal(_weights(model), before)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+
+
+def test_dropout_zero_makes_training_forward_deterministic(setup) -> None:
+    tokenizer, _, train, _ = setup
+    model = _classifier(len(tokenizer), seed=1)
+    model.set_attn_implementation("sdpa")
+    inputs = TASK.collate(tokenizer, train.student_inputs[:8])
+    model.train()
+    assert not torch.equal(model(**inputs).logits, model(**inputs).logits)  # BERT's default dropout 0.1 is on
+    set_dropout(model, 0.0, torch.device("cpu"))
+    assert model.config._attn_implementation == "eager"  # faster than SDPA's fused CPU kernel without dropout
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    trained = model(**inputs).logits
+    assert torch.allclose(trained, model.eval()(**inputs).logits, atol=1e-6)
+
+
+def test_dropout_setting_reaches_the_student_in_fit(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    student = _classifier(len(tokenizer), seed=1)
+    attention = student.config._attn_implementation
+    fit(TASK, student, tokenizer, train, validation, CFG.model_copy(update={"dropout": 0.25, "epochs": 1}),
+        run_dir=tmp_path / "run", seed=0, teacher=teacher)
+    assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+    assert student.config._attn_implementation == attention  # only dropout 0 switches attention

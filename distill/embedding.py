@@ -224,14 +224,20 @@ def fit_projection(model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, i
 
 
 def agreement_metrics(student: Tensor, teacher: Tensor, k: int = NEIGHBOURS) -> dict[str, float]:
-    """Cosine agreement (mean cos(student_i, teacher_i); needs equal widths) and recall@k agreement: for each text,
-    the share of its k nearest neighbours among the other texts under the student that are also among the
-    teacher's. Embeddings (N, D) × (N, D); k shrinks to N − 1 on fewer than k + 1 texts."""
-    k = min(k, len(student) - 1)
+    """Cosine agreement (mean cos(student_i, teacher_i); needs equal widths) and recall@k agreement
+    (`neighbour_recall`). Embeddings (N, D) × (N, D)."""
     cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean().item()
+    return {"cosine": cosine, f"recall_at_{NEIGHBOURS}": neighbour_recall(student, teacher, k)}
+
+
+def neighbour_recall(student: Tensor, teacher: Tensor, k: int = NEIGHBOURS) -> float:
+    """For each text, the share of its k nearest neighbours among the other texts under the student that are also
+    among the teacher's, averaged. (N, D_s) × (N, D): the widths may differ; k shrinks to N − 1 on fewer than k + 1
+    texts."""
+    k = min(k, len(student) - 1)
     neighbours = [_nearest(e, k) for e in (student, teacher)]  # (N, k) each
     shared = (neighbours[0].unsqueeze(-1) == neighbours[1].unsqueeze(-2)).any(dim=-1).sum(dim=-1)  # (N,)
-    return {"cosine": cosine, f"recall_at_{NEIGHBOURS}": (shared.float() / k).mean().item()}
+    return (shared.float() / k).mean().item()
 
 
 def _nearest(embeddings: Tensor, k: int) -> Tensor:

@@ -265,7 +265,8 @@ class ModelCatalog:
                 loaded = self._cache.get(info.cache_key)
                 if loaded is None:
                     self._make_room(info.size_bytes)
-                    predictor = await asyncio.to_thread(open_model, info, self.settings.inference_threads)
+                    predictor = await asyncio.to_thread(open_model, info, self.settings.inference_threads,
+                                                        self.settings.inference_spinning)
                     batcher = MicroBatcher(predictor, self.settings.batch_max_size,
                                            self.settings.batch_max_wait_ms / 1000)
                     loaded = self._cache[info.cache_key] = _Loaded(predictor, batcher, info.size_bytes)
@@ -289,12 +290,12 @@ class ModelCatalog:
         await asyncio.gather(*(m.batcher.aclose() for m in loaded))
 
 
-def open_model(info: ModelInfo, threads: int | None = None) -> HFPredictor:
+def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = False) -> HFPredictor:
     """The model as the server runs it: PyTorch for torch, onnxruntime (tokenizer next to the file) otherwise."""
     try:
         if info.format == "torch":
             return TorchPredictor(info.path, info.max_length, threads, name=info.id)
-        return OnnxPredictor(info.path, info.path.parent, info.max_length, threads, name=info.id)
+        return OnnxPredictor(info.path, info.path.parent, info.max_length, threads, name=info.id, spinning=spinning)
     except Exception as e:
         raise ModelLoadError(f"could not load {info.id} from {info.path}: {e}") from e
 

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, ge=1, description="Micro-batching: most texts merged into one model call.")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batching: longest wait for more requests.")
     inference_threads: int | None = Field(None, ge=1, description="Intra-op threads per model (default: all CPUs).")
+    inference_spinning: bool = Field(False, description="Let ONNX Runtime's threads spin-wait for the next call "
+                                                        "after each one: a little less latency for back-to-back "
+                                                        "calls, paid in CPU the event loop and other models need.")
 
     @property
     def jobs_dir(self) -> Path:

@@ -29,6 +29,7 @@ from distill.embedding import (
     agreement_metrics,
     linear_probe,
     load_sentence_encoder,
+    neighbour_recall,
     pool,
 )
 from distill.pipeline import run
@@ -78,6 +79,8 @@ def test_agreement_metrics_known_answers() -> None:
     # 0 → 1, 1 → 0 and 3 → 2 as the teacher has them; 2's nearest is 1 (80°), not 3 (110°).
     assert agreement_metrics(_unit(0, 10, 90, 200), teacher, k=1)["recall_at_10"] == pytest.approx(0.75)
     assert agreement_metrics(-teacher, teacher)["cosine"] == pytest.approx(-1.0)  # k shrinks to N − 1 = 3
+    # Neighbours need no common width: the same geometry in 3 dimensions agrees fully with the 2-d teacher.
+    assert neighbour_recall(torch.cat([teacher, torch.zeros(4, 1)], dim=1), teacher, k=1) == 1.0
 
 
 def test_linear_probe_separates_separable_embeddings() -> None:

@@ -42,6 +42,14 @@ def test_onnx_session_uses_the_threads_asked_for(onnx_dir: Path) -> None:
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
 
 
+def test_onnx_threads_spin_between_calls_only_when_asked(onnx_dir: Path) -> None:
+    def spinning(predictor: OnnxPredictor) -> str:
+        return predictor.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning(OnnxPredictor(onnx_dir / "model.onnx", onnx_dir, threads=1)) == "1"  # ORT's default
+    assert spinning(OnnxPredictor(onnx_dir / "model.onnx", onnx_dir, threads=1, spinning=False)) == "0"
+
+
 def test_load_predictor_picks_by_what_the_path_holds(model_dir: Path, onnx_dir: Path) -> None:
     assert isinstance(load_predictor(model_dir), TorchPredictor)
     assert isinstance(load_predictor(onnx_dir), OnnxPredictor)

@@ -18,8 +18,8 @@ dominates a request). For each, in turn:
 3. server B, DISTILL_BATCH_MAX_SIZE=1, the same: batching_throughput_ratio = A / B under the concurrent load. B is
    the same MicroBatcher making calls of one text: one predictor call at a time, in one worker thread, with the
    model's threads, as in A; so B is the server without merging, not a server whose calls fight over the cores.
-4. ONNX models: server A again with DISTILL_INFERENCE_SPINNING=true (ONNX Runtime's threads busy-wait between
-   calls, its default; the server's default is off), for what that costs and saves.
+4. ONNX models: server A again with DISTILL_INFERENCE_SPINNING=false (ONNX Runtime's threads sleep between calls
+   instead of busy-waiting, its default and the server's), for what that costs and saves.
 
 The client runs on the same machine and takes CPU from the server, as a sidecar would. It is a minimal HTTP/1.1
 client on asyncio streams (Connection), so that the CPU a request costs is the server's: httpx's AsyncClient spends
@@ -258,7 +258,7 @@ def bench_model(home: Path, model_id: str, args: argparse.Namespace, tmp: Path) 
     runs: dict[str, dict[str, Any]] = {}
     servers = [("batching", {}), ("no_batching", {"DISTILL_BATCH_MAX_SIZE": "1"})]
     if info.format != "torch":
-        servers.append(("batching_spinning", {"DISTILL_INFERENCE_SPINNING": "true"}))
+        servers.append(("batching_no_spinning", {"DISTILL_INFERENCE_SPINNING": "false"}))
     for name, extra in servers:
         env = {"DISTILL_INFERENCE_THREADS": str(args.threads), **extra}
         with Server(home, env, tmp / f"server-{model_id}-{name}.log") as server:

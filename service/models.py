@@ -290,7 +290,7 @@ class ModelCatalog:
         await asyncio.gather(*(m.batcher.aclose() for m in loaded))
 
 
-def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = False) -> HFPredictor:
+def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = True) -> HFPredictor:
     """The model as the server runs it: PyTorch for torch, onnxruntime (tokenizer next to the file) otherwise."""
     try:
         if info.format == "torch":

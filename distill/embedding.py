@@ -75,6 +75,10 @@ class SentenceEncoder(nn.Module):
         if pooling not in POOLING_FLAGS.values():
             raise ValueError(f"pooling {pooling!r} is not supported; use one of {sorted(POOLING_FLAGS.values())}")
         self.encoder, self.pooling, self.projection, self.normalize = encoder, pooling, projection, normalize
+        if isinstance(getattr(encoder, "pooler", None), nn.Module):
+            # BERT's/MPNet's own [CLS] pooler is not this pooling and gets no gradient: frozen, so that DDP does not
+            # wait for one.
+            encoder.pooler.requires_grad_(False)
         self.config = encoder.config  # what the engine reads for intermediate losses (widths, heads)
 
     @property
@@ -309,19 +313,19 @@ class SentenceEmbedding(SequenceClassification):
         save_sentence_encoder(model, tokenizer, target, self.max_length)
 
 
-def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> RunResult:
+def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> RunResult | None:
     """pipeline.run for task 'sentence-embedding': data → teacher → student → teacher embeddings (cached once) →
     distill → test evaluation (agreement, recall@10, linear probe) → student/ → ONNX + INT8 → report.json/.md.
 
-    There is no teacher-preparation stage: the teacher is used as it is (its pooling and normalization)."""
-    emit = on_event or (lambda kind, data: None)
+    There is no teacher-preparation stage: the teacher is used as it is (its pooling and normalization). Under
+    torchrun, as in pipeline.run: rank 0 computes the teacher's embeddings (broadcast) and the projection's start
+    (DDP copies rank 0's weights to the others), emits and writes; the others return None after training."""
+    emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
-    if distributed.wanted(config.distributed):
-        raise ConfigError("distributed: task 'sentence-embedding' trains in one process for now; set "
-                          "distributed.nproc_per_node and distributed.nnodes to 1")
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     task = SentenceEmbedding(config.data.max_length)
     timings: dict[str, float] = {}
     clock = functools.partial(timed_stage, timings=timings, emit=emit)
@@ -360,13 +364,16 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("teacher-embeddings"):
         cache_train = config.train.cache_teacher_logits and not config.loss.intermediate
-        embeddings = teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
-                                      fingerprint=f"{teacher_dir}:{config.precision}:embedding", reuse=resume)
+        embeddings = distributed.broadcast(
+            teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
+                            fingerprint=f"{teacher_dir}:{config.precision}:embedding", reuse=resume)
+            if distributed.is_main() else None)
         for name, split in splits.items():
             split.teacher_outputs = embeddings.get(name)
 
     with clock("distill"):
-        if student.projection is not None and cache_train:  # without the train cache it starts random
+        # Without the train cache it starts random. Rank 0 alone: DDP starts every rank from rank 0's weights.
+        if student.projection is not None and cache_train and distributed.is_main():
             fitted = fit_projection(student, built.tokenizer, student_inputs["train"], embeddings["train"],
                                     precision=config.precision)
             emit("log", {"message": f"projection initialized by least squares: cosine {fitted:.3f} to the teacher "
@@ -375,6 +382,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                             run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
                             layer_map=built.layer_map, resume=resume, on_event=emit, stage="distill",
                             precision=config.precision)
+    if not distributed.is_main():
+        return None
 
     with clock("evaluate"):
         best = load_sentence_encoder(out / engine.BEST)

@@ -12,8 +12,8 @@ import onnx
 import pytest
 import torch
 
+from distill.cli import main as cli
 from distill.config import (
-    ConfigError,
     DataConfig,
     DistributedConfig,
     FromModel,
@@ -176,11 +176,28 @@ def test_intermediate_losses_run_the_teacher_every_step(tmp_path: Path) -> None:
     assert "export" not in report and report["student"]["steps"] == 10
 
 
-def test_multi_process_training_is_refused_for_now(tmp_path: Path) -> None:
-    config = _config(tmp_path, tmp_path / "data.csv", tmp_path / "job", FromTeacher(init="teacher", layers=[0]),
-                     distributed=DistributedConfig(nproc_per_node=2))
-    with pytest.raises(ConfigError, match="one process for now"):
-        run(config)
+def test_two_processes_distill_embeddings_like_one(tmp_path: Path) -> None:
+    """`distill run` with nproc_per_node 2 → torchrun → rank 0 computes the teacher's embeddings and the projection's
+    least-squares start, DDP trains both ranks from them → the same student as one process (dropout off)."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    other = write_tiny_encoder(tmp_path / "other", seed=3, hidden=16)
+    csv = write_csv(tmp_path / "data.csv", synthetic_rows(200, seed=1))
+    reports = {}
+    for nproc in (2, 1):
+        config = _config(teacher, csv, tmp_path / f"job{nproc}", FromModel(init="model", model=str(other),
+                                                                          num_layers=1), epochs=2,
+                         distributed=DistributedConfig(nproc_per_node=nproc),
+                         loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0))
+        config = config.model_copy(update={"train": config.train.model_copy(update={"dropout": 0.0}),
+                                           "export": config.export.model_copy(update={"onnx": False})})
+        path = tmp_path / f"job{nproc}.json"
+        path.write_text(config.model_dump_json())
+        assert cli(["run", str(path)]) == 0
+        reports[nproc] = json.loads((tmp_path / f"job{nproc}" / "report.json").read_text())["student"]
+    one, two = reports[1], reports[2]
+    assert two["steps"] == one["steps"] == 2 * 10  # 160 training rows in global batches of 16
+    assert two["test_cosine"] == pytest.approx(one["test_cosine"], abs=1e-4) and one["test_cosine"] > 0.5
+    assert two["test_recall_at_10"] == pytest.approx(one["test_recall_at_10"], abs=0.02)
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ def test_load_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) ->
         load_config(tmp_path / "list.yaml")
 
 
-@pytest.mark.parametrize("name", ["reviews-minilm.yaml", "reviews-mpnet.yaml", "reviews-mpnet-transfer.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_shipped_examples_validate(name: str, distill_home: Path) -> None:
     config = load_config(EXAMPLES / name)
     assert isinstance(config, JobConfig)

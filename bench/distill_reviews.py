@@ -99,7 +99,6 @@ def main() -> None:
                "teacher_prepared_from_cache": report["teacher"]["prepared_from_cache"],
                "teacher_preparation": report["teacher"]["preparation"], "stage_seconds": t}
         if first:
-            # The cached run paid for the teacher's train-set outputs in its teacher-logits stage.
             train_examples = report["data"]["splits"]["train"]["rows"] + report["data"]["transfer"]
             print(f"== {teacher}: distill stage with the teacher at every step", flush=True)
             uncached = run(job(teacher, work / f"{teacher}-uncached", args.uncached_epochs, False, args), log).report

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.compress import INT8_FILE
 from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
@@ -89,7 +89,7 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     latency = {"teacher-torch": _p50_ms(teacher_call, args.emb_latency_calls),
                "student-onnx-int8": _p50_ms(lambda: int8.embed([text]), args.emb_latency_calls)}
     deployment = report["deployment"]
-    reference = _reference_recall(teacher_dir, texts, args.emb_max_length)
+    reference = _reference_recall(teacher_model, teacher_tokenizer, texts, args.emb_max_length)
     return {
         "embedding_teacher_probe_accuracy": teacher["test_probe_accuracy"],
         "embedding_student_probe_accuracy": student["test_probe_accuracy"],
@@ -113,22 +113,23 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def _reference_recall(teacher_dir: Path, texts: list[str], max_length: int) -> dict[str, float]:
+def _reference_recall(teacher: SentenceEncoder, teacher_tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                      max_length: int) -> dict[str, float]:
     """recall@10 against the teacher, on the same test texts, of encoders not distilled from it: MiniLM-L6 as
     published (all 6 layers; trained on the same sentence pairs as mpnet-base) and its first 3 layers (the student
     before distillation, without the projection). What the student's recall@10 reads against."""
     task = SentenceEmbedding(max_length)
 
-    def embed(model: SentenceEncoder, tokenizer_dir: Path | str) -> torch.Tensor:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    def embed(model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         return predict_distilled(task, model, tokenizer, task.encode(tokenizer, texts, max_length))
 
-    teacher = embed(load_sentence_encoder(teacher_dir), teacher_dir)
+    reference = embed(teacher, teacher_tokenizer)
     minilm = resolve_teacher("minilm-l6")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
     first_layers = SentenceEncoder(AutoModel.from_pretrained(minilm, num_hidden_layers=3), "mean", None, False)
-    published = load_sentence_encoder(minilm)
-    return {"minilm-l6, 6 layers, not distilled": neighbour_recall(embed(published, minilm), teacher),
-            "minilm-l6, first 3 layers, not distilled": neighbour_recall(embed(first_layers, minilm), teacher)}
+    return {"minilm-l6, 6 layers, not distilled": neighbour_recall(embed(load_sentence_encoder(minilm), tokenizer),
+                                                                    reference),
+            "minilm-l6, first 3 layers, not distilled": neighbour_recall(embed(first_layers, tokenizer), reference)}
 
 
 def _p50_ms(call: Callable[[], object], calls: int, warmup: int = 10) -> float:

@@ -44,7 +44,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import ModelOutput
 
-from distill import atomic, engine, pipeline  # pipeline imports this module only inside run()
+from distill import atomic, distributed, engine, pipeline  # pipeline imports this module only inside run()
 from distill.compress import INT8_FILE, QUANTIZABLE, quantize_dynamic_int8
 from distill.config import ConfigError, DataConfig, JobConfig, LossConfig, Precision, TrainConfig
 from distill.data import load_task_data
@@ -212,17 +212,18 @@ def _split(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
     return Split(encoded, torch.full((len(encoded),), IGNORE_INDEX), teacher_inputs=encoded)
 
 
-def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> pipeline.RunResult:
-    """A `task: causal-lm` job (see the module docstring); pipeline.run hands it over."""
-    emit = on_event or (lambda kind, data: None)
+def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = False) -> pipeline.RunResult | None:
+    """A `task: causal-lm` job (see the module docstring); pipeline.run hands it over. Under torchrun every rank
+    runs the teacher on its slice of each batch (nothing is cached); rank 0 alone emits, writes and runs the stages
+    after training, the others return None."""
+    emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
-    if config.distributed.nproc_per_node > 1 or config.distributed.nnodes > 1:
-        raise ConfigError("distributed: task 'causal-lm' trains in one process; leave nproc_per_node and nnodes at 1")
     if config.compress.quantize == "static":
         raise ConfigError("compress.quantize: static INT8 is not available for task 'causal-lm'; use dynamic or none")
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     clock = functools.partial(pipeline.timed_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)
@@ -255,6 +256,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                             run_dir=out, seed=config.seed, teacher=Teacher(teacher, tokenizer), loss=config.loss,
                             layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill",
                             precision=precision)
+    if not distributed.is_main():
+        return None
 
     with clock("evaluate"):
         best = AutoModelForCausalLM.from_pretrained(out / engine.BEST)

@@ -46,7 +46,7 @@ def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namesp
                         transfer="builtin" if args.transfer else None, augment=args.augment),
         student=FromModel(init="model", model="minilm-l6", num_layers=6 if compact else 3, trim_vocabulary=compact),
         loss=LossConfig(temperature=2.0, alpha=0.5),
-        # dropout 0: 1.43x faster training at the same test accuracy (3 layers: 0.8400 vs 0.8428 with BERT's 0.1)
+        # dropout 0: 1.36x faster distill stage at the same test accuracy (3 layers: 0.8400 vs 0.8428 with BERT's 0.1)
         train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache, dropout=0.0),
         export=ExportConfig(onnx=cache and onnx),  # the uncached run is only timed
         output_dir=out)

@@ -225,11 +225,6 @@ class JobConfig(_Section):
         if unused:
             raise ValueError(f"loss.{unused[0]}: not used by task {self.task!r}; its loss keys are "
                              f"{', '.join(own)}, hidden_mse, attention_kl, value_kl")
-        processes = self.distributed.nproc_per_node * self.distributed.nnodes
-        if self.task == "sentence-embedding" and processes > 1 and self.loss.similarity_kl > 0:
-            raise ValueError(f"loss.similarity_kl relates the texts of a batch, and each of the {processes} "
-                             f"processes sees only its slice of it; set loss.similarity_kl to 0 or train in one "
-                             f"process")
         return self
 
 

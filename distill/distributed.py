@@ -118,6 +118,33 @@ def gather(obj: T) -> list[T]:
     return out
 
 
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (N_r, ...) concatenated in rank order, on every rank; gradients flow back to each rank's
+    own rows (summed over the ranks whose losses read them). The rows themselves in one process."""
+    if not active():
+        return rows
+    return _GatherRows.apply(rows, gather(len(rows)))
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather of row blocks whose sizes may differ by rank; backward all-reduces (gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.sizes = sizes
+        padded = torch.cat([rows, rows.new_zeros((max(sizes) - len(rows), *rows.shape[1:]))]).contiguous()
+        blocks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(blocks, padded)
+        return torch.cat([block[:size] for block, size in zip(blocks, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)  # every rank's loss read every rank's rows
+        start = sum(ctx.sizes[:rank()])
+        return total[start:start + ctx.sizes[rank()]], None
+
+
 def sum_across(value: torch.Tensor) -> torch.Tensor:
     """The sum of a tensor over ranks (a copy; the input is left alone)."""
     total = value.detach().clone()

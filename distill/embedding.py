@@ -295,8 +295,12 @@ class SentenceEmbedding(SequenceClassification):
             raise ValueError("sentence-embedding has no objective without the teacher's embeddings")
         value = (cfg.embedding_mse * losses.embedding_mse(student, teacher)
                  + cfg.embedding_cosine * losses.embedding_cosine(student, teacher))
-        if len(student) > 1:  # a last batch of one text has no other texts to relate to
-            value = value + cfg.similarity_kl * losses.similarity_kl(student, teacher, cfg.similarity_temperature)
+        if cfg.similarity_kl > 0:
+            # In-batch: under DDP the whole global batch, gathered from every rank. (A rank left without examples
+            # by a last batch smaller than the world adds its one stand-in row there.)
+            batch = [distributed.gather_rows(e.float()) for e in (student, teacher)]
+            if len(batch[0]) > 1:  # a last batch of one text has no other texts to relate to
+                value = value + cfg.similarity_kl * losses.similarity_kl(*batch, cfg.similarity_temperature)
         return value
 
     def evaluate(self, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, split: Split,

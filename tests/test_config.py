@@ -24,8 +24,6 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
                                                                      "'sentence-embedding'"),
     ({"loss": {"divergence": "js"}}, "loss.divergence: Input should be 'kd_kl', 'reverse_kl' or 'jsd'"),
     ({"distributed": {"nnodes": 2}}, "distributed.nnodes is 2: set distributed.rdzv_endpoint"),
-    ({"task": "sentence-embedding", "distributed": {"nproc_per_node": 2}},
-     "loss.similarity_kl relates the texts of a batch, and each of the 2 processes sees only its slice of it"),
     ({"compress": {"exclude_ops": ["Foo"]}}, "compress.exclude_ops: ['Foo'] are not op types dynamic quantization "
                                              "handles; allowed: ['Attention', "),
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size, cache_teacher_logits"),

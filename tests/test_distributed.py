@@ -94,8 +94,13 @@ def _train(out: Path) -> dict[str, Any]:
     narrow = _classifier(len(tokenizer), seed=1, hidden=16)
     fit(task, narrow, tokenizer, train, validation, CFG.model_copy(update={"epochs": 1}), run_dir=out / "hidden",
         seed=5, teacher=teacher, loss=LossConfig(hidden_mse=1.0), layer_map=[1, 2])
+    # gather_rows with unequal blocks (rank r holds r + 1 rows of value r + 1), each rank's loss weighted r + 1.
+    rows = torch.full((distributed.rank() + 1, 2), float(distributed.rank() + 1), requires_grad=True)
+    gathered = distributed.gather_rows(rows)
+    (gathered.sum() * (distributed.rank() + 1)).backward()
     return {"plain": _weights(plain), "resumed": _weights(resumed), "hidden": _weights(narrow),
-            "history": result.history, "steps": result.steps, "events": distributed.gather(events)}
+            "history": result.history, "steps": result.steps, "events": distributed.gather(events),
+            "gathered": gathered.detach(), "gathered_grad": rows.grad}
 
 
 def _torchrun(module_args: list[str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
@@ -126,6 +131,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in losses)
     for run in ("plain", "resumed", "hidden"):
         assert sorted(p.name for p in (tmp_path / "two" / run).iterdir()) == ["best", CHECKPOINT]
+    # Rank 0's view: its row and rank 1's two; its row's gradient sums both ranks' losses (1 + 2).
+    assert two["gathered"].tolist() == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
+    assert two["gathered_grad"].tolist() == [[3.0, 3.0]]
+    assert one["gathered"].tolist() == [[1.0, 1.0]] and one["gathered_grad"].tolist() == [[1.0, 1.0]]
 
 
 def test_distill_run_relaunches_itself_through_torchrun(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,

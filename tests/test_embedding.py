@@ -187,7 +187,7 @@ def test_two_processes_distill_embeddings_like_one(tmp_path: Path) -> None:
         config = _config(teacher, csv, tmp_path / f"job{nproc}", FromModel(init="model", model=str(other),
                                                                           num_layers=1), epochs=2,
                          distributed=DistributedConfig(nproc_per_node=nproc),
-                         loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0))
+                         loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=1.0))
         config = config.model_copy(update={"train": config.train.model_copy(update={"dropout": 0.0}),
                                            "export": config.export.model_copy(update={"onnx": False})})
         path = tmp_path / f"job{nproc}.json"

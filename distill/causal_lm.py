@@ -216,14 +216,9 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     """A `task: causal-lm` job (see the module docstring); pipeline.run hands it over. Under torchrun every rank
     runs the teacher on its slice of each batch (nothing is cached); rank 0 alone emits, writes and runs the stages
     after training, the others return None."""
-    emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
-    if config.output_dir is None:
-        raise ConfigError("output_dir: not set; give the directory the job writes to")
     if config.compress.quantize == "static":
         raise ConfigError("compress.quantize: static INT8 is not available for task 'causal-lm'; use dynamic or none")
-    out = Path(config.output_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+    out, emit = pipeline.start_job(config, on_event)
     timings: dict[str, float] = {}
     clock = functools.partial(pipeline.timed_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)

@@ -41,6 +41,7 @@ from distill.pipeline import (
     RunResult,
     finish,
     publish,
+    start_job,
     teacher_outputs,
     timed_stage,
 )
@@ -296,10 +297,11 @@ class SentenceEmbedding(SequenceClassification):
         value = (cfg.embedding_mse * losses.embedding_mse(student, teacher)
                  + cfg.embedding_cosine * losses.embedding_cosine(student, teacher))
         if cfg.similarity_kl > 0:
-            # In-batch: under DDP the whole global batch, gathered from every rank. (A rank left without examples
-            # by a last batch smaller than the world adds its one stand-in row there.)
-            batch = [distributed.gather_rows(e.float()) for e in (student, teacher)]
-            if len(batch[0]) > 1:  # a last batch of one text has no other texts to relate to
+            # In-batch: under DDP the whole global batch, both sides gathered from every rank in one collective. (A
+            # rank left without examples by a last batch smaller than the world adds its one stand-in row there.)
+            pairs = distributed.gather_rows(torch.cat([student.float(), teacher.float()], dim=-1))
+            if len(pairs) > 1:  # a last batch of one text has no other texts to relate to
+                batch = pairs.split([student.shape[-1], teacher.shape[-1]], dim=-1)
                 value = value + cfg.similarity_kl * losses.similarity_kl(*batch, cfg.similarity_temperature)
         return value
 
@@ -324,12 +326,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     There is no teacher-preparation stage: the teacher is used as it is (its pooling and normalization). Under
     torchrun, as in pipeline.run: rank 0 computes the teacher's embeddings (broadcast) and the projection's start
     (DDP copies rank 0's weights to the others), emits and writes; the others return None after training."""
-    emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
-    if config.output_dir is None:
-        raise ConfigError("output_dir: not set; give the directory the job writes to")
-    out = Path(config.output_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+    out, emit = start_job(config, on_event)
     task = SentenceEmbedding(config.data.max_length)
     timings: dict[str, float] = {}
     clock = functools.partial(timed_stage, timings=timings, emit=emit)

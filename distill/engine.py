@@ -183,8 +183,7 @@ def set_dropout(model: nn.Module, p: float, device: torch.device) -> None:
     """Every nn.Dropout of `model` drops with probability p (transformers' attention functions read their p too).
 
     Without dropout, CPU training also switches SDPA to eager attention: with no dropout SDPA takes its fused CPU
-    kernel, whose backward is slower at these lengths (3-layer MiniLM, batch 32, bf16, torch 2.13: 179 ms a step
-    against 119 ms eager, and 167 ms for SDPA with dropout 0.1, where a fifth of the step draws the random masks).
+    kernel, whose backward is slower at these lengths (`bench/train_step.py` times the three cases).
     """
     for module in model.modules():
         if isinstance(module, nn.Dropout):

@@ -64,12 +64,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         from distill import embedding  # which imports this module's stage helpers
 
         return embedding.run(config, on_event, resume=resume)
-    emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
-    if config.output_dir is None:
-        raise ConfigError("output_dir: not set; give the directory the job writes to")
-    out = Path(config.output_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+    out, emit = start_job(config, on_event)
     task = SequenceClassification()
     timings: dict[str, float] = {}
     clock = functools.partial(timed_stage, timings=timings, emit=emit)
@@ -250,6 +245,16 @@ def render_job_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["timings_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, EventSink]:
+    """Every task's first step: the output directory (made by rank 0) and the event sink (rank 0 speaks for all)."""
+    if config.output_dir is None:
+        raise ConfigError("output_dir: not set; give the directory the job writes to")
+    out = Path(config.output_dir)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    return out, on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
 
 
 @contextlib.contextmanager

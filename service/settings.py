@@ -34,9 +34,9 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batching: longest wait for more requests.")
     inference_threads: int | None = Field(None, ge=1, description="Intra-op threads per model (default: all CPUs).")
     inference_spinning: bool = Field(True, description="ONNX Runtime's threads spin-wait for the next call after "
-                                                       "each one (its default): 0.5 ms less per sequential request "
-                                                       "for the reviews student; false saves ~0.3 ms of CPU per "
-                                                       "request on a busy server (bench/serve.py).")
+                                                       "each one (its default): lower latency for sequential "
+                                                       "requests; false saves CPU per request on a busy server "
+                                                       "(bench/serve.py measures both).")
 
     @property
     def jobs_dir(self) -> Path:

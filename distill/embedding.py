@@ -45,11 +45,11 @@ from distill.pipeline import (
     teacher_outputs,
     timed_stage,
 )
+from distill.runtime import EMBEDDING_OUTPUT, OnnxEmbedder
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, SequenceClassification, predict_distilled
 from teachers.registry import resolve_teacher
 
-OUTPUT = "sentence_embedding"  # the ONNX graph's output, (B, D) L2-normalized, as sentence-transformers names it
 NEIGHBOURS = 10  # k of recall@k agreement
 LSTSQ_ROWS = 8192  # texts the least-squares projection init reads (fit_projection)
 # The projection learns at train.lr with the encoder: from the least-squares start a faster rate did not help
@@ -465,8 +465,8 @@ def export_embedding_onnx(model: SentenceEncoder, tokenizer: PreTrainedTokenizer
                                          return_tensors="pt")
                                for batch in (by_length[:1], by_length[-1:], CHECK_TEXTS))]
     staged = atomic.staging(target)
-    result = export_module(graph, batches, staged / "model.onnx", output_axes={OUTPUT: {0: "batch"}}, opset=opset,
-                           tolerance=tolerance)
+    result = export_module(graph, batches, staged / "model.onnx", output_axes={EMBEDDING_OUTPUT: {0: "batch"}},
+                           opset=opset, tolerance=tolerance)
     tokenizer.save_pretrained(staged)
     model.config.save_pretrained(staged)
     atomic.replace_dir(staged, target)
@@ -482,33 +482,6 @@ def quantize_embedding_onnx(onnx_path: Path, *, per_channel: bool = True) -> Pat
     int8 = onnx_path.with_name(INT8_FILE)
     quantize_dynamic_int8(onnx_path, int8, per_channel=per_channel)
     return int8
-
-
-class OnnxEmbedder:
-    """An exported embedding directory (model.onnx or model_int8.onnx + tokenizer) run by onnxruntime on the CPU."""
-
-    def __init__(self, onnx_path: Path, max_length: int = 128, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from distill.runtime import available_cpus
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or available_cpus()
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = AutoTokenizer.from_pretrained(Path(onnx_path).parent)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.max_length = max_length
-
-    def embed(self, texts: list[str], batch_size: int = 64) -> Tensor:
-        """(N, D) float32 embeddings, in order."""
-        rows = []
-        for start in range(0, len(texts), batch_size):
-            encoded = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="np")
-            (embedding,) = self.session.run([OUTPUT], {n: encoded[n].astype("int64") for n in self.input_names})
-            rows.append(torch.from_numpy(embedding))
-        return torch.cat(rows)
 
 
 def render_markdown(report: dict[str, Any]) -> str:

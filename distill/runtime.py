@@ -1,8 +1,9 @@
-"""Predictors: one interface over a PyTorch model directory and an ONNX file (used by evaluate, service, bench).
+"""Predictors and embedders: one interface over a PyTorch model directory and an ONNX file (used by evaluate,
+service, bench) for classifiers (`predict` → labels, probabilities) and sentence encoders (`embed` → vectors).
 
-Both tokenize the same way (the HF fast tokenizer, padding to the longest text in the batch, truncation to
-max_length) and turn logits into probabilities the same way (softmax in float32, in numpy), so any difference
-between two predictors on the same texts comes from the model, not from the plumbing around it.
+Both kinds tokenize the same way (the HF fast tokenizer, padding to the longest text in the batch, truncation to
+max_length) and finish the same way (softmax in float32, in numpy; L2 normalization), so any difference between a
+PyTorch and an ONNX model on the same texts comes from the model, not from the plumbing around it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 ONNX_FILE = "model.onnx"  # the fp32 graph inside an exported model directory (see distill.export)
 OPTIMIZED_FILE = "model_optimized.onnx"  # the same graph after ORT's fusions (see distill.compress)
 OUTPUT_NAME = "logits"  # the graph's one output, (B, C)
+EMBEDDING_OUTPUT = "sentence_embedding"  # an embedding graph's output, (B, D) L2-normalized, as sentence-transformers
 
 Inputs = dict[str, np.ndarray]  # input name → (B, L) int64 token ids / masks
 
@@ -32,6 +36,10 @@ class Prediction:
     labels: list[int]  # argmax class per text
     probabilities: np.ndarray  # (B, C) float32, rows sum to 1
     seconds: float  # wall time of the whole call, tokenization included
+
+    def rows(self, start: int, end: int) -> Prediction:
+        """The prediction of texts[start:end] (`seconds` stays the whole call's)."""
+        return Prediction(self.labels[start:end], self.probabilities[start:end], self.seconds)
 
 
 class Predictor(Protocol):
@@ -45,6 +53,16 @@ class Predictor(Protocol):
 def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask where the OS has one, e.g. a container's cpuset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.InferenceSession:
+    """An onnxruntime CPU session with `threads` intra-op threads (default: every CPU this process may use);
+    inter-op parallelism 1, since the graphs are one chain of layers."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = available_cpus() if threads is None else threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -121,21 +139,16 @@ class TorchPredictor(HFPredictor):
 class OnnxPredictor(HFPredictor):
     """An ONNX file run by onnxruntime on the CPU; the tokenizer and config.json come from tokenizer_dir.
 
-    The thread count is always set explicitly (default: every CPU this process may use) so latency numbers say
-    what they were measured with; inter-op parallelism is 1 because the graph is one chain of layers. `spinning`:
-    the threads busy-wait for the next call after each one (ORT's default), which serves back-to-back calls a bit
-    faster but burns CPU between calls.
+    The thread count is always set explicitly (cpu_session) so latency numbers say what they were measured with.
+    `spinning`: the threads busy-wait for the next call after each one (ORT's default), which serves back-to-back
+    calls a bit faster but burns CPU between calls.
     """
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, max_length: int = 128, threads: int | None = None,
                  *, name: str | None = None, spinning: bool = True) -> None:
         onnx_path = Path(onnx_path)
         super().__init__(name or f"onnx:{onnx_path.parent.name}/{onnx_path.name}", tokenizer_dir, max_length)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = available_cpus() if threads is None else threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(onnx_path, threads, spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = set(self.input_names) - set(self.tokenizer.model_input_names)
         if missing:
@@ -157,3 +170,81 @@ def load_predictor(path: Path, max_length: int = 128, threads: int | None = None
         if (path / name).is_file():
             return OnnxPredictor(path / name, path, max_length, threads)
     return TorchPredictor(path, max_length, threads)
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # (B, D) float32, L2-normalized
+    seconds: float  # wall time of the whole call, tokenization included
+
+    def rows(self, start: int, end: int) -> Embeddings:
+        """The embeddings of texts[start:end] (`seconds` stays the whole call's)."""
+        return Embeddings(self.vectors[start:end], self.seconds)
+
+
+class Embedder(ABC):
+    """What both embedders share: the tokenizer (padding to the longest text, truncation to max_length), batches,
+    and L2-normalized (N, D) output, so PyTorch and ONNX answers differ only by the model."""
+
+    def __init__(self, name: str, tokenizer_dir: Path, max_length: int) -> None:
+        self.name, self.max_length = name, max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    @abstractmethod
+    def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, L) int64 inputs → (B, D) float32 embeddings."""
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> Tensor:
+        """(N, D) float32 L2-normalized embeddings, in order."""
+        if not texts:
+            raise ValueError("texts is empty; give at least one text")
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            encoded = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="np")
+            rows.append(torch.from_numpy(self._embed_batch({k: v.astype("int64") for k, v in encoded.items()})))
+        return F.normalize(torch.cat(rows).float(), dim=-1)
+
+    def predict(self, texts: list[str]) -> Embeddings:
+        """`embed`, timed: what the service's micro-batcher calls."""
+        started = time.perf_counter()
+        vectors = self.embed(texts).numpy()
+        return Embeddings(vectors, time.perf_counter() - started)
+
+
+class TorchEmbedder(Embedder):
+    """A sentence-transformers (or plain HF encoder) directory run by PyTorch in eval() under inference_mode.
+    `threads` calls torch.set_num_threads, which is process-wide; None leaves PyTorch's setting alone."""
+
+    def __init__(self, model_dir: Path, max_length: int = 128, threads: int | None = None, *,
+                 name: str | None = None) -> None:
+        from distill.embedding import load_sentence_encoder  # here: that module imports the training stack
+
+        super().__init__(name or f"torch:{Path(model_dir).name}", model_dir, max_length)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = load_sentence_encoder(model_dir).eval()
+        self.dimension = self.model.dimension
+
+    def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        with torch.inference_mode():
+            return self.model(**{n: torch.from_numpy(encoded[n]) for n in names if n in encoded}).embedding.float(
+                ).numpy()
+
+
+class OnnxEmbedder(Embedder):
+    """An exported embedding directory (model.onnx or model_int8.onnx + tokenizer) run by onnxruntime on the CPU;
+    threads and spinning as distill.runtime.OnnxPredictor's."""
+
+    def __init__(self, onnx_path: Path, max_length: int = 128, threads: int | None = None, *,
+                 name: str | None = None, spinning: bool = True) -> None:
+        onnx_path = Path(onnx_path)
+        super().__init__(name or f"onnx:{onnx_path.parent.name}/{onnx_path.name}", onnx_path.parent, max_length)
+        self.session = cpu_session(onnx_path, threads, spinning)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.dimension = self.session.get_outputs()[0].shape[-1]
+
+    def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        (embedding,) = self.session.run([EMBEDDING_OUTPUT], {n: encoded[n] for n in self.input_names})
+        return embedding

@@ -8,6 +8,9 @@ Ids. A succeeded job is a directory `jobs_dir/<job_id>/` holding `report.json`; 
     <job_id>.student-fp32   the fp32 ONNX student (the ORT-optimized graph when compress made one)
     <job_id>.student-torch  the student as PyTorch
 
+Classifier jobs' models answer /predict; sentence-embedding jobs' models answer /embed (the teacher as it was
+given, the student INT8 when compress made it, else fp32). Causal-LM jobs are not served yet.
+
 Listing reads only report.json files, cached by modification time; a lookup by id reads one job's report.
 
 Cache. Models load on first use, in a worker thread, and stay in an LRU cache capped at settings.model_cache_bytes.
@@ -32,12 +35,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from distill.compress import INT8_FILE
 from distill.config import DataConfig
 from distill.data import BUILTIN_DATASETS, DataError, load_task_data
 from distill.evaluate import EvaluateError, evaluate_models, render_markdown
-from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, HFPredictor, OnnxPredictor, Prediction, Predictor, TorchPredictor
+from distill.runtime import (
+    ONNX_FILE,
+    OPTIMIZED_FILE,
+    Embedder,
+    Embeddings,
+    HFPredictor,
+    OnnxEmbedder,
+    OnnxPredictor,
+    Prediction,
+    TorchEmbedder,
+    TorchPredictor,
+)
 from service.runner import REPORT_FILE as REPORT
 from service.settings import Settings
 
@@ -48,6 +63,10 @@ JOB_DATASET_PREFIX = "job:"
 
 Kind = Literal["teacher", "student"]
 Format = Literal["torch", "onnx-fp32", "onnx-int8"]
+Task = Literal["sequence-classification", "sentence-embedding"]  # the tasks whose models are served
+ROUTES: dict[str, str] = {"sequence-classification": "predict", "sentence-embedding": "embed"}
+Model = HFPredictor | Embedder  # a loaded model: predict(texts) → its Answer
+Answer = Prediction | Embeddings  # both give the rows of texts[start:end]: rows(start, end)
 
 
 class UnknownModelError(LookupError):
@@ -56,6 +75,14 @@ class UnknownModelError(LookupError):
     def __init__(self, model_id: str) -> None:
         super().__init__(f"no model {model_id!r}; GET /v1/models lists the ids (each succeeded job has "
                          f"<job_id>.teacher, <job_id>.student, <job_id>.student-fp32 and <job_id>.student-torch)")
+
+
+class WrongTaskError(ValueError):
+    """The model is asked for what its task does not give (embeddings of a classifier, labels of an encoder)."""
+
+    def __init__(self, info: ModelInfo, route: str) -> None:
+        super().__init__(f"{info.id} is a {info.task} model, which answers POST /v1/models/{info.id}/"
+                         f"{ROUTES[info.task]}, not /{route}")
 
 
 class ModelLoadError(RuntimeError):
@@ -71,14 +98,16 @@ class ModelInfo:
     id: str
     job_id: str
     variant: str
+    task: Task
     kind: Kind
     format: Format
     path: Path  # the .onnx file, or the HF directory PyTorch loads
     max_length: int  # the job's data.max_length: texts are truncated as in training
     params: int | None
     size_bytes: int  # of the weight files; also the memory estimate of the cache
-    test_accuracy: float | None
-    label_names: list[str]
+    test_accuracy: float | None  # classifiers only
+    label_names: list[str]  # classifiers only
+    dimension: int | None  # embedding models only
     created_at: datetime  # when the job's report was written
     file_mtime_ns: int  # of path: a model rewritten in place (a job run again) is a new cache entry
 
@@ -93,20 +122,21 @@ class ModelInfo:
 @dataclass
 class _Request:
     texts: list[str]
-    future: asyncio.Future[Prediction]
+    future: asyncio.Future[Answer]
 
 
 class MicroBatcher:
-    """Merges concurrent predict calls to one model into one predictor call, run in a worker thread.
+    """Merges concurrent predict calls to one model into one model call, run in a worker thread.
 
     One task per model serves a queue: it takes the first waiting request, then more until the batch holds
     max_size texts (a request that would overflow it opens the next batch; one larger than max_size runs alone).
     It waits up to max_wait_s for more only while traffic is concurrent, i.e. the previous call merged several
     requests: a lone caller never waits, so sequential latency is the model's own, and under load requests pile up
-    during a call anyway. Each caller gets its own rows of the probabilities; `seconds` is the whole call's.
+    during a call anyway. Each caller gets its own rows of the answer (Prediction or Embeddings); `seconds` is the
+    whole call's.
     """
 
-    def __init__(self, predictor: Predictor, max_size: int, max_wait_s: float) -> None:
+    def __init__(self, predictor: Model, max_size: int, max_wait_s: float) -> None:
         self.predictor, self.max_size, self.max_wait_s = predictor, max_size, max_wait_s
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()  # None: wakes the server to stop
         self._held: _Request | None = None  # the request that did not fit into the previous batch
@@ -114,12 +144,12 @@ class MicroBatcher:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
-    async def predict(self, texts: list[str]) -> Prediction:
+    async def predict(self, texts: list[str]) -> Answer:
         if self._closed:  # cannot happen through ModelCatalog: it hands out a batcher and enqueues without a pause
             raise RuntimeError("this model was unloaded; call the catalog again")
         if self._task is None:  # started on first use, so it lives on the loop that serves the requests
             self._task = asyncio.create_task(self._serve(), name=f"batcher:{self.predictor.name}")
-        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(texts, future))
         return await future
 
@@ -137,7 +167,7 @@ class MicroBatcher:
         while (batch := await self._next_batch()) is not None:
             texts = [text for request in batch for text in request.texts]
             try:
-                prediction = await asyncio.to_thread(self.predictor.predict, texts)
+                answer = await asyncio.to_thread(self.predictor.predict, texts)
             except Exception as e:  # every caller of the batch gets the error, the server goes on
                 for request in batch:
                     if not request.future.done():
@@ -147,8 +177,7 @@ class MicroBatcher:
             for request in batch:
                 end = start + len(request.texts)
                 if not request.future.done():  # done: the caller went away (cancelled)
-                    request.future.set_result(Prediction(prediction.labels[start:end],
-                                                         prediction.probabilities[start:end], prediction.seconds))
+                    request.future.set_result(answer.rows(start, end))
                 start = end
 
     async def _next_batch(self) -> list[_Request] | None:
@@ -187,7 +216,7 @@ class MicroBatcher:
 
 @dataclass
 class _Loaded:
-    predictor: HFPredictor
+    predictor: Model
     batcher: MicroBatcher
     memory_bytes: int
 
@@ -250,12 +279,24 @@ class ModelCatalog:
     # Loading and predicting ----------------------------------------------------------------------------------
 
     async def predict(self, model_id: str, texts: list[str]) -> tuple[ModelInfo, Prediction]:
+        """A classifier's labels and probabilities (WrongTaskError for another task's model)."""
+        info, answer = await self._answer(model_id, texts, "sequence-classification")
+        return info, cast(Prediction, answer)
+
+    async def embed(self, model_id: str, texts: list[str]) -> tuple[ModelInfo, Embeddings]:
+        """An embedding model's L2-normalized embeddings (WrongTaskError for another task's model)."""
+        info, answer = await self._answer(model_id, texts, "sentence-embedding")
+        return info, cast(Embeddings, answer)
+
+    async def _answer(self, model_id: str, texts: list[str], task: Task) -> tuple[ModelInfo, Answer]:
         info = self.get(model_id)
+        if info.task != task:
+            raise WrongTaskError(info, ROUTES[task])
         loaded = await self._loaded(info)
         return info, await loaded.batcher.predict(texts)
 
-    async def predictor(self, info: ModelInfo) -> HFPredictor:
-        """The loaded predictor of a model (loading it when needed), for callers that time it themselves."""
+    async def predictor(self, info: ModelInfo) -> Model:
+        """The loaded model (loading it when needed), for callers that time it themselves."""
         return (await self._loaded(info)).predictor
 
     async def _loaded(self, info: ModelInfo) -> _Loaded:
@@ -290,9 +331,13 @@ class ModelCatalog:
         await asyncio.gather(*(m.batcher.aclose() for m in loaded))
 
 
-def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = True) -> HFPredictor:
+def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = True) -> Model:
     """The model as the server runs it: PyTorch for torch, onnxruntime (tokenizer next to the file) otherwise."""
     try:
+        if info.task == "sentence-embedding":
+            if info.format == "torch":
+                return TorchEmbedder(info.path, info.max_length, threads, name=info.id)
+            return OnnxEmbedder(info.path, info.max_length, threads, name=info.id, spinning=spinning)
         if info.format == "torch":
             return TorchPredictor(info.path, info.max_length, threads, name=info.id)
         return OnnxPredictor(info.path, info.path.parent, info.max_length, threads, name=info.id, spinning=spinning)
@@ -302,38 +347,54 @@ def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = Tru
 
 def _models_of_report(job_id: str, job_dir: Path, report: dict[str, Any], home: Path,
                       created_at: datetime) -> dict[str, ModelInfo]:
-    """A job's models by variant. Paths are taken relative to the job directory (and the teacher's to
+    """A job's models by variant. Paths are taken relative to the job directory (and a prepared teacher's to
     home/prepared when its recorded path is gone), so a home moved or mounted elsewhere still works; a model
-    whose files are missing is left out."""
-    rows = report.get("evaluation", {}).get("models", {})  # evaluate_models rows, when the job exported ONNX
-    teacher_dir = Path(report["teacher"]["prepared_dir"])
-    if not teacher_dir.is_dir():
-        teacher_dir = home / "prepared" / teacher_dir.name
+    whose files are missing is left out, and so is every model of a task not served (causal-lm)."""
+    task = report["config"]["task"]
     onnx_dir = job_dir / "student-onnx"
-    fp32 = next((onnx_dir / n for n in (OPTIMIZED_FILE, ONNX_FILE) if (onnx_dir / n).is_file()), None)
-    served = report.get("served")
-    # (variant, kind, format, path or None, its evaluate_models row: params and test accuracy when present, else
-    # the report's teacher/student section has them)
-    candidates: list[tuple[str, Kind, Format, Path | None, str]] = [
-        ("teacher", "teacher", "torch", teacher_dir, "teacher-torch"),
-        ("student", "student", served["format"], onnx_dir / Path(served["path"]).name,
-         "student-onnx-int8" if served["format"] == "onnx-int8" else "student-onnx-fp32")
-        if served else ("student", "student", "torch", job_dir / "student", "student-torch"),
-        ("student-fp32", "student", "onnx-fp32", fp32, "student-onnx-fp32"),
-        ("student-torch", "student", "torch", job_dir / "student", "student-torch"),
-    ]
+    # (variant, kind, format, path or None, name of its evaluate_models row)
+    candidates: list[tuple[str, Kind, Format, Path | None, str]]
+    if task == "sentence-embedding":
+        int8, fp32 = onnx_dir / INT8_FILE, onnx_dir / ONNX_FILE
+        served = next(((format, path) for format, path in (("onnx-int8", int8), ("onnx-fp32", fp32))
+                       if path.is_file()), ("torch", job_dir / "student"))
+        candidates = [
+            ("teacher", "teacher", "torch", Path(report["teacher"]["dir"]), ""),
+            ("student", "student", *served, ""),
+            ("student-fp32", "student", "onnx-fp32", fp32, ""),
+            ("student-torch", "student", "torch", job_dir / "student", ""),
+        ]
+    elif task == "sequence-classification":
+        teacher_dir = Path(report["teacher"]["prepared_dir"])
+        if not teacher_dir.is_dir():
+            teacher_dir = home / "prepared" / teacher_dir.name
+        fp32 = next((onnx_dir / n for n in (OPTIMIZED_FILE, ONNX_FILE) if (onnx_dir / n).is_file()), None)
+        served = report.get("served")
+        candidates = [
+            ("teacher", "teacher", "torch", teacher_dir, "teacher-torch"),
+            ("student", "student", served["format"], onnx_dir / Path(served["path"]).name,
+             "student-onnx-int8" if served["format"] == "onnx-int8" else "student-onnx-fp32")
+            if served else ("student", "student", "torch", job_dir / "student", "student-torch"),
+            ("student-fp32", "student", "onnx-fp32", fp32, "student-onnx-fp32"),
+            ("student-torch", "student", "torch", job_dir / "student", "student-torch"),
+        ]
+    else:
+        return {}
+    rows = report.get("evaluation", {}).get("models", {})  # evaluate_models rows, when the job exported ONNX
     models = {}
     for variant, kind, format, path, row_name in candidates:
         if path is None or not path.exists():
             continue
-        row = rows.get(row_name, {})
+        row = rows.get(row_name, {})  # params and test accuracy; else the report's teacher/student section has them
         section = report["teacher"] if kind == "teacher" else report["student"]
         models[variant] = ModelInfo(
-            id=f"{job_id}.{variant}", job_id=job_id, variant=variant, kind=kind, format=format, path=path,
+            id=f"{job_id}.{variant}", job_id=job_id, variant=variant, task=task, kind=kind, format=format, path=path,
             max_length=report["config"]["data"]["max_length"],
             params=row.get("params") or section.get("params"), size_bytes=_weight_bytes(path),
             test_accuracy=row.get("accuracy", section.get("test_accuracy")),
-            label_names=list(report["data"]["labels"]), created_at=created_at, file_mtime_ns=path.stat().st_mtime_ns)
+            label_names=list(report["data"]["labels"]) if task == "sequence-classification" else [],
+            dimension=report["teacher"]["dimension"] if task == "sentence-embedding" else None,
+            created_at=created_at, file_mtime_ns=path.stat().st_mtime_ns)
     return models
 
 
@@ -400,6 +461,10 @@ class Comparisons:
         if len(set(models)) != len(models):
             raise CompareError(f"models: {models} lists a model twice; list each once")
         infos = [self.catalog.get(model_id) for model_id in models]
+        others = [f"{info.id} ({info.task})" for info in infos if info.task != "sequence-classification"]
+        if others:
+            raise CompareError(f"models: comparisons run classifiers only (accuracy, agreement, latency), and "
+                               f"{', '.join(others)} is not one")
         names = {info.id: info.label_names for info in infos}
         if any(n != infos[0].label_names for n in names.values()):
             raise CompareError(f"the models name their classes differently, so their answers cannot be compared: "
@@ -424,7 +489,7 @@ class Comparisons:
     async def _run(self, comparison: Comparison, infos: list[ModelInfo], inputs: _Inputs, repeats: int) -> None:
         comparison.status = "running"
         try:
-            predictors = {info.id: await self.catalog.predictor(info) for info in infos}
+            predictors = {info.id: cast(HFPredictor, await self.catalog.predictor(info)) for info in infos}
             comparison.result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._measure, predictors, infos, inputs, repeats)
             comparison.status = "succeeded"

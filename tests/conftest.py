@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,6 +60,21 @@ def write_tiny_mpnet_encoder(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def write_sentence_teacher(directory: Path) -> Path:
+    """The tiny MPNet laid out as the packaged mpnet-base is: modules.json with mean pooling and Normalize (whose
+    directory the real one does not ship either)."""
+    write_tiny_mpnet_encoder(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    return directory
+
+
 def synthetic_rows(n: int, seed: int) -> list[tuple[str, str]]:
     """Texts of 4–9 words holding one sentiment word; the label says which kind."""
     rng = random.Random(seed)
@@ -74,6 +93,28 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
         writer.writerow(["text", "label"])
         writer.writerows(rows)
     return path
+
+
+def models_client(settings: Any) -> Iterator[Any]:
+    """A TestClient of the /v1/models and /v1/compare routers on an app wired as service.app's lifespan wires them
+    (one event loop for the whole client, as in a server). For module-scoped fixtures of the service tests."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.models import ModelCatalog
+    from service.routes import compare, models
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings, app.state.models = settings, ModelCatalog(settings)
+        yield
+        await app.state.models.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(models.router)
+    app.include_router(compare.router)
+    with TestClient(app) as client:
+        yield client
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from distill.config import (
     TrainConfig,
 )
 from distill.embedding import (
-    OnnxEmbedder,
     SentenceEmbedding,
     agreement_metrics,
     linear_probe,
@@ -33,7 +32,8 @@ from distill.embedding import (
     pool,
 )
 from distill.pipeline import run
-from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_mpnet_encoder
+from distill.runtime import OnnxEmbedder
+from tests.conftest import synthetic_rows, write_csv, write_sentence_teacher, write_tiny_encoder
 
 TASK = SentenceEmbedding()
 
@@ -89,21 +89,6 @@ def test_linear_probe_separates_separable_embeddings() -> None:
     points = torch.randn(200, 8, generator=generator) + 8.0 * labels[:, None] * torch.eye(8)[0]
     assert linear_probe(points[:150], labels[:150], points[150:], labels[150:]) >= 0.95
     assert linear_probe(points[:150], labels[:150], points[150:], 1 - labels[150:]) <= 0.05
-
-
-def write_sentence_teacher(directory: Path) -> Path:
-    """The tiny MPNet laid out as the packaged mpnet-base is: modules.json with mean pooling and Normalize (whose
-    directory the real one does not ship either)."""
-    write_tiny_mpnet_encoder(directory)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
-    (directory / "modules.json").write_text(json.dumps(modules))
-    (directory / "1_Pooling").mkdir()
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
-    return directory
 
 
 def _config(teacher: Path, csv: Path, out: Path, student, epochs: int = 4, lr: float = 5e-3,

@@ -6,13 +6,11 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from distill.config import DataConfig, EvaluateConfig, ExportConfig, Fresh, JobConfig, TeacherConfig
@@ -20,9 +18,8 @@ from distill.config import TrainConfig as Train
 from distill.pipeline import run
 from distill.runtime import OnnxPredictor, Prediction, TorchPredictor
 from service.models import CompareError, MicroBatcher, ModelCatalog
-from service.routes import compare, models
 from service.settings import Settings
-from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder
+from tests.conftest import models_client, synthetic_rows, write_csv, write_tiny_encoder
 
 TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
 IDS = ["job1.teacher", "job1.student", "job1.student-fp32", "job1.student-torch"]
@@ -54,18 +51,7 @@ def report(settings: Settings) -> dict:
 
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Iterator[TestClient]:
-    """The two routers on an app wired as service.app's lifespan wires them."""
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.settings, app.state.models = settings, ModelCatalog(settings)
-        yield
-        await app.state.models.close()
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(models.router)
-    app.include_router(compare.router)
-    with TestClient(app) as client:  # one event loop for the whole module, as in a server
-        yield client
+    yield from models_client(settings)
 
 
 def test_models_lists_the_teacher_and_the_students_of_a_job(client: TestClient, report: dict) -> None:

@@ -1,8 +1,11 @@
-"""/v1/models: the models succeeded jobs produced, and predictions with them (micro-batched; see service.models)."""
+"""/v1/models: the models succeeded jobs produced, and their answers (micro-batched; see service.models): labels from
+classifiers (/predict), embeddings from sentence-embedding models (/embed)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
@@ -11,7 +14,16 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import SettingsDep
-from service.models import Format, Kind, ModelCatalog, ModelInfo, ModelLoadError, UnknownModelError
+from service.models import (
+    Format,
+    Kind,
+    ModelCatalog,
+    ModelInfo,
+    ModelLoadError,
+    Task,
+    UnknownModelError,
+    WrongTaskError,
+)
 from service.schemas import error_responses
 from service.settings import Settings
 
@@ -28,28 +40,31 @@ CatalogDep = Annotated[ModelCatalog, Depends(get_catalog)]
 class ModelPublic(BaseModel):
     id: str = Field(examples=["3f9a1c2b7d4e.student"], description="<job_id>.<variant>")
     job_id: str
+    task: Task = Field(description="sequence-classification models answer /predict, sentence-embedding ones /embed.")
     kind: Kind
     format: Format = Field(description="torch runs in PyTorch; onnx-fp32 / onnx-int8 in onnxruntime.")
     params: int | None
     size_bytes: int = Field(description="Bytes of the weight files; the model cache's memory estimate.")
-    test_accuracy: float | None = Field(description="On the job's test split, from its report.")
-    label_names: list[str]
+    test_accuracy: float | None = Field(description="Classifiers: on the job's test split, from its report.")
+    label_names: list[str] = Field(description="Classifiers: the class names, in class-id order.")
+    dimension: int | None = Field(description="Embedding models: the length of an embedding.")
     max_length: int = Field(description="Tokens per text; longer texts are truncated.")
     loaded: bool = Field(description="In the model cache now (the next prediction needs no load).")
     created_at: datetime
 
     @classmethod
     def of(cls, info: ModelInfo, loaded: bool) -> ModelPublic:
-        return cls(id=info.id, job_id=info.job_id, kind=info.kind, format=info.format, params=info.params,
-                   size_bytes=info.size_bytes, test_accuracy=info.test_accuracy, label_names=info.label_names,
-                   max_length=info.max_length, loaded=loaded, created_at=info.created_at)
+        return cls(id=info.id, job_id=info.job_id, task=info.task, kind=info.kind, format=info.format,
+                   params=info.params, size_bytes=info.size_bytes, test_accuracy=info.test_accuracy,
+                   label_names=info.label_names, dimension=info.dimension, max_length=info.max_length,
+                   loaded=loaded, created_at=info.created_at)
 
 
 class ModelList(BaseModel):
     items: list[ModelPublic]
 
 
-class PredictRequest(BaseModel):
+class TextsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str] = Field(examples=[["a gripping, beautifully shot film", "dull and far too long"]])
 
@@ -59,6 +74,14 @@ class PredictResponse(BaseModel):
     labels: list[str] = Field(description="The predicted label name of each text.")
     label_ids: list[int]
     probabilities: list[list[float]] = Field(description="(texts, classes); columns in label_names order.")
+    server_ms: float = Field(description="Time in the server: waiting for a batch, tokenization, the model.")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dimension: int
+    embeddings: list[list[float]] = Field(description="(texts, dimension), each L2-normalized: dot products are "
+                                                      "cosine similarities.")
     server_ms: float = Field(description="Time in the server: waiting for a batch, tokenization, the model.")
 
 
@@ -96,17 +119,38 @@ async def get_model(model_id: str, catalog: CatalogDep) -> ModelPublic:
     return ModelPublic.of(info, catalog.is_loaded(info))
 
 
-@router.post("/{model_id}/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422, 500),
-             summary="Classify texts with a model")
-async def predict(model_id: str, body: PredictRequest, catalog: CatalogDep, settings: SettingsDep) -> PredictResponse:
+@router.post("/{model_id}/predict", response_model=PredictResponse,
+             responses=error_responses(404, 409, 413, 422, 500), summary="Classify texts with a classifier")
+async def predict(model_id: str, body: TextsRequest, catalog: CatalogDep, settings: SettingsDep) -> PredictResponse:
     started = time.perf_counter()
     check_texts(body.texts, settings)
-    try:
+    async with model_errors():
         info, prediction = await catalog.predict(model_id, body.texts)
-    except UnknownModelError as e:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
-    except ModelLoadError as e:
-        raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, str(e)) from None
     return PredictResponse(model=info.id, labels=[info.label_names[i] for i in prediction.labels],
                            label_ids=prediction.labels, probabilities=prediction.probabilities.tolist(),
                            server_ms=(time.perf_counter() - started) * 1000)
+
+
+@router.post("/{model_id}/embed", response_model=EmbedResponse, responses=error_responses(404, 409, 413, 422, 500),
+             summary="Embed texts with a sentence-embedding model")
+async def embed(model_id: str, body: TextsRequest, catalog: CatalogDep, settings: SettingsDep) -> EmbedResponse:
+    started = time.perf_counter()
+    check_texts(body.texts, settings)
+    async with model_errors():
+        info, embeddings = await catalog.embed(model_id, body.texts)
+    return EmbedResponse(model=info.id, dimension=embeddings.vectors.shape[1],
+                         embeddings=embeddings.vectors.tolist(), server_ms=(time.perf_counter() - started) * 1000)
+
+
+@asynccontextmanager
+async def model_errors() -> AsyncIterator[None]:
+    """The catalog's errors as HTTP answers: 404 unknown id, 409 the model's task answers another route, 500 a
+    model whose files no longer load."""
+    try:
+        yield
+    except UnknownModelError as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+    except WrongTaskError as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    except ModelLoadError as e:
+        raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, str(e)) from None

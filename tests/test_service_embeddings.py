@@ -1,0 +1,110 @@
+"""/v1/models serving a tiny finished sentence-embedding job: listing, /embed on every variant, micro-batched
+embeddings, and the 409 that sends a model's callers to its task's route."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
+from distill.pipeline import run
+from distill.runtime import OnnxEmbedder, TorchEmbedder
+from service.models import ModelCatalog
+from service.settings import Settings
+from tests.conftest import models_client, synthetic_rows, write_csv, write_sentence_teacher, write_tiny_encoder
+
+TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
+IDS = ["emb.teacher", "emb.student", "emb.student-fp32", "emb.student-torch"]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A home holding one finished tiny sentence-embedding job, jobs/emb: MPNet teacher (32 wide, normalized) →
+    one layer of a 16-wide BERT + projection, exported to ONNX fp32 and INT8."""
+    root = tmp_path_factory.mktemp("service-embeddings")
+    home = root / "home"
+    config = JobConfig(
+        task="sentence-embedding", teacher=TeacherConfig(name=str(write_sentence_teacher(root / "teacher"))),
+        data=DataConfig(dataset="files", train=write_csv(root / "data.csv", synthetic_rows(200, seed=1)),
+                        max_length=16),
+        student=FromModel(init="model", model=str(write_tiny_encoder(root / "other", seed=3, hidden=16)),
+                          num_layers=1),
+        loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0), train=TrainConfig(epochs=2, batch_size=16, lr=5e-3),
+        output_dir=home / "jobs" / "emb")
+    run(config)
+    return Settings(home=home, max_batch_texts=8, max_text_chars=100)
+
+
+@pytest.fixture(scope="module")
+def report(settings: Settings) -> dict:
+    return json.loads((settings.jobs_dir / "emb" / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    yield from models_client(settings)
+
+
+def test_an_embedding_job_lists_its_teacher_and_students(client: TestClient, report: dict) -> None:
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["items"]}
+    assert list(listed) == IDS
+    assert {i: (m["task"], m["format"], m["dimension"]) for i, m in listed.items()} == {
+        "emb.teacher": ("sentence-embedding", "torch", 32), "emb.student": ("sentence-embedding", "onnx-int8", 32),
+        "emb.student-fp32": ("sentence-embedding", "onnx-fp32", 32),
+        "emb.student-torch": ("sentence-embedding", "torch", 32)}
+    assert listed["emb.teacher"]["params"] == report["teacher"]["params"]
+    assert listed["emb.student-torch"]["params"] == report["student"]["params"]
+    assert all(m["label_names"] == [] and m["test_accuracy"] is None for m in listed.values())
+
+
+def test_embed_answers_what_each_model_computes(client: TestClient, settings: Settings, report: dict) -> None:
+    job = settings.jobs_dir / "emb"
+    expected = {"emb.teacher": TorchEmbedder(Path(report["teacher"]["dir"]), 16).embed(TEXTS),
+                "emb.student": OnnxEmbedder(job / "student-onnx" / "model_int8.onnx", 16).embed(TEXTS),
+                "emb.student-torch": TorchEmbedder(job / "student", 16).embed(TEXTS)}
+    answers = {}
+    for model_id in IDS:
+        response = client.post(f"/v1/models/{model_id}/embed", json={"texts": TEXTS})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["model"], body["dimension"]) == (model_id, 32)
+        answers[model_id] = np.array(body["embeddings"])
+        assert answers[model_id].shape == (len(TEXTS), 32)
+        np.testing.assert_allclose(np.linalg.norm(answers[model_id], axis=1), 1.0, atol=1e-5)
+    for model_id, vectors in expected.items():
+        np.testing.assert_allclose(answers[model_id], vectors.numpy(), atol=1e-5)
+    # The fp32 export is the PyTorch student within the export tolerance; the teacher is another model.
+    np.testing.assert_allclose(answers["emb.student-fp32"], answers["emb.student-torch"], atol=1e-4)
+    assert not np.allclose(answers["emb.teacher"], answers["emb.student-torch"], atol=1e-2)
+
+
+def test_concurrent_embed_calls_get_their_own_rows(settings: Settings) -> None:
+    requests = [TEXTS[:1], TEXTS[1:3], TEXTS[3:], TEXTS]
+
+    async def main() -> list[np.ndarray]:
+        catalog = ModelCatalog(settings.model_copy(update={"batch_max_size": 8, "batch_max_wait_ms": 20}))
+        answers = await asyncio.gather(*(catalog.embed("emb.student-torch", texts) for texts in requests))
+        await catalog.close()
+        return [embeddings.vectors for _, embeddings in answers]
+
+    alone = TorchEmbedder(settings.jobs_dir / "emb" / "student", 16)
+    for texts, vectors in zip(requests, asyncio.run(main()), strict=True):
+        np.testing.assert_allclose(vectors, alone.embed(texts).numpy(), atol=1e-5)
+
+
+def test_each_task_route_refuses_the_other_tasks_models(client: TestClient) -> None:
+    response = client.post("/v1/models/emb.student/predict", json={"texts": TEXTS})
+    assert response.status_code == 409
+    assert "sentence-embedding" in response.json()["detail"] and "/v1/models/emb.student/embed" in \
+        response.json()["detail"]
+    response = client.post("/v1/compare", json={"models": ["emb.teacher", "emb.student"], "texts": TEXTS})
+    assert response.status_code == 422
+    assert "classifiers only" in response.json()["detail"]
+    for limit_case, code in (([], 422), (["x"] * 9, 413), (["x" * 101], 422)):  # the /predict limits apply
+        assert client.post("/v1/models/emb.student/embed", json={"texts": limit_case}).status_code == code

@@ -1,10 +1,11 @@
 """Sentence-embedding part of bench/tasks.py: distill the mpnet-base sentence encoder into the first 3 layers of
 MiniLM-L6 (+ a 384 → 768 projection, started at the least-squares map to the teacher's embeddings) on the reviews
-texts (+ the built-in transfer texts and perturbed copies of the training texts) with MSE + cosine to the teacher's embeddings, and measure on the test
-split: linear-probe accuracy of teacher and student (trained on the train split's frozen embeddings), probe
-retention, cosine and recall@10 agreement with the teacher, params, and the latency ratio ORT INT8 student / PyTorch
-teacher (batch 1, a median-length test text, tokenization included); for reference, the recall@10 of MiniLM-L6 not
-distilled (as published, and its first 3 layers). Targets: probe retention ≥ 0.95, recall@10 agreement ≥ 0.8.
+texts (+ the built-in transfer texts and perturbed copies of the training texts) with MSE + cosine to the teacher's
+embeddings, and measure on the test split: linear-probe accuracy of teacher and student (trained on the train
+split's frozen embeddings), probe retention, cosine and recall@10 agreement with the teacher, params, and the
+latency ratio ORT INT8 student / PyTorch teacher (batch 1, a median-length test text, tokenization included); for
+reference, the recall@10 of MiniLM-L6 not distilled (as published, and its first 3 layers). Targets: probe
+retention ≥ 0.95, recall@10 agreement ≥ 0.8.
 """
 
 from __future__ import annotations

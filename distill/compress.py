@@ -168,19 +168,20 @@ def optimize(onnx_path: Path, out_dir: Path, *, tokenizer_dir: Path | None = Non
     return OptimizeResult(out_dir / OPTIMIZED_FILE, fused_ops, diff)
 
 
-def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop_points: float = 1.0) -> GateResult:
-    """Serve INT8 unless it loses more than max_drop_points accuracy points against fp32.
-    Accuracies are fractions in [0, 1]; a drop of 0.012 is 1.2 points."""
+def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop_points: float = 1.0,
+                  metric: str = "accuracy") -> GateResult:
+    """Serve INT8 unless it loses more than max_drop_points of `metric` points against fp32.
+    Values are fractions in [0, 1] (accuracy, or an embedding model's recall@10 agreement); 0.012 is 1.2 points."""
     for name, value in (("fp32_acc", fp32_acc), ("int8_acc", int8_acc)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name}: {value} is not an accuracy in [0, 1]")
+            raise ValueError(f"{name}: {value} is not a {metric} in [0, 1]")
     if max_drop_points < 0:
         raise ValueError(f"max_drop_points: {max_drop_points} is negative; give 0 or more points")
     drop = round((fp32_acc - int8_acc) * 100, 6)  # rounded: 0.90 − 0.89 is 1.0000000000000009 points in floats
     if drop > max_drop_points:
-        return GateResult(False, drop, "fp32", f"serving fp32: INT8 accuracy {int8_acc:.2%} is {drop:.2f} points "
+        return GateResult(False, drop, "fp32", f"serving fp32: INT8 {metric} {int8_acc:.2%} is {drop:.2f} points "
                                                f"below fp32 {fp32_acc:.2%}, more than the {max_drop_points:g} allowed")
-    return GateResult(True, drop, "int8", f"serving INT8: accuracy {int8_acc:.2%} vs fp32 {fp32_acc:.2%}, "
+    return GateResult(True, drop, "int8", f"serving INT8: {metric} {int8_acc:.2%} vs fp32 {fp32_acc:.2%}, "
                                           f"a drop of {drop:.2f} points ({max_drop_points:g} allowed)")
 
 

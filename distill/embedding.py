@@ -28,7 +28,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic, distributed, engine, losses
-from distill.compress import INT8_FILE, quantize_dynamic_int8
+from distill.compress import INT8_FILE, accuracy_gate, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
 from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
@@ -400,8 +400,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         test_metrics = agreement_metrics(student_test, embeddings["test"])
         publish(out / engine.BEST, out / STUDENT)
 
-    onnx = _deploy(config, out, best, built.tokenizer, texts["test"], embeddings["test"], clock) \
-        if config.export.onnx else {}
+    onnx = _deploy(config, out, best, built.tokenizer, texts, embeddings, clock, emit) if config.export.onnx else {}
     teacher_params, student_params = count_params(teacher.model), count_params(best)
     report = {
         "config": json.loads(config.model_dump_json()),
@@ -429,24 +428,39 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
 
 def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase,
-            test_texts: list[str], teacher_test: Tensor, clock: Any) -> dict[str, Any]:
+            texts: dict[str, list[str]], teacher_embeddings: dict[str, Tensor], clock: Any,
+            emit: EventSink) -> dict[str, Any]:
     """student-onnx/: model.onnx (checked against PyTorch) and, unless compress.quantize is 'none', a dynamic INT8
-    model_int8.onnx; both measured against the teacher on the test split."""
-    target = out / STUDENT_ONNX
+    model_int8.onnx, served only when its validation recall@10 agreement stays within compress.max_accuracy_drop
+    points of fp32's (the gate a classifier's INT8 passes on accuracy); both measured against the teacher on the
+    test split."""
+    target, max_length, recall = out / STUDENT_ONNX, config.data.max_length, f"recall_at_{NEIGHBOURS}"
     with clock("export"):
-        exported = export_embedding_onnx(model, tokenizer, target, max_length=config.data.max_length,
+        exported = export_embedding_onnx(model, tokenizer, target, max_length=max_length,
                                          opset=config.export.opset, tolerance=config.export.tolerance)
     section: dict[str, Any] = {"export": {"student": {"path": str(exported.path), "opset": exported.opset,
                                                       "size_bytes": exported.size_bytes,
                                                       "max_abs_diff": exported.max_abs_diff,
                                                       "checked_shapes": exported.checked_shapes}}}
     files = {"onnx-fp32": exported.path}
+    served = "onnx-fp32"
     if config.compress.quantize != "none":
         with clock("compress"):
             files["onnx-int8"] = quantize_embedding_onnx(exported.path, per_channel=config.compress.per_channel)
+            fp32, int8 = (agreement_metrics(OnnxEmbedder(files[name], max_length).embed(texts["validation"]),
+                                            teacher_embeddings["validation"])[recall]
+                          for name in ("onnx-fp32", "onnx-int8"))
+            gate = accuracy_gate(fp32, int8, config.compress.max_accuracy_drop, metric="recall@10 agreement")
+            emit("log", {"message": gate.message})
+            served = "onnx-int8" if gate.passed else "onnx-fp32"
+            section["compress"] = {"mode": "dynamic", "per_channel": config.compress.per_channel,
+                                   "gate": {"passed": gate.passed, "validation_drop_points": gate.drop_points,
+                                            "max_drop_points": config.compress.max_accuracy_drop,
+                                            "message": gate.message}}
+    section["served"] = {"path": str(files[served]), "format": served}
     section["deployment"] = {name: {"path": str(path), "size_bytes": path.stat().st_size,
-                                    **agreement_metrics(OnnxEmbedder(path, config.data.max_length).embed(test_texts),
-                                                        teacher_test)}
+                                    **agreement_metrics(OnnxEmbedder(path, max_length).embed(texts["test"]),
+                                                        teacher_embeddings["test"])}
                              for name, path in files.items()}
     return section
 
@@ -500,6 +514,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| student ({name}) | | {row['cosine']:.4f} | {row[f'recall_at_{NEIGHBOURS}']:.4f} |"
               for name, row in report.get("deployment", {}).items()]
     lines += ["", f"Probe retention: {report['probe_retention']:.4f}."]
+    if "served" in report:
+        gate = report.get("compress", {}).get("gate")
+        lines += [f"Served: `{report['served']['path']}` ({report['served']['format']})."
+                  + (f" {gate['message']}." if gate else "")]
     if "export" in report:
         lines += [f"ONNX export checked against PyTorch: max abs difference "
                   f"{report['export']['student']['max_abs_diff']:.2g}."]

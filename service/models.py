@@ -8,8 +8,8 @@ Ids. A succeeded job is a directory `jobs_dir/<job_id>/` holding `report.json`; 
     <job_id>.student-fp32   the fp32 ONNX student (the ORT-optimized graph when compress made one)
     <job_id>.student-torch  the student as PyTorch
 
-Classifier jobs' models answer /predict; sentence-embedding jobs' models answer /embed (the teacher as it was
-given, the student INT8 when compress made it, else fp32). Causal-LM jobs are not served yet.
+Classifier jobs' models answer /predict; sentence-embedding jobs' models answer /embed (their teacher is the one
+the job was given). Causal-LM jobs are not served yet.
 
 Listing reads only report.json files, cached by modification time; a lookup by id reads one job's report.
 
@@ -37,7 +37,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from distill.compress import INT8_FILE
 from distill.config import DataConfig
 from distill.data import BUILTIN_DATASETS, DataError, load_task_data
 from distill.evaluate import EvaluateError, evaluate_models, render_markdown
@@ -351,41 +350,33 @@ def _models_of_report(job_id: str, job_dir: Path, report: dict[str, Any], home: 
     home/prepared when its recorded path is gone), so a home moved or mounted elsewhere still works; a model
     whose files are missing is left out, and so is every model of a task not served (causal-lm)."""
     task = report["config"]["task"]
-    onnx_dir = job_dir / "student-onnx"
-    # (variant, kind, format, path or None, name of its evaluate_models row)
-    candidates: list[tuple[str, Kind, Format, Path | None, str]]
+    if task not in ROUTES:
+        return {}
     if task == "sentence-embedding":
-        int8, fp32 = onnx_dir / INT8_FILE, onnx_dir / ONNX_FILE
-        served = next(((format, path) for format, path in (("onnx-int8", int8), ("onnx-fp32", fp32))
-                       if path.is_file()), ("torch", job_dir / "student"))
-        candidates = [
-            ("teacher", "teacher", "torch", Path(report["teacher"]["dir"]), ""),
-            ("student", "student", *served, ""),
-            ("student-fp32", "student", "onnx-fp32", fp32, ""),
-            ("student-torch", "student", "torch", job_dir / "student", ""),
-        ]
-    elif task == "sequence-classification":
+        teacher_dir = Path(report["teacher"]["dir"])  # used as it was given: nothing prepared
+    else:
         teacher_dir = Path(report["teacher"]["prepared_dir"])
         if not teacher_dir.is_dir():
             teacher_dir = home / "prepared" / teacher_dir.name
-        fp32 = next((onnx_dir / n for n in (OPTIMIZED_FILE, ONNX_FILE) if (onnx_dir / n).is_file()), None)
-        served = report.get("served")
-        candidates = [
-            ("teacher", "teacher", "torch", teacher_dir, "teacher-torch"),
-            ("student", "student", served["format"], onnx_dir / Path(served["path"]).name,
-             "student-onnx-int8" if served["format"] == "onnx-int8" else "student-onnx-fp32")
-            if served else ("student", "student", "torch", job_dir / "student", "student-torch"),
-            ("student-fp32", "student", "onnx-fp32", fp32, "student-onnx-fp32"),
-            ("student-torch", "student", "torch", job_dir / "student", "student-torch"),
-        ]
-    else:
-        return {}
-    rows = report.get("evaluation", {}).get("models", {})  # evaluate_models rows, when the job exported ONNX
+    onnx_dir = job_dir / "student-onnx"
+    fp32 = next((onnx_dir / n for n in (OPTIMIZED_FILE, ONNX_FILE) if (onnx_dir / n).is_file()), None)
+    served = report.get("served")
+    # (variant, kind, format, path or None, its evaluate_models row: params and test accuracy when present, else
+    # the report's teacher/student section has them)
+    candidates: list[tuple[str, Kind, Format, Path | None, str]] = [
+        ("teacher", "teacher", "torch", teacher_dir, "teacher-torch"),
+        ("student", "student", served["format"], onnx_dir / Path(served["path"]).name,
+         "student-onnx-int8" if served["format"] == "onnx-int8" else "student-onnx-fp32")
+        if served else ("student", "student", "torch", job_dir / "student", "student-torch"),
+        ("student-fp32", "student", "onnx-fp32", fp32, "student-onnx-fp32"),
+        ("student-torch", "student", "torch", job_dir / "student", "student-torch"),
+    ]
+    rows = report.get("evaluation", {}).get("models", {})  # evaluate_models rows, when a classifier job exported
     models = {}
     for variant, kind, format, path, row_name in candidates:
         if path is None or not path.exists():
             continue
-        row = rows.get(row_name, {})  # params and test accuracy; else the report's teacher/student section has them
+        row = rows.get(row_name, {})
         section = report["teacher"] if kind == "teacher" else report["student"]
         models[variant] = ModelInfo(
             id=f"{job_id}.{variant}", job_id=job_id, variant=variant, task=task, kind=kind, format=format, path=path,

@@ -122,6 +122,11 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
     assert report["probe_retention"] == pytest.approx(student["test_probe_accuracy"]
                                                       / report["teacher"]["test_probe_accuracy"])
     assert "| student (onnx-int8) |" in (tmp_path / "job" / "report.md").read_text()
+    # INT8 is served only past the gate on validation recall@10 agreement (compress.max_accuracy_drop points).
+    gate = report["compress"]["gate"]
+    assert gate["passed"] == (gate["validation_drop_points"] <= gate["max_drop_points"] == 1.0)
+    assert report["served"]["format"] == ("onnx-int8" if gate["passed"] else "onnx-fp32")
+    assert Path(report["served"]["path"]).name == ("model_int8.onnx" if gate["passed"] else "model.onnx")
 
     # The saved student: sentence-transformers loads it and embeds exactly as the engine's model does.
     from sentence_transformers import SentenceTransformer

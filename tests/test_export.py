@@ -172,6 +172,12 @@ def test_accuracy_gate(fp32: float, int8: float, max_drop: float, served: str, d
         assert "serving fp32" in gate.message and "2.00 points" in gate.message
 
 
+def test_accuracy_gate_names_the_metric_it_gates() -> None:
+    gate = accuracy_gate(0.50, 0.40, 1.0, metric="recall@10 agreement")
+    assert not gate.passed
+    assert gate.message.startswith("serving fp32: INT8 recall@10 agreement 40.00% is 10.00 points below fp32 50.00%")
+
+
 def test_accuracy_gate_rejects_percentages() -> None:
     with pytest.raises(ValueError, match="int8_acc: 89"):
         accuracy_gate(0.9, 89.0)

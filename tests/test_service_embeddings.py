@@ -55,7 +55,8 @@ def test_an_embedding_job_lists_its_teacher_and_students(client: TestClient, rep
     listed = {m["id"]: m for m in client.get("/v1/models").json()["items"]}
     assert list(listed) == IDS
     assert {i: (m["task"], m["format"], m["dimension"]) for i, m in listed.items()} == {
-        "emb.teacher": ("sentence-embedding", "torch", 32), "emb.student": ("sentence-embedding", "onnx-int8", 32),
+        "emb.teacher": ("sentence-embedding", "torch", 32),
+        "emb.student": ("sentence-embedding", report["served"]["format"], 32),  # INT8 past the job's gate
         "emb.student-fp32": ("sentence-embedding", "onnx-fp32", 32),
         "emb.student-torch": ("sentence-embedding", "torch", 32)}
     assert listed["emb.teacher"]["params"] == report["teacher"]["params"]
@@ -65,8 +66,9 @@ def test_an_embedding_job_lists_its_teacher_and_students(client: TestClient, rep
 
 def test_embed_answers_what_each_model_computes(client: TestClient, settings: Settings, report: dict) -> None:
     job = settings.jobs_dir / "emb"
+    served = job / "student-onnx" / Path(report["served"]["path"]).name
     expected = {"emb.teacher": TorchEmbedder(Path(report["teacher"]["dir"]), 16).embed(TEXTS),
-                "emb.student": OnnxEmbedder(job / "student-onnx" / "model_int8.onnx", 16).embed(TEXTS),
+                "emb.student": OnnxEmbedder(served, 16).embed(TEXTS),
                 "emb.student-torch": TorchEmbedder(job / "student", 16).embed(TEXTS)}
     answers = {}
     for model_id in IDS:

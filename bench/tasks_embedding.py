@@ -2,10 +2,10 @@
 MiniLM-L6 (+ a 384 → 768 projection, started at the least-squares map to the teacher's embeddings) on the reviews
 texts (+ the built-in transfer texts and perturbed copies of the training texts) with MSE + cosine to the teacher's
 embeddings, and measure on the test split: linear-probe accuracy of teacher and student (trained on the train
-split's frozen embeddings), probe retention, cosine and recall@10 agreement with the teacher, params, and the
-latency ratio ORT INT8 student / PyTorch teacher (batch 1, a median-length test text, tokenization included); for
-reference, the recall@10 of MiniLM-L6 not distilled (as published, and its first 3 layers). Targets: probe
-retention ≥ 0.95, recall@10 agreement ≥ 0.8.
+split's frozen embeddings, the L2 penalty chosen on validation for each), probe retention, cosine and recall@10
+agreement with the teacher, params, and the latency ratio ORT INT8 student / PyTorch teacher (batch 1, a
+median-length test text, tokenization included); for reference, the recall@10 of MiniLM-L6 not distilled (as
+published, and its first 3 layers). Targets: probe retention ≥ 0.95, recall@10 agreement ≥ 0.8.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "embedding_teacher_probe_accuracy": teacher["test_probe_accuracy"],
         "embedding_student_probe_accuracy": student["test_probe_accuracy"],
         "embedding_probe_retention": report["probe_retention"],
+        "embedding_probe_l2": {"teacher": teacher["probe"]["l2"], "student": student["probe"]["l2"]},
         "embedding_recall_at_10": student["test_recall_at_10"],
         "embedding_cosine": student["test_cosine"],
         "embedding_int8_recall_at_10": deployment["onnx-int8"]["recall_at_10"],

@@ -13,6 +13,7 @@ student is saved as a sentence-transformers directory and exported to ONNX with 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -252,26 +253,49 @@ def _nearest(embeddings: Tensor, k: int) -> Tensor:
     return similarity.topk(k, dim=-1).indices
 
 
-def linear_probe(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, *, l2: float = 1e-3,
-                 steps: int = 200) -> float:
-    """Test accuracy of logistic regression on frozen embeddings (N, D) with class ids (N,): features standardized
-    by the training rows, full-batch L-BFGS with an L2 penalty (deterministic, no sklearn)."""
+PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # the probe's penalties; each model's is chosen on validation (as SentEval does)
+
+
+@dataclass
+class Probe:
+    test_accuracy: float
+    l2: float  # the penalty chosen on validation
+    validation_accuracy: dict[str, float]  # by penalty (str keys: they go into report.json)
+
+
+def linear_probe(train: Tensor, train_labels: Tensor, validation: Tensor, validation_labels: Tensor, test: Tensor,
+                 test_labels: Tensor, *, l2_grid: tuple[float, ...] = PROBE_L2, steps: int = 200) -> Probe:
+    """Logistic regression on frozen embeddings (N, D) with class ids (N,): features standardized by the training
+    rows, full-batch L-BFGS with an L2 penalty (deterministic, no sklearn); the penalty with the best validation
+    accuracy (the smaller on a tie) is scored on test."""
     mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
-    x, x_test = (train - mean) / std, (test - mean) / std
+    x, x_validation, x_test = ((rows - mean) / std for rows in (train, validation, test))
+    classes = int(max(train_labels.max(), validation_labels.max(), test_labels.max())) + 1
+
+    def accuracy(classifier: nn.Linear, rows: Tensor, labels: Tensor) -> float:
+        with torch.no_grad():
+            return (classifier(rows).argmax(dim=-1) == labels).float().mean().item()
+
+    fitted = {l2: _fit_probe(x, train_labels, classes, l2, steps) for l2 in sorted(l2_grid)}
+    scores = {l2: accuracy(classifier, x_validation, validation_labels) for l2, classifier in fitted.items()}
+    best = max(scores, key=lambda l2: (scores[l2], -l2))
+    return Probe(accuracy(fitted[best], x_test, test_labels), best, {f"{l2:g}": v for l2, v in scores.items()})
+
+
+def _fit_probe(x: Tensor, labels: Tensor, classes: int, l2: float, steps: int) -> nn.Linear:
     torch.manual_seed(0)
-    classifier = nn.Linear(x.shape[1], int(max(train_labels.max(), test_labels.max())) + 1)
+    classifier = nn.Linear(x.shape[1], classes)
     optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        value = F.cross_entropy(classifier(x), train_labels) + l2 * classifier.weight.pow(2).sum()
+        value = F.cross_entropy(classifier(x), labels) + l2 * classifier.weight.pow(2).sum()
         value.backward()
         return value
 
     with torch.enable_grad():  # callers may run under inference_mode
         optimizer.step(closure)
-    with torch.no_grad():
-        return (classifier(x_test).argmax(dim=-1) == test_labels).float().mean().item()
+    return classifier
 
 
 class SentenceEmbedding(SequenceClassification):
@@ -391,12 +415,14 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         labelled = len(data.train)  # the probe learns from labelled rows only (transfer texts have no label)
         teacher_train = (embeddings["train"][:labelled] if cache_train else predict_distilled(
             task, teacher.model, teacher.tokenizer, teacher_inputs["train"][:labelled], precision=config.precision))
-        student_train, student_test = (
+        student_train, student_validation, student_test = (
             predict_distilled(task, best, built.tokenizer, inputs, precision=config.precision)
-            for inputs in (student_inputs["train"][:labelled], student_inputs["test"]))
+            for inputs in (student_inputs["train"][:labelled], student_inputs["validation"], student_inputs["test"]))
         train_labels = labels["train"][:labelled]
-        probe = {"teacher": linear_probe(teacher_train, train_labels, embeddings["test"], labels["test"]),
-                 "student": linear_probe(student_train, train_labels, student_test, labels["test"])}
+        probe = {"teacher": linear_probe(teacher_train, train_labels, embeddings["validation"], labels["validation"],
+                                         embeddings["test"], labels["test"]),
+                 "student": linear_probe(student_train, train_labels, student_validation, labels["validation"],
+                                         student_test, labels["test"])}
         test_metrics = agreement_metrics(student_test, embeddings["test"])
         publish(out / engine.BEST, out / STUDENT)
 
@@ -408,22 +434,25 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         "data": data.summary(),
         "teacher": {"source": config.teacher.name, "dir": teacher_dir, "params": teacher_params,
                     "dimension": teacher.model.dimension, "pooling": teacher.model.pooling,
-                    "normalize": teacher.model.normalize, "test_probe_accuracy": probe["teacher"]},
+                    "normalize": teacher.model.normalize, "test_probe_accuracy": probe["teacher"].test_accuracy,
+                    "probe": dataclasses.asdict(probe["teacher"])},
         "student": {"dir": str(out / STUDENT), "params": student_params, "width": width,
                     "projection": student.projection is not None, "best_epoch": result.best_epoch,
                     "train_examples": len(splits["train"]), "steps": result.steps, "history": result.history,
                     "test_cosine": test_metrics["cosine"],
                     f"test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"],
-                    "test_probe_accuracy": probe["student"],
+                    "test_probe_accuracy": probe["student"].test_accuracy,
+                    "probe": dataclasses.asdict(probe["student"]),
                     "train_examples_per_second": result.examples_per_second},
-        "probe_retention": probe["student"] / probe["teacher"] if probe["teacher"] else None,
+        "probe_retention": (probe["student"].test_accuracy / probe["teacher"].test_accuracy
+                            if probe["teacher"].test_accuracy else None),
         "param_ratio": student_params / teacher_params,
         "teacher_logits_cached": cache_train,
         **onnx,
         "timings_seconds": timings,
     }
     return finish(out, report, render_markdown(report), emit,
-                  {"student_test_probe_accuracy": probe["student"],
+                  {"student_test_probe_accuracy": probe["student"].test_accuracy,
                    f"student_test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"]})
 
 

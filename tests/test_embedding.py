@@ -85,10 +85,30 @@ def test_agreement_metrics_known_answers() -> None:
 
 def test_linear_probe_separates_separable_embeddings() -> None:
     generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(200) % 2
-    points = torch.randn(200, 8, generator=generator) + 8.0 * labels[:, None] * torch.eye(8)[0]
-    assert linear_probe(points[:150], labels[:150], points[150:], labels[150:]) >= 0.95
-    assert linear_probe(points[:150], labels[:150], points[150:], 1 - labels[150:]) <= 0.05
+    labels = torch.arange(300) % 2
+    points = torch.randn(300, 8, generator=generator) + 8.0 * labels[:, None] * torch.eye(8)[0]
+    train, validation, test = (slice(0, 150), slice(150, 200), slice(200, 300))
+
+    def probe(test_labels: torch.Tensor):
+        return linear_probe(points[train], labels[train], points[validation], labels[validation], points[test],
+                            test_labels)
+
+    assert probe(labels[test]).test_accuracy >= 0.95
+    assert probe(1 - labels[test]).test_accuracy <= 0.05
+
+
+def test_linear_probe_takes_the_penalty_validation_prefers() -> None:
+    """The penalty with the best validation accuracy is the one scored on test; on a tie, the smaller one."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(400) % 2
+    points = torch.randn(400, 64, generator=generator) + 1.5 * labels[:, None] * torch.eye(64)[0]
+    args = [tensor[part] for part in (slice(0, 40), slice(200, 300), slice(300, 400)) for tensor in (points, labels)]
+    chosen = linear_probe(*args, l2_grid=(1.0, 1e-2, 1e-4))
+    scores = chosen.validation_accuracy
+    assert list(scores) == ["0.0001", "0.01", "1"]
+    best = max(scores.values())
+    assert chosen.l2 == min(float(l2) for l2, score in scores.items() if score == best)
+    assert linear_probe(*args, l2_grid=(chosen.l2,)).test_accuracy == chosen.test_accuracy
 
 
 def _config(teacher: Path, csv: Path, out: Path, student, epochs: int = 4, lr: float = 5e-3,

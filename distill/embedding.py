@@ -472,11 +472,13 @@ def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: Pre
                                                       "max_abs_diff": exported.max_abs_diff,
                                                       "checked_shapes": exported.checked_shapes}}}
     files = {"onnx-fp32": exported.path}
+    embedders = {"onnx-fp32": OnnxEmbedder(exported.path, max_length)}
     served = "onnx-fp32"
     if config.compress.quantize != "none":
         with clock("compress"):
             files["onnx-int8"] = quantize_embedding_onnx(exported.path, per_channel=config.compress.per_channel)
-            fp32, int8 = (agreement_metrics(OnnxEmbedder(files[name], max_length).embed(texts["validation"]),
+            embedders["onnx-int8"] = OnnxEmbedder(files["onnx-int8"], max_length)
+            fp32, int8 = (agreement_metrics(embedders[name].embed(texts["validation"]),
                                             teacher_embeddings["validation"])[recall]
                           for name in ("onnx-fp32", "onnx-int8"))
             gate = accuracy_gate(fp32, int8, config.compress.max_accuracy_drop, metric="recall@10 agreement")
@@ -488,7 +490,7 @@ def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: Pre
                                             "message": gate.message}}
     section["served"] = {"path": str(files[served]), "format": served}
     section["deployment"] = {name: {"path": str(path), "size_bytes": path.stat().st_size,
-                                    **agreement_metrics(OnnxEmbedder(path, max_length).embed(texts["test"]),
+                                    **agreement_metrics(embedders[name].embed(texts["test"]),
                                                         teacher_embeddings["test"])}
                              for name, path in files.items()}
     return section

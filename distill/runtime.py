@@ -229,8 +229,8 @@ class TorchEmbedder(Embedder):
     def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         names = ("input_ids", "attention_mask", "token_type_ids")
         with torch.inference_mode():
-            return self.model(**{n: torch.from_numpy(encoded[n]) for n in names if n in encoded}).embedding.float(
-                ).numpy()
+            output = self.model(**{n: torch.from_numpy(encoded[n]) for n in names if n in encoded})
+        return output.embedding.float().numpy()
 
 
 class OnnxEmbedder(Embedder):

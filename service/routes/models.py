@@ -86,7 +86,7 @@ class EmbedResponse(BaseModel):
 
 
 def check_texts(texts: list[str], settings: Settings) -> None:
-    """The request limits of /predict and /compare: 422 for an empty list or a long text, 413 for too many."""
+    """The request limits of /predict, /embed and /compare: 422 for an empty list or a long text, 413 for too many."""
     if not texts:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "texts is empty; give at least one text")
     if len(texts) > settings.max_batch_texts:

@@ -216,8 +216,6 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     """A `task: causal-lm` job (see the module docstring); pipeline.run hands it over. Under torchrun every rank
     runs the teacher on its slice of each batch (nothing is cached); rank 0 alone emits, writes and runs the stages
     after training, the others return None."""
-    if config.compress.quantize == "static":
-        raise ConfigError("compress.quantize: static INT8 is not available for task 'causal-lm'; use dynamic or none")
     out, emit = pipeline.start_job(config, on_event)
     timings: dict[str, float] = {}
     clock = functools.partial(pipeline.timed_stage, timings=timings, emit=emit)

@@ -228,6 +228,15 @@ class JobConfig(_Section):
                              f"{', '.join(own)}, hidden_mse, attention_kl, value_kl")
         return self
 
+    @model_validator(mode="after")
+    def _quantization_fits_the_task(self) -> JobConfig:
+        """Static INT8 calibrates through a classifier's graph (distill.compress); the other tasks quantize
+        dynamically."""
+        if self.compress.quantize == "static" and self.task != "sequence-classification":
+            raise ValueError(f"compress.quantize: static INT8 is not available for task {self.task!r}; use dynamic "
+                             f"or none")
+        return self
+
 
 def format_validation_error(error: ValidationError) -> str:
     """One line per problem: `section.key: what was wrong (allowed ...)`."""

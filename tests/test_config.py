@@ -24,6 +24,10 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
                                                                      "'sentence-embedding'"),
     ({"loss": {"divergence": "js"}}, "loss.divergence: Input should be 'kd_kl', 'reverse_kl' or 'jsd'"),
     ({"distributed": {"nnodes": 2}}, "distributed.nnodes is 2: set distributed.rdzv_endpoint"),
+    ({"task": "sentence-embedding", "compress": {"quantize": "static"}}, "compress.quantize: static INT8 is not "
+                                                                          "available for task 'sentence-embedding'"),
+    ({"task": "causal-lm", "compress": {"quantize": "static"}}, "compress.quantize: static INT8 is not available "
+                                                                 "for task 'causal-lm'; use dynamic or none"),
     ({"compress": {"exclude_ops": ["Foo"]}}, "compress.exclude_ops: ['Foo'] are not op types dynamic quantization "
                                              "handles; allowed: ['Attention', "),
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size, cache_teacher_logits"),

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 ONNX_FILE = "model.onnx"  # the fp32 graph inside an exported model directory (see distill.export)
 OPTIMIZED_FILE = "model_optimized.onnx"  # the same graph after ORT's fusions (see distill.compress)
@@ -65,6 +65,16 @@ def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.Inf
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `tokenizer_dir`; FileNotFoundError when its files are missing, where transformers 5
+    would build an empty-vocabulary tokenizer from config.json alone and turn every word into [UNK] silently."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise FileNotFoundError(f"{tokenizer_dir} holds no tokenizer files (tokenizer.json, vocab.txt, ...); "
+                                "save the tokenizer next to config.json")
+    return tokenizer
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """(B, C) logits → (B, C) float32 probabilities."""
     z = logits.astype(np.float32)
@@ -82,12 +92,7 @@ class HFPredictor(ABC):
     def __init__(self, name: str, tokenizer_dir: Path, max_length: int) -> None:
         self.name = name
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        # transformers 5 builds an empty-vocabulary tokenizer from config.json alone when the tokenizer files are
-        # missing, which would turn every word into [UNK] without a word of warning.
-        if len(self.tokenizer) <= len(self.tokenizer.all_special_tokens):
-            raise FileNotFoundError(f"{tokenizer_dir} holds no tokenizer files (tokenizer.json, vocab.txt, ...); "
-                                    "save the tokenizer next to config.json")
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         config = AutoConfig.from_pretrained(tokenizer_dir)
         self.num_labels: int = config.num_labels
         self.label_names = [config.id2label[i] for i in range(config.num_labels)]
@@ -188,7 +193,7 @@ class Embedder(ABC):
 
     def __init__(self, name: str, tokenizer_dir: Path, max_length: int) -> None:
         self.name, self.max_length = name, max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
 
     @abstractmethod
     def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
@@ -224,7 +229,6 @@ class TorchEmbedder(Embedder):
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = load_sentence_encoder(model_dir).eval()
-        self.dimension = self.model.dimension
 
     def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         names = ("input_ids", "attention_mask", "token_type_ids")
@@ -243,7 +247,6 @@ class OnnxEmbedder(Embedder):
         super().__init__(name or f"onnx:{onnx_path.parent.name}/{onnx_path.name}", onnx_path.parent, max_length)
         self.session = cpu_session(onnx_path, threads, spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.dimension = self.session.get_outputs()[0].shape[-1]
 
     def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         (embedding,) = self.session.run([EMBEDDING_OUTPUT], {n: encoded[n] for n in self.input_names})

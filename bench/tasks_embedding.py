@@ -24,7 +24,8 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from distill.compress import INT8_FILE
 from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
 from distill.data import load_task_data, pull_dataset
-from distill.embedding import SentenceEmbedding, SentenceEncoder, load_sentence_encoder, neighbour_recall
+from distill.embedding import SentenceEmbedding, SentenceEncoder, load_sentence_encoder
+from distill.evaluate import neighbour_recall
 from distill.pipeline import STUDENT_ONNX, TEACHER_LOGITS, run
 from distill.runtime import OnnxEmbedder
 from distill.tasks import predict_distilled

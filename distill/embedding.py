@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from distill.compress import INT8_FILE, accuracy_gate, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
 from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
+from distill.evaluate import NEIGHBOURS, embedding_agreement
 from distill.export import CHECK_TEXTS, ExportResult, export_module
 from distill.losses import IGNORE_INDEX
 from distill.pipeline import (
@@ -51,7 +51,6 @@ from distill.student import build_student, count_params
 from distill.tasks import Encoded, SequenceClassification, predict_distilled
 from teachers.registry import resolve_teacher
 
-NEIGHBOURS = 10  # k of recall@k agreement
 LSTSQ_ROWS = 8192  # texts the least-squares projection init reads (fit_projection)
 # The projection learns at train.lr with the encoder: from the least-squares start a faster rate did not help
 # (mpnet-base → 3 MiniLM layers, 3,000 reviews, 94 steps, lr 5e-4: ×5 and ×10 reached validation cosine 0.676 and
@@ -229,30 +228,6 @@ def fit_projection(model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, i
     return F.cosine_similarity(design @ solution, target, dim=-1).mean().item()
 
 
-def agreement_metrics(student: Tensor, teacher: Tensor, k: int = NEIGHBOURS) -> dict[str, float]:
-    """Cosine agreement (mean cos(student_i, teacher_i); needs equal widths) and recall@k agreement
-    (`neighbour_recall`). Embeddings (N, D) × (N, D)."""
-    cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean().item()
-    return {"cosine": cosine, f"recall_at_{NEIGHBOURS}": neighbour_recall(student, teacher, k)}
-
-
-def neighbour_recall(student: Tensor, teacher: Tensor, k: int = NEIGHBOURS) -> float:
-    """For each text, the share of its k nearest neighbours among the other texts under the student that are also
-    among the teacher's, averaged. (N, D_s) × (N, D): the widths may differ; k shrinks to N − 1 on fewer than k + 1
-    texts."""
-    k = min(k, len(student) - 1)
-    neighbours = [_nearest(e, k) for e in (student, teacher)]  # (N, k) each
-    shared = (neighbours[0].unsqueeze(-1) == neighbours[1].unsqueeze(-2)).any(dim=-1).sum(dim=-1)  # (N,)
-    return (shared.float() / k).mean().item()
-
-
-def _nearest(embeddings: Tensor, k: int) -> Tensor:
-    """(N, D) → (N, k) indices of each row's k most cosine-similar other rows."""
-    unit = F.normalize(embeddings.float(), dim=-1)
-    similarity = (unit @ unit.T).fill_diagonal_(-math.inf)
-    return similarity.topk(k, dim=-1).indices
-
-
 PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # the probe's penalties; each model's is chosen on validation (as SentEval does)
 
 
@@ -332,8 +307,8 @@ class SentenceEmbedding(SequenceClassification):
     def evaluate(self, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, split: Split,
                  precision: Precision) -> dict[str, float]:
         assert split.teacher_outputs is not None, "the teacher's embeddings of the split are cached before training"
-        return agreement_metrics(predict_distilled(self, model, tokenizer, split.student_inputs, precision=precision),
-                                 split.teacher_outputs)
+        student = predict_distilled(self, model, tokenizer, split.student_inputs, precision=precision)
+        return embedding_agreement(student, split.teacher_outputs)
 
     def better(self, new: dict[str, float], old: dict[str, float]) -> bool:
         key = lambda m: (m[f"recall_at_{NEIGHBOURS}"], m["cosine"])  # noqa: E731 - cosine breaks recall ties
@@ -423,7 +398,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                                          embeddings["test"], labels["test"]),
                  "student": linear_probe(student_train, train_labels, student_validation, labels["validation"],
                                          student_test, labels["test"])}
-        test_metrics = agreement_metrics(student_test, embeddings["test"])
+        test_metrics = embedding_agreement(student_test, embeddings["test"])
         publish(out / engine.BEST, out / STUDENT)
 
     onnx = _deploy(config, out, best, built.tokenizer, texts, embeddings, clock, emit) if config.export.onnx else {}
@@ -478,8 +453,8 @@ def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: Pre
         with clock("compress"):
             files["onnx-int8"] = quantize_embedding_onnx(exported.path, per_channel=config.compress.per_channel)
             embedders["onnx-int8"] = OnnxEmbedder(files["onnx-int8"], max_length)
-            fp32, int8 = (agreement_metrics(embedders[name].embed(texts["validation"]),
-                                            teacher_embeddings["validation"])[recall]
+            fp32, int8 = (embedding_agreement(embedders[name].embed(texts["validation"]),
+                                              teacher_embeddings["validation"])[recall]
                           for name in ("onnx-fp32", "onnx-int8"))
             gate = accuracy_gate(fp32, int8, config.compress.max_accuracy_drop, metric="recall@10 agreement")
             emit("log", {"message": gate.message})
@@ -490,8 +465,8 @@ def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: Pre
                                             "message": gate.message}}
     section["served"] = {"path": str(files[served]), "format": served}
     section["deployment"] = {name: {"path": str(path), "size_bytes": path.stat().st_size,
-                                    **agreement_metrics(embedders[name].embed(texts["test"]),
-                                                        teacher_embeddings["test"])}
+                                    **embedding_agreement(embedders[name].embed(texts["test"]),
+                                                          teacher_embeddings["test"])}
                              for name, path in files.items()}
     return section
 

@@ -1,13 +1,17 @@
-"""Several predictors side by side on the same texts: accuracy, agreement, latency, throughput, size → a report.
+"""Several models side by side on the same texts: quality, agreement, latency, throughput, size → a report.
+
+The models are all classifiers (`Predictor`s: accuracy against the labels, agreement = the share of equal labels)
+or all sentence encoders (`Embedder`s: cosine to the reference's embedding of the same text, when the widths match,
+and recall@10 agreement of each text's nearest neighbours among the others, which needs no common width).
 
 What is timed, and how:
-- Every timing is `Predictor.predict` end to end, as a caller sees it: tokenization, the model, the softmax.
+- Every timing is `predict` end to end, as a caller sees it: tokenization, the model, the softmax or normalization.
 - The timing texts are `latency_text` when given (every call the same length, which is what a FLOP count or a
   "latency at sequence length N" needs; `text_of_length` makes one), otherwise the evaluation texts cycled in order.
 - Latency: `warmup_calls` untimed calls, then `latency_calls` calls at batch 1; p50/p90/p99 in milliseconds.
 - Throughput: one untimed batch, then `throughput_batches` batches of `throughput_batch` timing texts (padded to
   the longest in the batch); texts per second over all of them.
-- Accuracy and agreement come from one untimed pass over all texts in batches of `throughput_batch`.
+- Accuracy and agreement (or embeddings) come from one untimed pass over all texts in batches of `throughput_batch`.
 Models are measured one after another in the caller's order, so they never compete for the CPU.
 
 Memory: `ru_maxrss` is the peak of the whole process, every model loaded so far included, so the report holds one
@@ -21,19 +25,34 @@ import platform
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 import onnxruntime
 import torch
+import torch.nn.functional as F
 import transformers
+from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from distill.runtime import ONNX_FILE, HFPredictor, OnnxPredictor, Predictor, TorchPredictor, available_cpus
+from distill.runtime import (
+    ONNX_FILE,
+    Embedder,
+    HFPredictor,
+    OnnxEmbedder,
+    OnnxPredictor,
+    Predictor,
+    TorchEmbedder,
+    TorchPredictor,
+    available_cpus,
+)
 from teachers.registry import count_parameters
 
 Progress = Callable[[str], None]
+Model = Predictor | Embedder
+
+NEIGHBOURS = 10  # k of recall@k agreement
 
 # /proc/cpuinfo flags that decide how fast INT8 runs: VNNI does u8·s8 dot products in one instruction (512- or
 # 256-bit), AMX has tile matrix-multiply units; without any of them INT8 GEMMs can be slower than fp32 ones.
@@ -47,19 +66,20 @@ class EvaluateError(ValueError):
     """The models or inputs cannot be compared as asked; the message says what differs."""
 
 
-def evaluate_models(models: Mapping[str, Predictor], texts: list[str], labels: list[int] | None, *,
+def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[int] | None, *,
                     reference: str | None = None, latency_calls: int = 200, warmup_calls: int = 20,
                     latency_text: str | None = None, throughput_batch: int = 32, throughput_batches: int = 10,
                     sizes: dict[str, int] | None = None, params: dict[str, int] | None = None,
                     on_progress: Progress | None = None) -> dict[str, Any]:
     """Measure every model on the same texts (see the module docstring for what is timed); a JSON-ready dict.
 
-    labels: class ids in the models' label order (all models must have the same label names), or None.
-    reference: the model agreement and speed-ups are relative to (default: the first). sizes (bytes) and params
-    are copied into the rows of the models they name. on_progress gets a line before and after each model.
+    models: all classifiers or all embedders. labels: class ids in the classifiers' label order (all must have the
+    same label names), or None; embedders take none. reference: the model agreement and speed-ups are relative to
+    (default: the first). sizes (bytes) and params are copied into the rows of the models they name. on_progress
+    gets a line before and after each model.
     """
     if not models:
-        raise EvaluateError("models is empty; give at least one predictor")
+        raise EvaluateError("models is empty; give at least one model")
     if not texts:
         raise EvaluateError("texts is empty; give at least one text")
     if labels is not None and len(labels) != len(texts):
@@ -67,10 +87,18 @@ def evaluate_models(models: Mapping[str, Predictor], texts: list[str], labels: l
     reference = reference or next(iter(models))
     if reference not in models:
         raise EvaluateError(f"reference {reference!r} is not one of the models: {', '.join(models)}")
-    names = {name: p.label_names for name, p in models.items()}
-    if any(n != names[reference] for n in names.values()):
-        raise EvaluateError(f"the models name their classes differently, so their answers cannot be compared: "
-                            f"{names}")
+    embedders = {name: isinstance(model, Embedder) for name, model in models.items()}
+    if len(set(embedders.values())) > 1:
+        raise EvaluateError(f"classifiers and sentence encoders cannot be compared with each other: "
+                            f"{', '.join(n for n, e in embedders.items() if e)} embed, the others classify")
+    task = "sentence-embedding" if embedders[reference] else "sequence-classification"
+    if task == "sentence-embedding" and labels is not None:
+        raise EvaluateError("labels: sentence encoders have no classes to score; give no labels")
+    if task == "sequence-classification":
+        names = {name: cast(Predictor, p).label_names for name, p in models.items()}
+        if any(n != names[reference] for n in names.values()):
+            raise EvaluateError(f"the models name their classes differently, so their answers cannot be compared: "
+                                f"{names}")
     if min(latency_calls, throughput_batch, throughput_batches) < 1 or warmup_calls < 0:
         raise EvaluateError("latency_calls, throughput_batch and throughput_batches must be at least 1, "
                             "warmup_calls at least 0")
@@ -78,35 +106,44 @@ def evaluate_models(models: Mapping[str, Predictor], texts: list[str], labels: l
     timing_texts = [latency_text] if latency_text is not None else texts
 
     rows: dict[str, dict[str, Any]] = {}
-    predicted: dict[str, list[int]] = {}
-    for i, (name, predictor) in enumerate(models.items(), start=1):
+    answers: dict[str, list[int] | Tensor] = {}
+    for i, (name, model) in enumerate(models.items(), start=1):
         say(f"[{i}/{len(models)}] {name}: measuring")
         for call in range(warmup_calls):
-            predictor.predict([timing_texts[call % len(timing_texts)]])
-        latency_ms = [predictor.predict([timing_texts[call % len(timing_texts)]]).seconds * 1000
+            model.predict([timing_texts[call % len(timing_texts)]])
+        latency_ms = [model.predict([timing_texts[call % len(timing_texts)]]).seconds * 1000
                       for call in range(latency_calls)]
-        texts_per_second = _throughput(predictor, timing_texts, throughput_batch, throughput_batches)
-        predicted[name] = predict_labels(predictor, texts, throughput_batch)
+        texts_per_second = _throughput(model, timing_texts, throughput_batch, throughput_batches)
+        if isinstance(model, Embedder):
+            answers[name] = model.embed(texts, throughput_batch)
+            quality = {"dimension": answers[name].shape[1]}
+        else:
+            answers[name] = predict_labels(model, texts, throughput_batch)
+            quality = {"accuracy": _fraction_equal(answers[name], labels) if labels is not None else None}
         p50, p90, p99 = (float(v) for v in np.percentile(latency_ms, [50, 90, 99]))
         rows[name] = {
-            "format": _format(predictor),
-            "threads": _threads(predictor),
+            "format": _format(model),
+            "threads": _threads(model),
             "params": (params or {}).get(name),
             "size_bytes": (sizes or {}).get(name),
-            "accuracy": _fraction_equal(predicted[name], labels) if labels is not None else None,
+            **quality,
             "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "mean": float(np.mean(latency_ms))},
-            "latency_sequence_length": _sequence_length(predictor, latency_text),
+            "latency_sequence_length": _sequence_length(model, latency_text),
             "throughput_texts_per_second": texts_per_second,
         }
-        accuracy = "" if labels is None else f"accuracy {rows[name]['accuracy']:.4f}, "
+        accuracy = "" if rows[name].get("accuracy") is None else f"accuracy {rows[name]['accuracy']:.4f}, "
         say(f"[{i}/{len(models)}] {name}: {accuracy}p50 {p50:.2f} ms, {texts_per_second:.1f} texts/s")
 
     ref = rows[reference]
     for name, row in rows.items():
-        row["agreement"] = _fraction_equal(predicted[name], predicted[reference])
+        if task == "sentence-embedding":
+            row.update(embedding_agreement(cast(Tensor, answers[name]), cast(Tensor, answers[reference])))
+        else:
+            row["agreement"] = _fraction_equal(answers[name], answers[reference])
         row["speedup_b1"] = ref["latency_ms"]["p50"] / row["latency_ms"]["p50"]  # p50 over p50
         row["throughput_ratio"] = row["throughput_texts_per_second"] / ref["throughput_texts_per_second"]
     return {
+        "task": task,
         "reference": reference,
         "texts": len(texts),
         "labelled": labels is not None,
@@ -120,6 +157,32 @@ def evaluate_models(models: Mapping[str, Predictor], texts: list[str], labels: l
     }
 
 
+def embedding_agreement(embeddings: Tensor, reference: Tensor, k: int = NEIGHBOURS) -> dict[str, float | None]:
+    """Cosine agreement (mean cos(e_i, r_i); None when the widths differ) and recall@k agreement
+    (`neighbour_recall`; None for a single text, which has no neighbours). Embeddings (N, D) × (N, D_r)."""
+    cosine = (F.cosine_similarity(embeddings.float(), reference.float(), dim=-1).mean().item()
+              if embeddings.shape[1] == reference.shape[1] else None)
+    recall = neighbour_recall(embeddings, reference, k) if len(embeddings) > 1 else None
+    return {"cosine": cosine, f"recall_at_{NEIGHBOURS}": recall}
+
+
+def neighbour_recall(embeddings: Tensor, reference: Tensor, k: int = NEIGHBOURS) -> float:
+    """For each text, the share of its k nearest neighbours among the other texts (by cosine) that are also among
+    the reference's, averaged. (N, D) × (N, D_r): the widths may differ; k shrinks to N − 1 on fewer than k + 1
+    texts (N ≥ 2)."""
+    k = min(k, len(embeddings) - 1)
+    neighbours = [_nearest(e, k) for e in (embeddings, reference)]  # (N, k) each
+    shared = (neighbours[0].unsqueeze(-1) == neighbours[1].unsqueeze(-2)).any(dim=-1).sum(dim=-1)  # (N,)
+    return (shared.float() / k).mean().item()
+
+
+def _nearest(embeddings: Tensor, k: int) -> Tensor:
+    """(N, D) → (N, k) indices of each row's k most cosine-similar other rows."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    similarity = (unit @ unit.T).fill_diagonal_(-math.inf)
+    return similarity.topk(k, dim=-1).indices
+
+
 def predict_labels(predictor: Predictor, texts: list[str], batch_size: int = 32) -> list[int]:
     """The predicted class id of every text, in batches."""
     return [label for start in range(0, len(texts), batch_size)
@@ -130,10 +193,10 @@ def accuracy(predictor: Predictor, texts: list[str], labels: list[int], batch_si
     return _fraction_equal(predict_labels(predictor, texts, batch_size), labels)
 
 
-def text_of_length(tokenizer: PreTrainedTokenizerBase | HFPredictor | Path | str, n: int) -> str:
+def text_of_length(tokenizer: PreTrainedTokenizerBase | HFPredictor | Embedder | Path | str, n: int) -> str:
     """A text the tokenizer turns into exactly n tokens, special tokens ([CLS], [SEP], <s>, ...) included: one
-    single-token word repeated. tokenizer: a tokenizer, a predictor, or a directory holding a tokenizer."""
-    if isinstance(tokenizer, HFPredictor):
+    single-token word repeated. tokenizer: a tokenizer, a model, or a directory holding a tokenizer."""
+    if isinstance(tokenizer, HFPredictor | Embedder):
         tokenizer = tokenizer.tokenizer
     elif isinstance(tokenizer, Path | str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
@@ -169,7 +232,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def footprint(path: Path) -> tuple[int, int | None]:
-    """(size in bytes, parameter count) of a model as load_predictor reads it.
+    """(size in bytes, parameter count) of a model as runtime.load_model reads it.
 
     ONNX (a .onnx file or a directory holding model.onnx): the file's size, and the elements of its float and
     8-bit weight initializers: the PyTorch count, plus quantization scales and zero points, minus repeats (the
@@ -190,14 +253,20 @@ def footprint(path: Path) -> tuple[int, int | None]:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown table, one row per model, then the settings and the machine in two lines."""
     settings, machine = report["settings"], report["machine"]
-    lines = ["| model | format | params | size MB | accuracy | agreement | p50 ms | p90 ms | p99 ms | texts/s "
+    embedding = report.get("task") == "sentence-embedding"
+    quality = (["dim", "cosine", f"recall@{NEIGHBOURS}"] if embedding else ["accuracy", "agreement"])
+    lines = ["| model | format | params | size MB | " + " | ".join(quality) + " | p50 ms | p90 ms | p99 ms | texts/s "
              "| speed-up b1 | speed-up b{} |".format(settings["throughput_batch"]),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: | ---: | " + " | ".join(["---:"] * len(quality)) + " | ---: | ---: | ---: | ---: "
+             "| ---: | ---: |"]
     for name, row in report["models"].items():
         latency = row["latency_ms"]
+        scores = ([str(row["dimension"]), _maybe(row["cosine"], "{:.4f}"),
+                   _maybe(row[f"recall_at_{NEIGHBOURS}"], "{:.4f}")] if embedding
+                  else [_maybe(row["accuracy"], "{:.4f}"), f"{row['agreement']:.4f}"])
         cells = [name, row["format"], _maybe(row["params"], "{:,}"),
-                 _maybe(row["size_bytes"] and row["size_bytes"] / 1e6, "{:.1f}"), _maybe(row["accuracy"], "{:.4f}"),
-                 f"{row['agreement']:.4f}", f"{latency['p50']:.2f}", f"{latency['p90']:.2f}", f"{latency['p99']:.2f}",
+                 _maybe(row["size_bytes"] and row["size_bytes"] / 1e6, "{:.1f}"), *scores,
+                 f"{latency['p50']:.2f}", f"{latency['p90']:.2f}", f"{latency['p99']:.2f}",
                  f"{row['throughput_texts_per_second']:.1f}", f"{row['speedup_b1']:.2f}x",
                  f"{row['throughput_ratio']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -220,7 +289,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _throughput(predictor: Predictor, texts: list[str], batch: int, batches: int) -> float:
+def _throughput(predictor: Model, texts: list[str], batch: int, batches: int) -> float:
     """Texts per second over `batches` batches of `batch` texts taken cyclically, after one untimed batch."""
     def take(k: int) -> list[str]:
         return [texts[(k * batch + j) % len(texts)] for j in range(batch)]
@@ -234,28 +303,28 @@ def _fraction_equal(a: list[int], b: list[int]) -> float:
     return float(np.mean(np.asarray(a) == np.asarray(b)))
 
 
-def _format(predictor: Predictor) -> str:
-    if isinstance(predictor, TorchPredictor):
+def _format(predictor: Model) -> str:
+    if isinstance(predictor, TorchPredictor | TorchEmbedder):
         return "pytorch"
-    if isinstance(predictor, OnnxPredictor):
+    if isinstance(predictor, OnnxPredictor | OnnxEmbedder):
         return "onnxruntime"
     return type(predictor).__name__
 
 
-def _threads(predictor: Predictor) -> int | None:
+def _threads(predictor: Model) -> int | None:
     """Intra-op threads the model ran with: the ORT session's, or PyTorch's process-wide setting."""
-    if isinstance(predictor, OnnxPredictor):
+    if isinstance(predictor, OnnxPredictor | OnnxEmbedder):
         return predictor.session.get_session_options().intra_op_num_threads
-    if isinstance(predictor, TorchPredictor):
+    if isinstance(predictor, TorchPredictor | TorchEmbedder):
         return torch.get_num_threads()
     return None
 
 
-def _sequence_length(predictor: Predictor, text: str | None) -> int | None:
-    """Tokens the model is fed for `text` (after its truncation), where the predictor exposes its tokenization."""
-    if text is None or not isinstance(predictor, HFPredictor):
+def _sequence_length(predictor: Model, text: str | None) -> int | None:
+    """Tokens the model is fed for `text` (after its truncation), where the model exposes its tokenizer."""
+    if text is None or not isinstance(predictor, HFPredictor | Embedder):
         return None
-    return int(predictor.encode([text])["input_ids"].shape[1])
+    return len(predictor.tokenizer(text, truncation=True, max_length=predictor.max_length)["input_ids"])
 
 
 def _peak_rss_bytes() -> int | None:

@@ -1,7 +1,7 @@
 """ONNX export of a sequence classifier, checked against PyTorch before anything is written under its name.
 
 `export_model_dir` is the way to export for serving: it writes a directory that runs without PyTorch
-(model.onnx + tokenizer files + config.json), which `runtime.load_predictor` / `OnnxPredictor` read.
+(model.onnx + tokenizer files + config.json), which `runtime.load_model` / `OnnxPredictor` read.
 `export_onnx` writes the single file; `check_parity` is the comparison both this module and compress use.
 `export_module` exports any other module (sentence embeddings, causal LMs) with its own named inputs and outputs,
 checked against PyTorch the same way.

@@ -165,18 +165,6 @@ class OnnxPredictor(HFPredictor):
         return logits.astype(np.float32)
 
 
-def load_predictor(path: Path, max_length: int = 128, threads: int | None = None) -> HFPredictor:
-    """An .onnx file, or a directory holding model.onnx (an exported model), runs on onnxruntime with the
-    tokenizer next to it; any other directory is loaded by PyTorch."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        return OnnxPredictor(path, path.parent, max_length, threads)
-    for name in (OPTIMIZED_FILE, ONNX_FILE):  # the fused graph is the faster one, when compress made it
-        if (path / name).is_file():
-            return OnnxPredictor(path / name, path, max_length, threads)
-    return TorchPredictor(path, max_length, threads)
-
-
 @dataclass
 class Embeddings:
     vectors: np.ndarray  # (B, D) float32, L2-normalized
@@ -251,3 +239,22 @@ class OnnxEmbedder(Embedder):
     def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         (embedding,) = self.session.run([EMBEDDING_OUTPUT], {n: encoded[n] for n in self.input_names})
         return embedding
+
+
+def load_model(path: Path, max_length: int = 128, threads: int | None = None) -> HFPredictor | Embedder:
+    """An .onnx file, or a directory holding model.onnx (an exported model), runs on onnxruntime with the tokenizer
+    next to it; any other directory is loaded by PyTorch. A classifier (its config.json's architectures name a
+    *ForSequenceClassification) becomes a predictor; any other encoder an embedder (pooled as its
+    sentence-transformers files say, mean otherwise) — never a classifier with a random head."""
+    path = Path(path)
+    onnx_path = path if path.suffix == ".onnx" else next(
+        (path / name for name in (OPTIMIZED_FILE, ONNX_FILE) if (path / name).is_file()), None)  # fused is faster
+    directory = path if onnx_path is None else onnx_path.parent
+    architectures = AutoConfig.from_pretrained(directory).architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        if onnx_path is None:
+            return TorchPredictor(path, max_length, threads)
+        return OnnxPredictor(onnx_path, directory, max_length, threads)
+    if onnx_path is None:
+        return TorchEmbedder(path, max_length, threads)
+    return OnnxEmbedder(onnx_path, max_length, threads)

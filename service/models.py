@@ -9,7 +9,7 @@ Ids. A succeeded job is a directory `jobs_dir/<job_id>/` holding `report.json`; 
     <job_id>.student-torch  the student as PyTorch
 
 Classifier jobs' models answer /predict; sentence-embedding jobs' models answer /embed (their teacher is the one
-the job was given). Causal-LM jobs are not served yet.
+the job was given); /v1/compare takes models of one task. Causal-LM jobs are not served yet.
 
 Listing reads only report.json files, cached by modification time; a lookup by id reads one job's report.
 
@@ -431,8 +431,9 @@ class _Inputs:
 
 
 class Comparisons:
-    """Several models on the same inputs with distill.evaluate.evaluate_models: accuracy (when labels are known),
-    agreement with the first model, latency percentiles, throughput, size, speed-ups against the first model.
+    """Several models of one task on the same inputs with distill.evaluate.evaluate_models: for classifiers,
+    accuracy (when labels are known) and agreement with the first model; for sentence encoders, cosine and recall@10
+    agreement with the first model; for both, latency percentiles, throughput, size, speed-ups against the first.
 
     Kept in an in-memory dict (lost on restart; the last KEPT_COMPARISONS are kept). They run one at a time in one
     worker thread, so two comparisons never skew each other's timings; /predict traffic still shares the CPU, and
@@ -452,16 +453,20 @@ class Comparisons:
         if len(set(models)) != len(models):
             raise CompareError(f"models: {models} lists a model twice; list each once")
         infos = [self.catalog.get(model_id) for model_id in models]
-        others = [f"{info.id} ({info.task})" for info in infos if info.task != "sequence-classification"]
-        if others:
-            raise CompareError(f"models: comparisons run classifiers only (accuracy, agreement, latency), and "
-                               f"{', '.join(others)} is not one")
-        names = {info.id: info.label_names for info in infos}
-        if any(n != infos[0].label_names for n in names.values()):
-            raise CompareError(f"the models name their classes differently, so their answers cannot be compared: "
-                               f"{names}")
-        if labels is not None:
-            unknown = sorted(set(labels) - set(infos[0].label_names))
+        tasks = {info.id: info.task for info in infos}
+        if len(set(tasks.values())) > 1:
+            raise CompareError(f"models: a comparison runs models of one task (classifiers, or sentence encoders); "
+                               f"these are {tasks}")
+        if infos[0].task == "sentence-embedding":
+            if labels is not None:
+                raise CompareError("labels: sentence encoders have no classes to score; send texts only (they are "
+                                   "compared by cosine and recall@10 agreement with the first model)")
+        else:
+            names = {info.id: info.label_names for info in infos}
+            if any(n != infos[0].label_names for n in names.values()):
+                raise CompareError(f"the models name their classes differently, so their answers cannot be "
+                                   f"compared: {names}")
+            unknown = sorted(set(labels or []) - set(infos[0].label_names))
             if unknown:
                 raise CompareError(f"labels: {unknown} are not label names of the models; they are "
                                    f"{infos[0].label_names}")
@@ -480,7 +485,7 @@ class Comparisons:
     async def _run(self, comparison: Comparison, infos: list[ModelInfo], inputs: _Inputs, repeats: int) -> None:
         comparison.status = "running"
         try:
-            predictors = {info.id: cast(HFPredictor, await self.catalog.predictor(info)) for info in infos}
+            predictors = {info.id: await self.catalog.predictor(info) for info in infos}
             comparison.result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._measure, predictors, infos, inputs, repeats)
             comparison.status = "succeeded"
@@ -491,16 +496,19 @@ class Comparisons:
             comparison.status, comparison.error = "failed", f"internal error: {type(e).__name__}: {e}"
         comparison.finished_at = datetime.now(UTC)
 
-    def _measure(self, predictors: dict[str, HFPredictor], infos: list[ModelInfo], inputs: _Inputs,
+    def _measure(self, predictors: dict[str, Model], infos: list[ModelInfo], inputs: _Inputs,
                  repeats: int) -> dict[str, Any]:
-        """In the worker thread: load the inputs, run evaluate_models, add speed-ups and the Markdown table."""
+        """In the worker thread: load the inputs, run evaluate_models, add speed-ups and the Markdown table.
+        Sentence encoders get a dataset's texts without its labels."""
         label_names = infos[0].label_names
         if inputs.texts is not None:
             texts, names = inputs.texts, inputs.labels
         else:
             assert inputs.dataset is not None  # the route requires one of them
             texts, names = _load_split(self.catalog, inputs.dataset, inputs.split, inputs.limit)
-            missing = sorted(set(names) - set(label_names))
+            if infos[0].task == "sentence-embedding":
+                names = None
+            missing = sorted(set(names or []) - set(label_names))
             if missing:
                 raise CompareError(f"dataset {inputs.dataset!r} has labels {missing} the models do not know; "
                                    f"theirs are {label_names}")

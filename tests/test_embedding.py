@@ -23,14 +23,8 @@ from distill.config import (
     TeacherConfig,
     TrainConfig,
 )
-from distill.embedding import (
-    SentenceEmbedding,
-    agreement_metrics,
-    linear_probe,
-    load_sentence_encoder,
-    neighbour_recall,
-    pool,
-)
+from distill.embedding import SentenceEmbedding, linear_probe, load_sentence_encoder, pool
+from distill.evaluate import embedding_agreement, neighbour_recall
 from distill.pipeline import run
 from distill.runtime import OnnxEmbedder
 from tests.conftest import synthetic_rows, write_csv, write_sentence_teacher, write_tiny_encoder
@@ -71,16 +65,20 @@ def test_pooling_ignores_padding() -> None:
     assert pool(hidden, mask, "cls").tolist() == [[1.0, 2.0]]
 
 
-def test_agreement_metrics_known_answers() -> None:
+def test_embedding_agreement_known_answers() -> None:
     teacher = _unit(0, 10, 90, 100)  # nearest neighbours: 0 ↔ 1, 2 ↔ 3
-    assert agreement_metrics(teacher, teacher, k=1) == pytest.approx({"cosine": 1.0, "recall_at_10": 1.0})
+    assert embedding_agreement(teacher, teacher, k=1) == pytest.approx({"cosine": 1.0, "recall_at_10": 1.0})
     swapped = _unit(0, 90, 10, 100)  # 0 ↔ 2, 1 ↔ 3: no neighbour in common
-    assert agreement_metrics(swapped, teacher, k=1)["recall_at_10"] == 0.0
+    assert embedding_agreement(swapped, teacher, k=1)["recall_at_10"] == 0.0
     # 0 → 1, 1 → 0 and 3 → 2 as the teacher has them; 2's nearest is 1 (80°), not 3 (110°).
-    assert agreement_metrics(_unit(0, 10, 90, 200), teacher, k=1)["recall_at_10"] == pytest.approx(0.75)
-    assert agreement_metrics(-teacher, teacher)["cosine"] == pytest.approx(-1.0)  # k shrinks to N − 1 = 3
-    # Neighbours need no common width: the same geometry in 3 dimensions agrees fully with the 2-d teacher.
-    assert neighbour_recall(torch.cat([teacher, torch.zeros(4, 1)], dim=1), teacher, k=1) == 1.0
+    assert embedding_agreement(_unit(0, 10, 90, 200), teacher, k=1)["recall_at_10"] == pytest.approx(0.75)
+    assert embedding_agreement(-teacher, teacher)["cosine"] == pytest.approx(-1.0)  # k shrinks to N − 1 = 3
+    # Neighbours need no common width: the same geometry in 3 dimensions agrees fully with the 2-d teacher; the
+    # cosine needs it. A single text has no neighbours.
+    wider = torch.cat([teacher, torch.zeros(4, 1)], dim=1)
+    assert neighbour_recall(wider, teacher, k=1) == 1.0
+    assert embedding_agreement(wider, teacher, k=1) == {"cosine": None, "recall_at_10": 1.0}
+    assert embedding_agreement(teacher[:1], teacher[:1]) == {"cosine": pytest.approx(1.0), "recall_at_10": None}
 
 
 def test_linear_probe_separates_separable_embeddings() -> None:
@@ -243,8 +241,8 @@ def test_fit_projection_recovers_a_linear_map(tmp_path: Path) -> None:
     pooled = predict_distilled(TASK, model, tokenizer, inputs)
     model.projection, model.normalize = nn.Linear(16, 32), True
     teacher = pooled @ torch.randn(16, 32) + torch.randn(32)
-    before = agreement_metrics(predict_distilled(TASK, model, tokenizer, inputs), teacher)["cosine"]
+    before = embedding_agreement(predict_distilled(TASK, model, tokenizer, inputs), teacher)["cosine"]
     assert fit_projection(model, tokenizer, inputs, teacher, rows=60) == pytest.approx(1.0, abs=1e-4)
     after = predict_distilled(TASK, model, tokenizer, inputs)  # all 120 texts, though it read 60 of them
-    assert agreement_metrics(after, teacher)["cosine"] == pytest.approx(1.0, abs=1e-4) and before < 0.5
+    assert embedding_agreement(after, teacher)["cosine"] == pytest.approx(1.0, abs=1e-4) and before < 0.5
     assert (model.projection is not None, model.normalize) == (True, True)  # put back after reading pooled outputs

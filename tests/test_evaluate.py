@@ -1,5 +1,6 @@
-"""Side-by-side evaluation (accuracy, agreement, latency, throughput, the Markdown table), texts of N tokens, and
-the `distill export|compress|bench` commands on a tiny model."""
+"""Side-by-side evaluation (classifiers: accuracy, agreement; sentence encoders: cosine, recall@10; both: latency,
+throughput, the Markdown table), texts of N tokens, and the `distill export|compress|bench` commands on a tiny
+model."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import pytest
 
 from distill.cli import main
 from distill.compress import INT8_FILE
-from distill.evaluate import EvaluateError, evaluate_models, render_markdown, text_of_length
+from distill.evaluate import EvaluateError, evaluate_models, neighbour_recall, render_markdown, text_of_length
 from distill.export import export_model_dir
-from distill.runtime import ONNX_FILE, HFPredictor, OnnxPredictor, TorchPredictor
-from tests.conftest import synthetic_rows, write_csv, write_tiny_tokenizer
+from distill.runtime import ONNX_FILE, HFPredictor, OnnxPredictor, TorchEmbedder, TorchPredictor
+from tests.conftest import (
+    synthetic_rows,
+    write_csv,
+    write_sentence_teacher,
+    write_tiny_encoder,
+    write_tiny_tokenizer,
+)
 from tests.test_export import LABELS, random_texts, write_tiny_classifier
 
 FAST = {"latency_calls": 20, "warmup_calls": 2, "throughput_batch": 8, "throughput_batches": 2}
@@ -38,7 +45,7 @@ def test_two_runtimes_of_one_model_side_by_side(predictors: dict[str, HFPredicto
     report = evaluate_models(predictors, texts, labels, sizes={"onnx": 123}, params={"torch": 456},
                              on_progress=lines.append, **FAST)
 
-    assert report["reference"] == "torch" and report["texts"] == 20
+    assert (report["task"], report["reference"], report["texts"]) == ("sequence-classification", "torch", 20)
     assert list(report["models"]) == ["torch", "onnx"]
     for name, row in report["models"].items():
         assert row["accuracy"] == pytest.approx(0.75)
@@ -84,6 +91,32 @@ def test_models_that_cannot_be_compared_are_refused(predictors: dict[str, HFPred
         evaluate_models({"torch": predictors["torch"], "renamed": Renamed()}, ["good"], None)
 
 
+def test_sentence_encoders_side_by_side(predictors: dict[str, HFPredictor], tmp_path: Path) -> None:
+    """The same encoder twice agrees fully; a narrower one has no cosine to the reference, only neighbours."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")  # 32 wide, normalized
+    narrow = write_tiny_encoder(tmp_path / "narrow", seed=3, hidden=16)  # a plain HF encoder: mean pooling
+    encoders = {"teacher": TorchEmbedder(teacher, 16), "again": TorchEmbedder(teacher, 16),
+                "narrow": TorchEmbedder(narrow, 16)}
+    texts = random_texts(12, seed=7)
+    report = evaluate_models(encoders, texts, None, params={"narrow": 789}, **FAST)
+
+    assert (report["task"], report["reference"], report["labelled"]) == ("sentence-embedding", "teacher", False)
+    rows = report["models"]
+    assert rows["again"]["cosine"] == pytest.approx(1.0) and rows["again"]["recall_at_10"] == 1.0
+    expected = neighbour_recall(encoders["narrow"].embed(texts), encoders["teacher"].embed(texts))
+    assert (rows["narrow"]["dimension"], rows["narrow"]["cosine"]) == (16, None)
+    assert rows["narrow"]["recall_at_10"] == pytest.approx(expected) and expected < 1.0
+    assert all(row["format"] == "pytorch" and row["latency_ms"]["p50"] > 0 and "accuracy" not in row
+               for row in rows.values())
+    table = render_markdown(report)
+    assert "| dim | cosine | recall@10 |" in table and "| narrow | pytorch | 789 | — | 16 | — |" in table
+
+    with pytest.raises(EvaluateError, match="labels: sentence encoders have no classes"):
+        evaluate_models(encoders, texts, [0] * len(texts), **FAST)
+    with pytest.raises(EvaluateError, match="classifiers and sentence encoders cannot be compared"):
+        evaluate_models({"teacher": encoders["teacher"], "torch": predictors["torch"]}, texts, None, **FAST)
+
+
 @pytest.mark.parametrize("n", [3, 16, 128])
 def test_text_of_length_gives_exactly_n_tokens(predictors: dict[str, HFPredictor], tmp_path: Path, n: int) -> None:
     text = text_of_length(predictors["torch"], n)
@@ -119,6 +152,21 @@ def test_export_compress_bench_commands(model_dir: Path, tmp_path: Path, capsys:
     assert all(row["accuracy"] is not None and row["size_bytes"] > 0 and row["params"] > 0
                for row in report["models"].values())
     assert all(f"| {m} |" in printed for m in models) and "[3/3]" in printed
+
+
+def test_bench_command_on_sentence_encoders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    teacher, narrow = write_sentence_teacher(tmp_path / "teacher"), write_tiny_encoder(tmp_path / "narrow", hidden=16)
+    texts = tmp_path / "texts.csv"
+    write_csv(texts, [(text, LABELS[i % 2]) for i, text in enumerate(random_texts(12, seed=9))])
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(teacher), str(narrow), "--texts", str(texts), "--latency-calls", "3",
+                 "--warmup-calls", "1", "--batch-size", "4", "--throughput-batches", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "sentence-embedding" and report["models"][str(narrow)]["dimension"] == 16
+    assert "| dim | cosine | recall@10 |" in capsys.readouterr().out
+
+    assert main(["bench", str(teacher), "--texts", str(texts), "--labels-column", "label"]) == 2
+    assert "--labels-column: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [

@@ -1,4 +1,4 @@
-"""Predictors: PyTorch and ONNX agree on the same model; threads are set on the session; load_predictor picks."""
+"""Predictors: PyTorch and ONNX agree on the same model; threads are set on the session; load_model picks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distill.embedding import export_embedding_onnx, load_sentence_encoder
 from distill.export import export_model_dir
-from distill.runtime import OnnxPredictor, Predictor, TorchPredictor, load_predictor
+from distill.runtime import (
+    OnnxEmbedder,
+    OnnxPredictor,
+    Predictor,
+    TorchEmbedder,
+    TorchPredictor,
+    load_model,
+    load_tokenizer,
+)
+from tests.conftest import write_sentence_teacher, write_tiny_encoder
 from tests.test_export import LABELS, random_texts, write_tiny_classifier  # the lead may move these to conftest
 
 
@@ -50,10 +60,20 @@ def test_onnx_threads_spin_between_calls_only_when_asked(onnx_dir: Path) -> None
     assert spinning(OnnxPredictor(onnx_dir / "model.onnx", onnx_dir, threads=1, spinning=False)) == "0"
 
 
-def test_load_predictor_picks_by_what_the_path_holds(model_dir: Path, onnx_dir: Path) -> None:
-    assert isinstance(load_predictor(model_dir), TorchPredictor)
-    assert isinstance(load_predictor(onnx_dir), OnnxPredictor)
-    assert isinstance(load_predictor(onnx_dir / "model.onnx"), OnnxPredictor)
+def test_load_model_picks_by_what_the_path_holds(model_dir: Path, onnx_dir: Path, tmp_path: Path) -> None:
+    assert isinstance(load_model(model_dir), TorchPredictor)
+    assert isinstance(load_model(onnx_dir), OnnxPredictor)
+    assert isinstance(load_model(onnx_dir / "model.onnx"), OnnxPredictor)
+    # Encoders without a classification head embed: a sentence-transformers directory, a plain HF encoder (mean
+    # pooling, not a random classifier head) and an exported embedding graph.
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    assert isinstance(load_model(teacher), TorchEmbedder)
+    assert isinstance(load_model(write_tiny_encoder(tmp_path / "plain")), TorchEmbedder)
+    export_embedding_onnx(load_sentence_encoder(teacher), load_tokenizer(teacher), tmp_path / "teacher-onnx")
+    exported = load_model(tmp_path / "teacher-onnx")
+    assert isinstance(exported, OnnxEmbedder)
+    texts = random_texts(5, seed=8)
+    np.testing.assert_allclose(exported.embed(texts), load_model(teacher).embed(texts), atol=1e-4)
 
 
 def test_missing_tokenizer_is_an_error_not_unknown_tokens(model_dir: Path, tmp_path: Path) -> None:
@@ -65,4 +85,4 @@ def test_missing_tokenizer_is_an_error_not_unknown_tokens(model_dir: Path, tmp_p
 
 def test_empty_batch_is_rejected(onnx_dir: Path) -> None:
     with pytest.raises(ValueError, match="texts is empty"):
-        load_predictor(onnx_dir).predict([])
+        load_model(onnx_dir).predict([])

@@ -1,10 +1,11 @@
 """/v1/models serving a tiny finished sentence-embedding job: listing, /embed on every variant, micro-batched
-embeddings, and the 409 that sends a model's callers to its task's route."""
+embeddings, /v1/compare on encoders, and the 409 that sends a model's callers to its task's route."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
+from distill.data import load_task_data
+from distill.evaluate import embedding_agreement, neighbour_recall
 from distill.pipeline import run
 from distill.runtime import OnnxEmbedder, TorchEmbedder
 from service.models import ModelCatalog
@@ -100,13 +103,42 @@ def test_concurrent_embed_calls_get_their_own_rows(settings: Settings) -> None:
         np.testing.assert_allclose(vectors, alone.embed(texts).numpy(), atol=1e-5)
 
 
+def test_compare_sentence_encoders_on_a_jobs_test_split(client: TestClient, settings: Settings, report: dict) -> None:
+    """Agreement with the first model: the fp32 export is the PyTorch student (cosine 1, the same neighbours); the
+    teacher is another model, measured as evaluate.embedding_agreement measures it."""
+    body = {"models": ["emb.student-torch", "emb.student-fp32", "emb.teacher"], "dataset": "job:emb", "repeats": 2}
+    response = client.post("/v1/compare", json=body)
+    assert response.status_code == 202, response.text
+    deadline = time.monotonic() + 60
+    while (comparison := client.get(response.headers["location"]).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, comparison
+        time.sleep(0.05)
+    assert comparison["status"] == "succeeded", comparison["error"]
+    result = comparison["result"]
+    assert (result["task"], result["texts"], result["labelled"]) == \
+        ("sentence-embedding", report["data"]["splits"]["test"]["rows"], False)
+    rows = result["models"]
+    assert rows["emb.student-fp32"]["cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["emb.student-fp32"]["recall_at_10"] == 1.0
+    texts = [e.text for e in load_task_data(DataConfig(**report["config"]["data"])).test]
+    student = TorchEmbedder(settings.jobs_dir / "emb" / "student", 16).embed(texts)
+    teacher = TorchEmbedder(Path(report["teacher"]["dir"]), 16).embed(texts)
+    assert rows["emb.teacher"]["cosine"] == pytest.approx(embedding_agreement(teacher, student)["cosine"], abs=1e-4)
+    assert rows["emb.teacher"]["recall_at_10"] == pytest.approx(neighbour_recall(teacher, student))
+    assert all(row["dimension"] == 32 and row["latency_ms"]["p50"] > 0 for row in rows.values())
+    assert "| dim | cosine | recall@10 |" in result["markdown"]
+
+
+def test_compare_refuses_labels_for_encoders(client: TestClient) -> None:
+    body = {"models": ["emb.teacher"], "texts": TEXTS, "labels": ["positive"] * len(TEXTS)}
+    response = client.post("/v1/compare", json=body)
+    assert response.status_code == 422 and "labels: sentence encoders have no" in response.json()["detail"]
+
+
 def test_each_task_route_refuses_the_other_tasks_models(client: TestClient) -> None:
     response = client.post("/v1/models/emb.student/predict", json={"texts": TEXTS})
     assert response.status_code == 409
     assert "sentence-embedding" in response.json()["detail"] and "/v1/models/emb.student/embed" in \
         response.json()["detail"]
-    response = client.post("/v1/compare", json={"models": ["emb.teacher", "emb.student"], "texts": TEXTS})
-    assert response.status_code == 422
-    assert "classifiers only" in response.json()["detail"]
     for limit_case, code in (([], 422), (["x"] * 9, 413), (["x" * 101], 422)):  # the /predict limits apply
         assert client.post("/v1/models/emb.student/embed", json={"texts": limit_case}).status_code == code

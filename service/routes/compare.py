@@ -1,4 +1,4 @@
-"""/v1/compare: several models on the same inputs, side by side (see service.models.Comparisons).
+"""/v1/compare: several models of one task on the same inputs, side by side (see service.models.Comparisons).
 
 Short comparisons (texts in the body, at most service.models.INLINE_TIMED_CALLS timed calls over all models) are
 answered in the request with 200; longer ones (a dataset, many repeats) run in the background: 202 with
@@ -31,7 +31,8 @@ class CompareRequest(BaseModel):
 
     models: list[str] = Field(min_length=1, description="Model ids; agreement and speed-ups are against the first.")
     texts: list[str] | None = Field(None, description="The inputs; or give dataset.")
-    labels: list[str] | None = Field(None, description="Label names, one per text: adds accuracy.")
+    labels: list[str] | None = Field(None, description="Label names, one per text: adds accuracy (classifiers "
+                                                         "only; encoders are scored by agreement with the first).")
     dataset: str | None = Field(None, description="'reviews' (built-in, pulled) or 'job:<job_id>': the data that "
                                                   "job was trained on, split the same way. Runs in the background.")
     split: Literal["test", "validation"] = "test"

@@ -30,6 +30,7 @@ RESULTS = Path(__file__).parent / "results" / "tasks.json"
 # name → (add its command-line options, run it in a work directory and return its numbers)
 PARTS = {"causal-lm": (tasks_causal_lm.add_arguments, tasks_causal_lm.run_causal_lm_bench),
          "sentence-embedding": (tasks_embedding.add_arguments, tasks_embedding.run_embedding_bench)}
+PREFIXES = {"causal-lm": "lm_", "sentence-embedding": "embedding_"}  # every key a part returns starts with its own
 
 
 def main() -> None:
@@ -53,6 +54,8 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     omp = os.environ.get("OMP_NUM_THREADS")
     for name, part in numbers.items():
+        prefix = PREFIXES[name]
+        results = {k: v for k, v in results.items() if not k.startswith(prefix)}  # no stale keys of a past run
         results.update(part)
         results[f"command_{name}"] = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python bench/tasks.py " + \
             shlex.join(sys.argv[1:])

@@ -4,6 +4,7 @@ embeddings, /v1/compare on encoders, and the 409 that sends a model's callers to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from distill.data import load_task_data
 from distill.evaluate import embedding_agreement, neighbour_recall
 from distill.pipeline import run
 from distill.runtime import OnnxEmbedder, TorchEmbedder
-from service.models import ModelCatalog
+from service.models import CompareError, ModelCatalog
 from service.settings import Settings
 from tests.conftest import models_client, synthetic_rows, write_csv, write_sentence_teacher, write_tiny_encoder
 
@@ -133,6 +134,19 @@ def test_compare_refuses_labels_for_encoders(client: TestClient) -> None:
     body = {"models": ["emb.teacher"], "texts": TEXTS, "labels": ["positive"] * len(TEXTS)}
     response = client.post("/v1/compare", json=body)
     assert response.status_code == 422 and "labels: sentence encoders have no" in response.json()["detail"]
+
+
+def test_compare_refuses_models_of_two_tasks(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before anything loads; the classifier is this job's student relabelled (the fixture home holds one
+    task only)."""
+    catalog = ModelCatalog(settings)
+    encoder = catalog.get("emb.student")
+    classifier = dataclasses.replace(encoder, id="clf.student", task="sequence-classification",
+                                     label_names=["negative", "positive"], dimension=None)
+    monkeypatch.setattr(catalog, "get", {info.id: info for info in (encoder, classifier)}.__getitem__)
+    with pytest.raises(CompareError, match="models of one task"):
+        catalog.comparisons.start(["emb.student", "clf.student"], texts=TEXTS)
+    assert not catalog.is_loaded(encoder)
 
 
 def test_each_task_route_refuses_the_other_tasks_models(client: TestClient) -> None:

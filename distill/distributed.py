@@ -118,12 +118,30 @@ def gather(obj: T) -> list[T]:
     return out
 
 
+_standing_in = False  # see standing_in
+
+
+@contextlib.contextmanager
+def standing_in(standing: bool = True) -> Iterator[None]:
+    """While this rank computes a stand-in example (the engine's: DDP needs every rank in every backward, and a last
+    batch smaller than the world leaves some rank none), gather_rows leaves its rows out of the gathered batch, so
+    no rank's in-batch loss reads an example twice."""
+    global _standing_in
+    previous, _standing_in = _standing_in, standing
+    try:
+        yield
+    finally:
+        _standing_in = previous
+
+
 def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (N_r, ...) concatenated in rank order, on every rank; gradients flow back to each rank's
-    own rows (summed over the ranks whose losses read them). The rows themselves in one process."""
+    own rows (summed over the ranks whose losses read them). The rows themselves in one process; none of a rank
+    that is `standing_in`."""
     if not active():
         return rows
-    return _GatherRows.apply(rows, gather(len(rows)))
+    own = rows[:0] if _standing_in else rows
+    return _GatherRows.apply(own, gather(len(own)))
 
 
 class _GatherRows(torch.autograd.Function):

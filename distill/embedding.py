@@ -296,8 +296,7 @@ class SentenceEmbedding(SequenceClassification):
         value = (cfg.embedding_mse * losses.embedding_mse(student, teacher)
                  + cfg.embedding_cosine * losses.embedding_cosine(student, teacher))
         if cfg.similarity_kl > 0:
-            # In-batch: under DDP the whole global batch, both sides gathered from every rank in one collective. (A
-            # rank left without examples by a last batch smaller than the world adds its one stand-in row there.)
+            # In-batch: under DDP the whole global batch, both sides gathered from every rank in one collective.
             pairs = distributed.gather_rows(torch.cat([student.float(), teacher.float()], dim=-1))
             if len(pairs) > 1:  # a last batch of one text has no other texts to relate to
                 batch = pairs.split([student.shape[-1], teacher.shape[-1]], dim=-1)

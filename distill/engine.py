@@ -122,7 +122,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             idx, share = _shard(batch)
             inputs = _to(task.collate(tokenizer, [train.student_inputs[i] for i in idx]), device)
             labels = train.labels[idx].to(device)
-            with autocast(precision):
+            with autocast(precision), distributed.standing_in(share == 0):
                 output = task.forward(net, inputs, internals=intermediate)
                 teacher_output, teacher_distilled = (_teacher_view(task, teacher, train, idx, intermediate, device)
                                                      if distilling else (None, None))
@@ -220,7 +220,8 @@ def _shard(batch: list[int]) -> tuple[list[int], float]:
     """This rank's examples of a global batch and their share of it (all of it, 1.0, in a single process).
 
     A rank left without examples (a last batch smaller than the world) runs one example with share 0: DDP needs
-    every rank in every backward pass, and a zero weight keeps that example out of the gradient.
+    every rank in every backward pass, and a zero weight keeps that example out of the gradient (and
+    `distributed.standing_in` keeps it out of in-batch losses, which read every rank's rows).
     """
     own = batch[distributed.rank()::distributed.world_size()]
     return (own, len(own) / len(batch)) if own else (batch[:1], 0.0)

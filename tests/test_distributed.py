@@ -98,9 +98,15 @@ def _train(out: Path) -> dict[str, Any]:
     rows = torch.full((distributed.rank() + 1, 2), float(distributed.rank() + 1), requires_grad=True)
     gathered = distributed.gather_rows(rows)
     (gathered.sum() * (distributed.rank() + 1)).backward()
+    # A rank standing in (rank 1; the engine's stand-in example) adds no rows and gets no gradient from any loss.
+    stand_in = torch.full((1, 2), float(distributed.rank() + 1), requires_grad=True)
+    with distributed.standing_in(distributed.rank() == 1):
+        without = distributed.gather_rows(stand_in)
+    without.sum().backward()
     return {"plain": _weights(plain), "resumed": _weights(resumed), "hidden": _weights(narrow),
             "history": result.history, "steps": result.steps, "events": distributed.gather(events),
-            "gathered": gathered.detach(), "gathered_grad": rows.grad}
+            "gathered": gathered.detach(), "gathered_grad": rows.grad,
+            "stand_in_gathered": without.detach(), "stand_in_grads": distributed.gather(stand_in.grad)}
 
 
 def _torchrun(module_args: list[str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
@@ -135,6 +141,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     assert two["gathered"].tolist() == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
     assert two["gathered_grad"].tolist() == [[3.0, 3.0]]
     assert one["gathered"].tolist() == [[1.0, 1.0]] and one["gathered_grad"].tolist() == [[1.0, 1.0]]
+    # Rank 1 standing in: both ranks' losses read rank 0's row alone (gradient 1 + 1); rank 1's row none.
+    assert two["stand_in_gathered"].tolist() == [[1.0, 1.0]]
+    assert [grad.tolist() for grad in two["stand_in_grads"]] == [[[2.0, 2.0]], [[0.0, 0.0]]]
+    assert one["stand_in_gathered"].tolist() == [[1.0, 1.0]]
 
 
 def test_distill_run_relaunches_itself_through_torchrun(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,

@@ -28,9 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformers import (
@@ -51,7 +49,7 @@ from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
 from distill.export import export_module
 from distill.losses import IGNORE_INDEX, kd_kl
-from distill.runtime import ONNX_FILE, OUTPUT_NAME, available_cpus
+from distill.runtime import ONNX_FILE, OUTPUT_NAME, available_cpus, cpu_session, next_tokens, token_nll
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence
 from teachers.registry import resolve_teacher
@@ -107,19 +105,6 @@ class CausalLM:
 TASK = CausalLM()
 
 
-def next_tokens(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """What logits[:, :-1] predict: targets (B, L − 1) = input_ids shifted left, and the mask (B, L − 1) of
-    positions where both the token and its successor are real."""
-    mask = inputs["attention_mask"]
-    return inputs["input_ids"][:, 1:], mask[:, :-1] * mask[:, 1:]
-
-
-def token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """−log p(next token) per position (B, L − 1), 0 where masked; logits (B, L, V), softmax in float32."""
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-    return nll * mask
-
-
 def torch_logits(model: PreTrainedModel, precision: Precision) -> Logits:
     model.eval()
 
@@ -132,9 +117,7 @@ def torch_logits(model: PreTrainedModel, precision: Precision) -> Logits:
 
 def onnx_logits(path: Path) -> Logits:
     """An exported causal LM run by onnxruntime with every CPU this process may use."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = available_cpus()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads=None, spinning=True)
     names = [i.name for i in session.get_inputs()]
 
     def logits(inputs: dict[str, Tensor]) -> Tensor:
@@ -260,7 +243,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         student_test = score(torch_logits(best, precision), tokenizer, test, reference=teacher_logits)
         pipeline.publish(out / engine.BEST, out / pipeline.STUDENT)
 
-    deployment = _deploy(config, out, best, teacher_logits, tokenizer, test, clock) if config.export.onnx else {}
+    deployment = (_deploy(config, out, best, teacher_logits, tokenizer, test, splits["validation"].student_inputs,
+                          clock) if config.export.onnx else {})
     teacher_params, student_params = count_params(teacher), count_params(best)
     report = {
         "task": TASK.name,
@@ -286,9 +270,11 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
 
 def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logits: Logits,
-            tokenizer: PreTrainedTokenizerBase, test: list[Encoded], clock: Callable[..., Any]) -> dict[str, Any]:
-    """student-onnx/ (model.onnx, model_int8.onnx, tokenizer, config), then perplexity of each file on the test
-    split and batch-1 latency against the PyTorch teacher."""
+            tokenizer: PreTrainedTokenizerBase, test: list[Encoded], validation: list[Encoded],
+            clock: Callable[..., Any]) -> dict[str, Any]:
+    """student-onnx/ (model.onnx, model_int8.onnx, tokenizer, config); the served file: INT8 unless its validation
+    perplexity is more than compress.max_accuracy_drop percent above fp32's; then perplexity of each file on the
+    test split and batch-1 latency against the PyTorch teacher."""
     target = out / pipeline.STUDENT_ONNX
     staged = atomic.staging(target)
     by_length = sorted(test, key=lambda e: len(e["input_ids"]))
@@ -310,11 +296,15 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
             with clock("compress"):
                 quantize_dynamic_int8(staged / ONNX_FILE, staged / INT8_FILE, per_channel=cc.per_channel,
                                       op_types=[op for op in QUANTIZABLE["dynamic"] if op not in cc.exclude_ops])
-            section["compress"] = {"mode": "dynamic", "per_channel": cc.per_channel,
-                                   "int8_bytes": (staged / INT8_FILE).stat().st_size}
+                section["compress"] = {"mode": "dynamic", "per_channel": cc.per_channel,
+                                       "int8_bytes": (staged / INT8_FILE).stat().st_size,
+                                       "gate": _perplexity_gate(staged, tokenizer, validation, cc.max_accuracy_drop)}
         atomic.replace_dir(staged, target)
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # gone after the swap; what a failed export left
+    int8_served = section.get("compress", {}).get("gate", {}).get("passed", False)
+    section["served"] = {"path": str(target / (INT8_FILE if int8_served else ONNX_FILE)),
+                         "format": "onnx-int8" if int8_served else "onnx-fp32"}
 
     with clock("evaluate-deployment"):
         variants = {"teacher-torch": teacher_logits, "student-torch": torch_logits(student, config.precision),
@@ -325,13 +315,25 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
         rows = {name: {"test_perplexity": score(logits, tokenizer, test)["perplexity"],
                        "latency_p50_ms": _p50_ms(logits, median, config.evaluate.latency_calls)}
                 for name, logits in variants.items()}
-    served = "student-onnx-int8" if "student-onnx-int8" in rows else "student-onnx-fp32"
+    served = "student-onnx-int8" if int8_served else "student-onnx-fp32"
     section["evaluation"] = {"models": rows, "latency_tokens": int(median["input_ids"].shape[1]),
                              "torch_threads": torch.get_num_threads(), "onnx_threads": available_cpus(),
                              "served": served,
                              # < 1: the served student answers faster than the PyTorch teacher
                              "latency_ratio": rows[served]["latency_p50_ms"] / rows["teacher-torch"]["latency_p50_ms"]}
     return section
+
+
+def _perplexity_gate(directory: Path, tokenizer: PreTrainedTokenizerBase, validation: list[Encoded],
+                     max_increase_percent: float) -> dict[str, Any]:
+    """Whether INT8 may be served: its validation perplexity at most max_increase_percent above fp32's."""
+    fp32, int8 = (score(onnx_logits(directory / name), tokenizer, validation)["perplexity"]
+                  for name in (ONNX_FILE, INT8_FILE))
+    increase = (int8 / fp32 - 1) * 100
+    passed = increase <= max_increase_percent
+    return {"passed": passed, "validation_perplexity": {"fp32": fp32, "int8": int8}, "increase_percent": increase,
+            "message": f"serving {'INT8' if passed else 'fp32'}: INT8 validation perplexity {int8:.3f} vs fp32 "
+                       f"{fp32:.3f}, {increase:+.2f}% ({max_increase_percent:g}% allowed)"}
 
 
 def _p50_ms(logits_of: Logits, inputs: dict[str, Tensor], calls: int) -> float:
@@ -367,6 +369,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {name} | {row['test_perplexity']:.2f} | {row['latency_p50_ms']:.2f} |"
                   for name, row in evaluation["models"].items()]
         lines += ["", f"Latency ratio {evaluation['served']} / teacher-torch: {evaluation['latency_ratio']:.3f}."]
+    if "gate" in report.get("compress", {}):
+        lines += ["", report["compress"]["gate"]["message"] + "."]
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["timings_seconds"].items()]
     return "\n".join(lines) + "\n"

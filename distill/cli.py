@@ -141,8 +141,8 @@ def _compress(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import transformers
 
-    from distill.evaluate import evaluate_models, footprint, render_markdown, text_of_length
-    from distill.runtime import Embedder, load_model
+    from distill.evaluate import evaluate_models, footprint, render_markdown, task_of, text_of_length
+    from distill.runtime import load_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -164,9 +164,10 @@ def _bench(args: argparse.Namespace) -> int:
             raise UsageError(f"{path}: cannot load a model from it: {e}") from e
     first = next(iter(models.values()))
     labels = None
-    if args.label_column and isinstance(first, Embedder):
-        raise UsageError(f"--labels-column: {args.models[0]} is a sentence encoder, which has no classes to score; "
-                         f"leave it out (encoders are compared by cosine and recall@10 agreement with the first)")
+    if args.label_column and task_of(first) != "sequence-classification":
+        raise UsageError(f"--labels-column: {args.models[0]} is a {task_of(first)} model, which has no classes to "
+                         f"score; leave it out (encoders are compared by cosine and recall@10 agreement with the "
+                         f"first, language models by perplexity and next-token agreement)")
     if args.label_column:
         unknown = sorted({label for _, label in rows} - set(first.label_names))
         if unknown:
@@ -233,11 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calibration-texts", type=Path, help="texts for --mode static (.txt, .csv, .jsonl)")
     compress.add_argument("--text-column", default="text")
     compress.set_defaults(handler=_compress)
-    bench = commands.add_parser("bench", help="compare models on the same texts: accuracy (or embedding agreement), "
-                                              "latency, throughput")
+    bench = commands.add_parser("bench", help="compare models on the same texts: accuracy (embedding agreement, "
+                                              "perplexity), latency, throughput")
     bench.add_argument("models", type=Path, nargs="+",
-                       help="HF directories (PyTorch) or ONNX directories/files, all classifiers or all sentence "
-                            "encoders; the first is the reference")
+                       help="HF directories (PyTorch) or ONNX directories/files, all classifiers, all sentence "
+                            "encoders or all causal LMs; the first is the reference")
     bench.add_argument("--texts", type=Path, required=True, help=".txt (one per line), .csv or .jsonl")
     bench.add_argument("--text-column", default="text")
     bench.add_argument("--label-column", "--labels-column", dest="label_column",

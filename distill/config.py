@@ -159,8 +159,9 @@ class CompressConfig(_Section):
     exclude_ops: list[str] = Field(default_factory=list, description="ONNX op types left in fp32, e.g. [Gather].")
     calibration_size: int = Field(200, ge=1, description="Training texts that calibrate static INT8.")
     max_accuracy_drop: float = Field(1.0, ge=0, description="Validation accuracy points (sentence-embedding: "
-                                                            "recall@10 agreement points) INT8 may lose against the "
-                                                            "fp32 student; past it the fp32 model is served.")
+                                                            "recall@10 agreement points; causal-lm: percent of "
+                                                            "perplexity) INT8 may lose against the fp32 student; "
+                                                            "past it the fp32 model is served.")
 
     @model_validator(mode="after")
     def _known_ops(self) -> CompressConfig:

@@ -1,11 +1,14 @@
 """Several models side by side on the same texts: quality, agreement, latency, throughput, size → a report.
 
-The models are all classifiers (`Predictor`s: accuracy against the labels, agreement = the share of equal labels)
-or all sentence encoders (`Embedder`s: cosine to the reference's embedding of the same text, when the widths match,
-and recall@10 agreement of each text's nearest neighbours among the others, which needs no common width).
+The models are all classifiers (`Predictor`s: accuracy against the labels, agreement = the share of equal labels),
+all sentence encoders (`Embedder`s: cosine to the reference's embedding of the same text, when the widths match,
+and recall@10 agreement of each text's nearest neighbours among the others, which needs no common width), or all
+causal LMs (`LanguageModel`s: perplexity over every predicted token of the texts, and next-token agreement = the
+share of those tokens where the model's top-1 guess is the reference's, when both tokenize the texts alike).
 
 What is timed, and how:
-- Every timing is `predict` end to end, as a caller sees it: tokenization, the model, the softmax or normalization.
+- Every timing is `predict` end to end, as a caller sees it: tokenization, the model, the softmax or normalization
+  (a causal LM's `predict` scores the text: one forward pass, no generation).
 - The timing texts are `latency_text` when given (every call the same length, which is what a FLOP count or a
   "latency at sequence length N" needs; `text_of_length` makes one), otherwise the evaluation texts cycled in order.
 - Latency: `warmup_calls` untimed calls, then `latency_calls` calls at batch 1; p50/p90/p99 in milliseconds.
@@ -40,17 +43,21 @@ from distill.runtime import (
     ONNX_FILE,
     Embedder,
     HFPredictor,
+    LanguageModel,
     OnnxEmbedder,
+    OnnxLanguageModel,
     OnnxPredictor,
     Predictor,
+    TextScores,
     TorchEmbedder,
+    TorchLanguageModel,
     TorchPredictor,
     available_cpus,
 )
 from teachers.registry import count_parameters
 
 Progress = Callable[[str], None]
-Model = Predictor | Embedder
+Model = Predictor | Embedder | LanguageModel
 
 NEIGHBOURS = 10  # k of recall@k agreement
 
@@ -73,10 +80,10 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
                     on_progress: Progress | None = None) -> dict[str, Any]:
     """Measure every model on the same texts (see the module docstring for what is timed); a JSON-ready dict.
 
-    models: all classifiers or all embedders. labels: class ids in the classifiers' label order (all must have the
-    same label names), or None; embedders take none. reference: the model agreement and speed-ups are relative to
-    (default: the first). sizes (bytes) and params are copied into the rows of the models they name. on_progress
-    gets a line before and after each model.
+    models: all classifiers, all embedders or all language models. labels: class ids in the classifiers' label
+    order (all must have the same label names), or None; embedders and language models take none. reference: the
+    model agreement and speed-ups are relative to (default: the first). sizes (bytes) and params are copied into
+    the rows of the models they name. on_progress gets a line before and after each model.
     """
     if not models:
         raise EvaluateError("models is empty; give at least one model")
@@ -87,13 +94,12 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
     reference = reference or next(iter(models))
     if reference not in models:
         raise EvaluateError(f"reference {reference!r} is not one of the models: {', '.join(models)}")
-    embedders = {name: isinstance(model, Embedder) for name, model in models.items()}
-    if len(set(embedders.values())) > 1:
-        raise EvaluateError(f"classifiers and sentence encoders cannot be compared with each other: "
-                            f"{', '.join(n for n, e in embedders.items() if e)} embed, the others classify")
-    task = "sentence-embedding" if embedders[reference] else "sequence-classification"
-    if task == "sentence-embedding" and labels is not None:
-        raise EvaluateError("labels: sentence encoders have no classes to score; give no labels")
+    tasks = {name: task_of(model) for name, model in models.items()}
+    if len(set(tasks.values())) > 1:
+        raise EvaluateError(f"models of different tasks cannot be compared with each other: {tasks}")
+    task = tasks[reference]
+    if task != "sequence-classification" and labels is not None:
+        raise EvaluateError(f"labels: {task} models have no classes to score; give no labels")
     if task == "sequence-classification":
         names = {name: cast(Predictor, p).label_names for name, p in models.items()}
         if any(n != names[reference] for n in names.values()):
@@ -106,7 +112,7 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
     timing_texts = [latency_text] if latency_text is not None else texts
 
     rows: dict[str, dict[str, Any]] = {}
-    answers: dict[str, list[int] | Tensor] = {}
+    answers: dict[str, list[int] | Tensor | tuple[list[list[int]], list[np.ndarray]]] = {}
     for i, (name, model) in enumerate(models.items(), start=1):
         say(f"[{i}/{len(models)}] {name}: measuring")
         for call in range(warmup_calls):
@@ -117,6 +123,11 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
         if isinstance(model, Embedder):
             answers[name] = model.embed(texts, throughput_batch)
             quality = {"dimension": answers[name].shape[1]}
+        elif isinstance(model, LanguageModel):
+            scores = [model.predict(texts[start:start + throughput_batch])
+                      for start in range(0, len(texts), throughput_batch)]
+            answers[name] = (model.encode(texts), [g for s in scores for g in s.guesses])
+            quality = {"perplexity": _perplexity(scores)}
         else:
             answers[name] = predict_labels(model, texts, throughput_batch)
             quality = {"accuracy": _fraction_equal(answers[name], labels) if labels is not None else None}
@@ -131,13 +142,16 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
             "latency_sequence_length": _sequence_length(model, latency_text),
             "throughput_texts_per_second": texts_per_second,
         }
-        accuracy = "" if rows[name].get("accuracy") is None else f"accuracy {rows[name]['accuracy']:.4f}, "
-        say(f"[{i}/{len(models)}] {name}: {accuracy}p50 {p50:.2f} ms, {texts_per_second:.1f} texts/s")
+        score = next((f"{key} {rows[name][key]:.4f}, " for key in ("accuracy", "perplexity")
+                      if rows[name].get(key) is not None), "")
+        say(f"[{i}/{len(models)}] {name}: {score}p50 {p50:.2f} ms, {texts_per_second:.1f} texts/s")
 
     ref = rows[reference]
     for name, row in rows.items():
         if task == "sentence-embedding":
             row.update(embedding_agreement(cast(Tensor, answers[name]), cast(Tensor, answers[reference])))
+        elif task == "causal-lm":
+            row["next_token_agreement"] = next_token_agreement(*answers[name], *answers[reference])
         else:
             row["agreement"] = _fraction_equal(answers[name], answers[reference])
         row["speedup_b1"] = ref["latency_ms"]["p50"] / row["latency_ms"]["p50"]  # p50 over p50
@@ -155,6 +169,30 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
         "process_peak_rss_note": "ru_maxrss: the peak of the whole process, all models loaded so far together",
         "models": rows,
     }
+
+
+def task_of(model: Model) -> str:
+    """The task a loaded model serves, by its runtime class."""
+    if isinstance(model, Embedder):
+        return "sentence-embedding"
+    if isinstance(model, LanguageModel):
+        return "causal-lm"
+    return "sequence-classification"
+
+
+def next_token_agreement(ids: list[list[int]], guesses: list[np.ndarray], reference_ids: list[list[int]],
+                         reference_guesses: list[np.ndarray]) -> float | None:
+    """The share of predicted tokens where two language models' top-1 guesses are equal; None when they tokenize
+    the texts differently (their positions do not line up)."""
+    if ids != reference_ids:
+        return None
+    same = sum(int((g == r).sum()) for g, r in zip(guesses, reference_guesses, strict=True))
+    return same / sum(len(g) for g in guesses)
+
+
+def _perplexity(scores: list[TextScores]) -> float:
+    """exp(mean −log p) over every predicted token of every text (texts weigh by their tokens)."""
+    return math.exp(sum(float(s.nll.sum()) for s in scores) / sum(int(s.tokens.sum()) for s in scores))
 
 
 def embedding_agreement(embeddings: Tensor, reference: Tensor, k: int = NEIGHBOURS) -> dict[str, float | None]:
@@ -193,19 +231,28 @@ def accuracy(predictor: Predictor, texts: list[str], labels: list[int], batch_si
     return _fraction_equal(predict_labels(predictor, texts, batch_size), labels)
 
 
-def text_of_length(tokenizer: PreTrainedTokenizerBase | HFPredictor | Embedder | Path | str, n: int) -> str:
-    """A text the tokenizer turns into exactly n tokens, special tokens ([CLS], [SEP], <s>, ...) included: one
-    single-token word repeated. tokenizer: a tokenizer, a model, or a directory holding a tokenizer."""
-    if isinstance(tokenizer, HFPredictor | Embedder):
-        tokenizer = tokenizer.tokenizer
-    elif isinstance(tokenizer, Path | str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    words = n - tokenizer.num_special_tokens_to_add(pair=False)
+def text_of_length(tokenizer: PreTrainedTokenizerBase | HFPredictor | Embedder | LanguageModel | Path | str,
+                   n: int) -> str:
+    """A text the model is fed as exactly n tokens, special tokens ([CLS], [SEP], <s>, a language model's start
+    and end tokens, ...) included: one single-token word repeated. tokenizer: a tokenizer, a model, or a directory
+    holding a tokenizer."""
+    if isinstance(tokenizer, LanguageModel):
+        encode = tokenizer.encode  # with the start and end tokens its training added
+    else:
+        if isinstance(tokenizer, HFPredictor | Embedder):
+            tokenizer = tokenizer.tokenizer
+        elif isinstance(tokenizer, Path | str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        hf_tokenizer = tokenizer
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return hf_tokenizer(texts)["input_ids"]
+    words = n - len(encode([""])[0])
     if words < 1:
         raise ValueError(f"n: {n} tokens leave no room for a word beside the special tokens; give more")
     for word in ("the", "a", "good", "movie", "x"):  # common words are one token in BERT/MPNet/RoBERTa vocabularies
         text = " ".join([word] * words)
-        if len(tokenizer(text)["input_ids"]) == n:
+        if len(encode([text])[0]) == n:
             return text
     raise ValueError(f"found no word this tokenizer keeps as one token; cannot make a text of {n} tokens")
 
@@ -253,17 +300,22 @@ def footprint(path: Path) -> tuple[int, int | None]:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown table, one row per model, then the settings and the machine in two lines."""
     settings, machine = report["settings"], report["machine"]
-    embedding = report.get("task") == "sentence-embedding"
-    quality = (["dim", "cosine", f"recall@{NEIGHBOURS}"] if embedding else ["accuracy", "agreement"])
+    task = report.get("task")
+    quality = {"sentence-embedding": ["dim", "cosine", f"recall@{NEIGHBOURS}"],
+               "causal-lm": ["perplexity", "next-token agreement"]}.get(task, ["accuracy", "agreement"])
     lines = ["| model | format | params | size MB | " + " | ".join(quality) + " | p50 ms | p90 ms | p99 ms | texts/s "
              "| speed-up b1 | speed-up b{} |".format(settings["throughput_batch"]),
              "| --- | --- | ---: | ---: | " + " | ".join(["---:"] * len(quality)) + " | ---: | ---: | ---: | ---: "
              "| ---: | ---: |"]
     for name, row in report["models"].items():
         latency = row["latency_ms"]
-        scores = ([str(row["dimension"]), _maybe(row["cosine"], "{:.4f}"),
-                   _maybe(row[f"recall_at_{NEIGHBOURS}"], "{:.4f}")] if embedding
-                  else [_maybe(row["accuracy"], "{:.4f}"), f"{row['agreement']:.4f}"])
+        if task == "sentence-embedding":
+            scores = [str(row["dimension"]), _maybe(row["cosine"], "{:.4f}"),
+                      _maybe(row[f"recall_at_{NEIGHBOURS}"], "{:.4f}")]
+        elif task == "causal-lm":
+            scores = [f"{row['perplexity']:.3f}", _maybe(row["next_token_agreement"], "{:.4f}")]
+        else:
+            scores = [_maybe(row["accuracy"], "{:.4f}"), f"{row['agreement']:.4f}"]
         cells = [name, row["format"], _maybe(row["params"], "{:,}"),
                  _maybe(row["size_bytes"] and row["size_bytes"] / 1e6, "{:.1f}"), *scores,
                  f"{latency['p50']:.2f}", f"{latency['p90']:.2f}", f"{latency['p99']:.2f}",
@@ -304,26 +356,28 @@ def _fraction_equal(a: list[int], b: list[int]) -> float:
 
 
 def _format(predictor: Model) -> str:
-    if isinstance(predictor, TorchPredictor | TorchEmbedder):
+    if isinstance(predictor, TorchPredictor | TorchEmbedder | TorchLanguageModel):
         return "pytorch"
-    if isinstance(predictor, OnnxPredictor | OnnxEmbedder):
+    if isinstance(predictor, OnnxPredictor | OnnxEmbedder | OnnxLanguageModel):
         return "onnxruntime"
     return type(predictor).__name__
 
 
 def _threads(predictor: Model) -> int | None:
     """Intra-op threads the model ran with: the ORT session's, or PyTorch's process-wide setting."""
-    if isinstance(predictor, OnnxPredictor | OnnxEmbedder):
+    if isinstance(predictor, OnnxPredictor | OnnxEmbedder | OnnxLanguageModel):
         return predictor.session.get_session_options().intra_op_num_threads
-    if isinstance(predictor, TorchPredictor | TorchEmbedder):
+    if isinstance(predictor, TorchPredictor | TorchEmbedder | TorchLanguageModel):
         return torch.get_num_threads()
     return None
 
 
 def _sequence_length(predictor: Model, text: str | None) -> int | None:
     """Tokens the model is fed for `text` (after its truncation), where the model exposes its tokenizer."""
-    if text is None or not isinstance(predictor, HFPredictor | Embedder):
+    if text is None or not isinstance(predictor, HFPredictor | Embedder | LanguageModel):
         return None
+    if isinstance(predictor, LanguageModel):
+        return len(predictor.encode([text])[0])
     return len(predictor.tokenizer(text, truncation=True, max_length=predictor.max_length)["input_ids"])
 
 

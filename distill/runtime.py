@@ -1,9 +1,10 @@
-"""Predictors and embedders: one interface over a PyTorch model directory and an ONNX file (used by evaluate,
-service, bench) for classifiers (`predict` → labels, probabilities) and sentence encoders (`embed` → vectors).
+"""Predictors, embedders and language models: one interface over a PyTorch model directory and an ONNX file (used
+by evaluate, service, bench) for classifiers (`predict` → labels, probabilities), sentence encoders (`embed` →
+vectors) and causal LMs (`predict` → how well each text is predicted, `generate` → a continuation).
 
-Both kinds tokenize the same way (the HF fast tokenizer, padding to the longest text in the batch, truncation to
-max_length) and finish the same way (softmax in float32, in numpy; L2 normalization), so any difference between a
-PyTorch and an ONNX model on the same texts comes from the model, not from the plumbing around it.
+Each kind tokenizes the same way for both formats (the HF fast tokenizer, padding to the longest text in the batch,
+truncation to max_length) and finishes the same way (softmax in float32; L2 normalization), so any difference
+between a PyTorch and an ONNX model on the same texts comes from the model, not from the plumbing around it.
 """
 
 from __future__ import annotations
@@ -14,18 +15,24 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 ONNX_FILE = "model.onnx"  # the fp32 graph inside an exported model directory (see distill.export)
 OPTIMIZED_FILE = "model_optimized.onnx"  # the same graph after ORT's fusions (see distill.compress)
-OUTPUT_NAME = "logits"  # the graph's one output, (B, C)
+OUTPUT_NAME = "logits"  # the graph's one output: (B, C) for a classifier, (B, L, V) for a causal LM
 EMBEDDING_OUTPUT = "sentence_embedding"  # an embedding graph's output, (B, D) L2-normalized, as sentence-transformers
 
 Inputs = dict[str, np.ndarray]  # input name → (B, L) int64 token ids / masks
@@ -241,11 +248,174 @@ class OnnxEmbedder(Embedder):
         return embedding
 
 
-def load_model(path: Path, max_length: int = 128, threads: int | None = None) -> HFPredictor | Embedder:
+def next_tokens(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """What a causal LM's logits[:, :-1] predict: targets (B, L − 1) = input_ids shifted left, and the mask
+    (B, L − 1) of positions where both the token and its successor are real."""
+    mask = inputs["attention_mask"]
+    return inputs["input_ids"][:, 1:], mask[:, :-1] * mask[:, 1:]
+
+
+def token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """−log p(next token) per position (B, L − 1), 0 where masked; logits (B, L, V), softmax in float32."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    return nll * mask
+
+
+class InputError(ValueError):
+    """An input this model cannot take (a prompt as long as its max_length); the message says what is allowed."""
+
+
+@dataclass
+class TextScores:
+    """How well a causal LM predicts each text: the summed −log p of its predicted tokens (every token after the
+    first, the end-of-text token included), their count, and the model's top-1 guess at each of them."""
+    nll: np.ndarray  # (B,) float64 nats, summed over the text's predicted tokens
+    tokens: np.ndarray  # (B,) int64 predicted tokens per text
+    guesses: list[np.ndarray]  # per text, (tokens,) int64 argmax of the model's next-token distribution
+    seconds: float  # wall time of the whole call, tokenization included
+
+    @property
+    def perplexity(self) -> np.ndarray:
+        """(B,) exp(mean −log p per predicted token) of each text."""
+        return np.exp(self.nll / self.tokens)
+
+    def rows(self, start: int, end: int) -> TextScores:
+        """The scores of texts[start:end] (`seconds` stays the whole call's)."""
+        return TextScores(self.nll[start:end], self.tokens[start:end], self.guesses[start:end], self.seconds)
+
+
+@dataclass
+class Generation:
+    text: str  # the continuation alone, special tokens left out
+    tokens: int  # tokens generated (an end-of-text token included)
+    finish_reason: Literal["end_of_text", "max_new_tokens", "max_length"]
+    seconds: float
+
+
+class LanguageModel(ABC):
+    """What both causal-LM runtimes share: texts encoded as in training (BOS text EOS, truncated to max_length;
+    right padding), per-text scores, and generation one token at a time (the exported graph has no KV cache, so
+    each step runs the whole sequence: fine for the short texts these models see, O(n²) for long ones)."""
+
+    def __init__(self, name: str, tokenizer_dir: Path, max_length: int) -> None:
+        self.name, self.max_length = name, max_length
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        if self.tokenizer.pad_token is None:  # GPT-2's own tokenizer has none; padded positions are masked anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+
+    @abstractmethod
+    def logits(self, inputs: Inputs) -> np.ndarray:
+        """(B, L) input_ids and attention_mask → (B, L, V) float32 next-token logits."""
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """BOS text EOS (where the tokenizer has them), truncated to max_length: as distill.causal_lm trains."""
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [(self._bos + row + eos)[:self.max_length] for row in ids]
+
+    def predict(self, texts: list[str]) -> TextScores:
+        """Every text's next-token scores (one model call): what the micro-batcher and evaluate_models call."""
+        if not texts:
+            raise ValueError("texts is empty; give at least one text")
+        started = time.perf_counter()
+        rows = self.encode(texts)
+        short = [i for i, row in enumerate(rows) if len(row) < 2]
+        if short:
+            raise InputError(f"texts{short} give no token to predict (one token in all, with the special tokens); "
+                             f"give longer texts")
+        inputs = _padded(rows, self.tokenizer.pad_token_id)
+        logits = torch.from_numpy(self.logits(inputs))
+        batch = {name: torch.from_numpy(value) for name, value in inputs.items()}
+        targets, mask = next_tokens(batch)
+        nll = token_nll(logits, targets, mask).double().sum(dim=1).numpy()
+        guesses = logits[:, :-1].argmax(dim=-1).numpy()
+        lengths = [len(row) - 1 for row in rows]
+        return TextScores(nll, np.asarray(lengths, dtype=np.int64),
+                          [guesses[i, :n] for i, n in enumerate(lengths)], time.perf_counter() - started)
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+                 seed: int | None = None) -> Generation:
+        """The prompt's continuation: the most likely token each step (temperature 0), or sampled from the
+        distribution at `temperature` (seeded); ends at the end-of-text token, after max_new_tokens, or when the
+        sequence reaches max_length tokens. InputError when the prompt leaves no room for a token."""
+        started = time.perf_counter()
+        ids = self._bos + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.max_length:
+            raise InputError(f"prompt: {len(ids)} tokens (with the start token) leave no room to generate within "
+                             f"this model's {self.max_length} tokens; give at most {self.max_length - 1}")
+        rng = np.random.default_rng(seed)
+        new: list[int] = []
+        reason: Literal["end_of_text", "max_new_tokens", "max_length"] = "max_new_tokens"
+        while len(new) < max_new_tokens:
+            if len(ids) + len(new) >= self.max_length:
+                reason = "max_length"
+                break
+            logits = self.logits(_padded([ids + new], self.tokenizer.pad_token_id))[0, -1]
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:  # float64: numpy's choice wants probabilities that sum to 1 within 1e-8
+                z = logits.astype(np.float64) / temperature
+                p = np.exp(z - z.max())
+                token = int(rng.choice(len(p), p=p / p.sum()))
+            new.append(token)
+            if token == self.tokenizer.eos_token_id:
+                reason = "end_of_text"
+                break
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Generation(text, len(new), reason, time.perf_counter() - started)
+
+
+def _padded(rows: list[list[int]], pad_id: int) -> Inputs:
+    """Token rows → right-padded (B, L) int64 input_ids and attention_mask (GPT-2 numbers positions from the left)."""
+    width = max(len(row) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class TorchLanguageModel(LanguageModel):
+    """A saved AutoModelForCausalLM directory, run by PyTorch in eval() under inference_mode, without a KV cache
+    (as the exported graph). `threads` calls torch.set_num_threads, which is process-wide."""
+
+    def __init__(self, model_dir: Path, max_length: int = 128, threads: int | None = None, *,
+                 name: str | None = None) -> None:
+        model_dir = Path(model_dir)
+        super().__init__(name or f"torch:{model_dir.name}", model_dir, max_length)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def logits(self, inputs: Inputs) -> np.ndarray:
+        with torch.inference_mode():
+            output = self.model(**{name: torch.from_numpy(value) for name, value in inputs.items()}, use_cache=False)
+        return output.logits.float().numpy()
+
+
+class OnnxLanguageModel(LanguageModel):
+    """An exported causal LM (model.onnx or model_int8.onnx: input_ids, attention_mask → logits (B, L, V), with
+    the tokenizer next to it) run by onnxruntime on the CPU; threads and spinning as OnnxPredictor's."""
+
+    def __init__(self, onnx_path: Path, max_length: int = 128, threads: int | None = None, *,
+                 name: str | None = None, spinning: bool = True) -> None:
+        onnx_path = Path(onnx_path)
+        super().__init__(name or f"onnx:{onnx_path.parent.name}/{onnx_path.name}", onnx_path.parent, max_length)
+        self.session = cpu_session(onnx_path, threads, spinning)
+
+    def logits(self, inputs: Inputs) -> np.ndarray:
+        (logits,) = self.session.run([OUTPUT_NAME], inputs)
+        return logits.astype(np.float32)
+
+
+def load_model(path: Path, max_length: int = 128,
+               threads: int | None = None) -> HFPredictor | Embedder | LanguageModel:
     """An .onnx file, or a directory holding model.onnx (an exported model), runs on onnxruntime with the tokenizer
-    next to it; any other directory is loaded by PyTorch. A classifier (its config.json's architectures name a
-    *ForSequenceClassification) becomes a predictor; any other encoder an embedder (pooled as its
-    sentence-transformers files say, mean otherwise) — never a classifier with a random head."""
+    next to it; any other directory is loaded by PyTorch. By its config.json's architectures: a
+    *ForSequenceClassification becomes a predictor, a *ForCausalLM / *LMHeadModel a language model, any other
+    encoder an embedder (pooled as its sentence-transformers files say, mean otherwise) — never a classifier with a
+    random head."""
     path = Path(path)
     onnx_path = path if path.suffix == ".onnx" else next(
         (path / name for name in (OPTIMIZED_FILE, ONNX_FILE) if (path / name).is_file()), None)  # fused is faster
@@ -255,6 +425,10 @@ def load_model(path: Path, max_length: int = 128, threads: int | None = None) ->
         if onnx_path is None:
             return TorchPredictor(path, max_length, threads)
         return OnnxPredictor(onnx_path, directory, max_length, threads)
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        if onnx_path is None:
+            return TorchLanguageModel(path, max_length, threads)
+        return OnnxLanguageModel(onnx_path, max_length, threads)
     if onnx_path is None:
         return TorchEmbedder(path, max_length, threads)
     return OnnxEmbedder(onnx_path, max_length, threads)

@@ -8,8 +8,9 @@ Ids. A succeeded job is a directory `jobs_dir/<job_id>/` holding `report.json`; 
     <job_id>.student-fp32   the fp32 ONNX student (the ORT-optimized graph when compress made one)
     <job_id>.student-torch  the student as PyTorch
 
-Classifier jobs' models answer /predict; sentence-embedding jobs' models answer /embed (their teacher is the one
-the job was given); /v1/compare takes models of one task. Causal-LM jobs are not served yet.
+Classifier jobs' models answer /predict; sentence-embedding jobs' models answer /embed, causal-LM jobs' models
+/score (perplexity of each text) and /generate (their teacher is the one the job was given, and a causal-LM job's
+`student` is INT8 unless its gate kept fp32); /v1/compare takes models of one task.
 
 Listing reads only report.json files, cached by modification time; a lookup by id reads one job's report.
 
@@ -45,11 +46,16 @@ from distill.runtime import (
     OPTIMIZED_FILE,
     Embedder,
     Embeddings,
+    Generation,
     HFPredictor,
+    LanguageModel,
     OnnxEmbedder,
+    OnnxLanguageModel,
     OnnxPredictor,
     Prediction,
+    TextScores,
     TorchEmbedder,
+    TorchLanguageModel,
     TorchPredictor,
 )
 from service.runner import REPORT_FILE as REPORT
@@ -62,10 +68,11 @@ JOB_DATASET_PREFIX = "job:"
 
 Kind = Literal["teacher", "student"]
 Format = Literal["torch", "onnx-fp32", "onnx-int8"]
-Task = Literal["sequence-classification", "sentence-embedding"]  # the tasks whose models are served
-ROUTES: dict[str, str] = {"sequence-classification": "predict", "sentence-embedding": "embed"}
-Model = HFPredictor | Embedder  # a loaded model: predict(texts) → its Answer
-Answer = Prediction | Embeddings  # both give the rows of texts[start:end]: rows(start, end)
+Task = Literal["sequence-classification", "sentence-embedding", "causal-lm"]
+ROUTES: dict[str, tuple[str, ...]] = {"sequence-classification": ("predict",), "sentence-embedding": ("embed",),
+                                      "causal-lm": ("score", "generate")}  # what each task's models answer
+Model = HFPredictor | Embedder | LanguageModel  # a loaded model: predict(texts) → its Answer
+Answer = Prediction | Embeddings | TextScores  # each gives the rows of texts[start:end]: rows(start, end)
 
 
 class UnknownModelError(LookupError):
@@ -80,8 +87,8 @@ class WrongTaskError(ValueError):
     """The model is asked for what its task does not give (embeddings of a classifier, labels of an encoder)."""
 
     def __init__(self, info: ModelInfo, route: str) -> None:
-        super().__init__(f"{info.id} is a {info.task} model, which answers POST /v1/models/{info.id}/"
-                         f"{ROUTES[info.task]}, not /{route}")
+        answers = " and ".join(f"POST /v1/models/{info.id}/{r}" for r in ROUTES[info.task])
+        super().__init__(f"{info.id} is a {info.task} model, which answers {answers}, not /{route}")
 
 
 class ModelLoadError(RuntimeError):
@@ -105,6 +112,7 @@ class ModelInfo:
     params: int | None
     size_bytes: int  # of the weight files; also the memory estimate of the cache
     test_accuracy: float | None  # classifiers only
+    test_perplexity: float | None  # causal LMs only
     label_names: list[str]  # classifiers only
     dimension: int | None  # embedding models only
     created_at: datetime  # when the job's report was written
@@ -287,12 +295,30 @@ class ModelCatalog:
         info, answer = await self._answer(model_id, texts, "sentence-embedding")
         return info, cast(Embeddings, answer)
 
-    async def _answer(self, model_id: str, texts: list[str], task: Task) -> tuple[ModelInfo, Answer]:
-        info = self.get(model_id)
-        if info.task != task:
-            raise WrongTaskError(info, ROUTES[task])
+    async def score(self, model_id: str, texts: list[str]) -> tuple[ModelInfo, TextScores]:
+        """A causal LM's perplexity of each text (WrongTaskError for another task's model)."""
+        info, answer = await self._answer(model_id, texts, "causal-lm", "score")
+        return info, cast(TextScores, answer)
+
+    async def generate(self, model_id: str, prompt: str, max_new_tokens: int, temperature: float,
+                       seed: int | None) -> tuple[ModelInfo, Generation]:
+        """A causal LM's continuation of the prompt, in a worker thread (not micro-batched: each step depends on
+        the last); distill.runtime.InputError when the prompt leaves no room to generate."""
+        info = self._of_task(model_id, "causal-lm", "generate")
+        model = cast(LanguageModel, (await self._loaded(info)).predictor)
+        return info, await asyncio.to_thread(model.generate, prompt, max_new_tokens, temperature, seed)
+
+    async def _answer(self, model_id: str, texts: list[str], task: Task,
+                      route: str | None = None) -> tuple[ModelInfo, Answer]:
+        info = self._of_task(model_id, task, route or ROUTES[task][0])
         loaded = await self._loaded(info)
         return info, await loaded.batcher.predict(texts)
+
+    def _of_task(self, model_id: str, task: Task, route: str) -> ModelInfo:
+        info = self.get(model_id)
+        if info.task != task:
+            raise WrongTaskError(info, route)
+        return info
 
     async def predictor(self, info: ModelInfo) -> Model:
         """The loaded model (loading it when needed), for callers that time it themselves."""
@@ -337,6 +363,10 @@ def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = Tru
             if info.format == "torch":
                 return TorchEmbedder(info.path, info.max_length, threads, name=info.id)
             return OnnxEmbedder(info.path, info.max_length, threads, name=info.id, spinning=spinning)
+        if info.task == "causal-lm":
+            if info.format == "torch":
+                return TorchLanguageModel(info.path, info.max_length, threads, name=info.id)
+            return OnnxLanguageModel(info.path, info.max_length, threads, name=info.id, spinning=spinning)
         if info.format == "torch":
             return TorchPredictor(info.path, info.max_length, threads, name=info.id)
         return OnnxPredictor(info.path, info.path.parent, info.max_length, threads, name=info.id, spinning=spinning)
@@ -348,11 +378,11 @@ def _models_of_report(job_id: str, job_dir: Path, report: dict[str, Any], home: 
                       created_at: datetime) -> dict[str, ModelInfo]:
     """A job's models by variant. Paths are taken relative to the job directory (and a prepared teacher's to
     home/prepared when its recorded path is gone), so a home moved or mounted elsewhere still works; a model
-    whose files are missing is left out, and so is every model of a task not served (causal-lm)."""
+    whose files are missing is left out, and so is every model of a task not served."""
     task = report["config"]["task"]
     if task not in ROUTES:
         return {}
-    if task == "sentence-embedding":
+    if task != "sequence-classification":
         teacher_dir = Path(report["teacher"]["dir"])  # used as it was given: nothing prepared
     else:
         teacher_dir = Path(report["teacher"]["prepared_dir"])
@@ -383,6 +413,7 @@ def _models_of_report(job_id: str, job_dir: Path, report: dict[str, Any], home: 
             max_length=report["config"]["data"]["max_length"],
             params=row.get("params") or section.get("params"), size_bytes=_weight_bytes(path),
             test_accuracy=row.get("accuracy", section.get("test_accuracy")),
+            test_perplexity=row.get("test_perplexity", section.get("test_perplexity")),
             label_names=list(report["data"]["labels"]) if task == "sequence-classification" else [],
             dimension=report["teacher"]["dimension"] if task == "sentence-embedding" else None,
             created_at=created_at, file_mtime_ns=path.stat().st_mtime_ns)
@@ -433,7 +464,8 @@ class _Inputs:
 class Comparisons:
     """Several models of one task on the same inputs with distill.evaluate.evaluate_models: for classifiers,
     accuracy (when labels are known) and agreement with the first model; for sentence encoders, cosine and recall@10
-    agreement with the first model; for both, latency percentiles, throughput, size, speed-ups against the first.
+    agreement with the first model; for causal LMs, perplexity and next-token agreement with the first model; for
+    all, latency percentiles, throughput, size, speed-ups against the first.
 
     Kept in an in-memory dict (lost on restart; the last KEPT_COMPARISONS are kept). They run one at a time in one
     worker thread, so two comparisons never skew each other's timings; /predict traffic still shares the CPU, and
@@ -455,12 +487,13 @@ class Comparisons:
         infos = [self.catalog.get(model_id) for model_id in models]
         tasks = {info.id: info.task for info in infos}
         if len(set(tasks.values())) > 1:
-            raise CompareError(f"models: a comparison runs models of one task (classifiers, or sentence encoders); "
-                               f"these are {tasks}")
-        if infos[0].task == "sentence-embedding":
+            raise CompareError(f"models: a comparison runs models of one task (classifiers, sentence encoders or "
+                               f"causal LMs); these are {tasks}")
+        if infos[0].task != "sequence-classification":
             if labels is not None:
-                raise CompareError("labels: sentence encoders have no classes to score; send texts only (they are "
-                                   "compared by cosine and recall@10 agreement with the first model)")
+                raise CompareError(f"labels: {infos[0].task} models have no classes to score; send texts only "
+                                   f"(sentence encoders are compared by cosine and recall@10 agreement with the "
+                                   f"first model, causal LMs by perplexity and next-token agreement)")
         else:
             names = {info.id: info.label_names for info in infos}
             if any(n != infos[0].label_names for n in names.values()):
@@ -499,14 +532,14 @@ class Comparisons:
     def _measure(self, predictors: dict[str, Model], infos: list[ModelInfo], inputs: _Inputs,
                  repeats: int) -> dict[str, Any]:
         """In the worker thread: load the inputs, run evaluate_models, add speed-ups and the Markdown table.
-        Sentence encoders get a dataset's texts without its labels."""
+        Sentence encoders and causal LMs get a dataset's texts without its labels."""
         label_names = infos[0].label_names
         if inputs.texts is not None:
             texts, names = inputs.texts, inputs.labels
         else:
             assert inputs.dataset is not None  # the route requires one of them
             texts, names = _load_split(self.catalog, inputs.dataset, inputs.split, inputs.limit)
-            if infos[0].task == "sentence-embedding":
+            if infos[0].task != "sequence-classification":
                 names = None
             missing = sorted(set(names or []) - set(label_names))
             if missing:

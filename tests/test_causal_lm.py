@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from distill.causal_lm import TASK, next_tokens, score, torch_logits, train_lm_teacher, train_tokenizer
+from distill.causal_lm import TASK, score, torch_logits, train_lm_teacher, train_tokenizer
 from distill.config import (
     DataConfig,
     EvaluateConfig,
@@ -22,6 +22,7 @@ from distill.config import (
     TrainConfig,
 )
 from distill.pipeline import run
+from distill.runtime import next_tokens
 from distill.student import build_student
 from tests.conftest import synthetic_rows, write_csv
 

@@ -111,9 +111,10 @@ def test_sentence_encoders_side_by_side(predictors: dict[str, HFPredictor], tmp_
     table = render_markdown(report)
     assert "| dim | cosine | recall@10 |" in table and "| narrow | pytorch | 789 | — | 16 | — |" in table
 
-    with pytest.raises(EvaluateError, match="labels: sentence encoders have no classes"):
+    with pytest.raises(EvaluateError, match="labels: sentence-embedding models have no classes"):
         evaluate_models(encoders, texts, [0] * len(texts), **FAST)
-    with pytest.raises(EvaluateError, match="classifiers and sentence encoders cannot be compared"):
+    with pytest.raises(EvaluateError, match="models of different tasks cannot be compared.*'torch': "
+                                            "'sequence-classification'"):
         evaluate_models({"teacher": encoders["teacher"], "torch": predictors["torch"]}, texts, None, **FAST)
 
 

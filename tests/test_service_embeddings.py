@@ -133,7 +133,7 @@ def test_compare_sentence_encoders_on_a_jobs_test_split(client: TestClient, sett
 def test_compare_refuses_labels_for_encoders(client: TestClient) -> None:
     body = {"models": ["emb.teacher"], "texts": TEXTS, "labels": ["positive"] * len(TEXTS)}
     response = client.post("/v1/compare", json=body)
-    assert response.status_code == 422 and "labels: sentence encoders have no" in response.json()["detail"]
+    assert response.status_code == 422 and "labels: sentence-embedding models have no" in response.json()["detail"]
 
 
 def test_compare_refuses_models_of_two_tasks(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,8 @@ class CompareRequest(BaseModel):
     models: list[str] = Field(min_length=1, description="Model ids; agreement and speed-ups are against the first.")
     texts: list[str] | None = Field(None, description="The inputs; or give dataset.")
     labels: list[str] | None = Field(None, description="Label names, one per text: adds accuracy (classifiers "
-                                                         "only; encoders are scored by agreement with the first).")
+                                                         "only; encoders and causal LMs are scored by agreement "
+                                                         "with the first).")
     dataset: str | None = Field(None, description="'reviews' (built-in, pulled) or 'job:<job_id>': the data that "
                                                   "job was trained on, split the same way. Runs in the background.")
     split: Literal["test", "validation"] = "test"

@@ -1,0 +1,231 @@
+"""Serving a tiny finished causal-LM job: the runtime's language models (scores, generation), /v1/models listing,
+/score and /generate on every variant, /v1/compare on language models, and the errors that name what is allowed."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
+
+from distill.causal_lm import train_lm_teacher
+from distill.config import DataConfig, EvaluateConfig, FromTeacher, JobConfig, TeacherConfig, TrainConfig
+from distill.data import load_task_data
+from distill.evaluate import next_token_agreement
+from distill.pipeline import run
+from distill.runtime import OnnxLanguageModel, TorchLanguageModel, load_model
+from service.settings import Settings
+from tests.conftest import models_client, synthetic_rows, write_csv
+
+IDS = ["lm.teacher", "lm.student", "lm.student-fp32", "lm.student-torch"]
+MAX_LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A home holding one finished tiny causal-LM job, jobs/lm: a 2-block GPT-2 (width 32) trained on synthetic
+    texts → its block 1 alone, exported to ONNX fp32 and INT8."""
+    root = tmp_path_factory.mktemp("service-causal-lm")
+    texts = [text for text, _ in synthetic_rows(240, seed=5)]
+    teacher = train_lm_teacher(texts, texts[:40], root / "teacher", layers=2, hidden=32, heads=2, vocab_size=300,
+                               max_length=MAX_LENGTH, train=TrainConfig(epochs=2, batch_size=16, lr=3e-3))
+    config = JobConfig(task="causal-lm", teacher=TeacherConfig(name=str(teacher)),
+                       data=DataConfig(dataset="files", train=write_csv(root / "texts.csv", synthetic_rows(200, 9)),
+                                       max_length=MAX_LENGTH),
+                       student=FromTeacher(init="teacher", layers=[1]),
+                       train=TrainConfig(epochs=2, batch_size=16, lr=3e-3), evaluate=EvaluateConfig(latency_calls=10),
+                       output_dir=root / "home" / "jobs" / "lm")
+    run(config)
+    return Settings(home=root / "home", max_batch_texts=8, max_text_chars=100)
+
+
+@pytest.fixture(scope="module")
+def report(settings: Settings) -> dict:
+    return json.loads((settings.jobs_dir / "lm" / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def test_texts(report: dict) -> list[str]:
+    return [e.text for e in load_task_data(DataConfig(**report["config"]["data"])).test]
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    yield from models_client(settings)
+
+
+def _perplexity(nll: float, tokens: int) -> float:
+    return math.exp(nll / tokens)
+
+
+def test_load_model_runs_both_formats_of_a_language_model_alike(settings: Settings, report: dict,
+                                                              test_texts: list[str]) -> None:
+    """The PyTorch directory and the exported graph load as language models and score the test split as the job
+    did (its report's perplexities, which distill.causal_lm computed on its own path)."""
+    job = settings.jobs_dir / "lm"
+    torch_lm, onnx_lm = load_model(job / "student", MAX_LENGTH), load_model(job / "student-onnx", MAX_LENGTH)
+    assert isinstance(torch_lm, TorchLanguageModel) and isinstance(onnx_lm, OnnxLanguageModel)
+    scores = {name: [model.predict(test_texts[i:i + 16]) for i in range(0, len(test_texts), 16)]
+              for name, model in (("torch", torch_lm), ("onnx", onnx_lm))}
+    perplexity = {name: _perplexity(sum(s.nll.sum() for s in parts), sum(s.tokens.sum() for s in parts))
+                  for name, parts in scores.items()}
+    assert perplexity["torch"] == pytest.approx(report["student"]["test_perplexity"], rel=1e-5)
+    assert perplexity["onnx"] == pytest.approx(report["evaluation"]["models"]["student-onnx-fp32"]["test_perplexity"],
+                                               rel=1e-5)
+    first = scores["torch"][0]
+    assert first.tokens.tolist() == [len(ids) - 1 for ids in torch_lm.encode(test_texts[:16])]
+    assert [len(g) for g in first.guesses] == first.tokens.tolist()
+
+
+def test_greedy_generation_is_what_transformers_generates(settings: Settings) -> None:
+    """Our cache-free loop picks the same tokens as transformers' generate (KV cache, greedy) on the same model."""
+    student_dir = settings.jobs_dir / "lm" / "student"
+    lm = TorchLanguageModel(student_dir, MAX_LENGTH)
+    prompt = "the movie was"
+    generation = lm.generate(prompt, max_new_tokens=6)
+    ids = torch.tensor([lm.encode([prompt])[0][:-1]])  # the start token and the prompt, no end token
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=lm.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert generation.tokens == len(expected)
+    assert generation.text == lm.tokenizer.decode(expected, skip_special_tokens=True)
+    assert generation.finish_reason == ("end_of_text" if expected[-1] == lm.tokenizer.eos_token_id
+                                        else "max_new_tokens")
+
+
+def test_a_causal_lm_job_lists_its_teacher_and_students(client: TestClient, report: dict) -> None:
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["items"]}
+    assert list(listed) == IDS
+    assert {i: (m["task"], m["format"]) for i, m in listed.items()} == {
+        "lm.teacher": ("causal-lm", "torch"), "lm.student": ("causal-lm", report["served"]["format"]),
+        "lm.student-fp32": ("causal-lm", "onnx-fp32"), "lm.student-torch": ("causal-lm", "torch")}
+    rows = report["evaluation"]["models"]
+    assert listed["lm.teacher"]["test_perplexity"] == rows["teacher-torch"]["test_perplexity"]
+    assert listed["lm.student-torch"]["test_perplexity"] == rows["student-torch"]["test_perplexity"]
+    assert listed["lm.student-torch"]["params"] == report["student"]["params"]
+    assert all(m["label_names"] == [] and m["dimension"] is None and m["test_accuracy"] is None
+               for m in listed.values())
+
+
+def test_the_job_serves_int8_only_past_its_perplexity_gate(report: dict) -> None:
+    gate = report["compress"]["gate"]
+    fp32, int8 = gate["validation_perplexity"]["fp32"], gate["validation_perplexity"]["int8"]
+    assert gate["increase_percent"] == pytest.approx((int8 / fp32 - 1) * 100)
+    assert gate["passed"] == (gate["increase_percent"] <= report["config"]["compress"]["max_accuracy_drop"])
+    assert report["served"]["format"] == ("onnx-int8" if gate["passed"] else "onnx-fp32")
+    assert Path(report["served"]["path"]).is_file()
+
+
+def test_score_answers_each_texts_perplexity(client: TestClient, settings: Settings, report: dict,
+                                            test_texts: list[str]) -> None:
+    """Per-text answers, 8 texts a request, add up to the job's own test perplexity of each model."""
+    expected = {"lm.teacher": report["teacher"]["test_perplexity"],
+                "lm.student-torch": report["student"]["test_perplexity"],
+                "lm.student-fp32": report["evaluation"]["models"]["student-onnx-fp32"]["test_perplexity"]}
+    for model_id, perplexity in expected.items():
+        nll, tokens = 0.0, 0
+        for start in range(0, len(test_texts), 8):
+            response = client.post(f"/v1/models/{model_id}/score", json={"texts": test_texts[start:start + 8]})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["model"] == model_id and body["server_ms"] > 0
+            nll += sum(math.log(p) * n for p, n in zip(body["perplexities"], body["tokens"], strict=True))
+            tokens += sum(body["tokens"])
+        assert _perplexity(nll, tokens) == pytest.approx(perplexity, rel=1e-4), model_id
+
+
+def test_generate_greedy_and_seeded_sampling(client: TestClient, settings: Settings) -> None:
+    lm = TorchLanguageModel(settings.jobs_dir / "lm" / "student", MAX_LENGTH)
+    response = client.post("/v1/models/lm.student-torch/generate", json={"prompt": "a great", "max_new_tokens": 5})
+    assert response.status_code == 200, response.text
+    expected = lm.generate("a great", max_new_tokens=5)
+    assert {k: response.json()[k] for k in ("text", "tokens", "finish_reason")} == \
+        {"text": expected.text, "tokens": expected.tokens, "finish_reason": expected.finish_reason}
+    sampled = [client.post("/v1/models/lm.student/generate",
+                           json={"prompt": "", "max_new_tokens": 40, "temperature": 1.5, "seed": seed}).json()
+               for seed in (1, 1, 2, 3)]
+    assert all("text" in s for s in sampled), sampled
+    assert sampled[0] == {**sampled[1], "server_ms": sampled[0]["server_ms"]}  # the same seed, the same text
+    assert len({s["text"] for s in sampled}) > 1  # other seeds, other texts
+    # The start token and 15 generated ones fill the model's 16 positions unless the end-of-text token came first.
+    assert all(s["finish_reason"] == "max_length" and s["tokens"] == MAX_LENGTH - 1
+               or s["finish_reason"] == "end_of_text" for s in sampled)
+
+
+def test_generate_refuses_a_prompt_without_room(client: TestClient) -> None:
+    long_prompt = " ".join(["the"] * 20)  # under 100 characters, over 15 tokens
+    response = client.post("/v1/models/lm.student/generate", json={"prompt": long_prompt})
+    assert response.status_code == 422
+    assert "prompt" in response.json()["detail"] and "at most 15" in response.json()["detail"]
+    response = client.post("/v1/models/lm.student/generate", json={"prompt": "a", "max_new_tokens": 0})
+    assert response.status_code == 422 and "max_new_tokens" in response.text
+    response = client.post("/v1/models/lm.student/generate", json={"prompt": "x" * 101})
+    assert response.status_code == 422 and "at most 100" in response.json()["detail"]
+
+
+def test_other_tasks_routes_send_callers_to_score_and_generate(client: TestClient) -> None:
+    for route in ("predict", "embed"):
+        response = client.post(f"/v1/models/lm.student/{route}", json={"texts": ["a film"]})
+        assert response.status_code == 409
+        assert "/v1/models/lm.student/score" in response.json()["detail"]
+        assert "/v1/models/lm.student/generate" in response.json()["detail"]
+
+
+def test_compare_language_models_on_texts(client: TestClient, settings: Settings, report: dict,
+                                          test_texts: list[str]) -> None:
+    """The fp32 export guesses the PyTorch student's next tokens; the teacher is another model, measured as
+    evaluate.next_token_agreement measures it."""
+    body = {"models": ["lm.student-torch", "lm.student-fp32", "lm.teacher"], "texts": test_texts[:8], "repeats": 3}
+    response = client.post("/v1/compare", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()["result"]
+    assert result["task"] == "causal-lm"
+    rows = result["models"]
+    assert rows["lm.student-torch"]["next_token_agreement"] == 1.0
+    assert rows["lm.student-fp32"]["next_token_agreement"] > 0.95
+    assert rows["lm.student-fp32"]["perplexity"] == pytest.approx(rows["lm.student-torch"]["perplexity"], rel=1e-4)
+    student = TorchLanguageModel(settings.jobs_dir / "lm" / "student", MAX_LENGTH)
+    teacher = TorchLanguageModel(Path(report["teacher"]["dir"]), MAX_LENGTH)
+    ids = student.encode(test_texts[:8])
+    expected = next_token_agreement(ids, teacher.predict(test_texts[:8]).guesses, ids,
+                                    student.predict(test_texts[:8]).guesses)
+    assert rows["lm.teacher"]["next_token_agreement"] == pytest.approx(expected)
+    assert 0 < expected < 1
+    assert "| perplexity | next-token agreement |" in result["markdown"]
+    refused = client.post("/v1/compare", json={**body, "labels": ["a"] * 8})
+    assert refused.status_code == 422 and "causal-lm models have no classes" in refused.json()["detail"]
+
+
+def test_next_token_agreement_needs_one_tokenization() -> None:
+    guesses = [np.array([1, 2, 3]), np.array([4])]
+    assert next_token_agreement([[0, 1, 2, 3], [0, 4]], guesses, [[0, 1, 2, 3], [0, 4]],
+                                [np.array([1, 9, 3]), np.array([4])]) == 0.75
+    assert next_token_agreement([[0, 1, 2, 3], [0, 4]], guesses, [[0, 1, 2], [0, 4, 5]], guesses) is None
+
+
+def test_bench_command_on_language_models(settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`distill bench` on a job's PyTorch and ONNX students, timed on a text of exactly 8 tokens."""
+    from distill.cli import main
+
+    job = settings.jobs_dir / "lm"
+    texts = write_csv(tmp_path / "texts.csv", synthetic_rows(12, seed=4))
+    out = tmp_path / "bench.json"
+    models = [str(job / "student"), str(job / "student-onnx")]
+    assert main(["bench", *models, "--texts", str(texts), "--max-length", str(MAX_LENGTH), "--seq-len", "8",
+                 "--latency-calls", "3", "--warmup-calls", "1", "--batch-size", "4", "--throughput-batches", "1",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "causal-lm"
+    rows = report["models"]
+    assert [rows[m]["format"] for m in models] == ["pytorch", "onnxruntime"]
+    assert all(row["latency_sequence_length"] == 8 for row in rows.values())
+    assert rows[models[1]]["perplexity"] == pytest.approx(rows[models[0]]["perplexity"], rel=1e-4)
+    assert "| perplexity | next-token agreement |" in capsys.readouterr().out
+    assert main(["bench", *models, "--texts", str(texts), "--labels-column", "label"]) == 2
+    assert "causal-lm model, which has no classes" in capsys.readouterr().err

@@ -221,6 +221,20 @@ def _nearest(embeddings: Tensor, k: int) -> Tensor:
     return similarity.topk(k, dim=-1).indices
 
 
+def retention_interval(student_correct: Tensor, teacher_correct: Tensor, *, level: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """How far a retention (student accuracy / teacher accuracy on one split) could move with other texts from the
+    same distribution: the percentile interval of a paired bootstrap (both models scored on each resample of the
+    texts, so what they get right together cancels). Inputs (N,) bool: each text answered right or not."""
+    n = len(student_correct)
+    rows = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    student, teacher = (c.float()[rows].mean(dim=1) for c in (student_correct, teacher_correct))
+    ratios = student / teacher.clamp_min(1 / n)
+    low, high = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2])).tolist()
+    return {"level": level, "low": low, "high": high, "resamples": resamples,
+            "method": "paired bootstrap over the texts, percentile interval"}
+
+
 def predict_labels(predictor: Predictor, texts: list[str], batch_size: int = 32) -> list[int]:
     """The predicted class id of every text, in batches."""
     return [label for start in range(0, len(texts), batch_size)

@@ -25,7 +25,7 @@ from distill.compress import accuracy_gate, compress, optimize
 from distill.config import ConfigError, JobConfig
 from distill.data import Example, TaskData, load_task_data
 from distill.engine import EventSink, Split, Teacher
-from distill.evaluate import accuracy, evaluate_models, footprint, render_markdown
+from distill.evaluate import accuracy, evaluate_models, footprint, render_markdown, retention_interval
 from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher
@@ -124,9 +124,13 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("evaluate"):
         best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST)
-        student_metrics = task.evaluate(best, student.tokenizer, splits["test"], config.precision)
+        student_logits = predict_distilled(task, best, student.tokenizer, splits["test"].student_inputs,
+                                           precision=config.precision)
+        student_metrics = task.score(student_logits, splits["test"])
         teacher_metrics = {name: task.score(logits[name], splits[name])["accuracy"]
                            for name in ("validation", "test")}
+        interval = retention_interval(student_logits.argmax(dim=-1) == labels["test"],
+                                      logits["test"].argmax(dim=-1) == labels["test"])
         publish(out / engine.BEST, out / STUDENT)
 
     deployment = _deploy(config, out, prepared.path, data, clock, emit) if config.export.onnx else {}
@@ -143,6 +147,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                     "test_agreement": student_metrics["agreement"],
                     "train_examples_per_second": result.examples_per_second},
         "retention": student_metrics["accuracy"] / teacher_metrics["test"] if teacher_metrics["test"] else None,
+        "retention_interval": interval,
         "param_ratio": student_params / teacher_params,
         "teacher_logits_cached": cache_train,
         **deployment,
@@ -233,7 +238,9 @@ def render_job_markdown(report: dict[str, Any]) -> str:
              f"{teacher['test_accuracy']:.4f}.",
              f"Student: {student['params']:,} params ({report['param_ratio']:.1%} of the teacher), test accuracy "
              f"{student['test_accuracy']:.4f}, agreement with the teacher {student['test_agreement']:.4f}, "
-             f"retention {report['retention']:.4f}."]
+             f"retention {report['retention']:.4f}"
+             + (f" ({interval['level']:.0%} interval {interval['low']:.3f}–{interval['high']:.3f}, "
+                f"over other test texts like these)." if (interval := report.get("retention_interval")) else ".")]
     if "served" in report:
         gate = report.get("compress", {}).get("gate")
         lines += ["", f"Served: `{report['served']['path']}` ({report['served']['format']})."

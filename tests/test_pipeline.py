@@ -46,6 +46,8 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     assert report["student"]["test_agreement"] >= 0.9
     assert report["teacher"]["test_accuracy"] >= 0.9
     assert report["param_ratio"] < 0.6
+    interval = report["retention_interval"]
+    assert interval["low"] <= report["retention"] <= interval["high"] and interval["level"] == 0.95
     assert report["data"]["splits"]["train"]["rows"] == 320  # 80% of 400
     stages = [d["stage"] for k, d in events if k == "stage"]
     assert stages == ["data", "prepare-teacher", "teacher-head", "build-student", "teacher-logits", "distill",

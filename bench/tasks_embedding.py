@@ -107,6 +107,7 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "embedding_teacher_probe_accuracy": teacher["test_probe_accuracy"],
         "embedding_student_probe_accuracy": student["test_probe_accuracy"],
         "embedding_probe_retention": report["probe_retention"],
+        "embedding_probe_retention_interval": report["probe_retention_interval"],
         "embedding_probe_l2": {"teacher": teacher["probe"]["l2"], "student": student["probe"]["l2"]},
         "embedding_recall_at_10": student["test_recall_at_10"],
         "embedding_cosine": student["test_cosine"],

@@ -32,7 +32,7 @@ from distill.compress import INT8_FILE, accuracy_gate, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
 from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
-from distill.evaluate import NEIGHBOURS, embedding_agreement
+from distill.evaluate import NEIGHBOURS, embedding_agreement, retention_interval
 from distill.export import CHECK_TEXTS, ExportResult, export_module
 from distill.losses import IGNORE_INDEX
 from distill.pipeline import (
@@ -236,6 +236,11 @@ class Probe:
     test_accuracy: float
     l2: float  # the penalty chosen on validation
     validation_accuracy: dict[str, float]  # by penalty (str keys: they go into report.json)
+    test_correct: Tensor = dataclasses.field(repr=False)  # (N_test,) bool: each test text classified right
+
+    def summary(self) -> dict[str, Any]:
+        """What report.json keeps (not the per-text answers)."""
+        return {"test_accuracy": self.test_accuracy, "l2": self.l2, "validation_accuracy": self.validation_accuracy}
 
 
 def linear_probe(train: Tensor, train_labels: Tensor, validation: Tensor, validation_labels: Tensor, test: Tensor,
@@ -247,14 +252,16 @@ def linear_probe(train: Tensor, train_labels: Tensor, validation: Tensor, valida
     x, x_validation, x_test = ((rows - mean) / std for rows in (train, validation, test))
     classes = int(max(train_labels.max(), validation_labels.max(), test_labels.max())) + 1
 
-    def accuracy(classifier: nn.Linear, rows: Tensor, labels: Tensor) -> float:
+    def correct(classifier: nn.Linear, rows: Tensor, labels: Tensor) -> Tensor:
         with torch.no_grad():
-            return (classifier(rows).argmax(dim=-1) == labels).float().mean().item()
+            return classifier(rows).argmax(dim=-1) == labels
 
     fitted = {l2: _fit_probe(x, train_labels, classes, l2, steps) for l2 in sorted(l2_grid)}
-    scores = {l2: accuracy(classifier, x_validation, validation_labels) for l2, classifier in fitted.items()}
+    scores = {l2: correct(classifier, x_validation, validation_labels).float().mean().item()
+              for l2, classifier in fitted.items()}
     best = max(scores, key=lambda l2: (scores[l2], -l2))
-    return Probe(accuracy(fitted[best], x_test, test_labels), best, {f"{l2:g}": v for l2, v in scores.items()})
+    test_correct = correct(fitted[best], x_test, test_labels)
+    return Probe(test_correct.float().mean().item(), best, {f"{l2:g}": v for l2, v in scores.items()}, test_correct)
 
 
 def _fit_probe(x: Tensor, labels: Tensor, classes: int, l2: float, steps: int) -> nn.Linear:
@@ -409,17 +416,18 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         "teacher": {"source": config.teacher.name, "dir": teacher_dir, "params": teacher_params,
                     "dimension": teacher.model.dimension, "pooling": teacher.model.pooling,
                     "normalize": teacher.model.normalize, "test_probe_accuracy": probe["teacher"].test_accuracy,
-                    "probe": dataclasses.asdict(probe["teacher"])},
+                    "probe": probe["teacher"].summary()},
         "student": {"dir": str(out / STUDENT), "params": student_params, "width": width,
                     "projection": student.projection is not None, "best_epoch": result.best_epoch,
                     "train_examples": len(splits["train"]), "steps": result.steps, "history": result.history,
                     "test_cosine": test_metrics["cosine"],
                     f"test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"],
                     "test_probe_accuracy": probe["student"].test_accuracy,
-                    "probe": dataclasses.asdict(probe["student"]),
+                    "probe": probe["student"].summary(),
                     "train_examples_per_second": result.examples_per_second},
         "probe_retention": (probe["student"].test_accuracy / probe["teacher"].test_accuracy
                             if probe["teacher"].test_accuracy else None),
+        "probe_retention_interval": retention_interval(probe["student"].test_correct, probe["teacher"].test_correct),
         "param_ratio": student_params / teacher_params,
         "teacher_logits_cached": cache_train,
         **onnx,
@@ -518,7 +526,10 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{student[f'test_recall_at_{NEIGHBOURS}']:.4f} |"]
     lines += [f"| student ({name}) | | {row['cosine']:.4f} | {row[f'recall_at_{NEIGHBOURS}']:.4f} |"
               for name, row in report.get("deployment", {}).items()]
-    lines += ["", f"Probe retention: {report['probe_retention']:.4f}."]
+    interval = report.get("probe_retention_interval")
+    lines += ["", f"Probe retention: {report['probe_retention']:.4f}"
+              + (f" ({interval['level']:.0%} interval {interval['low']:.3f}–{interval['high']:.3f})." if interval
+                 else ".")]
     if "served" in report:
         gate = report.get("compress", {}).get("gate")
         lines += [f"Served: `{report['served']['path']}` ({report['served']['format']})."

@@ -139,6 +139,9 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
     assert student["test_cosine"] > 0.5 and student["test_recall_at_10"] > 0.5
     assert report["probe_retention"] == pytest.approx(student["test_probe_accuracy"]
                                                       / report["teacher"]["test_probe_accuracy"])
+    interval = report["probe_retention_interval"]
+    assert interval["low"] <= report["probe_retention"] <= interval["high"]
+    assert set(student["probe"]) == {"test_accuracy", "l2", "validation_accuracy"}  # no per-text answers
     assert "| student (onnx-int8) |" in (tmp_path / "job" / "report.md").read_text()
     # INT8 is served only past the gate on validation recall@10 agreement (compress.max_accuracy_drop points).
     gate = report["compress"]["gate"]

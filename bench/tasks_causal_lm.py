@@ -1,6 +1,8 @@
 """Causal-LM part of bench/tasks.py: train a GPT-2-shaped teacher on the reviews texts, distill it into half its
 blocks, and measure perplexity of both on the test split, KL(teacher ‖ student), params and the latency ratio
-ORT INT8 student / PyTorch teacher (batch 1, a median-length test text). Target: student perplexity within 15% of
+ORT INT8 student / PyTorch teacher (batch 1, a median-length test text); then, as the service generates
+(distill.runtime language models, greedy, no KV cache), tokens per second of the PyTorch teacher and of the student
+the job serves, continuing the first 3 words of --lm-prompts test texts. Target: student perplexity within 15% of
 the teacher's (lm_perplexity_ratio ≤ 1.15).
 """
 
@@ -23,6 +25,7 @@ from distill.config import (
 )
 from distill.data import load_task_data, pull_dataset
 from distill.pipeline import run
+from distill.runtime import LanguageModel, OnnxLanguageModel, TorchLanguageModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lm-teacher-epochs", type=int, default=3)
     group.add_argument("--lm-epochs", type=int, default=2, help="distillation epochs")
     group.add_argument("--lm-divergence", choices=["kd_kl", "reverse_kl", "jsd"], default="kd_kl")
+    group.add_argument("--lm-prompts", type=int, default=20, help="prompts of the generation timing")
 
 
 def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -56,6 +60,10 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         evaluate=EvaluateConfig(latency_calls=100), output_dir=work / "lm-job")
     report = run(config, _log).report
     teacher, student, evaluation = report["teacher"], report["student"], report["evaluation"]
+    prompts = [" ".join(e.text.split()[:3]) for e in data.test[:args.lm_prompts]]
+    generation = {"teacher-torch": _generation(TorchLanguageModel(teacher_dir, args.lm_max_length), prompts),
+                  f"student-{report['served']['format']}": _generation(
+                      OnnxLanguageModel(Path(report["served"]["path"]), args.lm_max_length), prompts)}
     return {
         "lm_teacher_perplexity": teacher["test_perplexity"],
         "lm_student_perplexity": student["test_perplexity"],
@@ -68,9 +76,21 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "lm_latency_p50_ms": {name: row["latency_p50_ms"] for name, row in evaluation["models"].items()},
         "lm_latency_threads": {"torch": evaluation["torch_threads"], "onnx": evaluation["onnx_threads"]},
         "lm_test_predicted_tokens": report["data"]["test_predicted_tokens"],
+        "lm_served": report["served"]["format"],
+        "lm_int8_gate": report["compress"]["gate"],
+        "lm_generation": generation,
         "lm_seconds": {"teacher_training": round(teacher_seconds, 1), **report["timings_seconds"]},
         "lm_target_met": report["perplexity_ratio"] <= 1.15,
     }
+
+
+def _generation(model: LanguageModel, prompts: list[str]) -> dict[str, float]:
+    """Greedy continuations of every prompt (up to 32 tokens, fewer at the end-of-text token or max_length) after
+    one untimed; tokens per second over all of them."""
+    model.generate(prompts[0])
+    runs = [model.generate(prompt, max_new_tokens=32) for prompt in prompts]
+    tokens, seconds = sum(r.tokens for r in runs), sum(r.seconds for r in runs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
 
 
 def _log(kind: str, data: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from service.deps import require_api_key
 from service.models import ModelCatalog
-from service.routes import compare, datasets, jobs, models, ops
+from service.routes import compare, datasets, jobs, models, ops, ui
 from service.runner import Runner
 from service.schemas import ServiceError
 from service.settings import Settings, get_settings
@@ -26,7 +26,7 @@ DESCRIPTION = """Distil a Transformer teacher into a small student, export it to
 
 Submit a job (`POST /v1/jobs`, the same config as `distill run`), follow its events, download its artifacts.
 Upload your own labelled CSV/JSONL with `POST /v1/datasets` and use it as `data.dataset: "upload:<id>"`.
-When the server has an API key, send `Authorization: Bearer <key>` (every route but `/healthz`).
+When the server has an API key, send `Authorization: Bearer <key>` (every route but `/healthz` and the page `/ui`).
 """
 
 
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     protected = [Depends(require_api_key)]
     app.include_router(ops.health_router)
+    app.include_router(ui.router)
     for router in (ops.router, jobs.router, datasets.router, models.router, compare.router):
         app.include_router(router, dependencies=protected)
     return app

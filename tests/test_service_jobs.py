@@ -229,7 +229,7 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     assert client.get("/v1/datasets/nope").status_code == 404
 
 
-def test_api_key_guards_every_route_but_healthz(make_client: Any) -> None:
+def test_api_key_guards_every_route_but_healthz_and_the_page(make_client: Any) -> None:
     client = make_client(api_key="s3cret")
     missing = client.get("/v1/jobs")
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
@@ -238,6 +238,8 @@ def test_api_key_guards_every_route_but_healthz(make_client: Any) -> None:
     assert wrong.status_code == 401 and "invalid API key" in wrong.json()["detail"]
     assert client.get("/readyz").status_code == 401
     assert client.get("/healthz").status_code == 200
+    page = client.get("/")  # redirected to /ui: the page holds no data, its script sends the key the user types
+    assert page.status_code == 200 and page.url.path == "/ui" and page.headers["content-type"].startswith("text/html")
     ok = {"Authorization": "Bearer s3cret"}
     assert client.get("/v1/jobs", headers=ok).status_code == 200
     assert client.get("/readyz", headers=ok).json() == {"ready": True, "store": True, "runner": True}
@@ -256,3 +258,23 @@ def test_metrics_use_route_templates_and_count_jobs(make_client: Any) -> None:
     body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert "teacher" in body["schema"]["properties"] and "output_dir" not in body["schema"]["properties"]
     assert body["examples"]["reviews"]["value"]["data"]["dataset"] == "reviews"
+
+
+def test_the_pages_script_calls_routes_the_api_has(make_client: Any, tmp_path: Path) -> None:
+    """Every /v1 path the page's script builds is a route of the app, and the script parses (node, where present)."""
+    import re
+    import shutil
+    import subprocess
+
+    client = make_client()
+    page = client.get("/ui").text
+    script = page.split("<script>")[1].split("</script>")[0]
+    called = set(re.findall(r'"(/v1/[a-z]+)[?"]', script)) | set(re.findall(r"`(/v1/[a-z]+)/\$\{", script))
+    assert called == {"/v1/jobs", "/v1/models", "/v1/compare"}
+    routes = set(client.get("/openapi.json").json()["paths"])
+    assert called <= routes and {"/v1/models/{model_id}/" + r for r in ("predict", "embed", "generate")} <= routes
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the script's syntax is not checked")
+    (tmp_path / "ui.js").write_text(script)
+    checked = subprocess.run(["node", "--check", str(tmp_path / "ui.js")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr

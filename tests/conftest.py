@@ -95,6 +95,23 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
+def run_tiny_embedding_job(root: Path, output_dir: Path) -> Path:
+    """A finished tiny sentence-embedding job in output_dir (its inputs under root): MPNet teacher (32 wide,
+    normalized) → one layer of a 16-wide BERT + projection, exported to ONNX fp32 and INT8."""
+    from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
+    from distill.pipeline import run
+
+    run(JobConfig(
+        task="sentence-embedding", teacher=TeacherConfig(name=str(write_sentence_teacher(root / "teacher"))),
+        data=DataConfig(dataset="files", train=write_csv(root / "data.csv", synthetic_rows(200, seed=1)),
+                        max_length=16),
+        student=FromModel(init="model", model=str(write_tiny_encoder(root / "other", seed=3, hidden=16)),
+                          num_layers=1),
+        loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0), train=TrainConfig(epochs=2, batch_size=16, lr=5e-3),
+        output_dir=output_dir))
+    return output_dir
+
+
 def models_client(settings: Any) -> Iterator[Any]:
     """A TestClient of the /v1/models and /v1/compare routers on an app wired as service.app's lifespan wires them
     (one event loop for the whole client, as in a server). For module-scoped fixtures of the service tests."""

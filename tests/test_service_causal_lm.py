@@ -21,7 +21,7 @@ from distill.evaluate import next_token_agreement
 from distill.pipeline import run
 from distill.runtime import OnnxLanguageModel, TorchLanguageModel, load_model
 from service.settings import Settings
-from tests.conftest import models_client, synthetic_rows, write_csv
+from tests.conftest import models_client, run_tiny_embedding_job, synthetic_rows, write_csv
 
 IDS = ["lm.teacher", "lm.student", "lm.student-fp32", "lm.student-torch"]
 MAX_LENGTH = 16
@@ -29,8 +29,8 @@ MAX_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """A home holding one finished tiny causal-LM job, jobs/lm: a 2-block GPT-2 (width 32) trained on synthetic
-    texts → its block 1 alone, exported to ONNX fp32 and INT8."""
+    """A home holding a finished tiny causal-LM job, jobs/lm: a 2-block GPT-2 (width 32) trained on synthetic
+    texts → its block 1 alone, exported to ONNX fp32 and INT8; and the tiny sentence-embedding job, jobs/emb."""
     root = tmp_path_factory.mktemp("service-causal-lm")
     texts = [text for text, _ in synthetic_rows(240, seed=5)]
     teacher = train_lm_teacher(texts, texts[:40], root / "teacher", layers=2, hidden=32, heads=2, vocab_size=300,
@@ -42,6 +42,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
                        train=TrainConfig(epochs=2, batch_size=16, lr=3e-3), evaluate=EvaluateConfig(latency_calls=10),
                        output_dir=root / "home" / "jobs" / "lm")
     run(config)
+    run_tiny_embedding_job(root / "embedding", root / "home" / "jobs" / "emb")  # a second task beside it
     return Settings(home=root / "home", max_batch_texts=8, max_text_chars=100)
 
 
@@ -100,7 +101,7 @@ def test_greedy_generation_is_what_transformers_generates(settings: Settings) ->
 
 
 def test_a_causal_lm_job_lists_its_teacher_and_students(client: TestClient, report: dict) -> None:
-    listed = {m["id"]: m for m in client.get("/v1/models").json()["items"]}
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["items"] if m["job_id"] == "lm"}
     assert list(listed) == IDS
     assert {i: (m["task"], m["format"]) for i, m in listed.items()} == {
         "lm.teacher": ("causal-lm", "torch"), "lm.student": ("causal-lm", report["served"]["format"]),
@@ -229,3 +230,13 @@ def test_bench_command_on_language_models(settings: Settings, tmp_path: Path, ca
     assert "| perplexity | next-token agreement |" in capsys.readouterr().out
     assert main(["bench", *models, "--texts", str(texts), "--labels-column", "label"]) == 2
     assert "causal-lm model, which has no classes" in capsys.readouterr().err
+
+
+def test_compare_refuses_models_of_two_tasks(client: TestClient) -> None:
+    response = client.post("/v1/compare", json={"models": ["lm.student", "emb.student"], "texts": ["a fine film"]})
+    assert response.status_code == 422
+    assert "models of one task" in response.json()["detail"]
+    assert "'lm.student': 'causal-lm'" in response.json()["detail"]
+    assert "'emb.student': 'sentence-embedding'" in response.json()["detail"]
+    loaded = {m["id"]: m["loaded"] for m in client.get("/v1/models").json()["items"]}
+    assert loaded["emb.student"] is False  # refused before anything loads (no test here loads the encoders)

@@ -4,7 +4,6 @@ embeddings, /v1/compare on encoders, and the 409 that sends a model's callers to
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -14,14 +13,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from distill.config import DataConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
+from distill.config import DataConfig
 from distill.data import load_task_data
 from distill.evaluate import embedding_agreement, neighbour_recall
-from distill.pipeline import run
 from distill.runtime import OnnxEmbedder, TorchEmbedder
-from service.models import CompareError, ModelCatalog
+from service.models import ModelCatalog
 from service.settings import Settings
-from tests.conftest import models_client, synthetic_rows, write_csv, write_sentence_teacher, write_tiny_encoder
+from tests.conftest import models_client, run_tiny_embedding_job
 
 TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
 IDS = ["emb.teacher", "emb.student", "emb.student-fp32", "emb.student-torch"]
@@ -32,17 +30,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """A home holding one finished tiny sentence-embedding job, jobs/emb: MPNet teacher (32 wide, normalized) →
     one layer of a 16-wide BERT + projection, exported to ONNX fp32 and INT8."""
     root = tmp_path_factory.mktemp("service-embeddings")
-    home = root / "home"
-    config = JobConfig(
-        task="sentence-embedding", teacher=TeacherConfig(name=str(write_sentence_teacher(root / "teacher"))),
-        data=DataConfig(dataset="files", train=write_csv(root / "data.csv", synthetic_rows(200, seed=1)),
-                        max_length=16),
-        student=FromModel(init="model", model=str(write_tiny_encoder(root / "other", seed=3, hidden=16)),
-                          num_layers=1),
-        loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0), train=TrainConfig(epochs=2, batch_size=16, lr=5e-3),
-        output_dir=home / "jobs" / "emb")
-    run(config)
-    return Settings(home=home, max_batch_texts=8, max_text_chars=100)
+    run_tiny_embedding_job(root, root / "home" / "jobs" / "emb")
+    return Settings(home=root / "home", max_batch_texts=8, max_text_chars=100)
 
 
 @pytest.fixture(scope="module")
@@ -134,19 +123,6 @@ def test_compare_refuses_labels_for_encoders(client: TestClient) -> None:
     body = {"models": ["emb.teacher"], "texts": TEXTS, "labels": ["positive"] * len(TEXTS)}
     response = client.post("/v1/compare", json=body)
     assert response.status_code == 422 and "labels: sentence-embedding models have no" in response.json()["detail"]
-
-
-def test_compare_refuses_models_of_two_tasks(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refused before anything loads; the classifier is this job's student relabelled (the fixture home holds one
-    task only)."""
-    catalog = ModelCatalog(settings)
-    encoder = catalog.get("emb.student")
-    classifier = dataclasses.replace(encoder, id="clf.student", task="sequence-classification",
-                                     label_names=["negative", "positive"], dimension=None)
-    monkeypatch.setattr(catalog, "get", {info.id: info for info in (encoder, classifier)}.__getitem__)
-    with pytest.raises(CompareError, match="models of one task"):
-        catalog.comparisons.start(["emb.student", "clf.student"], texts=TEXTS)
-    assert not catalog.is_loaded(encoder)
 
 
 def test_each_task_route_refuses_the_other_tasks_models(client: TestClient) -> None:

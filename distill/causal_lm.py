@@ -49,7 +49,7 @@ from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
 from distill.export import export_module
 from distill.losses import IGNORE_INDEX, kd_kl
-from distill.runtime import ONNX_FILE, OUTPUT_NAME, available_cpus, cpu_session, next_tokens, token_nll
+from distill.runtime import ONNX_FILE, OUTPUT_NAME, OnnxLanguageModel, available_cpus, next_tokens, token_nll
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence
 from teachers.registry import resolve_teacher
@@ -116,13 +116,12 @@ def torch_logits(model: PreTrainedModel, precision: Precision) -> Logits:
 
 
 def onnx_logits(path: Path) -> Logits:
-    """An exported causal LM run by onnxruntime with every CPU this process may use."""
-    session = cpu_session(path, threads=None, spinning=True)
-    names = [i.name for i in session.get_inputs()]
+    """An exported causal LM (the tokenizer next to it) run by onnxruntime as the service runs it
+    (distill.runtime.OnnxLanguageModel), every CPU this process may use."""
+    model = OnnxLanguageModel(path)
 
     def logits(inputs: dict[str, Tensor]) -> Tensor:
-        (out,) = session.run([OUTPUT_NAME], {name: inputs[name].numpy() for name in names})
-        return torch.from_numpy(out).float()
+        return torch.from_numpy(model.logits({name: inputs[name].numpy() for name in ("input_ids", "attention_mask")}))
     return logits
 
 

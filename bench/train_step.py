@@ -62,7 +62,7 @@ def time_steps(model: transformers.PreTrainedModel, batches: list[dict[str, torc
         labels, teacher = batch["labels"], batch["teacher"]
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "teacher")}
         started = time.perf_counter()
-        with autocast(precision):
+        with autocast(precision, torch.device("cpu")):
             logits = model(**inputs).logits
             loss = 0.5 * losses.hard_ce(logits, labels) + 0.5 * losses.LOSSES["kd_kl"](logits, teacher, 2.0, None)
         forward = time.perf_counter()

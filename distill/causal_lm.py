@@ -110,8 +110,8 @@ def torch_logits(model: PreTrainedModel, precision: Precision) -> Logits:
 
     @torch.inference_mode()
     def logits(inputs: dict[str, Tensor]) -> Tensor:
-        with autocast(precision):
-            return TASK.forward(model, inputs).logits.float()
+        with autocast(precision, model.device):
+            return TASK.forward(model, {k: v.to(model.device) for k, v in inputs.items()}).logits.float()
     return logits
 
 
@@ -132,8 +132,8 @@ def score(logits_of: Logits, tokenizer: PreTrainedTokenizerBase, encoded: list[E
     nll, kl, count = 0.0, 0.0, 0
     for idx in length_sorted_batches(encoded, batch_size):
         inputs = TASK.collate(tokenizer, [encoded[i] for i in idx])
-        targets, mask = next_tokens(inputs)
-        logits = logits_of(inputs)  # (B, L, V)
+        logits = logits_of(inputs)  # (B, L, V), on the model's device
+        targets, mask = (t.to(logits.device) for t in next_tokens(inputs))
         tokens = int(mask.sum())
         nll += float(token_nll(logits, targets, mask).sum())
         if reference is not None:
@@ -216,7 +216,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("build-student"):
         attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, attn_implementation=attention).eval()
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, attn_implementation=attention).eval().to(
+            distributed.device())
         positions = getattr(teacher.config, "max_position_embeddings", None)
         if positions is not None and max_length > positions:
             raise ConfigError(f"data.max_length: {max_length} tokens, but the teacher has {positions} positions")
@@ -235,13 +236,16 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         return None
 
     with clock("evaluate"):
-        best = AutoModelForCausalLM.from_pretrained(out / engine.BEST)
+        best = AutoModelForCausalLM.from_pretrained(out / engine.BEST).to(distributed.device())
         test = splits["test"].student_inputs
         teacher_logits = torch_logits(teacher, precision)
         teacher_test = score(teacher_logits, tokenizer, test)
         student_test = score(torch_logits(best, precision), tokenizer, test, reference=teacher_logits)
         pipeline.publish(out / engine.BEST, out / pipeline.STUDENT)
 
+    # Deployment is measured where it is served: on the CPU, beside ONNX Runtime.
+    best.cpu()
+    teacher.cpu()
     deployment = (_deploy(config, out, best, teacher_logits, tokenizer, test, splits["validation"].student_inputs,
                           clock) if config.export.onnx else {})
     teacher_params, student_params = count_params(teacher), count_params(best)

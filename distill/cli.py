@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         command = distributed.torchrun_command(config.distributed, config.output_dir.name, "distill.cli", *again)
         return subprocess.run(command).returncode
     printer = ProgressPrinter()
-    with distributed.process_group():
+    with distributed.process_group(config.device):
         result = run(config, printer, resume=args.resume)
     printer.close()
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports

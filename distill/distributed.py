@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from distill.config import DistributedConfig
+from distill.config import ConfigError, Device, DistributedConfig
 
 T = TypeVar("T")
 
@@ -52,14 +52,26 @@ def torchrun_command(cfg: DistributedConfig, run_id: str, module: str, *args: st
             "-m", module, *args]
 
 
+def uses_cuda(choice: Device) -> bool:
+    """Whether a job with `device: choice` computes on a GPU here; 'cuda' without one is a ConfigError."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda', but torch sees no GPU on this machine (torch.cuda.is_available() is "
+                          "False); allowed: 'auto' (the GPU when there is one) or 'cpu'")
+    return choice != "cpu" and torch.cuda.is_available()
+
+
 @contextlib.contextmanager
-def process_group() -> Iterator[None]:
-    """Join the process group when running under torchrun (gloo on CPU, nccl with CUDA: one GPU per local rank);
-    a no-op otherwise."""
+def process_group(choice: Device = "auto") -> Iterator[None]:
+    """Join the process group when running under torchrun (nccl on GPUs, one per local rank, when the machine has
+    one for each; else gloo on the CPU); a no-op otherwise."""
     if not launched() or dist.is_initialized():
         yield
         return
-    cuda = torch.cuda.is_available()
+    local, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
+    if choice == "cuda" and local > gpus:
+        raise ConfigError(f"device: 'cuda' with distributed.nproc_per_node {local} needs a GPU per process, and torch "
+                          f"sees {gpus}; lower nproc_per_node or use device 'auto' or 'cpu'")
+    cuda = uses_cuda(choice) and local <= gpus
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
@@ -87,11 +99,24 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_placed = torch.device("cpu")  # see place()
+
+
+def place(choice: Device) -> torch.device:
+    """Choose where this job computes (each task's run does, first thing); device() answers it from then on.
+
+    A torchrun worker: its own GPU under nccl, else the CPU. A single process: the current GPU when `choice` allows
+    one and torch sees one, else the CPU. One job per process (the CLI, the service's job subprocesses), so one
+    choice per process."""
+    global _placed
+    cuda = dist.get_backend() == "nccl" if dist.is_initialized() else uses_cuda(choice)
+    _placed = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return _placed
+
+
 def device() -> torch.device:
-    """Where this process trains: its own GPU under nccl, else the CPU (a single process stays on the CPU)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where this process computes: what place() chose, the CPU before any job chose."""
+    return _placed
 
 
 def barrier() -> None:

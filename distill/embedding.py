@@ -346,7 +346,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         labels = {"train": torch.tensor([e.label for e in data.train] + [IGNORE_INDEX] * len(data.transfer)),
                   "validation": torch.tensor([e.label for e in data.validation]),
                   "test": torch.tensor([e.label for e in data.test])}
-        teacher = Teacher(load_sentence_encoder(teacher_dir, attention).eval(),
+        teacher = Teacher(load_sentence_encoder(teacher_dir, attention).eval().to(distributed.device()),
                           AutoTokenizer.from_pretrained(teacher_dir))
         teacher_inputs = {name: task.encode(teacher.tokenizer, batch, config.data.max_length)
                           for name, batch in texts.items()}
@@ -392,7 +392,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         return None
 
     with clock("evaluate"):
-        best = load_sentence_encoder(out / engine.BEST)
+        best = load_sentence_encoder(out / engine.BEST).to(distributed.device())
         labelled = len(data.train)  # the probe learns from labelled rows only (transfer texts have no label)
         teacher_train = (embeddings["train"][:labelled] if cache_train else predict_distilled(
             task, teacher.model, teacher.tokenizer, teacher_inputs["train"][:labelled], precision=config.precision))
@@ -407,6 +407,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         test_metrics = embedding_agreement(student_test, embeddings["test"])
         publish(out / engine.BEST, out / STUDENT)
 
+    best.cpu()  # deployment is measured where it is served: on the CPU, beside ONNX Runtime
     onnx = _deploy(config, out, best, built.tokenizer, texts, embeddings, clock, emit) if config.export.onnx else {}
     teacher_params, student_params = count_params(teacher.model), count_params(best)
     report = {

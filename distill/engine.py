@@ -122,7 +122,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             idx, share = _shard(batch)
             inputs = _to(task.collate(tokenizer, [train.student_inputs[i] for i in idx]), device)
             labels = train.labels[idx].to(device)
-            with autocast(precision), distributed.standing_in(share == 0):
+            with autocast(precision, device), distributed.standing_in(share == 0):
                 output = task.forward(net, inputs, internals=intermediate)
                 teacher_output, teacher_distilled = (_teacher_view(task, teacher, train, idx, intermediate, device)
                                                      if distilling else (None, None))
@@ -299,13 +299,16 @@ def _value_loss(student_values: dict[int, Tensor], teacher_values: dict[int, Ten
 
 def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
                      scheduler: Any, state: dict[str, Any], total_steps: int) -> None:
-    """Called on every rank (each one's dropout RNG goes in); rank 0 writes."""
+    """Called on every rank (each one's dropout RNG goes in: the CPU's, and the GPU's when it trains on one);
+    rank 0 writes."""
+    device = distributed.device()
     rng = distributed.gather(torch.get_rng_state())
+    cuda_rng = distributed.gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
     if not distributed.is_main():
         return
     payload = {"model": model.state_dict(), "projection": projection.state_dict() if projection else None,
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-               "total_steps": total_steps, "rng": rng}
+               "total_steps": total_steps, "rng": rng, "cuda_rng": cuda_rng}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
@@ -322,6 +325,9 @@ def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
         projection.load_state_dict(payload["projection"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    rng = payload["rng"]  # one per rank; resumed with another world size, dropout cannot continue exactly
-    torch.set_rng_state(rng[distributed.rank() % len(rng)])
+    rng, cuda_rng = payload["rng"], payload.get("cuda_rng")  # one per rank; resumed with another world size (or
+    torch.set_rng_state(rng[distributed.rank() % len(rng)])  # on another device), dropout cannot continue exactly
+    device = distributed.device()
+    if cuda_rng and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng[distributed.rank() % len(cuda_rng)], device)
     return payload["state"]

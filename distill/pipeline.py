@@ -123,7 +123,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         return None
 
     with clock("evaluate"):
-        best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST)
+        best = AutoModelForSequenceClassification.from_pretrained(out / engine.BEST).to(distributed.device())
         student_logits = predict_distilled(task, best, student.tokenizer, splits["test"].student_inputs,
                                            precision=config.precision)
         student_metrics = task.score(student_logits, splits["test"])
@@ -160,8 +160,9 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
 def finish(out: Path, report: dict[str, Any], markdown: str, emit: EventSink,
            headline: dict[str, Any]) -> RunResult:
-    """Every task's last step: report.json and report.md in `out`, then the `done` event with the headline numbers
-    (what `distill run` prints)."""
+    """Every task's last step: report.json (with the device the job computed on) and report.md in `out`, then the
+    `done` event with the headline numbers (what `distill run` prints)."""
+    report = {**report, "device": str(distributed.device())}
     atomic.write_text(out / REPORT, json.dumps(report, indent=2))
     atomic.write_text(out / REPORT_MD, markdown)
     emit("done", {"report": str(out / REPORT), **headline})
@@ -255,9 +256,11 @@ def render_job_markdown(report: dict[str, Any]) -> str:
 
 
 def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, EventSink]:
-    """Every task's first step: the output directory (made by rank 0) and the event sink (rank 0 speaks for all)."""
+    """Every task's first step: where it computes (distributed.place), the output directory (made by rank 0) and the
+    event sink (rank 0 speaks for all)."""
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
+    distributed.place(config.device)
     out = Path(config.output_dir)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(json.loads((args.job_dir / "config.json").read_text(encoding="utf-8")))
         if config.output_dir is None:
             config = config.model_copy(update={"output_dir": args.job_dir})
-        with distributed.process_group():  # a torchrun worker (the runner launches nproc_per_node > 1 that way)
+        # A torchrun worker joins its group here (the runner launches nproc_per_node > 1 that way).
+        with distributed.process_group(config.device):
             run(config, emit, resume=args.resume)
         return 0
     except (OSError, json.JSONDecodeError, ConfigError, DataError, TeacherNotFound, TrainingError, ExportError,

@@ -65,7 +65,7 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     torch.manual_seed(config.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         teacher_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)})
+        label2id={name: i for i, name in enumerate(labels)}).to(distributed.device())
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     stages: list[dict[str, Any]] = []
     work = target.with_name(key + ".tmp")
@@ -82,7 +82,8 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         features = {name: _first_token_features(task, model, tokenizer, split.student_inputs, tc.batch_size * 2,
                                                 config.precision)
                     for name, split in (("train", train), ("validation", validation))}
-        accuracy = _train_head(model, head, features, train.labels, validation.labels, tc.head_epochs, tc.head_lr,
+        accuracy = _train_head(model, head, features, train.labels.to(model.device),
+                               validation.labels.to(model.device), tc.head_epochs, tc.head_lr,
                                tc.batch_size, emit)
         stages.append({"stage": "head", "epochs": tc.head_epochs, "validation_accuracy": accuracy})
     if tc.finetune_epochs or head is None:
@@ -107,12 +108,14 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
 @torch.inference_mode()
 def _first_token_features(task: Task, model: PreTrainedModel, tokenizer: Any, encoded: list[Encoded],
                           batch_size: int, precision: Precision) -> Tensor:
-    """(N, H) final hidden state of the first token, the input of every HF sequence-classification head."""
+    """(N, H) final hidden state of the first token, the input of every HF sequence-classification head; on the
+    model's device."""
     model.eval()
-    out = torch.empty(len(encoded), model.config.hidden_size)
+    out = torch.empty(len(encoded), model.config.hidden_size, device=model.device)
     for idx in length_sorted_batches(encoded, batch_size):
-        with autocast(precision):
-            hidden = model.base_model(**task.collate(tokenizer, [encoded[i] for i in idx])).last_hidden_state
+        inputs = {k: v.to(model.device) for k, v in task.collate(tokenizer, [encoded[i] for i in idx]).items()}
+        with autocast(precision, model.device):
+            hidden = model.base_model(**inputs).last_hidden_state
         out[idx] = hidden[:, 0]  # (B, H)
     return out
 
@@ -127,7 +130,7 @@ def _train_head(model: PreTrainedModel, head: Callable[[PreTrainedModel, Tensor]
     best, best_state = -1.0, None
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(train_labels))
+        order = torch.randperm(len(train_labels)).to(train_labels.device)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             loss = F.cross_entropy(head(model, features["train"][idx]), train_labels[idx])

@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel, MPNetTokenizer
 
+from distill import distributed
+
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
 NEUTRAL = ["the", "movie", "film", "plot", "actor", "scene", "story", "was", "is", "a", "very", "and", "it", "this"]
@@ -25,6 +27,13 @@ def distill_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     home = tmp_path_factory.mktemp("distill-home")
     monkeypatch.setenv("DISTILL_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def placed_as_a_new_job() -> None:
+    """Every test starts where a job with the default `device: auto` computes (the GPU when there is one), not
+    wherever the previous test's job was placed: tests calling engine.fit directly read that choice."""
+    distributed.place("auto")
 
 
 def write_tiny_tokenizer(directory: Path) -> BertTokenizerFast:

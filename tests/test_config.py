@@ -16,7 +16,7 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"trian": {}}, "trian: unknown key; allowed keys: compress, data, distributed, evaluate, export, loss, "
+    ({"trian": {}}, "trian: unknown key; allowed keys: compress, data, device, distributed, evaluate, export, loss, "
                     "output_dir, precision, seed, student, task, teacher, train, version"),
     ({"task": "causal-lm", "loss": {"similarity_kl": 2}}, "loss.similarity_kl: not used by task 'causal-lm'; its "
                                                             "loss keys are temperature, alpha, divergence"),

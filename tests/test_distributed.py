@@ -20,7 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from distill import distributed
 from distill.cli import main as cli
-from distill.config import DistributedConfig, LossConfig, TrainConfig
+from distill.config import ConfigError, DistributedConfig, LossConfig, TrainConfig, parse_config
 from distill.engine import CHECKPOINT, Split, Teacher, fit
 from distill.tasks import SequenceClassification, predict_distilled
 from tests.conftest import synthetic_rows, write_tiny_tokenizer
@@ -116,6 +116,7 @@ def _torchrun(module_args: list[str], nproc: int = 2) -> subprocess.CompletedPro
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    distributed.place("cpu")  # like the workers (gloo): the comparison is about DDP, not about devices
     one = _train(tmp_path / "one")
     done = _torchrun(["tests.test_distributed", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -173,6 +174,16 @@ def test_distill_run_relaunches_itself_through_torchrun(tiny_teacher_dir: Path, 
     assert reports[1]["teacher"]["prepared_from_cache"] and reports[2]["teacher"]["test_accuracy"] >= 0.9
 
 
+def test_a_job_computes_where_its_device_says() -> None:
+    assert distributed.place("cpu") == torch.device("cpu") == distributed.device()
+    assert distributed.place("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device: 'cuda', but torch sees no GPU.*allowed: 'auto'.*or 'cpu'"):
+            distributed.place("cuda")
+    with pytest.raises(ConfigError, match=r"device: Input should be 'auto', 'cpu' or 'cuda' \(got 'gpu'\)"):
+        parse_config({"device": "gpu"})
+
+
 def test_torchrun_command_for_one_and_several_nodes() -> None:
     local = distributed.torchrun_command(DistributedConfig(nproc_per_node=4), "job", "distill.pipeline", "dir")
     assert local[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
@@ -185,7 +196,8 @@ def test_torchrun_command_for_one_and_several_nodes() -> None:
 
 
 if __name__ == "__main__":  # a torchrun worker of the first test
-    with distributed.process_group():
+    with distributed.process_group("cpu"):
+        distributed.place("cpu")
         out = Path(sys.argv[1])
         result = _train(out)
         if distributed.is_main():

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill.config import (
@@ -75,6 +76,22 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     again = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job2", student))
     assert again.report["teacher"]["prepared_from_cache"] is True
     assert again.report["teacher"]["prepared_dir"] == report["teacher"]["prepared_dir"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares a job on the GPU with the same job on the CPU")
+def test_a_job_on_the_gpu_learns_what_it_learns_on_the_cpu(tiny_teacher_dir: Path, synthetic_csv: Path,
+                                                           tmp_path: Path) -> None:
+    student = Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32)
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "cpu", student)
+    reports = {(device, precision): run(config.model_copy(update={
+        "device": device, "precision": precision, "output_dir": tmp_path / f"{device}-{precision}"})).report
+        for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16"))}
+    assert [r["device"] for r in reports.values()] == ["cpu", "cuda:0", "cuda:0"]
+    on_cpu = reports["cpu", "fp32"]
+    for report in reports.values():  # the teacher was prepared on the CPU and reused; the students differ by dropout
+        assert report["student"]["test_agreement"] >= 0.9
+        assert abs(report["student"]["test_accuracy"] - on_cpu["student"]["test_accuracy"]) <= 0.05
+    assert reports["cuda", "fp32"]["teacher"]["test_accuracy"] == on_cpu["teacher"]["test_accuracy"]
 
 
 def test_student_from_teacher_layers_and_from_another_model(tiny_teacher_dir: Path, synthetic_csv: Path,

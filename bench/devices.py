@@ -7,8 +7,10 @@ one), by precision and batch size; table + JSON.
 Each row is engine.fit itself, the loop `distill run` uses (cached teacher logits, α·CE + (1 − α)·kd_kl, clipping,
 fused AdamW, one validation pass), placed by `distributed.place` as a job's `device` setting places it. Every row
 trains the same freshly loaded student on the same texts, seed and teacher logits (random and fixed: speed does not
-depend on their values). examples/s is the engine's own measure: the training steps' wall time, each step ended by
-reading its loss (which waits for the GPU). Writes bench/results/devices.json; asserts nothing.
+depend on their values). Each row trains twice and times the second: the first pays the one-time costs (the CUDA
+context; on a GPU, picking kernels for each new padded length, which in bf16 took longer than the epoch itself).
+examples/s is the engine's own measure: the training steps' wall time, each step ended by reading its loss (which
+waits for the GPU). Writes bench/results/devices.json; asserts nothing.
 """
 
 from __future__ import annotations
@@ -65,12 +67,13 @@ def main() -> None:
         placed = distributed.place(device)
         for precision in ("fp32", "bf16"):
             for batch_size in args.batch_sizes:
-                student = AutoModelForSequenceClassification.from_pretrained(model_dir, num_hidden_layers=3,
-                                                                             num_labels=2)
                 cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-4, checkpoint_every=10**9)
-                with tempfile.TemporaryDirectory() as run_dir:
-                    result = fit(task, student, tokenizer, train, validation, cfg, run_dir=Path(run_dir), seed=0,
-                                 precision=precision)
+                for _ in ("warm-up", "timed"):
+                    student = AutoModelForSequenceClassification.from_pretrained(model_dir, num_hidden_layers=3,
+                                                                                 num_labels=2)
+                    with tempfile.TemporaryDirectory() as run_dir:
+                        result = fit(task, student, tokenizer, train, validation, cfg, run_dir=Path(run_dir),
+                                     seed=0, precision=precision)
                 rows.append({"device": str(placed), "precision": precision, "batch_size": batch_size,
                              "steps": result.steps, "train_seconds": result.train_seconds,
                              "examples_per_second": result.examples_per_second})

@@ -82,7 +82,8 @@ def test_each_objective_counts_only_predicted_positions(divergence: str, expecte
     teacher = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])  # (B, L, V); the last position predicts nothing
     student = torch.tensor([[[math.log(3.0), 0.0], [-9.0, 9.0]]])
     cfg = LossConfig(temperature=1.0, alpha=0.0, divergence=divergence)
-    assert TASK.loss(student, teacher, inputs, torch.zeros(1), cfg).item() == pytest.approx(expected)
+    # rel 1e-5: float32 log-softmax (torch versions differ in the last bits: 1.1e-6 apart seen)
+    assert TASK.loss(student, teacher, inputs, torch.zeros(1), cfg).item() == pytest.approx(expected, rel=1e-5)
     # alpha = 1: next-token CE alone, −log p_s(token 1) = −log 1/4.
     ce = TASK.loss(student, teacher, inputs, torch.zeros(1), cfg.model_copy(update={"alpha": 1.0}))
     assert ce.item() == pytest.approx(math.log(4.0))

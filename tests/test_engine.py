@@ -52,7 +52,8 @@ def setup(tmp_path: Path):
 
 
 def _weights(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    """Every parameter, flattened, on the CPU (fit leaves the model where it trained)."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
 
 
 CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=3)
@@ -149,7 +150,8 @@ def test_value_relation_kl_alone_moves_the_student_towards_the_teacher(setup, tm
     def value_gap() -> float:
         hooks: list = []
         values = _capture_values(student, hooks), _capture_values(teacher.model, hooks)
-        inputs = TASK.collate(tokenizer, validation.student_inputs)
+        inputs = {k: v.to(student.device) for k, v in TASK.collate(tokenizer, validation.student_inputs).items()}
+        teacher.model.to(student.device)  # fit moves both where it trains
         with torch.no_grad():
             student(**inputs), teacher.model(**inputs)
         gap = _value_loss(*values, inputs, [2]).item()

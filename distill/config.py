@@ -206,7 +206,8 @@ class JobConfig(_Section):
     seed: int = 0
     precision: Precision = Field(
         "fp32", description="bf16: autocast matmuls to bfloat16 in every stage (faster on CPUs with "
-                            "AVX512-BF16 or AMX, and on GPUs; numbers differ slightly from fp32)")
+                            "AVX512-BF16 or AMX; on an H200 no faster than fp32 for small students, "
+                            "bench/devices.py; numbers differ slightly from fp32)")
     device: Device = Field("auto", description="Where training and evaluation compute: auto takes the GPU when torch "
                                                "sees one (under torchrun: one per process, when there are enough), "
                                                "else the CPU; cuda fails without one. ONNX export and serving: CPU")

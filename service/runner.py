@@ -27,7 +27,7 @@ from typing import Any
 
 from distill.config import ConfigError, DistributedConfig, FromModel, JobConfig, parse_config
 from distill.data import BUILTIN_DATASETS
-from distill.distributed import torchrun_command, wanted
+from distill.distributed import torchrun_command, uses_cuda, wanted
 from service.schemas import ServiceError
 from service.settings import Settings
 from service.store import TERMINAL, Job, Store
@@ -61,6 +61,7 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
                                 "files GET /v1/jobs/{id}/artifacts lists); remove the key")
     try:
         config = parse_config(body)
+        uses_cuda(config.device)  # 'cuda' on a server without a GPU: refused now, not once it runs
     except ConfigError as e:
         raise ServiceError(422, str(e)) from None
     data, dataset_id = config.data, None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -194,6 +195,15 @@ def test_a_bad_job_is_refused_with_422_naming_the_key(client_and_dataset: tuple[
     assert response.status_code == 422
     assert message in response.json()["detail"]
     assert client.get("/v1/jobs").json()["total"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a server without a GPU")
+def test_a_cuda_job_is_refused_by_a_server_without_a_gpu(client_and_dataset: tuple[Any, str],
+                                                         tiny_teacher_dir: Path) -> None:
+    client, dataset = client_and_dataset
+    response = client.post("/v1/jobs", json={**tiny_job(tiny_teacher_dir, dataset), "device": "cuda"})
+    assert response.status_code == 422
+    assert "device: 'cuda', but torch sees no GPU on this machine" in response.json()["detail"]
 
 
 def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path: Path) -> None:

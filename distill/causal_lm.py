@@ -51,7 +51,7 @@ from distill.export import export_module
 from distill.losses import IGNORE_INDEX, kd_kl
 from distill.runtime import ONNX_FILE, OUTPUT_NAME, OnnxLanguageModel, available_cpus, next_tokens, token_nll
 from distill.student import build_student, count_params
-from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence
+from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence, on_device
 from teachers.registry import resolve_teacher
 
 END = "<|endoftext|>"  # GPT-2's one special token: begins and ends every text, and pads
@@ -111,7 +111,7 @@ def torch_logits(model: PreTrainedModel, precision: Precision) -> Logits:
     @torch.inference_mode()
     def logits(inputs: dict[str, Tensor]) -> Tensor:
         with autocast(precision, model.device):
-            return TASK.forward(model, {k: v.to(model.device) for k, v in inputs.items()}).logits.float()
+            return TASK.forward(model, on_device(inputs, model.device)).logits.float()
     return logits
 
 

@@ -61,7 +61,7 @@ def uses_cuda(choice: Device) -> bool:
 
 
 @contextlib.contextmanager
-def process_group(choice: Device = "auto") -> Iterator[None]:
+def process_group(choice: Device) -> Iterator[None]:
     """Join the process group when running under torchrun (nccl on GPUs, one per local rank, when the machine has
     one for each; else gloo on the CPU); a no-op otherwise."""
     if not launched() or dist.is_initialized():

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from distill import atomic, distributed, losses
 from distill.config import LossConfig, TrainConfig
-from distill.tasks import Encoded, Precision, Task, autocast
+from distill.tasks import Encoded, Precision, Task, autocast, on_device
 
 EventSink = Callable[[str, dict[str, Any]], None]
 CHECKPOINT = "checkpoint.pt"
@@ -120,7 +120,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             started = time.perf_counter()
             batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
             idx, share = _shard(batch)
-            inputs = _to(task.collate(tokenizer, [train.student_inputs[i] for i in idx]), device)
+            inputs = on_device(task.collate(tokenizer, [train.student_inputs[i] for i in idx]), device)
             labels = train.labels[idx].to(device)
             with autocast(precision, device), distributed.standing_in(share == 0):
                 output = task.forward(net, inputs, internals=intermediate)
@@ -227,10 +227,6 @@ def _shard(batch: list[int]) -> tuple[list[int], float]:
     return (own, len(own) / len(batch)) if own else (batch[:1], 0.0)
 
 
-def _to(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device) for key, value in inputs.items()}
-
-
 def _teacher_view(task: Task, teacher: Teacher | None, train: Split, idx: list[int], internals: bool,
                   device: torch.device) -> tuple[Any, Tensor]:
     """The teacher's outputs for a batch: from the logit cache when possible, else a frozen forward pass."""
@@ -240,7 +236,7 @@ def _teacher_view(task: Task, teacher: Teacher | None, train: Split, idx: list[i
     # no_grad, not inference_mode: the losses may save the teacher's tensors for backward (MSE keeps its target),
     # which autograd refuses for inference tensors.
     with torch.no_grad():
-        inputs = _to(task.collate(teacher.tokenizer, [train.teacher_inputs[i] for i in idx]), device)
+        inputs = on_device(task.collate(teacher.tokenizer, [train.teacher_inputs[i] for i in idx]), device)
         output = task.forward(teacher.model, inputs, internals=internals)
     return output, task.distilled(output, inputs).float()
 

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from distill import distributed
 from distill.config import JobConfig, TrainConfig
 from distill.engine import BEST, EventSink, Split, fit
-from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches
+from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches, on_device
 from teachers.registry import distill_home
 
 
@@ -113,7 +113,7 @@ def _first_token_features(task: Task, model: PreTrainedModel, tokenizer: Any, en
     model.eval()
     out = torch.empty(len(encoded), model.config.hidden_size, device=model.device)
     for idx in length_sorted_batches(encoded, batch_size):
-        inputs = {k: v.to(model.device) for k, v in task.collate(tokenizer, [encoded[i] for i in idx]).items()}
+        inputs = on_device(task.collate(tokenizer, [encoded[i] for i in idx]), model.device)
         with autocast(precision, model.device):
             hidden = model.base_model(**inputs).last_hidden_state
         out[idx] = hidden[:, 0]  # (B, H)

@@ -122,6 +122,11 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def on_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A collated batch moved to `device` (collate builds it on the CPU)."""
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
 def agreement(student: Tensor, teacher: Tensor) -> float:
     """Fraction of rows where the student's top class is the teacher's. (N, C) × (N, C)."""
     return (student.argmax(dim=-1) == teacher.argmax(dim=-1)).float().mean().item()
@@ -140,7 +145,7 @@ def predict_distilled(task: Task, model: PreTrainedModel, tokenizer: PreTrainedT
     model.eval()
     out: list[Tensor | None] = [None] * len(encoded)
     for idx in length_sorted_batches(encoded, batch_size):
-        inputs = {k: v.to(model.device) for k, v in task.collate(tokenizer, [encoded[i] for i in idx]).items()}
+        inputs = on_device(task.collate(tokenizer, [encoded[i] for i in idx]), model.device)
         with autocast(precision, model.device):
             logits = task.distilled(task.forward(model, inputs), inputs).float()
         for row, i in enumerate(idx):

@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--emb-augment", type=int, default=3,
                        help="perturbed copies of each training text added to the training texts (data.augment); 3 "
                             "raised test cosine 0.780 → 0.812 and recall@10 0.327 → 0.356 over 0 (6 epochs)")
+    group.add_argument("--emb-anchor-kl", type=float, default=0.0,
+                       help="weight of the KL between similarity distributions over fixed teacher anchors "
+                            "(loss.anchor_kl)")
+    group.add_argument("--emb-anchor-count", type=int, default=4096, help="loss.anchor_count")
+    group.add_argument("--emb-temperature", type=float, default=0.05, help="loss.similarity_temperature")
     group.add_argument("--emb-latency-calls", type=int, default=100)
     group.add_argument("--emb-limit", type=int, default=None, help="training examples (quick runs; default: all)")
     group.add_argument("--emb-teacher-cache", type=Path, default=None,
@@ -71,7 +76,8 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                  FromModel(init="model", model="minilm-l6", num_layers=args.emb_student_layers)),
         # No in-batch similarity KL: at τ 0.05 it pulled validation cosine down (0.65 → 0.60 over 94 steps from the
         # least-squares start) where MSE + cosine alone raised it (→ 0.68, recall@10 0.16 → 0.20).
-        loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0),
+        loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0, anchor_kl=args.emb_anchor_kl,
+                        anchor_count=args.emb_anchor_count, similarity_temperature=args.emb_temperature),
         train=TrainConfig(epochs=args.emb_epochs, batch_size=32, lr=args.emb_lr, dropout=args.emb_dropout),
         output_dir=job)
     cache = args.emb_teacher_cache

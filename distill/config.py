@@ -114,7 +114,13 @@ class LossConfig(_Section):
     embedding_cosine: float = Field(0.0, ge=0, description="sentence-embedding: weight of 1 − cosine to the teacher's.")
     similarity_kl: float = Field(1.0, ge=0, description="sentence-embedding: weight of KL between in-batch "
                                                          "similarity distributions.")
-    similarity_temperature: float = Field(0.05, gt=0, description="sentence-embedding: τ of the similarity softmax.")
+    similarity_temperature: float = Field(0.05, gt=0, description="sentence-embedding: τ of the similarity "
+                                                                   "softmaxes (in-batch and anchors).")
+    anchor_kl: float = Field(0.0, ge=0, description="sentence-embedding: weight of KL between the similarity "
+                                                     "distributions over fixed anchors (the teacher's embeddings of "
+                                                     "anchor_count training texts).")
+    anchor_count: int = Field(4096, ge=1, description="sentence-embedding: training texts (evenly spaced) whose "
+                                                      "teacher embeddings are the anchors of anchor_kl.")
     hidden_mse: float = Field(0.0, ge=0, description="Weight of hidden-state MSE (same tokenizer only).")
     attention_kl: float = Field(0.0, ge=0, description="Weight of attention-distribution KL (same tokenizer only).")
     value_kl: float = Field(0.0, ge=0, description="Weight of value-relation KL, MiniLM (same tokenizer only).")
@@ -125,7 +131,8 @@ class LossConfig(_Section):
         return self.hidden_mse > 0 or self.attention_kl > 0 or self.value_kl > 0
 
 
-EMBEDDING_LOSS_KEYS = ("embedding_mse", "embedding_cosine", "similarity_kl", "similarity_temperature")
+EMBEDDING_LOSS_KEYS = ("embedding_mse", "embedding_cosine", "similarity_kl", "similarity_temperature", "anchor_kl",
+                       "anchor_count")
 LOGIT_LOSS_KEYS = ("temperature", "alpha", "divergence", "jsd_beta")
 
 

@@ -286,8 +286,9 @@ class SentenceEmbedding(SequenceClassification):
     name = "sentence-embedding"
     cache_teacher = True  # (N, D) embeddings: a few KB per example
 
-    def __init__(self, max_length: int = 128) -> None:
+    def __init__(self, max_length: int = 128, anchors: Tensor | None = None) -> None:
         self.max_length = max_length  # written into the saved directory as its max_seq_length
+        self.anchors = anchors  # (K, D): the teacher's embeddings of anchor texts, for loss.anchor_kl
 
     def forward(self, model: SentenceEncoder, inputs: dict[str, Tensor], *, internals: bool = False) -> ModelOutput:
         return model(**inputs, internals=internals)
@@ -297,7 +298,8 @@ class SentenceEmbedding(SequenceClassification):
 
     def loss(self, student: Tensor, teacher: Tensor | None, inputs: dict[str, Tensor], labels: Tensor,
              cfg: LossConfig) -> Tensor:
-        """embedding_mse·MSE + embedding_cosine·(1 − cos) + similarity_kl·KL(in-batch similarities); (B, D) each."""
+        """embedding_mse·MSE + embedding_cosine·(1 − cos) + similarity_kl·KL(in-batch similarities)
+        + anchor_kl·KL(similarities to the anchors); (B, D) each."""
         if teacher is None:
             raise ValueError("sentence-embedding has no objective without the teacher's embeddings")
         value = (cfg.embedding_mse * losses.embedding_mse(student, teacher)
@@ -308,6 +310,11 @@ class SentenceEmbedding(SequenceClassification):
             if len(pairs) > 1:  # a last batch of one text has no other texts to relate to
                 batch = pairs.split([student.shape[-1], teacher.shape[-1]], dim=-1)
                 value = value + cfg.similarity_kl * losses.similarity_kl(*batch, cfg.similarity_temperature)
+        if cfg.anchor_kl > 0:
+            if self.anchors is None:
+                raise ValueError("loss.anchor_kl needs the anchors: the teacher's embeddings of anchor texts")
+            value = value + cfg.anchor_kl * losses.anchor_similarity_kl(student, teacher, self.anchors,
+                                                                        cfg.similarity_temperature)
         return value
 
     def evaluate(self, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, split: Split,
@@ -376,6 +383,9 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
             if distributed.is_main() else None)
         for name, split in splits.items():
             split.teacher_outputs = embeddings.get(name)
+        if config.loss.anchor_kl > 0:
+            task.anchors = teacher_anchors(task, teacher, teacher_inputs["train"], embeddings.get("train"),
+                                    config.loss.anchor_count, config.precision).to(distributed.device())
 
     with clock("distill"):
         # Without the train cache it starts random. Rank 0 alone: DDP starts every rank from rank 0's weights.
@@ -437,6 +447,16 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     return finish(out, report, render_markdown(report), emit,
                   {"student_test_probe_accuracy": probe["student"].test_accuracy,
                    f"student_test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"]})
+
+
+def teacher_anchors(task: SentenceEmbedding, teacher: Teacher, inputs: list[Encoded], cached: Tensor | None, count: int,
+             precision: Precision) -> Tensor:
+    """The teacher's embeddings (K, D) of `count` evenly spaced training texts (all of them when there are fewer):
+    read from the cache, or computed for those texts when the cache is off (intermediate losses)."""
+    pick = torch.linspace(0, len(inputs) - 1, min(count, len(inputs))).long().unique()
+    if cached is not None:
+        return cached[pick]
+    return predict_distilled(task, teacher.model, teacher.tokenizer, [inputs[i] for i in pick], precision=precision)
 
 
 def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase,

@@ -129,6 +129,21 @@ def similarity_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tenso
     return (log_t.exp() * (log_t - log_s)).sum(dim=-1).mean()
 
 
+def anchor_similarity_kl(student: Tensor, teacher: Tensor, anchors: Tensor, temperature: float) -> Tensor:
+    """KL between similarity distributions over fixed anchors, the teacher's embeddings of other texts (CompRess,
+    Abbasi Koohpayegani et al. 2020): row i is softmax_j(cos(e_i, a_j)/τ) for the student's and for the teacher's
+    embedding of text i. A bank of thousands of anchors holds each text's near neighbours, which a batch of 32 does
+    not, so this teaches the ranking that nearest-neighbour search reads. Student (B, D) and anchors (K, D) share
+    the teacher's space (the student's projection puts it there); an anchor that is text i itself (the teacher's
+    cosine to it rounds to 1) is left out of row i on both sides."""
+    units = [F.normalize(rows.float(), dim=-1) for rows in (student, teacher, anchors)]
+    cosine_s, cosine_t = units[0] @ units[2].T, units[1] @ units[2].T  # (B, K) each
+    itself = cosine_t > 1 - 1e-6
+    log_s, log_t = (F.log_softmax(cosine.masked_fill(itself, float("-inf")) / temperature, dim=-1).masked_fill(
+        itself, 0.0) for cosine in (cosine_s, cosine_t))
+    return (log_t.exp() * (log_t - log_s)).sum(dim=-1).mean()
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "kd_kl": kd_kl,
     "reverse_kl": reverse_kl,
@@ -140,4 +155,5 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "embedding_mse": embedding_mse,
     "embedding_cosine": embedding_cosine,
     "similarity_kl": similarity_kl,
+    "anchor_similarity_kl": anchor_similarity_kl,
 }

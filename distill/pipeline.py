@@ -31,7 +31,7 @@ from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
 from distill.student import build_student, count_params
-from distill.tasks import Precision, SequenceClassification, Task, predict_distilled
+from distill.tasks import Precision, SequenceClassification, Task, bf16_is_slow, predict_distilled
 from teachers.registry import resolve_teacher
 
 STUDENT = "student"
@@ -257,14 +257,18 @@ def render_job_markdown(report: dict[str, Any]) -> str:
 
 def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, EventSink]:
     """Every task's first step: where it computes (distributed.place), the output directory (made by rank 0) and the
-    event sink (rank 0 speaks for all)."""
+    event sink (rank 0 speaks for all), warned when bf16 would run slower than fp32 here."""
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
     distributed.place(config.device)
     out = Path(config.output_dir)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-    return out, on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
+    emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
+    if config.precision == "bf16" and bf16_is_slow(distributed.device()):
+        emit("log", {"message": "warning: precision 'bf16' on a CPU without bf16 kernels (no AVX512): autocast falls "
+                                "back to reference code, measured 60x slower than fp32; use precision: fp32 here"})
+    return out, emit
 
 
 @contextlib.contextmanager

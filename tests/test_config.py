@@ -20,6 +20,7 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
                     "output_dir, precision, seed, student, task, teacher, train, version"),
     ({"task": "causal-lm", "loss": {"similarity_kl": 2}}, "loss.similarity_kl: not used by task 'causal-lm'; its "
                                                             "loss keys are temperature, alpha, divergence"),
+    ({"task": "causal-lm", "loss": {"anchor_kl": 1}}, "loss.anchor_kl: not used by task 'causal-lm'"),
     ({"task": "sentence-embedding", "loss": {"divergence": "jsd"}}, "loss.divergence: not used by task "
                                                                      "'sentence-embedding'"),
     ({"loss": {"divergence": "js"}}, "loss.divergence: Input should be 'kd_kl', 'reverse_kl' or 'jsd'"),

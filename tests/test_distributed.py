@@ -18,7 +18,7 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification
 
-from distill import distributed
+from distill import distributed, pipeline, tasks
 from distill.cli import main as cli
 from distill.config import ConfigError, DistributedConfig, LossConfig, TrainConfig, parse_config
 from distill.engine import CHECKPOINT, Split, Teacher, fit
@@ -182,6 +182,17 @@ def test_a_job_computes_where_its_device_says() -> None:
             distributed.place("cuda")
     with pytest.raises(ConfigError, match=r"device: Input should be 'auto', 'cpu' or 'cuda' \(got 'gpu'\)"):
         parse_config({"device": "gpu"})
+
+
+def test_a_bf16_job_on_a_cpu_without_bf16_kernels_is_warned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, dict]] = []
+    for precision, slow in (("bf16", True), ("bf16", False), ("fp32", True)):
+        monkeypatch.setattr(pipeline, "bf16_is_slow", lambda device, slow=slow: slow)
+        config = parse_config({"precision": precision, "output_dir": str(tmp_path), "device": "cpu"})
+        pipeline.start_job(config, lambda kind, data: events.append((kind, data)))
+    assert len(events) == 1 and events[0][0] == "log"  # the bf16 job on the slow CPU, no other
+    assert "precision 'bf16' on a CPU without bf16 kernels" in events[0][1]["message"]
+    assert not tasks.bf16_is_slow(torch.device("cuda"))  # it judges CPUs only
 
 
 def test_torchrun_command_for_one_and_several_nodes() -> None:

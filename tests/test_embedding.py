@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from distill.cli import main as cli
 from distill.config import (
@@ -23,10 +24,12 @@ from distill.config import (
     TeacherConfig,
     TrainConfig,
 )
-from distill.embedding import SentenceEmbedding, linear_probe, load_sentence_encoder, pool
+from distill.embedding import SentenceEmbedding, linear_probe, load_sentence_encoder, pool, teacher_anchors
+from distill.engine import Teacher
 from distill.evaluate import embedding_agreement, neighbour_recall
 from distill.pipeline import run
 from distill.runtime import OnnxEmbedder
+from distill.tasks import predict_distilled
 from tests.conftest import synthetic_rows, write_csv, write_sentence_teacher, write_tiny_encoder
 
 TASK = SentenceEmbedding()
@@ -109,6 +112,18 @@ def test_linear_probe_takes_the_penalty_validation_prefers() -> None:
     assert linear_probe(*args, l2_grid=(chosen.l2,)).test_accuracy == chosen.test_accuracy
 
 
+def test_anchors_are_the_teachers_embeddings_of_evenly_spaced_training_texts(tmp_path: Path) -> None:
+    directory = write_sentence_teacher(tmp_path / "teacher")
+    teacher = Teacher(load_sentence_encoder(directory).eval(), AutoTokenizer.from_pretrained(directory))
+    inputs = TASK.encode(teacher.tokenizer, [f"review number {i} was fine" for i in range(10)], 16)
+    cached = predict_distilled(TASK, teacher.model, teacher.tokenizer, inputs)
+    from_cache = teacher_anchors(TASK, teacher, inputs, cached, 4, "fp32")
+    assert torch.equal(from_cache, cached[[0, 3, 6, 9]])
+    # Without the cache (intermediate losses) the same rows are computed for those texts alone.
+    assert torch.allclose(teacher_anchors(TASK, teacher, inputs, None, 4, "fp32"), from_cache, atol=1e-5)
+    assert torch.equal(teacher_anchors(TASK, teacher, inputs, cached, 50, "fp32"), cached)  # fewer texts than anchors
+
+
 def _config(teacher: Path, csv: Path, out: Path, student, epochs: int = 4, lr: float = 5e-3,
             **sections) -> JobConfig:
     return JobConfig(task="sentence-embedding", teacher=TeacherConfig(name=str(teacher)),
@@ -123,7 +138,8 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
     csv = write_csv(tmp_path / "data.csv", synthetic_rows(400, seed=1))
     events: list[tuple[str, dict]] = []
     config = _config(teacher, csv, tmp_path / "job", FromModel(init="model", model=str(other), num_layers=1),
-                     loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=1.0))
+                     loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=1.0, anchor_kl=1.0,
+                                     anchor_count=100))
     result = run(config, lambda kind, data: events.append((kind, data)))
 
     report = json.loads((tmp_path / "job" / "report.json").read_text())
@@ -151,7 +167,6 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
 
     # The saved student: sentence-transformers loads it and embeds exactly as the engine's model does.
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoTokenizer
 
     texts = ["good film", "the plot was dull and boring", "a very lovely story"]
     loaded = load_sentence_encoder(result.student_dir).eval()
@@ -179,7 +194,7 @@ def test_intermediate_losses_run_the_teacher_every_step(tmp_path: Path) -> None:
     teacher = write_sentence_teacher(tmp_path / "teacher")
     csv = write_csv(tmp_path / "data.csv", synthetic_rows(200, seed=2))
     config = _config(teacher, csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]), epochs=1,
-                     loss=LossConfig(hidden_mse=1.0))
+                     loss=LossConfig(hidden_mse=1.0, anchor_kl=1.0, anchor_count=20))
     config = config.model_copy(update={"export": config.export.model_copy(update={"onnx": False})})
     report = run(config).report
     assert report["teacher_logits_cached"] is False
@@ -198,7 +213,8 @@ def test_two_processes_distill_embeddings_like_one(tmp_path: Path) -> None:
         config = _config(teacher, csv, tmp_path / f"job{nproc}", FromModel(init="model", model=str(other),
                                                                           num_layers=1), epochs=2,
                          distributed=DistributedConfig(nproc_per_node=nproc),
-                         loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=1.0))
+                         loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=1.0,
+                                         anchor_kl=1.0, anchor_count=50))
         config = config.model_copy(update={"train": config.train.model_copy(update={"dropout": 0.0}),
                                            "export": config.export.model_copy(update={"onnx": False})})
         path = tmp_path / f"job{nproc}.json"

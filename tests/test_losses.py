@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from distill.losses import (
     IGNORE_INDEX,
     LOSSES,
+    anchor_similarity_kl,
     attention_kl,
     embedding_cosine,
     embedding_mse,
@@ -156,6 +157,27 @@ def test_similarity_kl_compares_relations_not_coordinates() -> None:
     assert similarity_kl(s, t, 1.0).item() == pytest.approx(sum(rows) / 3, rel=1e-5)
 
 
+def test_anchor_similarity_kl_known_value_and_leaves_the_text_itself_out() -> None:
+    # τ = 1, one text, anchors at 45° and 135°: the teacher (0°) sees cosines (c, −c), c = cos 45°; the student
+    # (90°) sees (c, c), a uniform row.
+    anchors = torch.tensor([[1.0, 1.0], [-1.0, 1.0]])
+    teacher, student = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 3.0]])  # scale-free: only cosines meet
+    c = math.cos(math.pi / 4)
+    p = [math.exp(c) / (math.exp(c) + math.exp(-c)), math.exp(-c) / (math.exp(c) + math.exp(-c))]
+    assert anchor_similarity_kl(student, teacher, anchors, 1.0).item() == pytest.approx(_kl(p, [0.5, 0.5]),
+                                                                                        rel=1e-5)
+    assert anchor_similarity_kl(teacher, teacher, anchors, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+    # The same space, not only the same relations: a rotated student is far from the teacher's anchors.
+    rows, bank = torch.randn(6, 8), torch.randn(50, 8)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8))
+    assert anchor_similarity_kl(rows @ rotation, rows, bank, 0.05).item() > 0.1
+    # An anchor that is the text itself adds nothing to its row, on either side.
+    text, its_student = rows[:1], rows[:1] @ rotation
+    with_itself = torch.cat([bank, text * 2])
+    assert anchor_similarity_kl(its_student, text, with_itself, 0.05).item() == pytest.approx(
+        anchor_similarity_kl(its_student, text, bank, 0.05).item(), rel=1e-5)
+
+
 def test_registry_names_every_loss() -> None:
     assert set(LOSSES) == {"kd_kl", "reverse_kl", "jsd", "hard_ce", "hidden_mse", "attention_kl", "value_relation_kl",
-                           "embedding_mse", "embedding_cosine", "similarity_kl"}
+                           "embedding_mse", "embedding_cosine", "similarity_kl", "anchor_similarity_kl"}

@@ -449,11 +449,16 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
                    f"student_test_recall_at_{NEIGHBOURS}": test_metrics[f"recall_at_{NEIGHBOURS}"]})
 
 
+def anchor_rows(texts: int, count: int) -> Tensor:
+    """Indices of `count` evenly spaced rows of `texts` training texts (all of them when there are fewer)."""
+    return torch.linspace(0, texts - 1, min(count, texts)).long().unique()
+
+
 def teacher_anchors(task: SentenceEmbedding, teacher: Teacher, inputs: list[Encoded], cached: Tensor | None, count: int,
              precision: Precision) -> Tensor:
-    """The teacher's embeddings (K, D) of `count` evenly spaced training texts (all of them when there are fewer):
-    read from the cache, or computed for those texts when the cache is off (intermediate losses)."""
-    pick = torch.linspace(0, len(inputs) - 1, min(count, len(inputs))).long().unique()
+    """The teacher's embeddings (K, D) of the `anchor_rows` of its training texts: read from the cache, or computed
+    for those texts when the cache is off (intermediate losses)."""
+    pick = anchor_rows(len(inputs), count)
     if cached is not None:
         return cached[pick]
     return predict_distilled(task, teacher.model, teacher.tokenizer, [inputs[i] for i in pick], precision=precision)

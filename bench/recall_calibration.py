@@ -2,7 +2,8 @@
 Gaussian noise added (then renormalized) at several strengths, scored as a student is (evaluate.embedding_agreement).
 With `--student DIR --config JOB.yaml` also that student's embeddings of the same texts, and where its error lies:
 the share of its squared error inside the teacher's top-k principal directions, against the share of the teacher's
-own variance there (isotropic noise puts k / D of its energy there).
+own variance there (isotropic noise puts k / D of its energy there). Also how close the teacher's 10th and 11th
+nearest neighbours are (the margin a student's error must stay under).
 
     python bench/recall_calibration.py JOB_DIR/teacher_logits.pt [--split test] [--student DIR --config JOB.yaml]
 
@@ -50,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     for std in NOISE:
         embeddings = F.normalize(teacher + std * torch.randn(teacher.shape, generator=generator), dim=-1)
         noisy.append({"noise_std": std, **embedding_agreement(embeddings, teacher)})
+    unit = F.normalize(teacher, dim=-1)
+    similarity = (unit @ unit.T).fill_diagonal_(-1.0)  # cosines; a text is not its own neighbour
+    nearest = similarity.topk(NEIGHBOURS + 1, dim=-1).values
+    margin = (nearest[:, NEIGHBOURS - 1] - nearest[:, NEIGHBOURS]).median().item()
     result: dict[str, Any] = {"command": " ".join(sys.argv), "split": args.split, "texts": len(teacher),
-                              "isotropic_noise": noisy}
+                              "isotropic_noise": noisy, "median_cosine_gap_between_neighbours_10_and_11": margin}
+    print(f"median cosine gap between a text's {NEIGHBOURS}th and {NEIGHBOURS + 1}th nearest neighbours under the "
+          f"teacher: {margin:.4f}")
     print(f"| noise std | cosine to the teacher | recall@{NEIGHBOURS} agreement |\n| ---: | ---: | ---: |")
     for row in noisy:
         print(f"| {row['noise_std']} | {row['cosine']:.3f} | {row[f'recall_at_{NEIGHBOURS}']:.3f} |")

@@ -1,7 +1,8 @@
 """Compare sentence-embedding losses cheaply: one variant per call, trained on a seeded subset of an embedding job's
 training texts with that job's cached teacher embeddings (no teacher pass), scored on its validation split
-(cosine and recall@10 agreement after each epoch). Student as in bench/tasks.py: the first 3 MiniLM-L6 layers +
-a 384 → 768 projection started by least squares, dropout 0, lr 5e-4, batch 32.
+(cosine and recall@10 agreement after each epoch). Student and training settings are the config's (for
+examples/reviews-embedding.yaml: the first 3 MiniLM-L6 layers + a 384 → 768 projection started by least squares, lr
+5e-4, batch 32), with dropout 0 as bench/tasks.py trains and --epochs.
 
     python bench/embedding_losses.py --config JOB.yaml --job-dir DIR --name NAME --loss '{"anchor_kl": 1}'
 
@@ -24,7 +25,7 @@ import yaml
 from transformers import AutoModel
 
 from distill import distributed, engine
-from distill.config import LossConfig, TrainConfig, parse_config
+from distill.config import LossConfig, parse_config
 from distill.data import load_task_data
 from distill.embedding import (
     SentenceEmbedding,
@@ -67,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.job_dir / TEACHER_LOGITS} holds {len(cached['train'])} training rows, {args.config} "
                          f"makes {len(texts['train'])}: not that config's job")
     teacher_dir = resolve_teacher(config.teacher.name)
-    built = build_student(config.student, load_sentence_encoder(teacher_dir).encoder, teacher_dir,
-                          auto_class=AutoModel, texts=texts["train"])
-    teacher_width = cached["train"].shape[1]
-    student = SentenceEncoder(built.model, "mean", torch.nn.Linear(built.model.config.hidden_size, teacher_width),
-                              normalize=True)
+    teacher = load_sentence_encoder(teacher_dir)
+    built = build_student(config.student, teacher.encoder, teacher_dir, auto_class=AutoModel, texts=texts["train"])
+    width = built.model.config.hidden_size  # pooled, projected and normalized as the job does
+    student = SentenceEncoder(built.model, teacher.pooling,
+                              torch.nn.Linear(width, teacher.dimension) if width != teacher.dimension else None,
+                              teacher.normalize)
     task = SentenceEmbedding(config.data.max_length)
     pick = torch.randperm(len(texts["train"]), generator=torch.Generator().manual_seed(0))[:args.rows].sort().values
     inputs = task.encode(built.tokenizer, [texts["train"][i] for i in pick], config.data.max_length)
@@ -80,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                        torch.zeros(len(texts["validation"]), dtype=torch.long), teacher_outputs=cached["validation"])
     if loss.anchor_kl > 0:  # from every training text, as a job takes them
         task.anchors = cached["train"][anchor_rows(len(cached["train"]), loss.anchor_count)]
-    fit_projection(student, built.tokenizer, inputs, train.teacher_outputs)
+    if student.projection is not None:
+        fit_projection(student, built.tokenizer, inputs, train.teacher_outputs)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         result = engine.fit(task, student, built.tokenizer, train, validation,
-                            TrainConfig(epochs=args.epochs, batch_size=32, lr=5e-4, dropout=0.0,
-                                        checkpoint_every=10**9),
+                            config.train.model_copy(update={"epochs": args.epochs, "dropout": 0.0,
+                                                            "checkpoint_every": 10**9}),
                             run_dir=args.save or Path(scratch), seed=0, loss=loss)
     row = {"loss": json.loads(loss.model_dump_json(include={"embedding_mse", "embedding_cosine", "similarity_kl",
                                                                "similarity_temperature", "anchor_kl",

@@ -286,9 +286,9 @@ class SentenceEmbedding(SequenceClassification):
     name = "sentence-embedding"
     cache_teacher = True  # (N, D) embeddings: a few KB per example
 
-    def __init__(self, max_length: int = 128, anchors: Tensor | None = None) -> None:
+    def __init__(self, max_length: int = 128) -> None:
         self.max_length = max_length  # written into the saved directory as its max_seq_length
-        self.anchors = anchors  # (K, D): the teacher's embeddings of anchor texts, for loss.anchor_kl
+        self.anchors: Tensor | None = None  # (K, D): the teacher's embeddings of anchor texts, for loss.anchor_kl
 
     def forward(self, model: SentenceEncoder, inputs: dict[str, Tensor], *, internals: bool = False) -> ModelOutput:
         return model(**inputs, internals=internals)
@@ -385,7 +385,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
             split.teacher_outputs = embeddings.get(name)
         if config.loss.anchor_kl > 0:
             task.anchors = teacher_anchors(task, teacher, teacher_inputs["train"], embeddings.get("train"),
-                                    config.loss.anchor_count, config.precision).to(distributed.device())
+                                           config.loss.anchor_count, config.precision).to(distributed.device())
 
     with clock("distill"):
         # Without the train cache it starts random. Rank 0 alone: DDP starts every rank from rank 0's weights.
@@ -454,8 +454,8 @@ def anchor_rows(texts: int, count: int) -> Tensor:
     return torch.linspace(0, texts - 1, min(count, texts)).long().unique()
 
 
-def teacher_anchors(task: SentenceEmbedding, teacher: Teacher, inputs: list[Encoded], cached: Tensor | None, count: int,
-             precision: Precision) -> Tensor:
+def teacher_anchors(task: SentenceEmbedding, teacher: Teacher, inputs: list[Encoded], cached: Tensor | None,
+                    count: int, precision: Precision) -> Tensor:
     """The teacher's embeddings (K, D) of the `anchor_rows` of its training texts: read from the cache, or computed
     for those texts when the cache is off (intermediate losses)."""
     pick = anchor_rows(len(inputs), count)

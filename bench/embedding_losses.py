@@ -27,13 +27,7 @@ from transformers import AutoModel
 from distill import distributed, engine
 from distill.config import LossConfig, parse_config
 from distill.data import load_task_data
-from distill.embedding import (
-    SentenceEmbedding,
-    SentenceEncoder,
-    anchor_rows,
-    fit_projection,
-    load_sentence_encoder,
-)
+from distill.embedding import SentenceEmbedding, anchor_rows, encoder_like, fit_projection, load_sentence_encoder
 from distill.engine import Split
 from distill.evaluate import NEIGHBOURS
 from distill.losses import IGNORE_INDEX
@@ -70,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_dir = resolve_teacher(config.teacher.name)
     teacher = load_sentence_encoder(teacher_dir)
     built = build_student(config.student, teacher.encoder, teacher_dir, auto_class=AutoModel, texts=texts["train"])
-    width = built.model.config.hidden_size  # pooled, projected and normalized as the job does
-    student = SentenceEncoder(built.model, teacher.pooling,
-                              torch.nn.Linear(width, teacher.dimension) if width != teacher.dimension else None,
-                              teacher.normalize)
+    student = encoder_like(teacher, built.model)
     task = SentenceEmbedding(config.data.max_length)
     pick = torch.randperm(len(texts["train"]), generator=torch.Generator().manual_seed(0))[:args.rows].sort().values
     inputs = task.encode(built.tokenizer, [texts["train"][i] for i in pick], config.data.max_length)

@@ -124,6 +124,15 @@ def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
 
 
+def encoder_like(teacher: SentenceEncoder, encoder: PreTrainedModel) -> SentenceEncoder:
+    """A student SentenceEncoder around `encoder` that pools and normalizes as its teacher does, with a projection to
+    the teacher's width when it is narrower, so their embeddings live in the same space."""
+    width = encoder.config.hidden_size
+    return SentenceEncoder(encoder, teacher.pooling,
+                           nn.Linear(width, teacher.dimension) if width != teacher.dimension else None,
+                           teacher.normalize)
+
+
 def load_sentence_encoder(model_dir: str | Path, attn_implementation: str | None = None) -> SentenceEncoder:
     """A sentence-transformers directory (Transformer, Pooling, Dense, Normalize modules) or a plain HF encoder
     directory (mean pooling, nothing else) as a SentenceEncoder."""
@@ -365,11 +374,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
             raise ConfigError("loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so "
                               "both need the same tokenizer, and this student's tokenizer differs from the teacher's. "
                               "Use embedding losses only (set them to 0) or a student with init 'teacher' or 'fresh'")
-        width, teacher_width = built.model.config.hidden_size, teacher.model.dimension
-        # The student pools and normalizes as its teacher does, so their embeddings live in the same space.
-        student = SentenceEncoder(built.model, teacher.model.pooling,
-                                  nn.Linear(width, teacher_width) if width != teacher_width else None,
-                                  teacher.model.normalize)
+        width, student = built.model.config.hidden_size, encoder_like(teacher.model, built.model)
         student_inputs = teacher_inputs if built.shares_teacher_tokenizer else {
             name: task.encode(built.tokenizer, batch, config.data.max_length) for name, batch in texts.items()}
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])

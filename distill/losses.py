@@ -119,14 +119,9 @@ def similarity_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tenso
     """KL between in-batch similarity distributions: row i is softmax_j(cos(e_i, e_j)/τ) over the other examples
     (the diagonal is left out: it is 1 on both sides). Embeddings (B, D), B ≥ 2; teacher and student widths may
     differ since only their similarity matrices meet."""
-    def log_relations(embeddings: Tensor) -> Tensor:
-        unit = F.normalize(embeddings.float(), dim=-1)
-        cosine = unit @ unit.T  # (B, B)
-        eye = torch.eye(len(cosine), dtype=torch.bool, device=cosine.device)
-        return F.log_softmax(cosine.masked_fill(eye, float("-inf")) / temperature, dim=-1).masked_fill(eye, 0.0)
-
-    log_s, log_t = log_relations(student), log_relations(teacher)
-    return (log_t.exp() * (log_t - log_s)).sum(dim=-1).mean()
+    cosine_s, cosine_t = (_cosines(rows, rows) for rows in (student, teacher))  # (B, B) each
+    eye = torch.eye(len(cosine_s), dtype=torch.bool, device=cosine_s.device)
+    return _relation_kl(cosine_s, cosine_t, eye, temperature)
 
 
 def anchor_similarity_kl(student: Tensor, teacher: Tensor, anchors: Tensor, temperature: float) -> Tensor:
@@ -136,11 +131,20 @@ def anchor_similarity_kl(student: Tensor, teacher: Tensor, anchors: Tensor, temp
     not, so this teaches the ranking that nearest-neighbour search reads. Student (B, D) and anchors (K, D) share
     the teacher's space (the student's projection puts it there); an anchor that is text i itself (the teacher's
     cosine to it rounds to 1) is left out of row i on both sides."""
-    units = [F.normalize(rows.float(), dim=-1) for rows in (student, teacher, anchors)]
-    cosine_s, cosine_t = units[0] @ units[2].T, units[1] @ units[2].T  # (B, K) each
-    itself = cosine_t > 1 - 1e-6
-    log_s, log_t = (F.log_softmax(cosine.masked_fill(itself, float("-inf")) / temperature, dim=-1).masked_fill(
-        itself, 0.0) for cosine in (cosine_s, cosine_t))
+    cosine_s, cosine_t = (_cosines(rows, anchors) for rows in (student, teacher))  # (B, K) each
+    return _relation_kl(cosine_s, cosine_t, cosine_t > 1 - 1e-6, temperature)
+
+
+def _cosines(rows: Tensor, others: Tensor) -> Tensor:
+    """(B, D) × (K, D) → (B, K) cosine similarities, in float32."""
+    return F.normalize(rows.float(), dim=-1) @ F.normalize(others.float(), dim=-1).T
+
+
+def _relation_kl(cosine_s: Tensor, cosine_t: Tensor, left_out: Tensor, temperature: float) -> Tensor:
+    """KL(p_t ‖ p_s) between the rows of softmax(cosine / τ), (B, K) each, the `left_out` entries in neither;
+    averaged over rows."""
+    log_s, log_t = (F.log_softmax(cosine.masked_fill(left_out, float("-inf")) / temperature, dim=-1).masked_fill(
+        left_out, 0.0) for cosine in (cosine_s, cosine_t))
     return (log_t.exp() * (log_t - log_s)).sum(dim=-1).mean()
 
 

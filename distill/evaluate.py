@@ -44,14 +44,10 @@ from distill.runtime import (
     Embedder,
     HFPredictor,
     LanguageModel,
-    OnnxEmbedder,
-    OnnxLanguageModel,
-    OnnxPredictor,
+    OnnxModel,
     Predictor,
     TextScores,
-    TorchEmbedder,
-    TorchLanguageModel,
-    TorchPredictor,
+    TorchModel,
     available_cpus,
 )
 from teachers.registry import count_parameters
@@ -134,6 +130,7 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
         p50, p90, p99 = (float(v) for v in np.percentile(latency_ms, [50, 90, 99]))
         rows[name] = {
             "format": _format(model),
+            "device": str(model.device) if isinstance(model, TorchModel) else "cpu",  # onnxruntime: the CPU here
             "threads": _threads(model),
             "params": (params or {}).get(name),
             "size_bytes": (sizes or {}).get(name),
@@ -330,7 +327,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             scores = [f"{row['perplexity']:.3f}", _maybe(row["next_token_agreement"], "{:.4f}")]
         else:
             scores = [_maybe(row["accuracy"], "{:.4f}"), f"{row['agreement']:.4f}"]
-        cells = [name, row["format"], _maybe(row["params"], "{:,}"),
+        where = row.get("device", "cpu")  # reports before devices were recorded: all on the CPU
+        cells = [name, row["format"] if where == "cpu" else f"{row['format']} ({where})", _maybe(row["params"], "{:,}"),
                  _maybe(row["size_bytes"] and row["size_bytes"] / 1e6, "{:.1f}"), *scores,
                  f"{latency['p50']:.2f}", f"{latency['p90']:.2f}", f"{latency['p99']:.2f}",
                  f"{row['throughput_texts_per_second']:.1f}", f"{row['speedup_b1']:.2f}x",
@@ -370,18 +368,18 @@ def _fraction_equal(a: list[int], b: list[int]) -> float:
 
 
 def _format(predictor: Model) -> str:
-    if isinstance(predictor, TorchPredictor | TorchEmbedder | TorchLanguageModel):
+    if isinstance(predictor, TorchModel):
         return "pytorch"
-    if isinstance(predictor, OnnxPredictor | OnnxEmbedder | OnnxLanguageModel):
+    if isinstance(predictor, OnnxModel):
         return "onnxruntime"
     return type(predictor).__name__
 
 
 def _threads(predictor: Model) -> int | None:
     """Intra-op threads the model ran with: the ORT session's, or PyTorch's process-wide setting."""
-    if isinstance(predictor, OnnxPredictor | OnnxEmbedder | OnnxLanguageModel):
+    if isinstance(predictor, OnnxModel):
         return predictor.session.get_session_options().intra_op_num_threads
-    if isinstance(predictor, TorchPredictor | TorchEmbedder | TorchLanguageModel):
+    if isinstance(predictor, TorchModel):
         return torch.get_num_threads()
     return None
 

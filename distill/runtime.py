@@ -36,6 +36,7 @@ OUTPUT_NAME = "logits"  # the graph's one output: (B, C) for a classifier, (B, L
 EMBEDDING_OUTPUT = "sentence_embedding"  # an embedding graph's output, (B, D) L2-normalized, as sentence-transformers
 
 Inputs = dict[str, np.ndarray]  # input name → (B, L) int64 token ids / masks
+CPU = torch.device("cpu")  # where the PyTorch models run unless told otherwise; ONNX models always run there
 
 
 @dataclass
@@ -70,6 +71,11 @@ def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.Inf
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def torch_inputs(inputs: Inputs, names: list[str] | tuple[str, ...], device: torch.device) -> dict[str, Tensor]:
+    """The named (B, L) inputs as tensors on the model's device (those of `names` the inputs have)."""
+    return {name: torch.from_numpy(inputs[name]).to(device) for name in names if name in inputs}
 
 
 def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
@@ -124,19 +130,22 @@ class HFPredictor(ABC):
 
 
 class TorchPredictor(HFPredictor):
-    """A saved AutoModelForSequenceClassification directory, run by PyTorch in eval() under inference_mode.
+    """A saved AutoModelForSequenceClassification directory, run by PyTorch in eval() under inference_mode on
+    `device` (answers come back to the CPU as numpy, which waits for a GPU, so timings are whole).
 
     `threads` calls torch.set_num_threads, which is process-wide; None leaves PyTorch's setting alone.
     """
 
     def __init__(self, model_dir: Path, max_length: int = 128, threads: int | None = None, *,
-                 attn_implementation: str | None = None, name: str | None = None) -> None:
+                 attn_implementation: str | None = None, name: str | None = None,
+                 device: torch.device = CPU) -> None:
         model_dir = Path(model_dir)
         super().__init__(name or f"torch:{model_dir.name}", model_dir, max_length)
         if threads is not None:
             torch.set_num_threads(threads)
+        self.device = device
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, attn_implementation=attn_implementation).eval()
+            model_dir, attn_implementation=attn_implementation).eval().to(device)
         # In forward's order: the TorchScript exporter binds inputs by signature position, so export names them in
         # this order. MPNet's forward takes no token_type_ids (and its tokenizer makes none).
         produced = set(self.tokenizer.model_input_names)
@@ -144,8 +153,8 @@ class TorchPredictor(HFPredictor):
 
     def logits(self, inputs: Inputs) -> np.ndarray:
         with torch.inference_mode():
-            output = self.model(**{name: torch.from_numpy(inputs[name]) for name in self.input_names})
-        return output.logits.float().numpy()
+            output = self.model(**torch_inputs(inputs, self.input_names, self.device))
+        return output.logits.float().cpu().numpy()
 
 
 class OnnxPredictor(HFPredictor):
@@ -213,23 +222,24 @@ class Embedder(ABC):
 
 
 class TorchEmbedder(Embedder):
-    """A sentence-transformers (or plain HF encoder) directory run by PyTorch in eval() under inference_mode.
-    `threads` calls torch.set_num_threads, which is process-wide; None leaves PyTorch's setting alone."""
+    """A sentence-transformers (or plain HF encoder) directory run by PyTorch in eval() under inference_mode on
+    `device`. `threads` calls torch.set_num_threads, which is process-wide; None leaves PyTorch's setting alone."""
 
     def __init__(self, model_dir: Path, max_length: int = 128, threads: int | None = None, *,
-                 name: str | None = None) -> None:
+                 name: str | None = None, device: torch.device = CPU) -> None:
         from distill.embedding import load_sentence_encoder  # here: that module imports the training stack
 
         super().__init__(name or f"torch:{Path(model_dir).name}", model_dir, max_length)
         if threads is not None:
             torch.set_num_threads(threads)
-        self.model = load_sentence_encoder(model_dir).eval()
+        self.device = device
+        self.model = load_sentence_encoder(model_dir).eval().to(device)
 
     def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
-        names = ("input_ids", "attention_mask", "token_type_ids")
         with torch.inference_mode():
-            output = self.model(**{n: torch.from_numpy(encoded[n]) for n in names if n in encoded})
-        return output.embedding.float().numpy()
+            output = self.model(**torch_inputs(encoded, ("input_ids", "attention_mask", "token_type_ids"),
+                                               self.device))
+        return output.embedding.float().cpu().numpy()
 
 
 class OnnxEmbedder(Embedder):
@@ -377,21 +387,22 @@ def _padded(rows: list[list[int]], pad_id: int) -> Inputs:
 
 
 class TorchLanguageModel(LanguageModel):
-    """A saved AutoModelForCausalLM directory, run by PyTorch in eval() under inference_mode, without a KV cache
-    (as the exported graph). `threads` calls torch.set_num_threads, which is process-wide."""
+    """A saved AutoModelForCausalLM directory, run by PyTorch in eval() under inference_mode on `device`, without a
+    KV cache (as the exported graph). `threads` calls torch.set_num_threads, which is process-wide."""
 
     def __init__(self, model_dir: Path, max_length: int = 128, threads: int | None = None, *,
-                 name: str | None = None) -> None:
+                 name: str | None = None, device: torch.device = CPU) -> None:
         model_dir = Path(model_dir)
         super().__init__(name or f"torch:{model_dir.name}", model_dir, max_length)
         if threads is not None:
             torch.set_num_threads(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(device)
 
     def logits(self, inputs: Inputs) -> np.ndarray:
         with torch.inference_mode():
-            output = self.model(**{name: torch.from_numpy(value) for name, value in inputs.items()}, use_cache=False)
-        return output.logits.float().numpy()
+            output = self.model(**torch_inputs(inputs, list(inputs), self.device), use_cache=False)
+        return output.logits.float().cpu().numpy()
 
 
 class OnnxLanguageModel(LanguageModel):
@@ -407,6 +418,10 @@ class OnnxLanguageModel(LanguageModel):
     def logits(self, inputs: Inputs) -> np.ndarray:
         (logits,) = self.session.run([OUTPUT_NAME], inputs)
         return logits.astype(np.float32)
+
+
+TorchModel = TorchPredictor | TorchEmbedder | TorchLanguageModel  # run by PyTorch, on their `device`
+OnnxModel = OnnxPredictor | OnnxEmbedder | OnnxLanguageModel  # run by onnxruntime, on the CPU
 
 
 def load_model(path: Path, max_length: int = 128,

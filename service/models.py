@@ -38,10 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import torch
+
 from distill.config import DataConfig
 from distill.data import BUILTIN_DATASETS, DataError, load_task_data
 from distill.evaluate import EvaluateError, evaluate_models, render_markdown
 from distill.runtime import (
+    CPU,
     ONNX_FILE,
     OPTIMIZED_FILE,
     Embedder,
@@ -332,7 +335,7 @@ class ModelCatalog:
                 if loaded is None:
                     self._make_room(info.size_bytes)
                     predictor = await asyncio.to_thread(open_model, info, self.settings.inference_threads,
-                                                        self.settings.inference_spinning)
+                                                        self.settings.inference_spinning, self.settings.torch_device)
                     batcher = MicroBatcher(predictor, self.settings.batch_max_size,
                                            self.settings.batch_max_wait_ms / 1000)
                     loaded = self._cache[info.cache_key] = _Loaded(predictor, batcher, info.size_bytes)
@@ -356,19 +359,21 @@ class ModelCatalog:
         await asyncio.gather(*(m.batcher.aclose() for m in loaded))
 
 
-def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = True) -> Model:
-    """The model as the server runs it: PyTorch for torch, onnxruntime (tokenizer next to the file) otherwise."""
+def open_model(info: ModelInfo, threads: int | None = None, spinning: bool = True,
+               device: torch.device = CPU) -> Model:
+    """The model as the server runs it: PyTorch on `device` for torch, onnxruntime on the CPU (tokenizer next to
+    the file) otherwise."""
     try:
         if info.task == "sentence-embedding":
             if info.format == "torch":
-                return TorchEmbedder(info.path, info.max_length, threads, name=info.id)
+                return TorchEmbedder(info.path, info.max_length, threads, name=info.id, device=device)
             return OnnxEmbedder(info.path, info.max_length, threads, name=info.id, spinning=spinning)
         if info.task == "causal-lm":
             if info.format == "torch":
-                return TorchLanguageModel(info.path, info.max_length, threads, name=info.id)
+                return TorchLanguageModel(info.path, info.max_length, threads, name=info.id, device=device)
             return OnnxLanguageModel(info.path, info.max_length, threads, name=info.id, spinning=spinning)
         if info.format == "torch":
-            return TorchPredictor(info.path, info.max_length, threads, name=info.id)
+            return TorchPredictor(info.path, info.max_length, threads, name=info.id, device=device)
         return OnnxPredictor(info.path, info.path.parent, info.max_length, threads, name=info.id, spinning=spinning)
     except Exception as e:
         raise ModelLoadError(f"could not load {info.id} from {info.path}: {e}") from e

@@ -5,9 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from distill.config import Device
 from teachers.registry import distill_home
 
 
@@ -37,6 +39,24 @@ class Settings(BaseSettings):
                                                        "each one (its default): lower latency for sequential "
                                                        "requests; false saves CPU per request on a busy server "
                                                        "(bench/serve.py measures both).")
+    inference_device: Device = Field("auto", description="Where the PyTorch models (a job's .teacher and "
+                                                         ".student-torch) answer: auto takes the GPU when torch "
+                                                         "sees one, as jobs do; the ONNX models run on the CPU.")
+
+    @field_validator("inference_device")
+    @classmethod
+    def _gpu_present(cls, value: Device) -> Device:
+        if value == "cuda" and not torch.cuda.is_available():
+            raise ValueError("'cuda', but torch sees no GPU on this machine (torch.cuda.is_available() is False); "
+                             "allowed: 'auto' (the GPU when there is one) or 'cpu'")
+        return value
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device inference_device names on this machine."""
+        if self.inference_device != "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @property
     def jobs_dir(self) -> Path:

@@ -67,6 +67,7 @@ def test_two_runtimes_of_one_model_side_by_side(predictors: dict[str, HFPredicto
     assert (torch_row["speedup_b1"], torch_row["throughput_ratio"]) == (1.0, 1.0)
     assert onnx_row["speedup_b1"] == pytest.approx(torch_row["latency_ms"]["p50"] / onnx_row["latency_ms"]["p50"])
     assert (torch_row["format"], onnx_row["format"], onnx_row["threads"]) == ("pytorch", "onnxruntime", 1)
+    assert (torch_row["device"], onnx_row["device"]) == ("cpu", "cpu")
     assert (onnx_row["size_bytes"], torch_row["params"], torch_row["size_bytes"]) == (123, 456, None)
     assert set(report["machine"]) >= {"cpu", "int8_flags", "cpus_available", "torch_threads"}
     json.dumps(report)  # JSON-ready as it is

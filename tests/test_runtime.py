@@ -7,19 +7,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from distill.embedding import export_embedding_onnx, load_sentence_encoder
+from distill.evaluate import evaluate_models, render_markdown
 from distill.export import export_model_dir
 from distill.runtime import (
+    CPU,
     OnnxEmbedder,
     OnnxPredictor,
     Predictor,
     TorchEmbedder,
+    TorchLanguageModel,
     TorchPredictor,
     load_model,
     load_tokenizer,
 )
 from tests.conftest import write_sentence_teacher, write_tiny_encoder
+from tests.test_causal_lm import _tiny_gpt2
 from tests.test_export import LABELS, random_texts, write_tiny_classifier  # the lead may move these to conftest
 
 
@@ -86,3 +91,23 @@ def test_missing_tokenizer_is_an_error_not_unknown_tokens(model_dir: Path, tmp_p
 def test_empty_batch_is_rejected(onnx_dir: Path) -> None:
     with pytest.raises(ValueError, match="texts is empty"):
         load_model(onnx_dir).predict([])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the PyTorch models on the GPU")
+def test_pytorch_models_answer_on_the_gpu_as_on_the_cpu(model_dir: Path, tmp_path: Path) -> None:
+    gpu, texts = torch.device("cuda", 0), random_texts(7, seed=5)
+    on_cpu, on_gpu = TorchPredictor(model_dir, 64), TorchPredictor(model_dir, 64, device=gpu)
+    cpu_out, gpu_out = on_cpu.predict(texts), on_gpu.predict(texts)
+    assert cpu_out.labels == gpu_out.labels
+    np.testing.assert_allclose(gpu_out.probabilities, cpu_out.probabilities, atol=1e-4)
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    np.testing.assert_allclose(TorchEmbedder(teacher, 16, device=gpu).embed(texts),
+                               TorchEmbedder(teacher, 16).embed(texts), atol=1e-4)
+    lm = _tiny_gpt2(tmp_path / "lm")
+    np.testing.assert_allclose(TorchLanguageModel(lm, 32, device=gpu).predict(texts).nll,
+                               TorchLanguageModel(lm, 32, device=CPU).predict(texts).nll, rtol=1e-4)
+
+    report = evaluate_models({"cpu": on_cpu, "gpu": on_gpu}, texts, None, latency_calls=3, warmup_calls=1,
+                             throughput_batch=4, throughput_batches=1)
+    assert [row["device"] for row in report["models"].values()] == ["cpu", "cuda:0"]
+    assert "| gpu | pytorch (cuda:0) |" in render_markdown(report)

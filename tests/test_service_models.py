@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from distill.config import DataConfig, EvaluateConfig, ExportConfig, Fresh, JobConfig, TeacherConfig
 from distill.config import TrainConfig as Train
@@ -217,10 +219,24 @@ def test_compare_texts_answers_in_the_request(client: TestClient) -> None:
     assert list(rows) == body["models"] and result["reference"] == "job1.student-fp32"
     assert rows["job1.student-fp32"]["agreement"] == 1.0
     assert rows["job1.student-torch"]["agreement"] == 1.0  # the same weights in PyTorch
+    # PyTorch on the GPU when the server has one (inference_device auto); onnxruntime on the CPU.
+    assert rows["job1.student-torch"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert rows["job1.student"]["device"] == "cpu"
     assert all(row["accuracy"] is not None and row["latency_ms"]["p99"] > 0 for row in rows.values())
     assert result["speedups"]["job1.student-fp32"] == {"latency_p50": 1.0, "throughput": 1.0}
     assert "| job1.student-torch |" in result["markdown"]
     assert client.get(f"/v1/compare/{comparison['id']}").json()["status"] == "succeeded"
+
+
+def test_inference_device_places_the_pytorch_models(tmp_path: Path) -> None:
+    assert Settings(home=tmp_path, inference_device="cpu").torch_device == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert Settings(home=tmp_path).torch_device.type == "cuda"
+        return
+    assert Settings(home=tmp_path).torch_device == torch.device("cpu")  # auto, and no GPU here
+    with pytest.raises(ValidationError, match=r"inference_device\n.*'cuda', but torch sees no GPU on this machine.*"
+                                              r"allowed: 'auto' \(the GPU when there is one\) or 'cpu'"):
+        Settings(home=tmp_path, inference_device="cuda")
 
 
 def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, report: dict) -> None:

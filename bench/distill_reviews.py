@@ -11,8 +11,13 @@ run's examples/s over all epochs, the cache build included (the train set's teac
 validation/test outputs). Then, for the first teacher, the compact student: all
 6 MiniLM layers with the vocabulary trimmed to the training texts' tokens (student.trim_vocabulary), the largest
 MiniLM within 20% of mpnet-base's parameters, trained on the same cached teacher outputs for --compact-epochs.
-Students train without dropout (train.dropout 0). Writes
-bench/results/distill_reviews.json (its headline numbers are the compact student's); asserts nothing.
+With --two-stage, for the first teacher, the two-stage compact student once per --seeds seed (the README's best
+method, examples/reviews-embedding-compact.yaml then examples/reviews-mpnet-compact-gd.yaml): stage 1 teaches the
+compact student the teacher's sentence embeddings (no labels, --stage1-epochs), stage 2 distills the task into it
+as the compact student is (--two-stage-augment perturbed copies, --epochs); each stage's teacher outputs are
+computed once and reused by every seed (they depend on the texts, not on the seed). Students train without dropout
+(train.dropout 0). Writes bench/results/distill_reviews.json (its headline numbers are the two-stage students' mean
+when run, else the compact student's); asserts nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import platform
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +35,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from distill.config import DataConfig, ExportConfig, FromModel, JobConfig, LossConfig, TeacherConfig, TrainConfig
+from distill.config import (
+    DataConfig,
+    ExportConfig,
+    FromModel,
+    JobConfig,
+    LossConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 from distill.data import pull_dataset
 from distill.pipeline import TEACHER_LOGITS, run
 from teachers.registry import distill_home, pull_teacher
@@ -37,14 +52,24 @@ from teachers.registry import distill_home, pull_teacher
 RESULTS = Path(__file__).parent / "results" / "distill_reviews.json"
 
 
-def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namespace, *, compact: bool = False,
+COMPACT = FromModel(init="model", model="minilm-l6", num_layers=6, trim_vocabulary=True)
+
+
+def data(args: argparse.Namespace, augment: int) -> DataConfig:
+    return DataConfig(dataset="reviews", max_length=64, limit=args.limit, transfer="builtin" if args.transfer else None,
+                      augment=augment)
+
+
+def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namespace, *,
+        student: StudentConfig | None = None, augment: int | None = None, seed: int = 0,
         onnx: bool = True) -> JobConfig:
+    """The task job; the student is 3 MiniLM layers unless given, on --augment perturbed copies unless given."""
     return JobConfig(
-        seed=0, precision=args.precision,
-        teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=1, finetune_lr=3e-5),
-        data=DataConfig(dataset="reviews", max_length=64, limit=args.limit,
-                        transfer="builtin" if args.transfer else None, augment=args.augment),
-        student=FromModel(init="model", model="minilm-l6", num_layers=6 if compact else 3, trim_vocabulary=compact),
+        seed=seed, precision=args.precision,
+        # One prepared teacher for every student seed: their outputs and retentions then share one teacher.
+        teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=1, finetune_lr=3e-5, seed=0),
+        data=data(args, args.augment if augment is None else augment),
+        student=student or FromModel(init="model", model="minilm-l6", num_layers=3),
         loss=LossConfig(temperature=2.0, alpha=0.5),
         # dropout 0: 1.36x faster distill stage at the same test accuracy (3 layers: 0.8400 vs 0.8428 with BERT's 0.1)
         train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache, dropout=0.0),
@@ -72,6 +97,12 @@ def main() -> None:
                         help="also the compact student (6 layers, trimmed vocabulary) for the first teacher")
     parser.add_argument("--compact-epochs", type=int, default=5,
                         help="the compact student's epochs (its validation accuracy still rose at epoch 3 of 3)")
+    parser.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=False,
+                        help="also the two-stage compact student for the first teacher, once per --seeds seed")
+    parser.add_argument("--stage1-epochs", type=int, default=3, help="two-stage: epochs of embedding distillation")
+    parser.add_argument("--two-stage-augment", type=int, default=8,
+                        help="two-stage: perturbed copies of each training text in stage 2 (stage 1 uses --augment)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="two-stage: the students' seeds")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                         help="bf16 autocast: faster on CPUs with AVX512-BF16; what the README quotes")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -91,13 +122,9 @@ def main() -> None:
         report = run(job(teacher, work / teacher, args.epochs, True, args, onnx=not (first and args.compact)),
                      log).report
         t = report["timings_seconds"]
-        row = {"teacher": teacher, "student": "minilm-l6, 3 layers", "teacher_params": report["teacher"]["params"],
-               "student_params": report["student"]["params"], "param_ratio": report["param_ratio"],
-               "teacher_accuracy": report["teacher"]["test_accuracy"],
-               "student_accuracy": report["student"]["test_accuracy"],
-               "student_agreement": report["student"]["test_agreement"], "retention": report["retention"],
+        row = {**student_row(teacher, "minilm-l6, 3 layers", report),
                "teacher_prepared_from_cache": report["teacher"]["prepared_from_cache"],
-               "teacher_preparation": report["teacher"]["preparation"], "stage_seconds": t}
+               "teacher_preparation": report["teacher"]["preparation"]}
         if first:
             train_examples = report["data"]["splits"]["train"]["rows"] + report["data"]["transfer"]
             print(f"== {teacher}: distill stage with the teacher at every step", flush=True)
@@ -117,6 +144,8 @@ def main() -> None:
         rows.append(row)
         if first and args.compact:
             rows.append(compact_student(teacher, work, args))
+        if first and args.two_stage:
+            rows += two_stage_students(teacher, work, args)
 
     print()
     print(f"{'teacher':<11} {'student':<29} {'params':>11} {'student':>11} {'ratio':>6} {'teacher acc':>11} "
@@ -132,36 +161,90 @@ def main() -> None:
                   f"(cache build included), teacher every step {r['uncached_examples_per_second']:.1f} "
                   f"-> {r['cache_speedup']:.2f}x ({r['cache_speedup_per_epoch']:.2f}x without the cache build)")
 
-    headline = rows[1] if args.compact else rows[0]
+    two_stage = [r for r in rows if "seed" in r]
+    if two_stage:
+        headline = {**two_stage[0], "student": f"{COMPACT_NAME}, two-stage, mean of {len(two_stage)} seed(s)",
+                    "student_accuracy": statistics.fmean(r["student_accuracy"] for r in two_stage)}
+        headline["retention"] = headline["student_accuracy"] / headline["teacher_accuracy"]
+        print("two-stage retention by seed: " + ", ".join(f"{r['seed']}: {r['retention']:.4f}" for r in two_stage)
+              + f"; mean accuracy {headline['student_accuracy']:.4f}, retention {headline['retention']:.4f}")
+    else:
+        headline = rows[1] if args.compact else rows[0]
     result = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]),
               "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
               "precision": args.precision,
               "teacher": headline["teacher"], "student": headline["student"],
               "teacher_accuracy": headline["teacher_accuracy"], "student_accuracy": headline["student_accuracy"],
               "retention": headline["retention"], "param_ratio": headline["param_ratio"],
+              "retention_by_seed": {r["seed"]: r["retention"] for r in two_stage} or None,
               "cache_speedup": rows[0].get("cache_speedup"), "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
 
-def compact_student(teacher: str, work: Path, args: argparse.Namespace) -> dict:
-    """The 6-layer trimmed-vocabulary student on the 3-layer run's teacher outputs: they depend only on the prepared
-    teacher, the precision and the teacher's token ids, so `resume` finds them valid and skips the build."""
-    print(f"== {teacher}: compact student (6 MiniLM layers, trimmed vocabulary), cached teacher outputs", flush=True)
-    out = work / f"{teacher}-compact"
-    shutil.rmtree(out, ignore_errors=True)  # no stale checkpoint for `resume` to pick up
+COMPACT_NAME = "minilm-l6, 6 layers, trimmed"
+
+
+def run_fresh(config: JobConfig, cached: Path | None) -> dict:
+    """Run `config` in an emptied output_dir (no stale checkpoint for `resume` to pick up), reusing the teacher
+    outputs in `cached` (another job's teacher_logits.pt) when given: they depend only on the prepared teacher, the
+    precision and the teacher's token ids of the texts, so `resume` finds them valid and skips the build."""
+    out = config.output_dir
+    assert out is not None
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    shutil.copy(work / teacher / TEACHER_LOGITS, out / TEACHER_LOGITS)
-    report = run(job(teacher, out, args.compact_epochs, True, args, compact=True), log, resume=True).report
-    return {"teacher": teacher, "student": "minilm-l6, 6 layers, trimmed",
-            "teacher_params": report["teacher"]["params"],
+    if cached is not None:
+        shutil.copy(cached, out / TEACHER_LOGITS)
+    return run(config, log, resume=cached is not None).report
+
+
+def student_row(teacher: str, student: str, report: dict) -> dict:
+    return {"teacher": teacher, "student": student, "teacher_params": report["teacher"]["params"],
             "student_params": report["student"]["params"], "param_ratio": report["param_ratio"],
             "teacher_accuracy": report["teacher"]["test_accuracy"],
             "student_accuracy": report["student"]["test_accuracy"],
             "student_agreement": report["student"]["test_agreement"], "retention": report["retention"],
-            "epochs": args.compact_epochs, "student_history": report["student"]["history"],
+            "retention_interval": report["retention_interval"], "student_history": report["student"]["history"],
             "stage_seconds": report["timings_seconds"]}
+
+
+def compact_student(teacher: str, work: Path, args: argparse.Namespace) -> dict:
+    """The 6-layer trimmed-vocabulary student on the 3-layer run's teacher outputs."""
+    print(f"== {teacher}: compact student (6 MiniLM layers, trimmed vocabulary), cached teacher outputs", flush=True)
+    report = run_fresh(job(teacher, work / f"{teacher}-compact", args.compact_epochs, True, args, student=COMPACT),
+                       work / teacher / TEACHER_LOGITS)
+    return {**student_row(teacher, COMPACT_NAME, report), "epochs": args.compact_epochs}
+
+
+def two_stage_students(teacher: str, work: Path, args: argparse.Namespace) -> list[dict]:
+    """For each seed: stage 1, the compact student taught the teacher's sentence embeddings (MSE + cosine, no
+    labels; the settings of examples/reviews-embedding-compact.yaml); stage 2, the task distilled into it as into
+    the compact student. The first seed's jobs compute each stage's teacher outputs, the others reuse them (stage 2's
+    come from the 3-layer run when it used as many perturbed copies)."""
+    rows = []
+    embeddings = None
+    logits = work / teacher / TEACHER_LOGITS if args.two_stage_augment == args.augment else None
+    for seed in args.seeds:
+        print(f"== {teacher}: two-stage compact student, seed {seed}: stage 1 (sentence embeddings)", flush=True)
+        stage1_dir = work / f"{teacher}-stage1-seed{seed}"
+        stage1 = run_fresh(JobConfig(
+            task="sentence-embedding", seed=seed, precision=args.precision, teacher=TeacherConfig(name=teacher),
+            data=data(args, args.augment), student=COMPACT,
+            loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0),
+            train=TrainConfig(epochs=args.stage1_epochs, batch_size=32, lr=5e-4, dropout=0.0),
+            export=ExportConfig(onnx=False), output_dir=stage1_dir), embeddings)
+        embeddings = embeddings or stage1_dir / TEACHER_LOGITS
+        print(f"== {teacher}: two-stage compact student, seed {seed}: stage 2 (the task)", flush=True)
+        stage2_dir = work / f"{teacher}-two-stage-seed{seed}"
+        student = FromModel(init="model", model=stage1["student"]["dir"], num_layers=6)  # trimmed in stage 1
+        report = run_fresh(job(teacher, stage2_dir, args.epochs, True, args, student=student,
+                               augment=args.two_stage_augment, seed=seed, onnx=False), logits)
+        logits = logits or stage2_dir / TEACHER_LOGITS
+        rows.append({**student_row(teacher, f"{COMPACT_NAME}, two-stage (seed {seed})", report), "seed": seed,
+                     "stage1": {key: stage1["student"][key] for key in ("test_cosine", "test_recall_at_10")}
+                     | {"epochs": args.stage1_epochs, "stage_seconds": stage1["timings_seconds"]}})
+    return rows
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class TeacherConfig(_Section):
     finetune_epochs: int = Field(1, ge=0, description="Stage 2: whole teacher unfrozen (0 skips it).")
     finetune_lr: float = Field(3e-5, gt=0)
     batch_size: int = Field(32, ge=1)
+    seed: int | None = Field(None, description="Seed of the preparation (head init, data order); null: the job's "
+                                               "seed. Fix it to try several student seeds against one prepared "
+                                               "(cached) teacher.")
 
 
 class DataConfig(_Section):

@@ -62,7 +62,7 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         return PreparedTeacher(target, cached=True, summary=json.loads((target / "prepared.json").read_text()))
 
     tc = config.teacher
-    torch.manual_seed(config.seed)
+    torch.manual_seed(preparation_seed(config))
     model = AutoModelForSequenceClassification.from_pretrained(
         teacher_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)}).to(distributed.device())
@@ -88,7 +88,7 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         stages.append({"stage": "head", "epochs": tc.head_epochs, "validation_accuracy": accuracy})
     if tc.finetune_epochs or head is None:
         cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr)
-        result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=config.seed,
+        result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=preparation_seed(config),
                      on_event=on_event, stage="teacher-finetune", precision=config.precision)
         model = AutoModelForSequenceClassification.from_pretrained(work / BEST)
         stages.append({"stage": "finetune", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
@@ -155,11 +155,17 @@ def _has_head_for(teacher_dir: str, labels: list[str]) -> bool:
     return has_head and [config.id2label[i] for i in range(len(config.id2label))] == labels
 
 
+def preparation_seed(config: JobConfig) -> int:
+    return config.seed if config.teacher.seed is None else config.teacher.seed
+
+
 def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Split) -> str:
-    """Everything the prepared weights depend on: teacher, training data, labels, settings, seed."""
+    """Everything the prepared weights depend on: teacher, training data, labels, settings, seed. (The settings
+    without `seed`, which counts once as the seed used: keys of teachers prepared before it existed still match.)"""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"teacher": str(teacher_dir), "labels": labels, "settings": config.teacher.model_dump(),
-                              "max_length": config.data.max_length, "seed": config.seed,
+    digest.update(json.dumps({"teacher": str(teacher_dir), "labels": labels,
+                              "settings": config.teacher.model_dump(exclude={"seed"}),
+                              "max_length": config.data.max_length, "seed": preparation_seed(config),
                               "precision": config.precision}, sort_keys=True).encode())
     for example, label in zip(train.student_inputs, train.labels.tolist(), strict=True):
         digest.update(json.dumps([example["input_ids"], label]).encode())

@@ -76,6 +76,13 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     again = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job2", student))
     assert again.report["teacher"]["prepared_from_cache"] is True
     assert again.report["teacher"]["prepared_dir"] == report["teacher"]["prepared_dir"]
+    # So does a job of another seed whose teacher.seed is the first job's; without it, its own seed prepares anew.
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job3", student)
+    seeded = run(config.model_copy(update={"seed": 1, "teacher": config.teacher.model_copy(update={"seed": 0})}))
+    assert seeded.report["teacher"]["prepared_dir"] == report["teacher"]["prepared_dir"]
+    other = run(config.model_copy(update={"seed": 1, "output_dir": tmp_path / "job4"}))
+    assert other.report["teacher"]["prepared_from_cache"] is False
+    assert other.report["teacher"]["prepared_dir"] != report["teacher"]["prepared_dir"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares a job on the GPU with the same job on the CPU")

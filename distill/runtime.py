@@ -13,6 +13,7 @@ import inspect
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -73,9 +74,9 @@ def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.Inf
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def torch_inputs(inputs: Inputs, names: list[str] | tuple[str, ...], device: torch.device) -> dict[str, Tensor]:
-    """The named (B, L) inputs as tensors on the model's device (those of `names` the inputs have)."""
-    return {name: torch.from_numpy(inputs[name]).to(device) for name in names if name in inputs}
+def torch_inputs(inputs: Inputs, device: torch.device, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """The (B, L) inputs as tensors on the model's device: those of `names` the inputs have, or all."""
+    return {name: torch.from_numpy(inputs[name]).to(device) for name in (names or inputs) if name in inputs}
 
 
 def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
@@ -153,7 +154,7 @@ class TorchPredictor(HFPredictor):
 
     def logits(self, inputs: Inputs) -> np.ndarray:
         with torch.inference_mode():
-            output = self.model(**torch_inputs(inputs, self.input_names, self.device))
+            output = self.model(**torch_inputs(inputs, self.device, self.input_names))
         return output.logits.float().cpu().numpy()
 
 
@@ -237,8 +238,8 @@ class TorchEmbedder(Embedder):
 
     def _embed_batch(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         with torch.inference_mode():
-            output = self.model(**torch_inputs(encoded, ("input_ids", "attention_mask", "token_type_ids"),
-                                               self.device))
+            output = self.model(**torch_inputs(encoded, self.device,
+                                               ("input_ids", "attention_mask", "token_type_ids")))
         return output.embedding.float().cpu().numpy()
 
 
@@ -401,7 +402,7 @@ class TorchLanguageModel(LanguageModel):
 
     def logits(self, inputs: Inputs) -> np.ndarray:
         with torch.inference_mode():
-            output = self.model(**torch_inputs(inputs, list(inputs), self.device), use_cache=False)
+            output = self.model(**torch_inputs(inputs, self.device), use_cache=False)
         return output.logits.float().cpu().numpy()
 
 

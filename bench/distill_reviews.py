@@ -53,6 +53,7 @@ RESULTS = Path(__file__).parent / "results" / "distill_reviews.json"
 
 
 COMPACT = FromModel(init="model", model="minilm-l6", num_layers=6, trim_vocabulary=True)
+COMPACT_NAME = "minilm-l6, 6 layers, trimmed"
 
 
 def data(args: argparse.Namespace, augment: int) -> DataConfig:
@@ -181,9 +182,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
-
-
-COMPACT_NAME = "minilm-l6, 6 layers, trimmed"
 
 
 def run_fresh(config: JobConfig, cached: Path | None) -> dict:

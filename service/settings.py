@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distill.config import Device
+from distill.distributed import uses_cuda
 from teachers.registry import distill_home
 
 
@@ -54,9 +55,8 @@ class Settings(BaseSettings):
     @property
     def torch_device(self) -> torch.device:
         """The device inference_device names on this machine."""
-        if self.inference_device != "cpu" and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if uses_cuda(self.inference_device) \
+            else torch.device("cpu")
 
     @property
     def jobs_dir(self) -> Path:

@@ -12,9 +12,19 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel, MPNetTokenizer
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MPNetConfig,
+    MPNetModel,
+    MPNetTokenizer,
+)
 
 from distill import distributed
+from distill.causal_lm import train_tokenizer
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
@@ -53,6 +63,18 @@ def write_tiny_encoder(directory: Path, seed: int = 0, layers: int = 2, hidden: 
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=64)
     BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_gpt2(directory: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A seeded, untrained GPT-2 (hidden 32) with a BPE tokenizer learned from synthetic texts, saved like a hub
+    model."""
+    tokenizer = train_tokenizer([text for text, _ in synthetic_rows(240, seed=5)], vocab_size=300)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
 
 

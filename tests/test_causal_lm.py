@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.causal_lm import TASK, score, torch_logits, train_lm_teacher, train_tokenizer
 from distill.config import (
@@ -24,22 +24,11 @@ from distill.config import (
 from distill.pipeline import run
 from distill.runtime import next_tokens
 from distill.student import build_student
-from tests.conftest import synthetic_rows, write_csv
+from tests.conftest import synthetic_rows, write_csv, write_tiny_gpt2
 
 TEXTS = [text for text, _ in synthetic_rows(240, seed=5)]
 # One batch: a 3-token text and a 2-token one padded to 3.
 INPUTS = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
-
-
-def _tiny_gpt2(directory: Path, layers: int = 2, seed: int = 0) -> Path:
-    """A seeded, untrained GPT-2 (hidden 32) with a BPE tokenizer learned from TEXTS, saved like a hub model."""
-    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def test_logits_at_t_predict_token_t_plus_one_where_both_are_real() -> None:
@@ -91,7 +80,7 @@ def test_each_objective_counts_only_predicted_positions(divergence: str, expecte
 
 
 def test_student_from_teacher_blocks_copies_gpt2_blocks(tmp_path: Path) -> None:
-    teacher_dir = _tiny_gpt2(tmp_path / "t", layers=4)
+    teacher_dir = write_tiny_gpt2(tmp_path / "t", layers=4)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     student = build_student(FromTeacher(init="teacher", layers=[0, 2]), teacher, str(teacher_dir),
                             auto_class=AutoModelForCausalLM)

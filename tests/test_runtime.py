@@ -23,8 +23,7 @@ from distill.runtime import (
     load_model,
     load_tokenizer,
 )
-from tests.conftest import write_sentence_teacher, write_tiny_encoder
-from tests.test_causal_lm import _tiny_gpt2
+from tests.conftest import write_sentence_teacher, write_tiny_encoder, write_tiny_gpt2
 from tests.test_export import LABELS, random_texts, write_tiny_classifier  # the lead may move these to conftest
 
 
@@ -103,7 +102,7 @@ def test_pytorch_models_answer_on_the_gpu_as_on_the_cpu(model_dir: Path, tmp_pat
     teacher = write_sentence_teacher(tmp_path / "teacher")
     np.testing.assert_allclose(TorchEmbedder(teacher, 16, device=gpu).embed(texts),
                                TorchEmbedder(teacher, 16).embed(texts), atol=1e-4)
-    lm = _tiny_gpt2(tmp_path / "lm")
+    lm = write_tiny_gpt2(tmp_path / "lm")
     np.testing.assert_allclose(TorchLanguageModel(lm, 32, device=gpu).predict(texts).nll,
                                TorchLanguageModel(lm, 32, device=CPU).predict(texts).nll, rtol=1e-4)
 

@@ -2,7 +2,8 @@
 
 One loop for both modes: AdamW, linear warmup then decay, gradient clipping, evaluation each epoch, the best model
 kept, resumable checkpoints every N steps (model, optimizer, scheduler, step, RNG; the data order is a function of
-(seed, epoch), so it needs no state). Progress goes to an event callback; the CLI draws it, the service stores it.
+(seed, epoch), so it needs no state; batches group texts of similar length unless `train.group_by_length` is off).
+Progress goes to an event callback; the CLI draws it, the service stores it.
 
 Under torchrun (distill/distributed.py) the same loop is data-parallel: every rank walks the same global batches and
 trains on its slice of each, DistributedDataParallel averages the gradients, and rank 0 alone writes files and emits
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from distill import atomic, distributed, losses
 from distill.config import LossConfig, TrainConfig
@@ -114,11 +116,11 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
               if teacher and loss.value_kl > 0 else None)
     step, examples, train_seconds = state["step"], 0, 0.0
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        order = epoch_order(train, cfg, seed, epoch)
         net.train()
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             started = time.perf_counter()
-            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
+            batch = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             idx, share = _shard(batch)
             inputs = on_device(task.collate(tokenizer, [train.student_inputs[i] for i in idx]), device)
             labels = train.labels[idx].to(device)
@@ -177,6 +179,17 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return FitResult(best_epoch=int(best["epoch"]), best_metrics=best, history=state["history"], steps=step,
                      train_seconds=train_seconds,
                      examples_per_second=examples / train_seconds if train_seconds else 0.0)
+
+
+def epoch_order(train: Split, cfg: TrainConfig, seed: int, epoch: int) -> list[int]:
+    """The epoch's example order, a function of (seed, epoch) alone: shuffled, or with `cfg.group_by_length`
+    shuffled and then sorted by length within groups of 50 batches (transformers' LengthGroupedSampler), so that
+    each batch pads little and still meets other texts every epoch."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    if not cfg.group_by_length:
+        return torch.randperm(len(train), generator=generator).tolist()
+    lengths = [len(example["input_ids"]) for example in train.student_inputs]
+    return get_length_grouped_indices(lengths, cfg.batch_size, generator=generator)
 
 
 def set_dropout(model: nn.Module, p: float, device: torch.device) -> None:

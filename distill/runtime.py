@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -305,8 +305,9 @@ class Generation:
 
 class LanguageModel(ABC):
     """What both causal-LM runtimes share: texts encoded as in training (BOS text EOS, truncated to max_length;
-    right padding), per-text scores, and generation one token at a time (the exported graph has no KV cache, so
-    each step runs the whole sequence: fine for the short texts these models see, O(n²) for long ones)."""
+    right padding), per-text scores, and generation one token at a time through `next_logits` (by default the
+    whole sequence each step, as the exported graph has no KV cache: fine for the short texts these models see,
+    O(n²) for long ones; PyTorch keeps transformers' KV cache instead)."""
 
     def __init__(self, name: str, tokenizer_dir: Path, max_length: int) -> None:
         self.name, self.max_length = name, max_length
@@ -318,6 +319,11 @@ class LanguageModel(ABC):
     @abstractmethod
     def logits(self, inputs: Inputs) -> np.ndarray:
         """(B, L) input_ids and attention_mask → (B, L, V) float32 next-token logits."""
+
+    def next_logits(self, tokens: list[int], state: Any = None) -> tuple[np.ndarray, Any]:
+        """(V,) float32 logits of the token after `tokens`, and a state for the call on `tokens` plus one more
+        token (None here: each call re-runs the whole sequence)."""
+        return self.logits(_padded([tokens], self.tokenizer.pad_token_id))[0, -1], None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """BOS text EOS (where the tokenizer has them), truncated to max_length: as distill.causal_lm trains."""
@@ -358,11 +364,12 @@ class LanguageModel(ABC):
         rng = np.random.default_rng(seed)
         new: list[int] = []
         reason: Literal["end_of_text", "max_new_tokens", "max_length"] = "max_new_tokens"
+        state = None
         while len(new) < max_new_tokens:
             if len(ids) + len(new) >= self.max_length:
                 reason = "max_length"
                 break
-            logits = self.logits(_padded([ids + new], self.tokenizer.pad_token_id))[0, -1]
+            logits, state = self.next_logits(ids + new, state)
             if temperature == 0:
                 token = int(logits.argmax())
             else:  # float64: numpy's choice wants probabilities that sum to 1 within 1e-8
@@ -388,22 +395,33 @@ def _padded(rows: list[list[int]], pad_id: int) -> Inputs:
 
 
 class TorchLanguageModel(LanguageModel):
-    """A saved AutoModelForCausalLM directory, run by PyTorch in eval() under inference_mode on `device`, without a
-    KV cache (as the exported graph). `threads` calls torch.set_num_threads, which is process-wide."""
+    """A saved AutoModelForCausalLM directory, run by PyTorch in eval() under inference_mode on `device`; generation
+    keeps transformers' KV cache, so each new token costs one position, not the whole sequence (`kv_cache=False`
+    re-runs it, as the exported graph must). `threads` calls torch.set_num_threads, which is process-wide."""
 
     def __init__(self, model_dir: Path, max_length: int = 128, threads: int | None = None, *,
-                 name: str | None = None, device: torch.device = CPU) -> None:
+                 name: str | None = None, device: torch.device = CPU, kv_cache: bool = True) -> None:
         model_dir = Path(model_dir)
         super().__init__(name or f"torch:{model_dir.name}", model_dir, max_length)
         if threads is not None:
             torch.set_num_threads(threads)
-        self.device = device
+        self.device, self.kv_cache = device, kv_cache
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(device)
 
     def logits(self, inputs: Inputs) -> np.ndarray:
         with torch.inference_mode():
             output = self.model(**torch_inputs(inputs, self.device), use_cache=False)
         return output.logits.float().cpu().numpy()
+
+    def next_logits(self, tokens: list[int], state: Any = None) -> tuple[np.ndarray, Any]:
+        """The state is the model's KV cache of the tokens of the call before: only the new token runs."""
+        if not self.kv_cache:
+            return super().next_logits(tokens)
+        new = tokens if state is None else tokens[state.get_seq_length():]
+        with torch.inference_mode():
+            output = self.model(input_ids=torch.tensor([new], device=self.device), past_key_values=state,
+                                use_cache=True)
+        return output.logits[0, -1].float().cpu().numpy(), output.past_key_values
 
 
 class OnnxLanguageModel(LanguageModel):

@@ -22,6 +22,7 @@ from distill.engine import (
     TrainingError,
     _capture_values,
     _value_loss,
+    epoch_order,
     fit,
     set_dropout,
 )
@@ -82,6 +83,23 @@ def test_resume_equals_uninterrupted(setup, tmp_path: Path) -> None:
     assert ("resumed", {"stage": "distill", "step": 9, "total_steps": 16}) in events
     assert result.steps == 16
     assert torch.equal(_weights(resumed), _weights(uninterrupted))
+
+
+def test_length_grouped_batches_pad_less_and_still_cover_every_example_in_a_new_order() -> None:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 60, (2000,), generator=generator).tolist()
+    train = Split([{"input_ids": [1] * n} for n in lengths], torch.zeros(len(lengths), dtype=torch.long))
+    cfg = TrainConfig(batch_size=32)
+
+    def padded_tokens(order: list[int]) -> int:  # what collate pads each batch to: its longest text
+        return sum(max(lengths[i] for i in order[b:b + 32]) * len(order[b:b + 32]) for b in range(0, len(order), 32))
+
+    grouped = epoch_order(train, cfg, seed=5, epoch=0)
+    shuffled = epoch_order(train, cfg.model_copy(update={"group_by_length": False}), seed=5, epoch=0)
+    assert sorted(grouped) == sorted(shuffled) == list(range(len(lengths)))
+    assert padded_tokens(grouped) < 1.1 * sum(lengths) < 1.5 * sum(lengths) < padded_tokens(shuffled)
+    assert epoch_order(train, cfg, seed=5, epoch=0) == grouped  # resume rebuilds the same order
+    assert epoch_order(train, cfg, seed=5, epoch=1) != grouped
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(setup, tmp_path: Path) -> None:

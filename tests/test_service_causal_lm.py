@@ -85,19 +85,33 @@ def test_load_model_runs_both_formats_of_a_language_model_alike(settings: Settin
 
 
 def test_greedy_generation_is_what_transformers_generates(settings: Settings) -> None:
-    """Our cache-free loop picks the same tokens as transformers' generate (KV cache, greedy) on the same model."""
+    """Every loop — PyTorch's with its KV cache and without, onnxruntime's (re-running the whole sequence) — picks
+    the tokens transformers' generate (KV cache, greedy) picks on the same model."""
     student_dir = settings.jobs_dir / "lm" / "student"
-    lm = TorchLanguageModel(student_dir, MAX_LENGTH)
     prompt = "the movie was"
-    generation = lm.generate(prompt, max_new_tokens=6)
-    ids = torch.tensor([lm.encode([prompt])[0][:-1]])  # the start token and the prompt, no end token
+    torch_lm = TorchLanguageModel(student_dir, MAX_LENGTH)
+    ids = torch.tensor([torch_lm.encode([prompt])[0][:-1]])  # the start token and the prompt, no end token
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              pad_token_id=lm.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
-    assert generation.tokens == len(expected)
-    assert generation.text == lm.tokenizer.decode(expected, skip_special_tokens=True)
-    assert generation.finish_reason == ("end_of_text" if expected[-1] == lm.tokenizer.eos_token_id
-                                        else "max_new_tokens")
+                              pad_token_id=torch_lm.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    for lm in (torch_lm, TorchLanguageModel(student_dir, MAX_LENGTH, kv_cache=False),
+               load_model(settings.jobs_dir / "lm" / "student-onnx", MAX_LENGTH)):
+        generation = lm.generate(prompt, max_new_tokens=6)
+        assert generation.tokens == len(expected), lm.name
+        assert generation.text == lm.tokenizer.decode(expected, skip_special_tokens=True), lm.name
+        assert generation.finish_reason == ("end_of_text" if expected[-1] == lm.tokenizer.eos_token_id
+                                            else "max_new_tokens")
+
+
+def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(settings: Settings) -> None:
+    lm = TorchLanguageModel(settings.jobs_dir / "lm" / "student", MAX_LENGTH)
+    tokens = lm.encode(["a great movie , truly"])[0]
+    state = None
+    for end in range(2, len(tokens) + 1):
+        cached, state = lm.next_logits(tokens[:end], state)
+        whole = lm.logits({"input_ids": np.array([tokens[:end]]), "attention_mask": np.ones((1, end), np.int64)})
+        np.testing.assert_allclose(cached, whole[0, -1], atol=1e-5)
+    assert state.get_seq_length() == len(tokens)
 
 
 def test_a_causal_lm_job_lists_its_teacher_and_students(client: TestClient, report: dict) -> None:

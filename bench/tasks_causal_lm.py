@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lm-alpha", type=float, default=0.5,
                        help="weight of next-token CE (1: the same student trained without the teacher's signal)")
     group.add_argument("--lm-prompts", type=int, default=20, help="prompts of the generation timing")
+    group.add_argument("--lm-group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                       help="train.group_by_length of the teacher's training and the distillation (default: the "
+                            "config's)")
 
 
 def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -52,15 +55,15 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     teacher_dir = train_lm_teacher(
         [e.text for e in data.train], [e.text for e in data.validation], work / "lm-teacher", layers=args.lm_layers,
         hidden=args.lm_hidden, heads=4, vocab_size=args.lm_vocab, max_length=args.lm_max_length,
-        train=TrainConfig(epochs=args.lm_teacher_epochs, batch_size=32, lr=1e-3), precision=args.precision,
-        on_event=_log)
+        train=TrainConfig(epochs=args.lm_teacher_epochs, batch_size=32, lr=1e-3, **batch_order(args)),
+        precision=args.precision, on_event=_log)
     teacher_seconds = time.perf_counter() - started
     config = JobConfig(
         task="causal-lm", seed=0, precision=args.precision, teacher=TeacherConfig(name=str(teacher_dir)),
         data=DataConfig(dataset="reviews", max_length=args.lm_max_length),
         student=FromTeacher(init="teacher", layers=list(range(0, args.lm_layers, 2))),
         loss=LossConfig(temperature=1.0, alpha=args.lm_alpha, divergence=args.lm_divergence),
-        train=TrainConfig(epochs=args.lm_epochs, batch_size=32, lr=5e-4),
+        train=TrainConfig(epochs=args.lm_epochs, batch_size=32, lr=5e-4, **batch_order(args)),
         evaluate=EvaluateConfig(latency_calls=100), output_dir=work / "lm-job")
     report = run(config, _log).report
     teacher, student, evaluation = report["teacher"], report["student"], report["evaluation"]
@@ -88,6 +91,10 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "lm_seconds": {"teacher_training": round(teacher_seconds, 1), **report["timings_seconds"]},
         "lm_target_met": report["perplexity_ratio"] <= 1.15,
     }
+
+
+def batch_order(args: argparse.Namespace) -> dict[str, bool]:
+    return {} if args.lm_group_by_length is None else {"group_by_length": args.lm_group_by_length}
 
 
 def _generation(model: LanguageModel, prompts: list[str]) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 One loop for both modes: AdamW, linear warmup then decay, gradient clipping, evaluation each epoch, the best model
 kept, resumable checkpoints every N steps (model, optimizer, scheduler, step, RNG; the data order is a function of
-(seed, epoch), so it needs no state; batches group texts of similar length unless `train.group_by_length` is off).
+(seed, epoch), so it needs no state; batches group texts of similar length where `train.group_by_length` or the
+task says so).
 Progress goes to an event callback; the CLI draws it, the service stores it.
 
 Under torchrun (distill/distributed.py) the same loop is data-parallel: every rank walks the same global batches and
@@ -115,8 +116,9 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     values = ((_capture_values(model, hooks), _capture_values(teacher.model, hooks))
               if teacher and loss.value_kl > 0 else None)
     step, examples, train_seconds = state["step"], 0, 0.0
+    grouped = task.group_by_length if cfg.group_by_length is None else cfg.group_by_length
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        order = epoch_order(train, cfg, seed, epoch)
+        order = epoch_order(train, cfg.batch_size, seed, epoch, grouped)
         net.train()
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             started = time.perf_counter()
@@ -181,15 +183,15 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                      examples_per_second=examples / train_seconds if train_seconds else 0.0)
 
 
-def epoch_order(train: Split, cfg: TrainConfig, seed: int, epoch: int) -> list[int]:
-    """The epoch's example order, a function of (seed, epoch) alone: shuffled, or with `cfg.group_by_length`
-    shuffled and then sorted by length within groups of 50 batches (transformers' LengthGroupedSampler), so that
-    each batch pads little and still meets other texts every epoch."""
+def epoch_order(train: Split, batch_size: int, seed: int, epoch: int, grouped: bool) -> list[int]:
+    """The epoch's example order, a function of (seed, epoch) alone: shuffled, or `grouped`: shuffled and then
+    sorted by length within groups of 50 batches (transformers' LengthGroupedSampler), so that each batch pads
+    little and still meets other texts every epoch."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    if not cfg.group_by_length:
+    if not grouped:
         return torch.randperm(len(train), generator=generator).tolist()
     lengths = [len(example["input_ids"]) for example in train.student_inputs]
-    return get_length_grouped_indices(lengths, cfg.batch_size, generator=generator)
+    return get_length_grouped_indices(lengths, batch_size, generator=generator)
 
 
 def set_dropout(model: nn.Module, p: float, device: torch.device) -> None:

@@ -89,17 +89,29 @@ def test_length_grouped_batches_pad_less_and_still_cover_every_example_in_a_new_
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 60, (2000,), generator=generator).tolist()
     train = Split([{"input_ids": [1] * n} for n in lengths], torch.zeros(len(lengths), dtype=torch.long))
-    cfg = TrainConfig(batch_size=32)
 
     def padded_tokens(order: list[int]) -> int:  # what collate pads each batch to: its longest text
         return sum(max(lengths[i] for i in order[b:b + 32]) * len(order[b:b + 32]) for b in range(0, len(order), 32))
 
-    grouped = epoch_order(train, cfg, seed=5, epoch=0)
-    shuffled = epoch_order(train, cfg.model_copy(update={"group_by_length": False}), seed=5, epoch=0)
+    grouped = epoch_order(train, 32, seed=5, epoch=0, grouped=True)
+    shuffled = epoch_order(train, 32, seed=5, epoch=0, grouped=False)
     assert sorted(grouped) == sorted(shuffled) == list(range(len(lengths)))
     assert padded_tokens(grouped) < 1.1 * sum(lengths) < 1.5 * sum(lengths) < padded_tokens(shuffled)
-    assert epoch_order(train, cfg, seed=5, epoch=0) == grouped  # resume rebuilds the same order
-    assert epoch_order(train, cfg, seed=5, epoch=1) != grouped
+    assert epoch_order(train, 32, seed=5, epoch=0, grouped=True) == grouped  # resume rebuilds the same order
+    assert epoch_order(train, 32, seed=5, epoch=1, grouped=True) != grouped
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, True), (False, False)])
+def test_the_task_decides_the_batch_order_unless_the_config_does(setup, tmp_path: Path, monkeypatch,
+                                                                setting: bool | None, expected: bool) -> None:
+    tokenizer, teacher, train, validation = setup
+    seen: list[bool] = []
+    monkeypatch.setattr("distill.engine.epoch_order",
+                        lambda train, batch_size, seed, epoch, grouped: seen.append(grouped) or list(range(len(train))))
+    cfg = CFG.model_copy(update={"epochs": 1, "group_by_length": setting})
+    fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, cfg, run_dir=tmp_path, seed=5,
+        teacher=teacher)
+    assert seen == [expected]
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(setup, tmp_path: Path) -> None:

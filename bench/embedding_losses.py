@@ -2,7 +2,7 @@
 training texts with that job's cached teacher embeddings (no teacher pass), scored on its validation split
 (cosine and recall@10 agreement after each epoch). Student and training settings are the config's (for
 examples/reviews-embedding.yaml: the first 3 MiniLM-L6 layers + a 384 → 768 projection started by least squares, lr
-5e-4, batch 32), with dropout 0 as bench/tasks.py trains and --epochs.
+5e-4, batch 32), with dropout 0 as bench/tasks.py trains, --epochs, and shuffled batches unless --group-by-length.
 
     python bench/embedding_losses.py --config JOB.yaml --job-dir DIR --name NAME --loss '{"anchor_kl": 1}'
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss", default="{}", help="LossConfig keys as JSON, over MSE 1 + cosine 1 + nothing else")
     parser.add_argument("--rows", type=int, default=12000, help="training texts drawn (seed 0)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
+                        help="length-grouped batches (train.group_by_length; shuffled by default, as the task's)")
     parser.add_argument("--save", type=Path, help="keep the run here (the best student: SAVE/best)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -79,13 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         result = engine.fit(task, student, built.tokenizer, train, validation,
                             config.train.model_copy(update={"epochs": args.epochs, "dropout": 0.0,
-                                                            "checkpoint_every": 10**9}),
+                                                            "checkpoint_every": 10**9,
+                                                            "group_by_length": args.group_by_length}),
                             run_dir=args.save or Path(scratch), seed=0, loss=loss)
     row = {"loss": json.loads(loss.model_dump_json(include={"embedding_mse", "embedding_cosine", "similarity_kl",
                                                                "similarity_temperature", "anchor_kl",
                                                                "anchor_count"})),
-           "rows": len(pick), "epochs": args.epochs, "history": result.history,
-           "seconds": round(time.perf_counter() - started), "command": " ".join(sys.argv)}
+           "rows": len(pick), "epochs": args.epochs, "group_by_length": args.group_by_length,
+           "history": result.history, "seconds": round(time.perf_counter() - started),
+           "train_examples_per_second": result.examples_per_second, "command": " ".join(sys.argv)}
     table = json.loads(args.out.read_text()) if args.out.exists() else {}
     table[args.name] = row
     args.out.parent.mkdir(parents=True, exist_ok=True)

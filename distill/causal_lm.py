@@ -61,7 +61,6 @@ Logits = Callable[[dict[str, Tensor]], Tensor]  # (B, L) inputs → (B, L, V) fl
 class CausalLM:
     name = "causal-lm"
     cache_teacher = False  # (N, L, V) logits: the teacher runs every step instead
-    group_by_length = False  # the loss averages a batch's tokens: batches of short texts would weigh theirs up
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Encoded]:
         """BOS text EOS (where the tokenizer has them), truncated to max_length: the first word is predicted too,

@@ -151,11 +151,11 @@ class TrainConfig(_Section):
     dropout: float | None = Field(None, ge=0, lt=1, description="Dropout probability of every dropout layer of the "
                                                                "student; None keeps its model's own (0.1 for BERT). "
                                                                "0 trains about 1.4x faster on CPU.")
-    group_by_length: bool | None = Field(
-        None, description="Batches of similar length (shuffled, then sorted within groups of 50 batches): a batch "
-                          "pads to its longest text, and random batches of reviews carry 2.1x their real tokens, "
-                          "grouped 1.06x. None: on for sequence classification, off for sentence embeddings "
-                          "(in-batch similarities) and causal LMs (a batch's tokens are averaged).")
+    group_by_length: bool = Field(
+        False, description="Batches of similar length (shuffled, then sorted within groups of 50 batches): a batch "
+                           "pads to its longest text, and random batches of reviews carry 2.1x their real tokens, "
+                           "grouped 1.06x: 1.8x faster classification training on 21k texts at the same accuracy. "
+                           "Not for causal LMs (their loss averages a batch's tokens) nor small datasets.")
 
 
 class ExportConfig(_Section):

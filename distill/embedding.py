@@ -294,7 +294,6 @@ class SentenceEmbedding(SequenceClassification):
 
     name = "sentence-embedding"
     cache_teacher = True  # (N, D) embeddings: a few KB per example
-    group_by_length = False  # the in-batch similarity KL would only ever compare texts of one length
 
     def __init__(self, max_length: int = 128) -> None:
         self.max_length = max_length  # written into the saved directory as its max_seq_length

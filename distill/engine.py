@@ -2,8 +2,7 @@
 
 One loop for both modes: AdamW, linear warmup then decay, gradient clipping, evaluation each epoch, the best model
 kept, resumable checkpoints every N steps (model, optimizer, scheduler, step, RNG; the data order is a function of
-(seed, epoch), so it needs no state; batches group texts of similar length where `train.group_by_length` or the
-task says so).
+(seed, epoch), so it needs no state; with `train.group_by_length` batches group texts of similar length).
 Progress goes to an event callback; the CLI draws it, the service stores it.
 
 Under torchrun (distill/distributed.py) the same loop is data-parallel: every rank walks the same global batches and
@@ -116,9 +115,8 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     values = ((_capture_values(model, hooks), _capture_values(teacher.model, hooks))
               if teacher and loss.value_kl > 0 else None)
     step, examples, train_seconds = state["step"], 0, 0.0
-    grouped = task.group_by_length if cfg.group_by_length is None else cfg.group_by_length
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        order = epoch_order(train, cfg.batch_size, seed, epoch, grouped)
+        order = epoch_order(train, cfg.batch_size, seed, epoch, cfg.group_by_length)
         net.train()
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             started = time.perf_counter()

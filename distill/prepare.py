@@ -87,10 +87,7 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
                                tc.batch_size, emit)
         stages.append({"stage": "head", "epochs": tc.head_epochs, "validation_accuracy": accuracy})
     if tc.finetune_epochs or head is None:
-        # Shuffled batches, as before train.group_by_length existed: the cache key does not name the batch order,
-        # so teachers already prepared under a key stay what that key would prepare now.
-        cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr,
-                          group_by_length=False)
+        cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr)
         result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=preparation_seed(config),
                      on_event=on_event, stage="teacher-finetune", precision=config.precision)
         model = AutoModelForSequenceClassification.from_pretrained(work / BEST)

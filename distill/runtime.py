@@ -419,9 +419,8 @@ class TorchLanguageModel(LanguageModel):
             return super().next_logits(tokens)
         new = tokens if state is None else tokens[state.get_seq_length():]
         with torch.inference_mode():
-            output = self.model(input_ids=torch.tensor([new], device=self.device), past_key_values=state,
-                                use_cache=True)
-        return output.logits[0, -1].float().cpu().numpy(), output.past_key_values
+            output = self.model(input_ids=torch.tensor([new], device=self.device), cache=state, use_cache=True)
+        return output.logits[0, -1].float().cpu().numpy(), output.cache
 
 
 class OnnxLanguageModel(LanguageModel):

@@ -30,7 +30,6 @@ Encoded = dict[str, list[int]]  # one example's token ids, unpadded
 class Task(Protocol):
     name: str
     cache_teacher: bool  # the teacher's distilled outputs are small enough to keep per example (the logit cache)
-    group_by_length: bool  # train.group_by_length's default: whether length-grouped batches leave the loss as it was
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Encoded]: ...
 
@@ -66,7 +65,6 @@ class Task(Protocol):
 class SequenceClassification:
     name = "sequence-classification"
     cache_teacher = True
-    group_by_length = True  # a mean of per-text terms: which texts share a batch does not change it
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[Encoded]:
         encoded = tokenizer(texts, truncation=True, max_length=max_length)

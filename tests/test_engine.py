@@ -101,17 +101,29 @@ def test_length_grouped_batches_pad_less_and_still_cover_every_example_in_a_new_
     assert epoch_order(train, 32, seed=5, epoch=1, grouped=True) != grouped
 
 
-@pytest.mark.parametrize(("setting", "expected"), [(None, True), (False, False)])
-def test_the_task_decides_the_batch_order_unless_the_config_does(setup, tmp_path: Path, monkeypatch,
-                                                                setting: bool | None, expected: bool) -> None:
+def test_length_grouped_training_resumes_exactly(setup, tmp_path: Path) -> None:
+    """The grouped order is rebuilt from (seed, epoch) after a crash as the shuffled one is."""
     tokenizer, teacher, train, validation = setup
-    seen: list[bool] = []
-    monkeypatch.setattr("distill.engine.epoch_order",
-                        lambda train, batch_size, seed, epoch, grouped: seen.append(grouped) or list(range(len(train))))
-    cfg = CFG.model_copy(update={"epochs": 1, "group_by_length": setting})
-    fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, cfg, run_dir=tmp_path, seed=5,
-        teacher=teacher)
-    assert seen == [expected]
+    train.student_inputs = [{key: ids[:1 + i % 12] for key, ids in example.items()}  # lengths 1..12: grouping reorders
+                            for i, example in enumerate(train.student_inputs)]
+    cfg = CFG.model_copy(update={"group_by_length": True})
+    uninterrupted = _classifier(len(tokenizer), seed=1)
+    fit(TASK, uninterrupted, tokenizer, train, validation, cfg, run_dir=tmp_path / "a", seed=5, teacher=teacher)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_step_9(kind: str, data: dict) -> None:
+        if kind == "progress" and data["step"] == 10:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(TASK, _classifier(len(tokenizer), seed=1), tokenizer, train, validation, cfg, run_dir=tmp_path / "b",
+            seed=5, teacher=teacher, on_event=crash_after_step_9)
+    resumed = _classifier(len(tokenizer), seed=99)
+    fit(TASK, resumed, tokenizer, train, validation, cfg, run_dir=tmp_path / "b", seed=5, teacher=teacher,
+        resume=True)
+    assert torch.equal(_weights(resumed), _weights(uninterrupted))
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(setup, tmp_path: Path) -> None:

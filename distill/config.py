@@ -155,7 +155,8 @@ class TrainConfig(_Section):
         False, description="Batches of similar length (shuffled, then sorted within groups of 50 batches): a batch "
                            "pads to its longest text, and random batches of reviews carry 2.1x their real tokens, "
                            "grouped 1.06x: 1.8x faster classification training on 21k texts at the same accuracy. "
-                           "Not for causal LMs (their loss averages a batch's tokens) nor small datasets.")
+                           "Hurt causal LMs (their loss averages a batch's tokens), sentence embeddings and small "
+                           "datasets where measured.")
 
 
 class ExportConfig(_Section):

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=12000, help="training texts drawn (seed 0)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-                        help="length-grouped batches (train.group_by_length; shuffled by default, as the task's)")
+                        help="length-grouped batches (train.group_by_length; shuffled by default, as the config's)")
     parser.add_argument("--save", type=Path, help="keep the run here (the best student: SAVE/best)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
 """Causal-LM part of bench/tasks.py: train a GPT-2-shaped teacher on the reviews texts, distill it into half its
 blocks, and measure perplexity of both on the test split, KL(teacher ‖ student), params and the latency ratio
 ORT INT8 student / PyTorch teacher (batch 1, a median-length test text); then, as the service generates
-(distill.runtime language models, greedy), tokens per second of the PyTorch teacher (with its KV cache, as served,
-and without) and of the student the job serves (ONNX: no KV cache), continuing the first 3 words of --lm-prompts
-test texts. Target: student perplexity within 15% of the teacher's (lm_perplexity_ratio ≤ 1.15).
+(distill.runtime language models, greedy), tokens per second of the PyTorch teacher and of the student the job
+serves (ONNX), each with its KV cache (as served) and without, continuing the first 3 words of --lm-prompts test
+texts. Target: student perplexity within 15% of the teacher's (lm_perplexity_ratio ≤ 1.15).
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                   "teacher-torch-no-kv-cache": _generation(
                       TorchLanguageModel(teacher_dir, args.lm_max_length, kv_cache=False), prompts),
                   f"student-{report['served']['format']}": _generation(
-                      OnnxLanguageModel(Path(report["served"]["path"]), args.lm_max_length), prompts)}
+                      OnnxLanguageModel(Path(report["served"]["path"]), args.lm_max_length), prompts),
+                  f"student-{report['served']['format']}-no-kv-cache": _generation(
+                      OnnxLanguageModel(Path(report["served"]["path"]), args.lm_max_length, kv_cache=False),
+                      prompts)}
     return {
         "lm_teacher_perplexity": teacher["test_perplexity"],
         "lm_student_perplexity": student["test_perplexity"],

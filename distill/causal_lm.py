@@ -34,12 +34,14 @@ from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic, distributed, engine, pipeline  # pipeline imports this module only inside run()
@@ -49,7 +51,18 @@ from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
 from distill.export import export_module
 from distill.losses import IGNORE_INDEX, kd_kl
-from distill.runtime import ONNX_FILE, OUTPUT_NAME, OnnxLanguageModel, available_cpus, next_tokens, token_nll
+from distill.runtime import (
+    ONNX_FILE,
+    OUTPUT_NAME,
+    PAST_KEYS,
+    PAST_VALUES,
+    PRESENT_KEYS,
+    PRESENT_VALUES,
+    OnnxLanguageModel,
+    available_cpus,
+    next_tokens,
+    token_nll,
+)
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence, on_device
 from teachers.registry import resolve_teacher
@@ -146,14 +159,48 @@ def score(logits_of: Logits, tokenizer: PreTrainedTokenizerBase, encoded: list[E
 
 
 class NextTokenLogits(nn.Module):
-    """(input_ids, attention_mask) → logits (B, L, V), no KV cache: the graph the ONNX export traces."""
+    """The graph the ONNX export traces: (input_ids (B, S), attention_mask (B, P + S), past_keys and past_values
+    (n_layer, B, H, P, D)) → (logits (B, S, V), present_keys and present_values (n_layer, B, H, P + S, D)).
+
+    The past is the keys and values of the P tokens before (P = 0 to score whole texts), so one graph both scores
+    right-padded batches and generates a token at a time from its KV cache. Positions count the mask's real
+    tokens, as a right-padded batch without a cache numbers them."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, past_keys: Tensor,
+                past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cache = DynamicCache()
+        cache.layers = [_PastLayer(keys, values) for keys, values in zip(past_keys, past_values, strict=True)]
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_keys.shape[3]:]
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                            use_cache=True)
+        layers = output.cache.layers
+        return (output.logits, torch.stack([layer.keys for layer in layers]),
+                torch.stack([layer.values for layer in layers]))
+
+    def no_past(self, batch_size: int) -> dict[str, Tensor]:
+        """Empty past_keys and past_values (P = 0) for a batch of batch_size texts."""
+        with torch.no_grad():  # not inference_mode: the exporter traces these tensors
+            cache = self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device),
+                               use_cache=True).cache
+        keys = torch.stack([layer.keys for layer in cache.layers])  # (n_layer, 1, H, 1, D)
+        empty = keys.new_zeros((keys.shape[0], batch_size, keys.shape[2], 0, keys.shape[4]))
+        return {PAST_KEYS: empty, PAST_VALUES: empty.clone()}
+
+
+class _PastLayer(DynamicLayer):
+    """A cache layer that starts from given keys and values (B, H, P, D), P = 0 included. DynamicLayer's own length
+    test (`numel() == 0`) would be frozen by the tracer; the shape is traced."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -281,14 +328,25 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
     target = out / pipeline.STUDENT_ONNX
     staged = atomic.staging(target)
     by_length = sorted(test, key=lambda e: len(e["input_ids"]))
-    # The shortest and longest alone, then a padded batch of mixed lengths.
-    checks = [TASK.collate(tokenizer, batch)
-              for batch in ([by_length[0]], [by_length[-1]], by_length[::max(len(by_length) // 4, 1)])]
+    graph = NextTokenLogits(student).eval()
+    longest = by_length[-1]["input_ids"]
+    # Generation steps from a KV cache — the longest text's second half after its first (traced: past and new
+    # tokens both > 0), its last token after the rest — then whole texts (no past): the shortest and longest alone
+    # and a padded batch of mixed lengths.
+    checks = [_continuation(graph, longest, len(longest) // 2), _continuation(graph, longest, len(longest) - 1),
+              *(TASK.collate(tokenizer, batch) | graph.no_past(len(batch))
+                for batch in ([by_length[0]], [by_length[-1]], by_length[::max(len(by_length) // 4, 1)]))]
+    cache_axes = {1: "batch", 3: "past_sequence"}
     try:
         with clock("export"):
-            exported = export_module(NextTokenLogits(student), checks, staged / ONNX_FILE,
-                                     output_axes={OUTPUT_NAME: {0: "batch", 1: "sequence"}}, opset=config.export.opset,
-                                     tolerance=config.export.tolerance)
+            exported = export_module(
+                graph, checks, staged / ONNX_FILE,
+                input_axes={"attention_mask": {0: "batch", 1: "past_and_sequence"}, PAST_KEYS: cache_axes,
+                            PAST_VALUES: cache_axes},
+                output_axes={OUTPUT_NAME: {0: "batch", 1: "sequence"},
+                             PRESENT_KEYS: {1: "batch", 3: "past_and_sequence"},
+                             PRESENT_VALUES: {1: "batch", 3: "past_and_sequence"}},
+                opset=config.export.opset, tolerance=config.export.tolerance)
             tokenizer.save_pretrained(staged)
             student.config.save_pretrained(staged)
         section: dict[str, Any] = {"export": {"student": {
@@ -325,6 +383,17 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
                              # < 1: the served student answers faster than the PyTorch teacher
                              "latency_ratio": rows[served]["latency_p50_ms"] / rows["teacher-torch"]["latency_p50_ms"]}
     return section
+
+
+def _continuation(graph: NextTokenLogits, ids: list[int], split: int) -> dict[str, Tensor]:
+    """The graph's inputs for ids[split:] after the KV cache of ids[:split] (batch 1)."""
+    device = graph.model.device
+    with torch.no_grad():  # not inference_mode: the exporter traces these tensors
+        _, keys, values = graph(torch.tensor([ids[:split]], device=device),
+                                torch.ones((1, split), dtype=torch.long, device=device), **graph.no_past(1))
+    return {"input_ids": torch.tensor([ids[split:]], device=device),
+            "attention_mask": torch.ones((1, len(ids)), dtype=torch.long, device=device),
+            PAST_KEYS: keys, PAST_VALUES: values}
 
 
 def _perplexity_gate(directory: Path, tokenizer: PreTrainedTokenizerBase, validation: list[Encoded],

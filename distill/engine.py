@@ -182,14 +182,19 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def epoch_order(train: Split, batch_size: int, seed: int, epoch: int, grouped: bool) -> list[int]:
-    """The epoch's example order, a function of (seed, epoch) alone: shuffled, or `grouped`: shuffled and then
-    sorted by length within groups of 50 batches (transformers' LengthGroupedSampler), so that each batch pads
-    little and still meets other texts every epoch."""
+    """The epoch's example order, a function of (seed, epoch) alone: shuffled, or `grouped`: shuffled, sorted by
+    length within groups of 50 batches (transformers' LengthGroupedSampler) so that each batch pads little and
+    still meets other texts every epoch, and then the batches shuffled (without that, each group runs from its
+    longest texts to its shortest: causal LMs and sentence embeddings trained worse)."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     if not grouped:
         return torch.randperm(len(train), generator=generator).tolist()
     lengths = [len(example["input_ids"]) for example in train.student_inputs]
-    return get_length_grouped_indices(lengths, batch_size, generator=generator)
+    order = get_length_grouped_indices(lengths, batch_size, generator=generator)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    full = len(order) // batch_size  # a short last batch stays last, or every batch after it would straddle two
+    shuffled = torch.randperm(full, generator=generator).tolist() + list(range(full, len(batches)))
+    return [i for b in shuffled for i in batches[b]]
 
 
 def set_dropout(model: nn.Module, p: float, device: torch.device) -> None:

@@ -99,21 +99,21 @@ def export_onnx(model_dir: Path, out_path: Path, *, opset: int = DEFAULT_OPSET, 
 
 
 def export_module(module: nn.Module, batches: list[dict[str, Tensor]], out_path: Path, *,
-                  output_axes: dict[str, dict[int, str]], opset: int = DEFAULT_OPSET,
-                  tolerance: float = 1e-4) -> ExportResult:
-    """Export any module (an embedding model, a causal LM, ...) whose forward takes the (B, L) int64 tensors of a
-    batch as keyword arguments and returns one tensor per name of `output_axes`, in that order (a ModelOutput's
-    fields count in order). The batch keys must follow forward's parameter order: the exporter binds by position.
+                  output_axes: dict[str, dict[int, str]], input_axes: dict[str, dict[int, str]] | None = None,
+                  opset: int = DEFAULT_OPSET, tolerance: float = 1e-4) -> ExportResult:
+    """Export any module (an embedding model, a causal LM, ...) whose forward takes the tensors of a batch as
+    keyword arguments and returns one tensor per name of `output_axes`, in that order (a ModelOutput's fields count
+    in order). The batch keys must follow forward's parameter order: the exporter binds by position.
 
-    Inputs get dynamic batch and sequence axes; `output_axes` gives each output's dynamic axes, e.g.
-    {"sentence_embedding": {0: "batch"}}. The first batch is traced; then every batch runs through PyTorch (eval,
-    inference mode) and onnxruntime, and the file appears at out_path only when the largest abs difference of any
-    output is within `tolerance` (otherwise ExportError and nothing at out_path).
+    Inputs get dynamic axes 0 and 1 (batch, sequence) unless `input_axes` names theirs; `output_axes` gives each
+    output's dynamic axes, e.g. {"sentence_embedding": {0: "batch"}}. The first batch is traced; then every batch
+    runs through PyTorch (eval, inference mode) and onnxruntime, and the file appears at out_path only when the
+    largest abs difference of any output is within `tolerance` (otherwise ExportError and nothing at out_path).
     """
     out_path = Path(out_path)
     module.eval()
     input_names, output_names = list(batches[0]), list(output_axes)
-    axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | output_axes
+    axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | (input_axes or {}) | output_axes
 
     def write_and_compare(tmp: Path) -> tuple[float, list[tuple[int, int]]]:
         _write_graph(module, batches[0], tmp, input_names, output_names, axes, opset, out_path)

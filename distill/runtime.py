@@ -33,7 +33,10 @@ from transformers import (
 
 ONNX_FILE = "model.onnx"  # the fp32 graph inside an exported model directory (see distill.export)
 OPTIMIZED_FILE = "model_optimized.onnx"  # the same graph after ORT's fusions (see distill.compress)
-OUTPUT_NAME = "logits"  # the graph's one output: (B, C) for a classifier, (B, L, V) for a causal LM
+OUTPUT_NAME = "logits"  # a graph's (first) output: (B, C) for a classifier, (B, L, V) for a causal LM
+# A causal LM's graph also takes the KV cache of the tokens before and returns it grown (distill.causal_lm's
+# NextTokenLogits): (n_layer, B, H, P, D), stacked over layers.
+PAST_KEYS, PAST_VALUES, PRESENT_KEYS, PRESENT_VALUES = "past_keys", "past_values", "present_keys", "present_values"
 EMBEDDING_OUTPUT = "sentence_embedding"  # an embedding graph's output, (B, D) L2-normalized, as sentence-transformers
 
 Inputs = dict[str, np.ndarray]  # input name → (B, L) int64 token ids / masks
@@ -305,9 +308,8 @@ class Generation:
 
 class LanguageModel(ABC):
     """What both causal-LM runtimes share: texts encoded as in training (BOS text EOS, truncated to max_length;
-    right padding), per-text scores, and generation one token at a time through `next_logits` (by default the
-    whole sequence each step, as the exported graph has no KV cache: fine for the short texts these models see,
-    O(n²) for long ones; PyTorch keeps transformers' KV cache instead)."""
+    right padding), per-text scores, and generation one token at a time through `next_logits` (here the whole
+    sequence each step, O(n²); both runtimes keep a KV cache instead unless told not to)."""
 
     def __init__(self, name: str, tokenizer_dir: Path, max_length: int) -> None:
         self.name, self.max_length = name, max_length
@@ -397,7 +399,7 @@ def _padded(rows: list[list[int]], pad_id: int) -> Inputs:
 class TorchLanguageModel(LanguageModel):
     """A saved AutoModelForCausalLM directory, run by PyTorch in eval() under inference_mode on `device`; generation
     keeps transformers' KV cache, so each new token costs one position, not the whole sequence (`kv_cache=False`
-    re-runs it, as the exported graph must). `threads` calls torch.set_num_threads, which is process-wide."""
+    re-runs it). `threads` calls torch.set_num_threads, which is process-wide."""
 
     def __init__(self, model_dir: Path, max_length: int = 128, threads: int | None = None, *,
                  name: str | None = None, device: torch.device = CPU, kv_cache: bool = True) -> None:
@@ -424,18 +426,44 @@ class TorchLanguageModel(LanguageModel):
 
 
 class OnnxLanguageModel(LanguageModel):
-    """An exported causal LM (model.onnx or model_int8.onnx: input_ids, attention_mask → logits (B, L, V), with
-    the tokenizer next to it) run by onnxruntime on the CPU; threads and spinning as OnnxPredictor's."""
+    """An exported causal LM (model.onnx or model_int8.onnx, the tokenizer next to it) run by onnxruntime on the
+    CPU; threads and spinning as OnnxPredictor's. Its graph takes input_ids, attention_mask and the KV cache of
+    the tokens before (past_keys, past_values: empty to score texts) → logits (B, L, V) and the grown cache, which
+    generation keeps (`kv_cache=False` re-runs the sequence instead). Graphs exported without a cache (before it
+    had one) take input_ids and attention_mask alone, and generate by re-running."""
 
     def __init__(self, onnx_path: Path, max_length: int = 128, threads: int | None = None, *,
-                 name: str | None = None, spinning: bool = True) -> None:
+                 name: str | None = None, spinning: bool = True, kv_cache: bool = True) -> None:
         onnx_path = Path(onnx_path)
         super().__init__(name or f"onnx:{onnx_path.parent.name}/{onnx_path.name}", onnx_path.parent, max_length)
         self.session = cpu_session(onnx_path, threads, spinning)
+        past = next((i for i in self.session.get_inputs() if i.name == PAST_KEYS), None)
+        self._cache_dims = None if past is None else (past.shape[0], past.shape[2], past.shape[4])  # n_layer, H, D
+        self.kv_cache = kv_cache and past is not None
+
+    def _no_past(self, batch_size: int) -> Inputs:
+        if self._cache_dims is None:
+            return {}
+        layers, heads, head_dim = self._cache_dims
+        empty = np.zeros((layers, batch_size, heads, 0, head_dim), dtype=np.float32)
+        return {PAST_KEYS: empty, PAST_VALUES: empty}
 
     def logits(self, inputs: Inputs) -> np.ndarray:
-        (logits,) = self.session.run([OUTPUT_NAME], inputs)
+        (logits,) = self.session.run([OUTPUT_NAME], inputs | self._no_past(len(inputs["input_ids"])))
         return logits.astype(np.float32)
+
+    def next_logits(self, tokens: list[int], state: Any = None) -> tuple[np.ndarray, Any]:
+        """The state is the graph's present keys and values of the tokens of the call before: only the new token
+        runs."""
+        if not self.kv_cache:
+            return super().next_logits(tokens)
+        past = self._no_past(1) if state is None else {PAST_KEYS: state[0], PAST_VALUES: state[1]}
+        new = tokens[past[PAST_KEYS].shape[3]:]
+        logits, keys, values = self.session.run(
+            [OUTPUT_NAME, PRESENT_KEYS, PRESENT_VALUES],
+            {"input_ids": np.array([new], dtype=np.int64), "attention_mask": np.ones((1, len(tokens)), np.int64)}
+            | past)
+        return logits[0, -1].astype(np.float32), (keys, values)
 
 
 TorchModel = TorchPredictor | TorchEmbedder | TorchLanguageModel  # run by PyTorch, on their `device`

@@ -102,6 +102,9 @@ def test_length_grouped_batches_pad_less_and_still_cover_every_example_in_a_new_
     shuffled = epoch_order(train, 32, seed=5, epoch=0, grouped=False)
     assert sorted(grouped) == sorted(shuffled) == list(range(len(lengths)))
     assert padded_tokens(grouped) < 1.1 * sum(lengths) < 1.5 * sum(lengths) < padded_tokens(shuffled)
+    # The batches are shuffled too: the first group of 15 batches (2000 // (32 * 4)) does not run long → short.
+    longest = [max(lengths[i] for i in grouped[b:b + 32]) for b in range(0, len(grouped), 32)]
+    assert longest[:15] != sorted(longest[:15], reverse=True)
     assert epoch_order(train, 32, seed=5, epoch=0, grouped=True) == grouped  # resume rebuilds the same order
     assert epoch_order(train, 32, seed=5, epoch=1, grouped=True) != grouped
 

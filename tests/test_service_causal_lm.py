@@ -85,7 +85,7 @@ def test_load_model_runs_both_formats_of_a_language_model_alike(settings: Settin
 
 
 def test_greedy_generation_is_what_transformers_generates(settings: Settings) -> None:
-    """Every loop — PyTorch's with its KV cache and without, onnxruntime's (re-running the whole sequence) — picks
+    """Every loop — PyTorch's and onnxruntime's, each with its KV cache and re-running the whole sequence — picks
     the tokens transformers' generate (KV cache, greedy) picks on the same model."""
     student_dir = settings.jobs_dir / "lm" / "student"
     prompt = "the movie was"
@@ -94,8 +94,9 @@ def test_greedy_generation_is_what_transformers_generates(settings: Settings) ->
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                               pad_token_id=torch_lm.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    onnx_file = settings.jobs_dir / "lm" / "student-onnx" / "model.onnx"
     for lm in (torch_lm, TorchLanguageModel(student_dir, MAX_LENGTH, kv_cache=False),
-               load_model(settings.jobs_dir / "lm" / "student-onnx", MAX_LENGTH)):
+               OnnxLanguageModel(onnx_file, MAX_LENGTH), OnnxLanguageModel(onnx_file, MAX_LENGTH, kv_cache=False)):
         generation = lm.generate(prompt, max_new_tokens=6)
         assert generation.tokens == len(expected), lm.name
         assert generation.text == lm.tokenizer.decode(expected, skip_special_tokens=True), lm.name
@@ -103,15 +104,34 @@ def test_greedy_generation_is_what_transformers_generates(settings: Settings) ->
                                             else "max_new_tokens")
 
 
-def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(settings: Settings) -> None:
-    lm = TorchLanguageModel(settings.jobs_dir / "lm" / "student", MAX_LENGTH)
+@pytest.mark.parametrize("path", ["student", "student-onnx/model.onnx"])
+def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(settings: Settings, path: str) -> None:
+    """Each step from the cache (a prompt, then one token at a time) gives the logits of the whole sequence run
+    at once, in PyTorch and in the exported graph."""
+    lm = load_model(settings.jobs_dir / "lm" / path, MAX_LENGTH)
+    assert lm.kv_cache
     tokens = lm.encode(["a great movie , truly"])[0]
     state = None
-    for end in range(2, len(tokens) + 1):
+    for end in range(3, len(tokens) + 1):
         cached, state = lm.next_logits(tokens[:end], state)
         whole = lm.logits({"input_ids": np.array([tokens[:end]]), "attention_mask": np.ones((1, end), np.int64)})
         np.testing.assert_allclose(cached, whole[0, -1], atol=1e-5)
-    assert state.get_seq_length() == len(tokens)
+
+
+def test_the_int8_graph_steps_from_its_cache_as_close_to_fp32_as_it_scores_whole_texts(settings: Settings) -> None:
+    """INT8 quantizes activations by each call's range, so a step from the cache is not the whole sequence's
+    computation: what must hold is that its logits stay as close to the fp32 graph's as whole texts' do."""
+    exported = settings.jobs_dir / "lm" / "student-onnx"
+    fp32, int8 = (OnnxLanguageModel(exported / name, MAX_LENGTH) for name in ("model.onnx", "model_int8.onnx"))
+    tokens = int8.encode(["a great movie , truly"])[0]
+    whole = {"input_ids": np.array([tokens]), "attention_mask": np.ones((1, len(tokens)), np.int64)}
+    reference, whole_int8 = fp32.logits(whole)[0, 2:], int8.logits(whole)[0, 2:]  # the steps below: after 3+ tokens
+    state, steps = None, []
+    for end in range(3, len(tokens) + 1):
+        logits, state = int8.next_logits(tokens[:end], state)
+        steps.append(logits)
+    whole_error = np.abs(whole_int8 - reference).max()
+    assert 0 < np.abs(np.stack(steps) - reference).max() < 2 * whole_error
 
 
 def test_a_causal_lm_job_lists_its_teacher_and_students(client: TestClient, report: dict) -> None:

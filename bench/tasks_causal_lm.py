@@ -9,11 +9,16 @@ texts. Target: student perplexity within 15% of the teacher's (lm_perplexity_rat
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from distill.causal_lm import train_lm_teacher
+from distill.compress import INT8_FILE
 from distill.config import (
     DataConfig,
     EvaluateConfig,
@@ -25,7 +30,7 @@ from distill.config import (
 )
 from distill.data import load_task_data, pull_dataset
 from distill.pipeline import run
-from distill.runtime import LanguageModel, OnnxLanguageModel, TorchLanguageModel
+from distill.runtime import ONNX_FILE, LanguageModel, OnnxLanguageModel, TextScores, TorchLanguageModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lm-alpha", type=float, default=0.5,
                        help="weight of next-token CE (1: the same student trained without the teacher's signal)")
     group.add_argument("--lm-prompts", type=int, default=20, help="prompts of the generation timing")
+    group.add_argument("--lm-step-texts", type=int, default=200,
+                       help="test texts scored one token at a time from the served model's KV cache")
     group.add_argument("--lm-group-by-length", action=argparse.BooleanOptionalAction, default=None,
                        help="train.group_by_length of the teacher's training and the distillation (default: the "
                             "config's)")
@@ -76,6 +83,12 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                   f"student-{report['served']['format']}-no-kv-cache": _generation(
                       OnnxLanguageModel(Path(report["served"]["path"]), args.lm_max_length, kv_cache=False),
                       prompts)}
+    texts = [e.text for e in data.test[:args.lm_step_texts]]
+    exported = Path(report["export"]["student"]["path"]).parent
+    by_path = {f"student-onnx-{kind}": {"whole_texts": _perplexity(model.predict(texts)),
+                                        "kv_cache_steps": _stepwise_perplexity(model, texts)}
+               for kind, model in (("fp32", OnnxLanguageModel(exported / ONNX_FILE, args.lm_max_length)),
+                                   ("int8", OnnxLanguageModel(exported / INT8_FILE, args.lm_max_length)))}
     return {
         "lm_teacher_perplexity": teacher["test_perplexity"],
         "lm_student_perplexity": student["test_perplexity"],
@@ -91,6 +104,9 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "lm_served": report["served"]["format"],
         "lm_int8_gate": report["compress"]["gate"],
         "lm_generation": generation,
+        # INT8 quantizes activations by each call's range, so its cached steps are not the whole-text arithmetic
+        # the gate scored: the same test texts both ways, teacher-forced (fp32: the two must agree).
+        "lm_perplexity_by_path": {"texts": len(texts), **by_path},
         "lm_seconds": {"teacher_training": round(teacher_seconds, 1), **report["timings_seconds"]},
         "lm_target_met": report["perplexity_ratio"] <= 1.15,
     }
@@ -107,6 +123,23 @@ def _generation(model: LanguageModel, prompts: list[str]) -> dict[str, float]:
     runs = [model.generate(prompt, max_new_tokens=32) for prompt in prompts]
     tokens, seconds = sum(r.tokens for r in runs), sum(r.seconds for r in runs)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
+
+
+def _perplexity(scores: TextScores) -> float:
+    return math.exp(scores.nll.sum() / scores.tokens.sum())
+
+
+def _stepwise_perplexity(model: LanguageModel, texts: list[str]) -> float:
+    """Perplexity of `texts` as generation computes it: each next-token distribution from `next_logits` after the
+    text's tokens before it, one token at a time from the model's KV cache."""
+    nll, count = 0.0, 0
+    for tokens in model.encode(texts):
+        state = None
+        for end in range(1, len(tokens)):
+            logits, state = model.next_logits(tokens[:end], state)
+            nll += F.cross_entropy(torch.from_numpy(logits)[None], torch.tensor([tokens[end]])).item()
+            count += 1
+    return math.exp(nll / count)
 
 
 def _log(kind: str, data: dict[str, Any]) -> None:

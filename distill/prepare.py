@@ -100,8 +100,11 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         (work / "model" / "prepared.json").write_text(json.dumps(summary, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(work / "model", target)  # only a complete directory ever appears under its key
+    # Every rank has loaded work/best/ above before rank 0 removes it (a slow rank once found it gone), and the
+    # prepared teacher is in place for the other ranks.
+    distributed.barrier()
+    if distributed.is_main():
         shutil.rmtree(work, ignore_errors=True)
-    distributed.barrier()  # the other ranks load it next
     return PreparedTeacher(target, cached=False, summary=summary)
 
 

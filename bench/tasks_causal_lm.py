@@ -29,8 +29,9 @@ from distill.config import (
     TrainConfig,
 )
 from distill.data import load_task_data, pull_dataset
+from distill.evaluate import corpus_perplexity
 from distill.pipeline import run
-from distill.runtime import ONNX_FILE, LanguageModel, OnnxLanguageModel, TextScores, TorchLanguageModel
+from distill.runtime import ONNX_FILE, LanguageModel, OnnxLanguageModel, TorchLanguageModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +86,7 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                       prompts)}
     texts = [e.text for e in data.test[:args.lm_step_texts]]
     exported = Path(report["export"]["student"]["path"]).parent
-    by_path = {f"student-onnx-{kind}": {"whole_texts": _perplexity(model.predict(texts)),
+    by_path = {f"student-onnx-{kind}": {"whole_texts": corpus_perplexity([model.predict(texts)]),
                                         "kv_cache_steps": _stepwise_perplexity(model, texts)}
                for kind, model in (("fp32", OnnxLanguageModel(exported / ONNX_FILE, args.lm_max_length)),
                                    ("int8", OnnxLanguageModel(exported / INT8_FILE, args.lm_max_length)))}
@@ -123,10 +124,6 @@ def _generation(model: LanguageModel, prompts: list[str]) -> dict[str, float]:
     runs = [model.generate(prompt, max_new_tokens=32) for prompt in prompts]
     tokens, seconds = sum(r.tokens for r in runs), sum(r.seconds for r in runs)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
-
-
-def _perplexity(scores: TextScores) -> float:
-    return math.exp(scores.nll.sum() / scores.tokens.sum())
 
 
 def _stepwise_perplexity(model: LanguageModel, texts: list[str]) -> float:

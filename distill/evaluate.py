@@ -123,7 +123,7 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
             scores = [model.predict(texts[start:start + throughput_batch])
                       for start in range(0, len(texts), throughput_batch)]
             answers[name] = (model.encode(texts), [g for s in scores for g in s.guesses])
-            quality = {"perplexity": _perplexity(scores)}
+            quality = {"perplexity": corpus_perplexity(scores)}
         else:
             answers[name] = predict_labels(model, texts, throughput_batch)
             quality = {"accuracy": _fraction_equal(answers[name], labels) if labels is not None else None}
@@ -187,7 +187,7 @@ def next_token_agreement(ids: list[list[int]], guesses: list[np.ndarray], refere
     return same / sum(len(g) for g in guesses)
 
 
-def _perplexity(scores: list[TextScores]) -> float:
+def corpus_perplexity(scores: list[TextScores]) -> float:
     """exp(mean −log p) over every predicted token of every text (texts weigh by their tokens)."""
     return math.exp(sum(float(s.nll.sum()) for s in scores) / sum(int(s.tokens.sum()) for s in scores))
 

@@ -16,7 +16,10 @@ method, examples/reviews-embedding-compact.yaml then examples/reviews-mpnet-comp
 compact student the teacher's sentence embeddings (no labels, --stage1-epochs), stage 2 distills the task into it
 as the compact student is (--two-stage-augment perturbed copies, --epochs); each stage's teacher outputs are
 computed once and reused by every seed (they depend on the texts, not on the seed). Students train without dropout
-(train.dropout 0). Writes bench/results/distill_reviews.json (its headline numbers are the two-stage students' mean
+(train.dropout 0). --no-three-layer skips the 3-layer student and the cache timing (for the two-stage seeds alone).
+--resume keeps the jobs under $DISTILL_HOME/bench/distill_reviews: a finished one (its report.json, made from the
+same config) is read back, an interrupted one continues from its checkpoint, so a run longer than a session is the
+same command again. Writes bench/results/distill_reviews.json (its headline numbers are the two-stage students' mean
 when run, else the compact student's); asserts nothing.
 """
 
@@ -46,7 +49,7 @@ from distill.config import (
     TrainConfig,
 )
 from distill.data import pull_dataset
-from distill.pipeline import TEACHER_LOGITS, run
+from distill.pipeline import REPORT, TEACHER_LOGITS, run
 from teachers.registry import distill_home, pull_teacher
 
 RESULTS = Path(__file__).parent / "results" / "distill_reviews.json"
@@ -73,7 +76,8 @@ def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namesp
         student=student or FromModel(init="model", model="minilm-l6", num_layers=3),
         loss=LossConfig(temperature=2.0, alpha=0.5),
         # dropout 0: 1.36x faster distill stage at the same test accuracy (3 layers: 0.8400 vs 0.8428 with BERT's 0.1)
-        train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache, dropout=0.0),
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=1e-4, cache_teacher_logits=cache, dropout=0.0,
+                          group_by_length=args.group_by_length),
         export=ExportConfig(onnx=cache and onnx),  # the uncached run is only timed
         output_dir=out)
 
@@ -94,6 +98,8 @@ def main() -> None:
                         help="the built-in transfer texts (13,098 unlabelled snippets the teacher labels)")
     parser.add_argument("--augment", type=int, default=3,
                         help="perturbed copies of each training text for the teacher to label (data.augment)")
+    parser.add_argument("--three-layer", action=argparse.BooleanOptionalAction, default=True,
+                        help="the 3-layer student and the cache timing (teacher at every step) for each teacher")
     parser.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                         help="also the compact student (6 layers, trimmed vocabulary) for the first teacher")
     parser.add_argument("--compact-epochs", type=int, default=5,
@@ -106,6 +112,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="two-stage: the students' seeds")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                         help="bf16 autocast: faster on CPUs with AVX512-BF16; what the README quotes")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
+                        help="length-grouped batches for every student (train.group_by_length)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse finished jobs and continue interrupted ones (default: every job starts fresh)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
@@ -117,36 +127,15 @@ def main() -> None:
     for teacher in args.teachers:
         if teacher == "mpnet-base":
             pull_teacher(teacher, progress=print)
-        print(f"== {teacher}: pipeline with the logit cache", flush=True)
         first = teacher == args.teachers[0]
-        # The compact student's run exports to ONNX and measures deployment; this one only when it is the last.
-        report = run(job(teacher, work / teacher, args.epochs, True, args, onnx=not (first and args.compact)),
-                     log).report
-        t = report["timings_seconds"]
-        row = {**student_row(teacher, "minilm-l6, 3 layers", report),
-               "teacher_prepared_from_cache": report["teacher"]["prepared_from_cache"],
-               "teacher_preparation": report["teacher"]["preparation"]}
-        if first:
-            train_examples = report["data"]["splits"]["train"]["rows"] + report["data"]["transfer"]
-            print(f"== {teacher}: distill stage with the teacher at every step", flush=True)
-            uncached = run(job(teacher, work / f"{teacher}-uncached", args.uncached_epochs, False, args), log).report
-            u = uncached["timings_seconds"]
-            # Both runs compute the teacher's validation/test outputs (for agreement) in their teacher-logits stage;
-            # the cache's own cost is the rest of that stage: the train set's outputs.
-            cache_build = t["teacher-logits"] - u["teacher-logits"]
-            row["cache_build_seconds"] = cache_build
-            row["cached_examples_per_second"] = train_examples * args.epochs / (cache_build + t["distill"])
-            row["uncached_examples_per_second"] = train_examples * args.uncached_epochs / u["distill"]
-            row["cache_speedup"] = row["cached_examples_per_second"] / row["uncached_examples_per_second"]
-            # The same without the one-off cache build: what each further epoch gains.
-            row["cache_speedup_per_epoch"] = (train_examples * args.epochs / t["distill"]
-                                              / row["uncached_examples_per_second"])
-            row["uncached_stage_seconds"] = u
-        rows.append(row)
+        if args.three_layer:
+            rows.append(three_layer_student(teacher, work, first, args))
         if first and args.compact:
             rows.append(compact_student(teacher, work, args))
         if first and args.two_stage:
             rows += two_stage_students(teacher, work, args)
+    if not rows:
+        raise SystemExit("nothing to run: --no-three-layer needs --compact or --two-stage")
 
     print()
     print(f"{'teacher':<11} {'student':<29} {'params':>11} {'student':>11} {'ratio':>6} {'teacher acc':>11} "
@@ -170,7 +159,7 @@ def main() -> None:
         print("two-stage retention by seed: " + ", ".join(f"{r['seed']}: {r['retention']:.4f}" for r in two_stage)
               + f"; mean accuracy {headline['student_accuracy']:.4f}, retention {headline['retention']:.4f}")
     else:
-        headline = rows[1] if args.compact else rows[0]
+        headline = next((r for r in rows if r["student"] == COMPACT_NAME), rows[0])
     result = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]),
               "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
               "precision": args.precision,
@@ -178,23 +167,63 @@ def main() -> None:
               "teacher_accuracy": headline["teacher_accuracy"], "student_accuracy": headline["student_accuracy"],
               "retention": headline["retention"], "param_ratio": headline["param_ratio"],
               "retention_by_seed": {r["seed"]: r["retention"] for r in two_stage} or None,
-              "cache_speedup": rows[0].get("cache_speedup"), "runs": rows}
+              "cache_speedup": rows[0].get("cache_speedup"), "group_by_length": args.group_by_length, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
 
-def run_fresh(config: JobConfig, cached: Path | None) -> dict:
-    """Run `config` in an emptied output_dir (no stale checkpoint for `resume` to pick up), reusing the teacher
-    outputs in `cached` (another job's teacher_logits.pt) when given: they depend only on the prepared teacher, the
-    precision and the teacher's token ids of the texts, so `resume` finds them valid and skips the build."""
+def run_job(config: JobConfig, args: argparse.Namespace, cached: Path | None = None) -> dict:
+    """Run `config` in an emptied output_dir (no stale checkpoint for `resume` to pick up), or with --resume in the
+    one it left; reuse the teacher outputs in `cached` (another job's teacher_logits.pt) when given and present:
+    they depend only on the prepared teacher, the precision and the teacher's token ids of the texts, so `resume`
+    finds them valid and skips the build."""
     out = config.output_dir
     assert out is not None
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    if cached is not None:
+    config_json = json.loads(config.model_dump_json())
+    if args.resume and (out / REPORT).exists():
+        report = json.loads((out / REPORT).read_text())
+        if report["config"] != config_json:
+            raise SystemExit(f"--resume: {out} holds a job made from another config; remove it or run without "
+                             "--resume")
+        print(f"== reusing the finished job in {out}", flush=True)
+        return report
+    if not args.resume:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if cached is not None and cached.exists() and not (out / TEACHER_LOGITS).exists():
         shutil.copy(cached, out / TEACHER_LOGITS)
-    return run(config, log, resume=cached is not None).report
+    return run(config, log, resume=args.resume or (out / TEACHER_LOGITS).exists()).report
+
+
+def three_layer_student(teacher: str, work: Path, first: bool, args: argparse.Namespace) -> dict:
+    """The 3-layer student with the logit cache; for the first teacher also timed against the teacher run at
+    every step (its own job, --uncached-epochs)."""
+    print(f"== {teacher}: pipeline with the logit cache", flush=True)
+    # The compact student's run exports to ONNX and measures deployment; this one only when it is the last.
+    report = run_job(job(teacher, work / teacher, args.epochs, True, args, onnx=not (first and args.compact)), args)
+    t = report["timings_seconds"]
+    row = {**student_row(teacher, "minilm-l6, 3 layers", report),
+           "teacher_prepared_from_cache": report["teacher"]["prepared_from_cache"],
+           "teacher_preparation": report["teacher"]["preparation"]}
+    if not first:
+        return row
+    train_examples = report["data"]["splits"]["train"]["rows"] + report["data"]["transfer"]
+    print(f"== {teacher}: distill stage with the teacher at every step", flush=True)
+    uncached = run_job(job(teacher, work / f"{teacher}-uncached", args.uncached_epochs, False, args), args)
+    u = uncached["timings_seconds"]
+    # Both runs compute the teacher's validation/test outputs (for agreement) in their teacher-logits stage;
+    # the cache's own cost is the rest of that stage: the train set's outputs.
+    cache_build = t["teacher-logits"] - u["teacher-logits"]
+    row["cache_build_seconds"] = cache_build
+    row["cached_examples_per_second"] = train_examples * args.epochs / (cache_build + t["distill"])
+    row["uncached_examples_per_second"] = train_examples * args.uncached_epochs / u["distill"]
+    row["cache_speedup"] = row["cached_examples_per_second"] / row["uncached_examples_per_second"]
+    # The same without the one-off cache build: what each further epoch gains.
+    row["cache_speedup_per_epoch"] = (train_examples * args.epochs / t["distill"]
+                                      / row["uncached_examples_per_second"])
+    row["uncached_stage_seconds"] = u
+    return row
 
 
 def student_row(teacher: str, student: str, report: dict) -> dict:
@@ -210,8 +239,8 @@ def student_row(teacher: str, student: str, report: dict) -> dict:
 def compact_student(teacher: str, work: Path, args: argparse.Namespace) -> dict:
     """The 6-layer trimmed-vocabulary student on the 3-layer run's teacher outputs."""
     print(f"== {teacher}: compact student (6 MiniLM layers, trimmed vocabulary), cached teacher outputs", flush=True)
-    report = run_fresh(job(teacher, work / f"{teacher}-compact", args.compact_epochs, True, args, student=COMPACT),
-                       work / teacher / TEACHER_LOGITS)
+    report = run_job(job(teacher, work / f"{teacher}-compact", args.compact_epochs, True, args, student=COMPACT),
+                     args, work / teacher / TEACHER_LOGITS)
     return {**student_row(teacher, COMPACT_NAME, report), "epochs": args.compact_epochs}
 
 
@@ -226,18 +255,19 @@ def two_stage_students(teacher: str, work: Path, args: argparse.Namespace) -> li
     for seed in args.seeds:
         print(f"== {teacher}: two-stage compact student, seed {seed}: stage 1 (sentence embeddings)", flush=True)
         stage1_dir = work / f"{teacher}-stage1-seed{seed}"
-        stage1 = run_fresh(JobConfig(
+        stage1 = run_job(JobConfig(
             task="sentence-embedding", seed=seed, precision=args.precision, teacher=TeacherConfig(name=teacher),
             data=data(args, args.augment), student=COMPACT,
             loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0),
-            train=TrainConfig(epochs=args.stage1_epochs, batch_size=32, lr=5e-4, dropout=0.0),
-            export=ExportConfig(onnx=False), output_dir=stage1_dir), embeddings)
+            train=TrainConfig(epochs=args.stage1_epochs, batch_size=32, lr=5e-4, dropout=0.0,
+                              group_by_length=args.group_by_length),
+            export=ExportConfig(onnx=False), output_dir=stage1_dir), args, embeddings)
         embeddings = embeddings or stage1_dir / TEACHER_LOGITS
         print(f"== {teacher}: two-stage compact student, seed {seed}: stage 2 (the task)", flush=True)
         stage2_dir = work / f"{teacher}-two-stage-seed{seed}"
         student = FromModel(init="model", model=stage1["student"]["dir"], num_layers=6)  # trimmed in stage 1
-        report = run_fresh(job(teacher, stage2_dir, args.epochs, True, args, student=student,
-                               augment=args.two_stage_augment, seed=seed, onnx=False), logits)
+        report = run_job(job(teacher, stage2_dir, args.epochs, True, args, student=student,
+                             augment=args.two_stage_augment, seed=seed, onnx=False), args, logits)
         logits = logits or stage2_dir / TEACHER_LOGITS
         rows.append({**student_row(teacher, f"{COMPACT_NAME}, two-stage (seed {seed})", report), "seed": seed,
                      "stage1": {key: stage1["student"][key] for key in ("test_cosine", "test_recall_at_10")}

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, DataError, TeacherNotFound, TrainingError, ExportError, CompressError, EvaluateError,
-            UsageError) as e:
+            UsageError, OSError) as e:  # OSError: e.g. an output directory that cannot be created
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ from service.store import Store
 from service.telemetry import RequestTelemetry, build_registry, configure_logging
 
 log = logging.getLogger("distill.service")
+SHUTDOWN_GRACE_SECONDS = 5  # open requests' time to finish when the server stops (event streams never do)
 
 DESCRIPTION = """Distil a Transformer teacher into a small student, export it to ONNX, compress it, and serve it.
 
@@ -78,6 +79,8 @@ def serve(settings: Settings | None = None) -> None:
     configure_logging(settings.log_level)
     # log_config=None: keep our JSON handler; access_log=False: RequestTelemetry writes one line per request.
     # uvloop and httptools (uvicorn[standard]) named, not "auto": without them start-up fails instead of every
-    # request silently costing more.
+    # request silently costing more. A client following a job's events keeps its stream open until the job ends:
+    # the graceful shutdown waits SHUTDOWN_GRACE_SECONDS for it, then closes it and still runs the lifespan's end
+    # (which stops the job processes), instead of waiting for ever.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                loop="uvloop", http="httptools")
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)

@@ -41,10 +41,13 @@ class Upload:
 
 
 async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[Upload]:
-    """The multipart form of POST /v1/datasets; an oversize body is refused before it is read (when the client
-    sends Content-Length; otherwise save_upload stops copying at the limit)."""
+    """The multipart form of POST /v1/datasets; an oversize body is refused before it is read, so the body must
+    say its size: Starlette spools a form's file part to disk whole, with no limit of its own."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > settings.max_upload_bytes + FORM_OVERHEAD_BYTES:
+    if not length.isdigit():
+        raise ServiceError(411, "send the upload with a Content-Length header (a chunked body cannot be checked "
+                                f"against the {settings.max_upload_bytes:,}-byte limit before it is stored)")
+    if int(length) > settings.max_upload_bytes + FORM_OVERHEAD_BYTES:
         raise ServiceError(413, f"the request body is {int(length):,} bytes; uploads are limited to "
                                 f"{settings.max_upload_bytes:,} bytes (max_upload_bytes)")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):

@@ -51,6 +51,7 @@ from distill.runtime import (
     Embeddings,
     Generation,
     HFPredictor,
+    InputError,
     LanguageModel,
     OnnxEmbedder,
     OnnxLanguageModel,
@@ -175,20 +176,25 @@ class MicroBatcher:
 
     async def _serve(self) -> None:
         while (batch := await self._next_batch()) is not None:
-            texts = [text for request in batch for text in request.texts]
-            try:
-                answer = await asyncio.to_thread(self.predictor.predict, texts)
-            except Exception as e:  # every caller of the batch gets the error, the server goes on
+            await self._answer(batch)
+
+    async def _answer(self, batch: list[_Request]) -> None:
+        texts = [text for request in batch for text in request.texts]
+        try:
+            answer = await asyncio.to_thread(self.predictor.predict, texts)
+        except Exception as e:
+            if len(batch) > 1:  # whose texts failed? each request again on its own, so the others get answers
                 for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(e)
-                continue
-            start = 0
-            for request in batch:
-                end = start + len(request.texts)
-                if not request.future.done():  # done: the caller went away (cancelled)
-                    request.future.set_result(answer.rows(start, end))
-                start = end
+                    await self._answer([request])
+            elif not batch[0].future.done():  # its caller gets the error, the server goes on
+                batch[0].future.set_exception(e)
+            return
+        start = 0
+        for request in batch:
+            end = start + len(request.texts)
+            if not request.future.done():  # done: the caller went away (cancelled)
+                request.future.set_result(answer.rows(start, end))
+            start = end
 
     async def _next_batch(self) -> list[_Request] | None:
         first = self._held or await self._queue.get()
@@ -255,7 +261,7 @@ class ModelCatalog:
 
     def get(self, model_id: str) -> ModelInfo:
         job_id, _, variant = model_id.rpartition(".")
-        if not job_id or Path(job_id).name != job_id or job_id in (".", ".."):  # a plain directory name only
+        if not job_id or Path(job_id).name != job_id or job_id in (".", "..") or "\0" in job_id:  # a plain name
             raise UnknownModelError(model_id)
         info = self._job_models(job_id).get(variant)
         if info is None:
@@ -453,6 +459,7 @@ class Comparison:
     finished_at: datetime | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    error_status: int | None = None  # 422: the inputs cannot be compared; 500: the server failed
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -527,11 +534,14 @@ class Comparisons:
             comparison.result = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._measure, predictors, infos, inputs, repeats)
             comparison.status = "succeeded"
-        except (CompareError, DataError, EvaluateError, ModelLoadError) as e:
-            comparison.status, comparison.error = "failed", str(e)
+        except (CompareError, DataError, EvaluateError, InputError) as e:
+            comparison.status, comparison.error, comparison.error_status = "failed", str(e), 422
+        except ModelLoadError as e:
+            comparison.status, comparison.error, comparison.error_status = "failed", str(e), 500
         except Exception as e:  # a bug: say so in the comparison instead of losing it in a task nobody awaits
             log.exception("comparison %s failed", comparison.id)
             comparison.status, comparison.error = "failed", f"internal error: {type(e).__name__}: {e}"
+            comparison.error_status = 500
         comparison.finished_at = datetime.now(UTC)
 
     def _measure(self, predictors: dict[str, Model], infos: list[ModelInfo], inputs: _Inputs,

@@ -30,7 +30,7 @@ from distill.data import BUILTIN_DATASETS
 from distill.distributed import torchrun_command, uses_cuda, wanted
 from service.schemas import ServiceError
 from service.settings import Settings
-from service.store import TERMINAL, Job, Store
+from service.store import TERMINAL, DatasetGone, Job, Store
 from teachers.registry import TeacherNotFound, resolve_teacher
 
 CONFIG_FILE = "config.json"
@@ -64,6 +64,15 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
         uses_cuda(config.device)  # 'cuda' on a server without a GPU: refused now, not once it runs
     except ConfigError as e:
         raise ServiceError(422, str(e)) from None
+    parallel = config.distributed
+    if parallel.nproc_per_node > settings.max_job_processes:
+        raise ServiceError(422, f"distributed.nproc_per_node: {parallel.nproc_per_node} is more than this server "
+                                f"starts for one job; allowed: 1 to {settings.max_job_processes} "
+                                f"(DISTILL_MAX_JOB_PROCESSES)")
+    if parallel.nnodes > 1 and not settings.multi_node_jobs:
+        raise ServiceError(422, f"distributed.nnodes: {parallel.nnodes} machines, but this server runs jobs on "
+                                f"itself only (its torchrun would join the rendezvous host a client names); "
+                                f"allowed: 1, or start the server with DISTILL_MULTI_NODE_JOBS=true")
     data, dataset_id = config.data, None
     # Paths on the server are not a client's to choose: files come in through POST /v1/datasets.
     if data.dataset == "files":
@@ -145,8 +154,13 @@ class Runner:
         runnable = runnable.model_copy(update={"output_dir": directory})
         (directory / CONFIG_FILE).write_text(runnable.model_dump_json(indent=2), encoding="utf-8")
         capacity = self.settings.max_concurrent_jobs + self.settings.max_queued_jobs
-        job = self.store.create_job(job_id, submitted.model_dump(mode="json", exclude={"output_dir"}), dataset_id,
-                                    capacity)
+        try:
+            job = self.store.create_job(job_id, submitted.model_dump(mode="json", exclude={"output_dir"}),
+                                        dataset_id, capacity)
+        except DatasetGone:
+            shutil.rmtree(directory)
+            raise ServiceError(422, f"data.dataset: the uploaded dataset {dataset_id!r} was deleted just now; "
+                                    f"upload it again with POST /v1/datasets") from None
         if job is None:
             shutil.rmtree(directory)
             raise ServiceError(429, f"the job queue is full ({self.settings.max_concurrent_jobs} running and "
@@ -184,7 +198,7 @@ class Runner:
             assert job is not None
             directory = job_dir(self.settings, job_id)
             if job.pid is not None:
-                _stop_orphan(job.pid, directory)
+                _stop_orphan(job.pid, directory, self.settings.cancel_grace_seconds)
             if not (directory / CONFIG_FILE).is_file():
                 self.store.finish(job_id, "failed", f"the server stopped while this job ran and its directory "
                                                     f"{directory} is gone, so it cannot resume")
@@ -274,8 +288,10 @@ def _exit_reason(code: int, stderr: Path) -> str:
     return f"the job process {how}" + (f": {tail[-1].strip()}" if tail else "")
 
 
-def _stop_orphan(pid: int, directory: Path) -> None:
-    """Kill a job process left by a crashed server, so two processes never write one job directory.
+def _stop_orphan(pid: int, directory: Path, grace_seconds: float) -> None:
+    """Stop a job process left by a crashed server, so two processes never write one job directory: SIGTERM, and
+    SIGKILL after `grace_seconds`. SIGTERM first because torchrun's workers run in sessions of their own: torchrun
+    stops them on SIGTERM, while a SIGKILLed torchrun leaves them running.
 
     Such an orphan dies by itself at its next event (its stdout pipe is broken), but it may be between events for
     a while. The pid is checked against /proc/<pid>/cmdline, because it may belong to another process by now.
@@ -289,11 +305,14 @@ def _stop_orphan(pid: int, directory: Path) -> None:
 
     if not alive():
         return
-    log.warning("killing the job process left by the previous server", extra={"pid": pid})
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while alive() and time.monotonic() < deadline:  # a zombie has an empty cmdline, so this ends once it died
-        time.sleep(0.05)
+    log.warning("stopping the job process left by the previous server", extra={"pid": pid})
+    for sig, wait_seconds in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 10.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_seconds
+        while alive() and time.monotonic() < deadline:  # a zombie has an empty cmdline: this ends once it died
+            time.sleep(0.05)
+        if not alive():
+            return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,11 @@ class Settings(BaseSettings):
     # Jobs
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs training at once (each is one subprocess).")
     max_queued_jobs: int = Field(16, ge=0, description="Jobs waiting beyond the running ones; past it: 429.")
+    max_job_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
+                                   description="Most training processes one job may ask for "
+                                               "(distributed.nproc_per_node; default: the CPU count); past it: 422.")
+    multi_node_jobs: bool = Field(False, description="Accept jobs with distributed.nnodes > 1: their torchrun "
+                                                     "joins the rendezvous host the client names.")
     cancel_grace_seconds: float = Field(10.0, ge=0, description="After SIGTERM, how long a job process has before "
                                                                 "SIGKILL (cancel, shutdown).")
     # Datasets

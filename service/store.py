@@ -28,6 +28,10 @@ TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 STATUSES: tuple[JobStatus, ...] = (*ACTIVE, *TERMINAL)
 _IS_ACTIVE = "status IN ('queued', 'running')"
 
+
+class DatasetGone(LookupError):
+    """The uploaded dataset a new job reads no longer exists."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -141,9 +145,13 @@ class Store:
     # Jobs
 
     def create_job(self, job_id: str, config: dict[str, Any], dataset_id: str | None, capacity: int) -> Job | None:
-        """Insert a queued job unless `capacity` jobs are already queued or running (then None)."""
+        """Insert a queued job unless `capacity` jobs are already queued or running (then None); DatasetGone when
+        its uploaded dataset was deleted since the caller looked (checked here, where a delete cannot interleave)."""
         stamp = now()
         with self._lock, self._db:
+            if dataset_id is not None and self._db.execute("SELECT 1 FROM datasets WHERE id = ?",
+                                                           (dataset_id,)).fetchone() is None:
+                raise DatasetGone(dataset_id)
             active = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {_IS_ACTIVE}").fetchone()[0]
             if active >= capacity:
                 return None

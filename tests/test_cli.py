@@ -48,3 +48,13 @@ def test_errors_are_one_line_with_exit_code_2(extra: dict, message: str, tiny_te
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distill: error: ") and message in err and "Traceback" not in err
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_line(tiny_teacher_dir: Path, synthetic_csv: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = _write_config(tmp_path / "job.yaml", tiny_teacher_dir, synthetic_csv)
+    assert main(["run", str(config), "--output-dir", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distill: error: ") and str(blocker / "out") in err and "Traceback" not in err

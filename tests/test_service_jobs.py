@@ -12,7 +12,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from service import runner
 from service.app import create_app
+from service.runner import check_job
 from service.settings import Settings
 from tests.conftest import synthetic_rows, write_csv
 
@@ -128,6 +130,8 @@ def test_a_job_goes_queued_running_succeeded_with_ordered_events_report_and_arti
     assert directory.status_code == 400 and "student/config.json" in directory.json()["detail"]
     escape = client.get(f"/v1/jobs/{job_id}/artifacts/%2E%2E%2F%2E%2E%2Fservice.sqlite3")
     assert escape.status_code == 400 and "leaves the job directory" in escape.json()["detail"]
+    nul = client.get(f"/v1/jobs/{job_id}/artifacts/report%00.md")
+    assert nul.status_code == 400 and "holds a NUL byte" in nul.json()["detail"]
     missing = client.get(f"/v1/jobs/{job_id}/artifacts/student-onnx/model_int8.onnx")
     assert missing.status_code == 404 and "report.md" in missing.json()["detail"]
 
@@ -187,6 +191,10 @@ def client_and_dataset(make_client: Any, synthetic_csv: Path) -> tuple[Any, str]
     ({"data": {"dataset": "imdb"}}, "data.dataset: unknown dataset 'imdb'; allowed: the built-in 'reviews'"),
     ({"data": {"dataset": "reviews"}}, "built-in dataset 'reviews' is not downloaded on the server yet"),
     ({"data": {"dataset": "files", "train": "/etc/hosts"}}, "data.dataset: 'files' reads paths on the server"),
+    ({"distributed": {"nproc_per_node": 10_000}}, "distributed.nproc_per_node: 10000 is more than this server starts "
+                                                  "for one job; allowed: 1 to"),
+    ({"distributed": {"nnodes": 2, "rdzv_endpoint": "elsewhere.example:29500"}},
+     "distributed.nnodes: 2 machines, but this server runs jobs on itself only"),
 ])
 def test_a_bad_job_is_refused_with_422_naming_the_key(client_and_dataset: tuple[Any, str], tiny_teacher_dir: Path,
                                                       change: dict[str, Any], message: str) -> None:
@@ -195,6 +203,26 @@ def test_a_bad_job_is_refused_with_422_naming_the_key(client_and_dataset: tuple[
     assert response.status_code == 422
     assert message in response.json()["detail"]
     assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_a_job_is_not_queued_on_an_upload_deleted_after_its_check(client_and_dataset: tuple[Any, str],
+                                                                  tiny_teacher_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELETE /v1/datasets/<id> between the job's check and its insert: the insert sees the upload is gone."""
+    client, dataset = client_and_dataset
+    store = client.app.state.store
+
+    def check_then_delete(*args: Any) -> Any:
+        checked = check_job(*args)
+        assert store.delete_dataset(dataset.removeprefix("upload:")) == []  # no job uses it yet
+        return checked
+
+    monkeypatch.setattr(runner, "check_job", check_then_delete)
+    response = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset))
+    assert response.status_code == 422, response.text
+    assert "data.dataset: the uploaded dataset" in response.json()["detail"] and "deleted" in response.text
+    assert client.get("/v1/jobs").json()["total"] == 0
+    assert not list(client.app.state.settings.jobs_dir.iterdir())  # its directory is removed too
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a server without a GPU")
@@ -231,6 +259,10 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     refused = upload(client, huge)
     assert refused.status_code == 413 and "the request body is" in refused.json()["detail"]
     assert client.post("/v1/datasets", json={"file": "x"}).status_code == 415
+    # A chunked body says no size: it would be stored whole before the limit could refuse it.
+    chunked = client.post("/v1/datasets", content=iter([big.read_bytes()]),
+                          headers={"content-type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"]
 
     listed = client.get("/v1/datasets").json()["items"]
     assert [(d["id"], d["kind"], d["pulled"]) for d in listed] == [("reviews", "builtin", False)]

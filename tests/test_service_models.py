@@ -15,10 +15,11 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+import service.models
 from distill.config import DataConfig, EvaluateConfig, ExportConfig, Fresh, JobConfig, TeacherConfig
 from distill.config import TrainConfig as Train
 from distill.pipeline import run
-from distill.runtime import OnnxPredictor, Prediction, TorchPredictor
+from distill.runtime import InputError, OnnxPredictor, Prediction, TorchPredictor
 from service.models import CompareError, MicroBatcher, ModelCatalog
 from service.settings import Settings
 from tests.conftest import models_client, synthetic_rows, write_csv, write_tiny_encoder
@@ -105,7 +106,7 @@ def test_predict_limits(client: TestClient, texts: list[str], code: int, message
 
 
 def test_predict_on_an_unknown_model_says_where_the_ids_are(client: TestClient) -> None:
-    for model_id in ("nojob.student", "student", "...student"):
+    for model_id in ("nojob.student", "student", "...student", "no%00job.student"):
         response = client.post(f"/v1/models/{model_id}/predict", json={"texts": ["fine"]})
         assert response.status_code == 404 and "GET /v1/models" in response.json()["detail"], model_id
 
@@ -146,18 +147,32 @@ def test_micro_batcher_gives_each_concurrent_caller_its_own_rows(report: dict) -
     assert sorted(t for call in counting.calls for t in call) == sorted(t for texts in requests for t in texts)
 
 
-def test_micro_batcher_hands_a_failure_to_every_caller_of_the_batch() -> None:
-    class Failing:
-        name = "failing"
+def test_micro_batcher_hands_a_failure_only_to_the_caller_whose_texts_fail() -> None:
+    class RefusesBad:
+        name, calls = "refuses-bad", []
 
         def predict(self, texts: list[str]) -> Prediction:
-            raise RuntimeError("boom")
+            self.calls.append(list(texts))
+            bad = [i for i, text in enumerate(texts) if text == "bad"]
+            if bad:
+                raise InputError(f"texts{bad} are bad")
+            return Prediction([len(t) for t in texts], np.zeros((len(texts), 2), np.float32), 0.001)
+
+    model = RefusesBad()
 
     async def concurrently() -> list[object]:
-        batcher = MicroBatcher(Failing(), max_size=4, max_wait_s=0)
-        return await asyncio.gather(*(batcher.predict(["x"]) for _ in range(3)), return_exceptions=True)
+        batcher = MicroBatcher(model, max_size=8, max_wait_s=0.05)
+        answers = await asyncio.gather(*(batcher.predict(texts) for texts in (["a"], ["bb", "bad"], ["ccc"])),
+                                       return_exceptions=True)
+        await batcher.aclose()
+        return answers
 
-    assert [str(e) for e in asyncio.run(concurrently())] == ["boom"] * 3
+    first, second, third = asyncio.run(concurrently())
+    assert isinstance(first, Prediction) and first.labels == [1]
+    assert isinstance(second, InputError) and str(second) == "texts[1] are bad"  # indexed in its own request
+    assert isinstance(third, Prediction) and third.labels == [3]
+    assert model.calls[0] == ["a", "bb", "bad", "ccc"]  # one merged call first, then each request alone
+    assert model.calls[1:] == [["a"], ["bb", "bad"], ["ccc"]]
 
 
 def test_micro_batcher_of_size_one_calls_the_model_one_text_at_a_time() -> None:
@@ -260,6 +275,7 @@ def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, re
     ({"models": ["job1.student"], "texts": ["fine"], "dataset": "job:job1"}, 422, "either texts or dataset"),
     ({"models": [], "texts": ["fine"]}, 422, "at least 1 item"),
     ({"models": ["job1.student", "nojob.student"], "texts": ["fine"]}, 404, "no model 'nojob.student'"),
+    ({"models": ["job1.student", "no\0job.student"], "texts": ["fine"]}, 404, "no model 'no"),
     ({"models": ["job1.student", "job1.student"], "texts": ["fine"]}, 422, "lists a model twice"),
     ({"models": ["job1.student"], "texts": ["fine"], "labels": ["neutral"]}, 422, "['neutral'] are not label"),
     ({"models": ["job1.student"], "dataset": "imdb"}, 422, "'job:<job_id>'"),
@@ -269,6 +285,20 @@ def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, re
 def test_compare_refuses_what_it_cannot_run(client: TestClient, body: dict, code: int, message: str) -> None:
     response = client.post("/v1/compare", json=body)
     assert response.status_code == code and message in json.dumps(response.json()), response.text
+
+
+def test_a_comparison_failing_on_its_inputs_is_422_and_on_the_server_500(client: TestClient,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text a model cannot take (distill.runtime.InputError, e.g. a causal LM's text with no token to predict
+    under a tokenizer without start/end tokens) is the caller's to fix; anything else is the server's."""
+    body = {"models": ["job1.student", "job1.teacher"], "texts": ["fine", "x"], "repeats": 1}
+    for error, code in ((InputError("texts[1] give no token to predict"), 422), (RuntimeError("boom"), 500)):
+        def fail(*args: object, error: Exception = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(service.models, "evaluate_models", fail)
+        response = client.post("/v1/compare", json=body)
+        assert response.status_code == code and str(error) in response.json()["detail"], response.text
 
 
 def test_compare_refuses_models_whose_labels_differ(settings: Settings, tmp_path: Path) -> None:

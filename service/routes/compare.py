@@ -89,7 +89,7 @@ async def compare(body: CompareRequest, catalog: CatalogDep, settings: SettingsD
     assert comparison.task is not None
     await asyncio.shield(comparison.task)  # a client that goes away does not cancel it; GET still finds it
     if comparison.status == "failed":
-        raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, comparison.error)
+        raise HTTPException(comparison.error_status or status.HTTP_500_INTERNAL_SERVER_ERROR, comparison.error)
     return ComparisonPublic.of(comparison)
 
 

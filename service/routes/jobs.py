@@ -138,6 +138,8 @@ def get_artifact(job: JobDep, settings: SettingsDep, name: str) -> FileResponse:
 
 
 def _artifact(directory: Path, name: str) -> Path:
+    if "\0" in name:  # no file has one; the OS would refuse the path
+        raise ServiceError(400, f"artifact name {name!r} holds a NUL byte; use a path from GET .../artifacts")
     root = directory.resolve()
     path = (root / name).resolve()
     if not path.is_relative_to(root):

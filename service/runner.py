@@ -258,10 +258,10 @@ class Runner:
             self._cancelling.discard(job.id)
         if self._stopping.is_set() and not cancelled:
             return  # the server is stopping: the job stays `running` and resumes at the next start
-        if cancelled:
-            self.store.finish(job.id, "cancelled")
-        elif code == 0 and done:
+        if code == 0 and done:  # also when a cancel came as it ended: its report and student are complete
             self.store.finish(job.id, "succeeded")
+        elif cancelled:
+            self.store.finish(job.id, "cancelled")
         else:
             reason = error or _exit_reason(code, job_dir(self.settings, job.id) / STDERR_FILE)
             self.store.finish(job.id, "failed", f"resuming failed: {reason}" if job.runs > 1 else reason)

@@ -38,6 +38,12 @@ from teachers.registry import resolve_teacher
 RESULTS = Path(__file__).parent / "results" / "embedding_losses.json"
 
 
+def training_pick(texts: int, rows: int) -> torch.Tensor:
+    """The training texts a run uses: `rows` of `texts` drawn with seed 0, in their order (bench/embedding_gap.py
+    draws the same)."""
+    return torch.randperm(texts, generator=torch.Generator().manual_seed(0))[:rows].sort().values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True)
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     built = build_student(config.student, teacher.encoder, teacher_dir, auto_class=AutoModel, texts=texts["train"])
     student = encoder_like(teacher, built.model)
     task = SentenceEmbedding(config.data.max_length)
-    pick = torch.randperm(len(texts["train"]), generator=torch.Generator().manual_seed(0))[:args.rows].sort().values
+    pick = training_pick(len(texts["train"]), args.rows)
     inputs = task.encode(built.tokenizer, [texts["train"][i] for i in pick], config.data.max_length)
     train = Split(inputs, torch.full((len(pick),), IGNORE_INDEX), teacher_outputs=cached["train"][pick])
     validation = Split(task.encode(built.tokenizer, texts["validation"], config.data.max_length),

@@ -252,7 +252,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     precision, max_length = config.precision, config.data.max_length
 
     with clock("data"):
-        data = load_task_data(config.data)
+        data = load_task_data(config.data, labelled=False)
         teacher_dir = resolve_teacher(config.teacher.name)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         if tokenizer.pad_token is None:  # GPT-2's own tokenizer has none; padded positions are masked anyway
@@ -265,9 +265,6 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
         teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, attn_implementation=attention).eval().to(
             distributed.device())
-        positions = getattr(teacher.config, "max_position_embeddings", None)
-        if positions is not None and max_length > positions:
-            raise ConfigError(f"data.max_length: {max_length} tokens, but the teacher has {positions} positions")
         student = build_student(config.student, teacher, teacher_dir, attn_implementation=attention,
                                 auto_class=AutoModelForCausalLM)
         if not student.shares_teacher_tokenizer:

@@ -45,7 +45,10 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int  # index into TaskData.labels
+    label: int  # index into TaskData.labels, or NO_LABEL
+
+
+NO_LABEL = -1  # a text read without a label: causal LMs learn from texts alone
 
 
 @dataclass
@@ -363,24 +366,32 @@ def _split(examples: list[Example], seed: int, carve_validation: bool, carve_tes
     return shuffled[len(validation) + len(test):], validation, test
 
 
-def _load_files(config: DataConfig) -> TaskData:
+def _load_files(config: DataConfig, labelled: bool) -> TaskData:
     assert config.train is not None  # DataConfig requires it for dataset 'files'
     train_path = config.train
-    columns = (config.format, config.text_column, config.label_column)
-    rows = _read_rows(train_path, *columns)
-    raw_labels = {r.label for r in rows}
-    if len(raw_labels) < 2:
-        raise DataError(f"{train_path}: all {len(rows)} rows (lines {rows[0].line}-{rows[-1].line}) have "
-                        f"label {rows[0].label!r}; distillation needs at least 2 classes")
-    labels = _sorted_labels(raw_labels)
-    known_from = f"the training file {train_path}"
+    labels: list[str] = []
+    if labelled:
+        columns = (config.format, config.text_column, config.label_column)
+        rows = _read_rows(train_path, *columns)
+        raw_labels = {r.label for r in rows}
+        if len(raw_labels) < 2:
+            raise DataError(f"{train_path}: all {len(rows)} rows (lines {rows[0].line}-{rows[-1].line}) have "
+                            f"label {rows[0].label!r}; distillation needs at least 2 classes")
+        labels = _sorted_labels(raw_labels)
+        known_from = f"the training file {train_path}"
+
+        def read(path: Path) -> list[Example]:
+            return _examples(path, _read_rows(path, *columns), labels, known_from)
+    else:
+        def read(path: Path) -> list[Example]:
+            return [Example(text, NO_LABEL) for text in read_texts(path, config.format, config.text_column)]
+
     files = {"validation": config.validation, "test": config.test}
-    given = {split: _examples(path, _read_rows(path, *columns), labels, known_from)
-             for split, path in files.items() if path is not None}
-    train, validation, test = _split(_examples(train_path, rows, labels, known_from), config.split_seed,
-                                     "validation" not in given, "test" not in given)
+    given = {split: read(path) for split, path in files.items() if path is not None}
+    examples = read(train_path)
+    train, validation, test = _split(examples, config.split_seed, "validation" not in given, "test" not in given)
     if len(train) < 2:
-        raise DataError(f"{train_path}: only {len(rows)} rows, too few to split off validation/test rows; "
+        raise DataError(f"{train_path}: only {len(examples)} rows, too few to split off validation/test rows; "
                         f"add rows or give data.validation and data.test files")
     return TaskData(name=train_path.name, labels=labels, train=train,
                     validation=given.get("validation", validation), test=given.get("test", test), transfer=[])
@@ -400,9 +411,10 @@ def _load_builtin(config: DataConfig) -> TaskData:
                     transfer=[])
 
 
-def load_task_data(config: DataConfig) -> TaskData:
-    """Labeled splits and transfer texts for a job; see the module docstring for the split scheme."""
-    data = _load_files(config) if config.dataset == "files" else _load_builtin(config)
+def load_task_data(config: DataConfig, *, labelled: bool = True) -> TaskData:
+    """Labeled splits and transfer texts for a job; see the module docstring for the split scheme. `labelled=False`
+    (causal LMs) reads files for their texts alone: a .txt file one text per line, CSV/JSONL their text column."""
+    data = _load_files(config, labelled) if config.dataset == "files" else _load_builtin(config)
     if config.limit is not None:
         data.train = data.train[:config.limit]  # already shuffled: a random sample, the same per seed
     if config.transfer == "builtin":

@@ -149,7 +149,7 @@ def load_sentence_encoder(model_dir: str | Path, attn_implementation: str | None
         elif kind == "Normalize":
             normalize = True
         elif kind != "Transformer":
-            raise ValueError(f"{model_dir}/modules.json: module {module['type']} is not supported (supported: "
+            raise ConfigError(f"{model_dir}/modules.json: module {module['type']} is not supported (supported: "
                              f"Transformer, Pooling, Dense without activation, Normalize)")
     encoder = AutoModel.from_pretrained(model_dir, attn_implementation=attn_implementation)
     return SentenceEncoder(encoder, pooling, projection, normalize)
@@ -162,7 +162,7 @@ def _pooling_mode(config: dict[str, Any], path: Path) -> str:
         mode for flag, mode in POOLING_FLAGS.items() if config.get(flag)]
     unknown = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in POOLING_FLAGS]
     if len(modes) != 1 or unknown:
-        raise ValueError(f"{path}/config.json: exactly one pooling mode of {sorted(POOLING_FLAGS.values())} is "
+        raise ConfigError(f"{path}/config.json: exactly one pooling mode of {sorted(POOLING_FLAGS.values())} is "
                          f"supported; got {modes + unknown}")
     return modes[0]
 
@@ -170,7 +170,7 @@ def _pooling_mode(config: dict[str, Any], path: Path) -> str:
 def _load_projection(path: Path) -> nn.Linear:
     config = json.loads((path / "config.json").read_text())
     if config.get("activation_function", IDENTITY) != IDENTITY:
-        raise ValueError(f"{path}/config.json: a Dense layer with activation {config['activation_function']} is "
+        raise ConfigError(f"{path}/config.json: a Dense layer with activation {config['activation_function']} is "
                          f"not supported; only a plain projection ({IDENTITY})")
     projection = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
     projection.load_state_dict({k.removeprefix("linear."): v for k, v in load_file(path / "model.safetensors").items()})

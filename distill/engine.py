@@ -12,6 +12,8 @@ events. `train.batch_size` is the global batch either way, so N processes take t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -104,8 +106,9 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if distributed.active():
         torch.manual_seed(seed + distributed.rank())  # each rank its own dropout masks (the checkpoint keeps each)
     state = {"step": 0, "history": [], "best": None}
+    run = _run_settings(cfg, seed, loss, train, total_steps)
     if resume and (run_dir / CHECKPOINT).exists():
-        state = _load_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, total_steps)
+        state = _load_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, run)
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})
     net = _data_parallel(model, projection, device) if distributed.active() else model
 
@@ -153,7 +156,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             train_seconds += time.perf_counter() - started
             if step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:  # epoch ends checkpoint after eval
                 state.update(step=step)
-                _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, total_steps)
+                _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, run)
                 emit("checkpoint", {"stage": stage, "step": step})
             emit("progress", {"stage": stage, "step": step, "total_steps": total_steps, "epoch": epoch + 1,
                               "loss": batch_loss.item(), "lr": scheduler.get_last_lr()[0]})
@@ -170,7 +173,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         emit("metrics", {"stage": stage, **{f"validation_{k}": v for k, v in metrics.items() if k != "epoch"},
                          "epoch": epoch + 1})
         state.update(step=step)
-        _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, total_steps)
+        _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, run)
 
     for hook in hooks:
         hook.remove()
@@ -311,8 +314,19 @@ def _value_loss(student_values: dict[int, Tensor], teacher_values: dict[int, Ten
     return torch.stack(terms).mean()
 
 
+def _run_settings(cfg: TrainConfig, seed: int, loss: LossConfig, train: Split, total_steps: int) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint to continue it exactly (flat keys, so
+    a refusal can name them): the training settings but checkpoint_every, the seed, the loss, the training data."""
+    digest = hashlib.sha256()
+    for example, label in zip(train.student_inputs, train.labels.tolist(), strict=True):
+        digest.update(json.dumps([example["input_ids"], label]).encode())
+    return {"total_steps": total_steps, "seed": seed, "training data": digest.hexdigest()[:16],
+            **{f"train.{k}": v for k, v in cfg.model_dump(mode="json", exclude={"checkpoint_every"}).items()},
+            **{f"loss.{k}": v for k, v in loss.model_dump(mode="json").items()}}
+
+
 def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, state: dict[str, Any], total_steps: int) -> None:
+                     scheduler: Any, state: dict[str, Any], run: dict[str, Any]) -> None:
     """Called on every rank (each one's dropout RNG goes in: the CPU's, and the GPU's when it trains on one);
     rank 0 writes."""
     device = distributed.device()
@@ -322,18 +336,21 @@ def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
         return
     payload = {"model": model.state_dict(), "projection": projection.state_dict() if projection else None,
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-               "total_steps": total_steps, "rng": rng, "cuda_rng": cuda_rng}
+               "run": run, "rng": rng, "cuda_rng": cuda_rng}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
 
 
 def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, total_steps: int) -> dict[str, Any]:
+                     scheduler: Any, run: dict[str, Any]) -> dict[str, Any]:
     payload = torch.load(path, map_location="cpu", weights_only=False)  # the RNG states must stay on the CPU
-    if payload["total_steps"] != total_steps:
-        raise TrainingError(f"{path} was written by a run of {payload['total_steps']} steps, this one has "
-                            f"{total_steps}: the config changed; start afresh without --resume")
+    saved = payload.get("run", {"total_steps": payload.get("total_steps")})  # older checkpoints kept the steps only
+    changed = [("the training data differ" if key == "training data" else f"{key}: {saved[key]!r} then, "
+                f"{run.get(key)!r} now") for key in saved if saved[key] != run.get(key)]
+    if changed:
+        raise TrainingError(f"{path} was written by another run ({'; '.join(changed)}); --resume continues the same "
+                            f"run only: restore those settings, or start afresh without --resume")
     model.load_state_dict(payload["model"])
     if projection is not None:
         projection.load_state_dict(payload["projection"])

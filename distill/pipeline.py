@@ -30,7 +30,7 @@ from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
-from distill.student import build_student, count_params
+from distill.student import build_student, check_student, count_params
 from distill.tasks import Precision, SequenceClassification, Task, bf16_is_slow, predict_distilled
 from teachers.registry import resolve_teacher
 
@@ -256,10 +256,13 @@ def render_job_markdown(report: dict[str, Any]) -> str:
 
 
 def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, EventSink]:
-    """Every task's first step: where it computes (distributed.place), the output directory (made by rank 0) and the
-    event sink (rank 0 speaks for all), warned when bf16 would run slower than fp32 here."""
+    """Every task's first step: the student checked against the models (student.check_student), where it computes
+    (distributed.place), the output directory (made by rank 0) and the event sink (rank 0 speaks for all), warned
+    when bf16 would run slower than fp32 here."""
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
+    check_student(config.student, resolve_teacher(config.teacher.name), max_length=config.data.max_length,
+                  task=config.task)
     distributed.place(config.device)
     out = Path(config.output_dir)
     if distributed.is_main():

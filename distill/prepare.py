@@ -57,9 +57,14 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         return PreparedTeacher(Path(teacher_dir), cached=True, summary={"stages": [], "note": "already has the head"})
     key = _cache_key(config, teacher_dir, labels, train)
     target = distill_home() / "prepared" / key
+    sources = _sources(teacher_dir, validation)
     if (target / "prepared.json").exists():
-        emit("log", {"message": f"reusing the prepared teacher {target}"})
-        return PreparedTeacher(target, cached=True, summary=json.loads((target / "prepared.json").read_text()))
+        summary = json.loads((target / "prepared.json").read_text())
+        if _same_sources(summary, sources):
+            emit("log", {"message": f"reusing the prepared teacher {target}"})
+            return PreparedTeacher(target, cached=True, summary=summary)
+        emit("log", {"message": f"the teacher's files or the validation split changed since {target} was "
+                                f"prepared: preparing it again"})
 
     tc = config.teacher
     torch.manual_seed(preparation_seed(config))
@@ -68,8 +73,9 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         label2id={name: i for i, name in enumerate(labels)}).to(distributed.device())
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     stages: list[dict[str, Any]] = []
-    work = target.with_name(key + ".tmp")
-    # Under torchrun every rank prepares the teacher (the fine-tuning is data-parallel); rank 0 alone writes.
+    # The job's own scratch directory (two jobs may prepare one teacher at once); under torchrun every rank
+    # prepares the teacher (the fine-tuning is data-parallel) and rank 0 alone writes.
+    work = Path(config.output_dir or target.parent) / "teacher-preparation.tmp"
     if distributed.is_main():
         shutil.rmtree(work, ignore_errors=True)
     distributed.barrier()
@@ -93,13 +99,21 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         model = AutoModelForSequenceClassification.from_pretrained(work / BEST)
         stages.append({"stage": "finetune", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
                        "validation_accuracy": result.best_metrics["accuracy"]})
-    summary = {"teacher": teacher_dir, "labels": labels, "stages": stages}
+    summary = {"teacher": teacher_dir, "labels": labels, "stages": stages, "sources": sources}
     if distributed.is_main():
         model.save_pretrained(work / "model")
         tokenizer.save_pretrained(work / "model")
         (work / "model" / "prepared.json").write_text(json.dumps(summary, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(work / "model", target)  # only a complete directory ever appears under its key
+        if (target / "prepared.json").exists() and not _same_sources(
+                json.loads((target / "prepared.json").read_text()), sources):
+            shutil.rmtree(target)  # stale: prepared from other files or for another validation split
+        try:
+            os.replace(work / "model", target)  # only a complete directory ever appears under its key
+        except OSError:
+            if not (target / "prepared.json").exists():
+                raise
+            # another job prepared the same teacher meanwhile (same key: same weights); theirs stays
     # Every rank has loaded work/best/ above before rank 0 removes it (a slow rank once found it gone), and the
     # prepared teacher is in place for the other ranks.
     distributed.barrier()
@@ -160,6 +174,24 @@ def _has_head_for(teacher_dir: str, labels: list[str]) -> bool:
 
 def preparation_seed(config: JobConfig) -> int:
     return config.seed if config.teacher.seed is None else config.teacher.seed
+
+
+def _sources(teacher_dir: str, validation: Split) -> str:
+    """What the cache key leaves out, checked when a prepared teacher is reused: the teacher's files as they are now
+    (name, size, modification time: a teacher retrained in place at its path) and the validation split, which
+    picks the best head and fine-tuning epoch."""
+    digest = hashlib.sha256()
+    root = Path(teacher_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for example, label in zip(validation.student_inputs, validation.labels.tolist(), strict=True):
+        digest.update(json.dumps([example["input_ids"], label]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _same_sources(summary: dict[str, Any], sources: str) -> bool:
+    return summary.get("sources", sources) == sources  # prepared before sources were kept: trusted as before
 
 
 def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Split) -> str:

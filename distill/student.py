@@ -5,18 +5,21 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers.models import WordPiece
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from distill.config import FromModel, FromTeacher, StudentConfig
+from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
 from teachers.registry import resolve_teacher
 
 
@@ -36,6 +39,54 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: int, task: Task) -> None:
+    """ConfigError for a student the models cannot give, or a data.max_length past their positions: read from their
+    configs (and tokenizer), so a job is refused before the teacher's preparation, which may take long."""
+    teacher = AutoConfig.from_pretrained(teacher_dir)
+    _check_positions(teacher, max_length, "the teacher")
+    if isinstance(spec, FromTeacher):
+        _check_layers(spec.layers, teacher.num_hidden_layers)
+    elif isinstance(spec, FromModel):
+        source_dir = resolve_teacher(spec.model)
+        _check_positions(_source_config(spec, source_dir), max_length, f"student.model {spec.model!r}")
+        if spec.trim_vocabulary:
+            if task == "causal-lm":
+                raise ConfigError("student.trim_vocabulary: a causal LM predicts over its whole vocabulary, so it "
+                                  "is kept; remove the key")
+            _wordpiece(AutoTokenizer.from_pretrained(source_dir))
+
+
+def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:
+    """The config of the model whose first layers the student takes, which has at least that many."""
+    source = AutoConfig.from_pretrained(source_dir)
+    if spec.num_layers > source.num_hidden_layers:  # from_pretrained would add randomly initialized ones
+        raise ConfigError(f"student.num_layers: {spec.num_layers}, but {spec.model!r} has "
+                          f"{source.num_hidden_layers} layers; allowed: 1 to {source.num_hidden_layers}")
+    return source
+
+
+def _check_positions(config: PretrainedConfig, max_length: int, whose: str) -> None:
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ConfigError(f"data.max_length: {max_length} tokens, but {whose} has {positions} positions; allowed: "
+                          f"up to {positions}")
+
+
+def _check_layers(layers: list[int], teacher_layers: int) -> None:
+    bad = [i for i in layers if not 0 <= i < teacher_layers]
+    if bad or sorted(set(layers)) != layers:
+        raise ConfigError(f"student.layers must be distinct increasing indices in 0..{teacher_layers - 1} (the "
+                          f"teacher has {teacher_layers} layers); got {layers}")
+
+
+def _wordpiece(tokenizer: PreTrainedTokenizerBase) -> WordPiece:
+    model = tokenizer.backend_tokenizer.model
+    if not isinstance(model, WordPiece):
+        raise ConfigError(f"student.trim_vocabulary needs a WordPiece tokenizer (BERT, MPNet families); this "
+                          f"student's is {type(model).__name__}")
+    return model
+
+
 def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: str, *,
                   attn_implementation: str | None = None,
                   auto_class: type[_BaseAutoModelClass] = AutoModelForSequenceClassification,
@@ -51,23 +102,18 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
               "label2id": teacher.config.label2id} if auto_class is AutoModelForSequenceClassification else {}
     teacher_layers = teacher.config.num_hidden_layers
     if isinstance(spec, FromTeacher):
-        bad = [i for i in spec.layers if not 0 <= i < teacher_layers]
-        if bad or sorted(set(spec.layers)) != spec.layers:
-            raise ValueError(f"student.layers must be distinct increasing indices in 0..{teacher_layers - 1} "
-                             f"(the teacher has {teacher_layers} layers); got {spec.layers}")
+        _check_layers(spec.layers, teacher_layers)
         model = _from_teacher_layers(teacher, spec.layers, attn_implementation, auto_class)
         return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True, [i + 1 for i in spec.layers])
     if isinstance(spec, FromModel):
         source = resolve_teacher(spec.model)
+        _source_config(spec, source)
         model = auto_class.from_pretrained(
             source, num_hidden_layers=spec.num_layers, attn_implementation=attn_implementation, **labels)
-        if model.config.num_hidden_layers != spec.num_layers:
-            raise ValueError(f"student.num_layers {spec.num_layers} but {spec.model!r} built "
-                             f"{model.config.num_hidden_layers}")
         tokenizer = AutoTokenizer.from_pretrained(source)
         if spec.trim_vocabulary:
             if texts is None:
-                raise ValueError("student.trim_vocabulary: this task keeps the student's whole vocabulary")
+                raise ConfigError("student.trim_vocabulary: this task keeps the student's whole vocabulary")
             tokenizer = trim_vocabulary(model, tokenizer, texts)
         shares = tokenizer.get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
         return Student(model, tokenizer, shares, _uniform_layer_map(spec.num_layers, teacher_layers))
@@ -89,10 +135,7 @@ def trim_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     tokenization as it was; other text may split into smaller pieces. (TextPruner does this too, for transformers
     4's slow tokenizers; transformers 5 builds a tokenizer straight from a vocabulary.)
     """
-    wordpiece = tokenizer.backend_tokenizer.model
-    if not isinstance(wordpiece, WordPiece):
-        raise ValueError(f"student.trim_vocabulary needs a WordPiece tokenizer (BERT, MPNet families); this "
-                         f"student's is {type(wordpiece).__name__}")
+    wordpiece = _wordpiece(tokenizer)
     vocab = tokenizer.get_vocab()
     used = {i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids}
     characters = {i for token, i in vocab.items() if len(token.removeprefix(wordpiece.continuing_subword_prefix)) == 1}

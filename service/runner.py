@@ -28,6 +28,7 @@ from typing import Any
 from distill.config import ConfigError, DistributedConfig, FromModel, JobConfig, parse_config
 from distill.data import BUILTIN_DATASETS
 from distill.distributed import torchrun_command, uses_cuda, wanted
+from distill.student import check_student
 from service.schemas import ServiceError
 from service.settings import Settings
 from service.store import TERMINAL, DatasetGone, Job, Store
@@ -107,6 +108,11 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
             resolve_teacher(name)
         except TeacherNotFound as e:
             raise ServiceError(422, f"{key}: {e}") from None
+    try:  # a student the models cannot give: refused now, not once the job has prepared its teacher
+        check_student(config.student, resolve_teacher(config.teacher.name), max_length=config.data.max_length,
+                      task=config.task)
+    except ConfigError as e:
+        raise ServiceError(422, str(e)) from None
     return config, config.model_copy(update={"data": data}), dataset_id
 
 

@@ -137,11 +137,12 @@ def test_distill_run_prints_the_causal_lm_summary(tmp_path: Path, capsys: pytest
 
     teacher_dir = train_lm_teacher(TEXTS, TEXTS[:40], tmp_path / "teacher", layers=2, hidden=32, heads=2,
                                    vocab_size=300, max_length=16, train=TrainConfig(epochs=1, batch_size=16, lr=3e-3))
+    corpus = tmp_path / "corpus.txt"  # texts alone: a causal LM needs no labels
+    corpus.write_text("".join(text + "\n" for text, _ in synthetic_rows(100, seed=9)), encoding="utf-8")
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({
         "task": "causal-lm", "teacher": {"name": str(teacher_dir)},
-        "data": {"dataset": "files", "train": str(write_csv(tmp_path / "texts.csv", synthetic_rows(100, seed=9))),
-                 "max_length": 16},
+        "data": {"dataset": "files", "train": str(corpus), "max_length": 16},
         "student": {"init": "teacher", "layers": [1]}, "train": {"epochs": 1, "batch_size": 16},
         "export": {"onnx": False}}))
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 0

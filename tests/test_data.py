@@ -11,6 +11,7 @@ import pytest
 from distill.config import DataConfig
 from distill.data import (
     BUILTIN_DATASETS,
+    NO_LABEL,
     DataError,
     Example,
     augment,
@@ -60,6 +61,23 @@ def test_jsonl_int_labels_sort_numerically_and_given_splits_are_kept(tmp_path):
     assert len(data.train) == 12  # nothing carved off
     assert data.validation == [Example("v", 2), Example("w", 1)]
     assert data.test == [Example("x", 0)]
+
+
+def test_texts_alone_for_causal_lms_from_txt_and_unlabelled_jsonl(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line number {i}\n\n" for i in range(20)), encoding="utf-8")  # blank lines skipped
+    data = load_task_data(files(train=corpus), labelled=False)
+    assert (len(data.train), len(data.validation), len(data.test)) == (16, 2, 2) and data.labels == []
+    every = data.train + data.validation + data.test
+    assert sorted(e.text for e in every) == sorted(f"line number {i}" for i in range(20))
+    assert {e.label for e in every} == {NO_LABEL}
+    assert data.summary()["splits"]["train"] == {"rows": 16, "label_counts": {}}
+    unlabelled = write_jsonl(tmp_path / "corpus.jsonl", [{"body": f"t{i}"} for i in range(10)])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"body": "x"}])
+    data = load_task_data(files(train=unlabelled, test=test, text_column="body"), labelled=False)
+    assert (len(data.train), len(data.validation), data.test) == (9, 1, [Example("x", NO_LABEL)])
+    with pytest.raises(DataError, match="corpus.jsonl, line 1: no key 'label'"):  # a classifier still needs them
+        load_task_data(files(train=unlabelled, text_column="body"))
 
 
 def test_only_test_given_splits_train_90_10(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -109,15 +110,28 @@ def test_length_grouped_batches_pad_less_and_still_cover_every_example_in_a_new_
     assert epoch_order(train, 32, seed=5, epoch=1, grouped=True) != grouped
 
 
-def test_resume_refuses_a_checkpoint_from_another_config(setup, tmp_path: Path) -> None:
+def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup, tmp_path: Path) -> None:
+    """Continuing with another learning rate, seed or data would silently train something that is neither run
+    (the optimizer state keeps the old learning rate; another seed reorders the epoch mid-way)."""
     tokenizer, teacher, train, validation = setup
     fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
         teacher=teacher)
     assert (tmp_path / CHECKPOINT).exists()
-    longer = CFG.model_copy(update={"epochs": 3})
-    with pytest.raises(TrainingError, match="config changed"):
-        fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, longer, run_dir=tmp_path, seed=5,
-            teacher=teacher, resume=True)
+    reversed_train = Split(train.student_inputs[::-1], train.labels.flip(0), teacher_inputs=train.teacher_inputs[::-1])
+    changes = [({"cfg": CFG.model_copy(update={"epochs": 3})}, "total_steps: 16 then, 24 now; train.epochs: 2 then"),
+               ({"cfg": CFG.model_copy(update={"lr": 2 * CFG.lr})}, f"train.lr: {CFG.lr!r} then, {2 * CFG.lr!r} now"),
+               ({"seed": 6}, "seed: 5 then, 6 now"),
+               ({"train": reversed_train}, "(the training data differ)")]
+    for change, message in changes:
+        run = {"cfg": CFG, "seed": 5, "train": train} | change
+        with pytest.raises(TrainingError, match=re.escape(message)):
+            fit(TASK, _classifier(len(tokenizer), 1), tokenizer, run["train"], validation, run["cfg"],
+                run_dir=tmp_path, seed=run["seed"], teacher=teacher, resume=True)
+    # How often checkpoints are written does not change the run: it resumes (finished, nothing left to train).
+    resumed = fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation,
+                  CFG.model_copy(update={"checkpoint_every": 1000}), run_dir=tmp_path, seed=5, teacher=teacher,
+                  resume=True)
+    assert resumed.steps == 16
 
 
 def test_logit_cache_trains_like_running_the_teacher_every_step(setup, tmp_path: Path) -> None:

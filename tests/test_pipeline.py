@@ -83,6 +83,14 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     other = run(config.model_copy(update={"seed": 1, "output_dir": tmp_path / "job4"}))
     assert other.report["teacher"]["prepared_from_cache"] is False
     assert other.report["teacher"]["prepared_dir"] != report["teacher"]["prepared_dir"]
+    assert not (tmp_path / "job4" / "teacher-preparation.tmp").exists()  # its scratch directory is gone
+    # The teacher retrained in place at its path: the first job's settings prepare it again, under the same key.
+    write_tiny_encoder(tiny_teacher_dir, seed=5)
+    retrained = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job5", student))
+    assert retrained.report["teacher"]["prepared_from_cache"] is False
+    assert retrained.report["teacher"]["prepared_dir"] == report["teacher"]["prepared_dir"]
+    assert run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job6", student)).report["teacher"][
+        "prepared_from_cache"] is True
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares a job on the GPU with the same job on the CPU")

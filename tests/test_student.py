@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertTokenizerFast
 
 from distill.causal_lm import train_tokenizer
-from distill.student import trim_vocabulary
+from distill.config import ConfigError, FromModel, FromTeacher
+from distill.student import build_student, check_student, trim_vocabulary
+from tests.conftest import write_tiny_encoder, write_tiny_gpt2
 
 # Whole words, their pieces and the single characters ("##x" continues a word), as a real WordPiece vocabulary has.
 PIECES = ["good", "film", "bad", "plot", "great", "##s", "##ly", "dull", "##er"]
@@ -55,5 +57,38 @@ def test_trimmed_student_is_smaller_and_unchanged_on_its_texts(tmp_path: Path) -
 
 def test_trimming_a_bpe_vocabulary_is_refused(tmp_path: Path) -> None:
     tokenizer = train_tokenizer(["good film", "bad plot"] * 20, vocab_size=300)
-    with pytest.raises(ValueError, match="needs a WordPiece tokenizer .* this student's is BPE"):
+    with pytest.raises(ConfigError, match="needs a WordPiece tokenizer .* this student's is BPE"):
         trim_vocabulary(torch.nn.Module(), tokenizer, ["good film"])
+
+
+@pytest.mark.parametrize(("spec", "max_length", "task", "message"), [
+    (FromTeacher(init="teacher", layers=[0, 2]), 16, "sequence-classification",
+     r"student.layers must be distinct increasing indices in 0..1 \(the teacher has 2 layers\); got \[0, 2\]"),
+    (FromModel(init="model", model="SOURCE", num_layers=3), 16, "sequence-classification",
+     "student.num_layers: 3, but .* has 2 layers; allowed: 1 to 2"),
+    (FromTeacher(init="teacher", layers=[1]), 65, "sentence-embedding",
+     "data.max_length: 65 tokens, but the teacher has 64 positions; allowed: up to 64"),
+    (FromModel(init="model", model="SOURCE", num_layers=1, trim_vocabulary=True), 16, "causal-lm",
+     "student.trim_vocabulary: a causal LM predicts over its whole vocabulary"),
+    (FromModel(init="model", model="GPT2", num_layers=1, trim_vocabulary=True), 16, "sequence-classification",
+     "student.trim_vocabulary needs a WordPiece tokenizer"),
+])
+def test_a_student_the_models_cannot_give_is_refused_from_their_configs(
+        tiny_teacher_dir: Path, tmp_path: Path, spec: FromTeacher | FromModel, max_length: int, task: str,
+        message: str) -> None:
+    """Checked before any training (distill.pipeline.start_job): a student.num_layers past the source model's layers
+    would otherwise get randomly initialized layers from from_pretrained without a word."""
+    sources = {"SOURCE": str(tiny_teacher_dir), "GPT2": str(write_tiny_gpt2(tmp_path / "gpt2"))}
+    if isinstance(spec, FromModel):
+        spec = spec.model_copy(update={"model": sources[spec.model]})
+    with pytest.raises(ConfigError, match=message):
+        check_student(spec, tiny_teacher_dir, max_length=max_length, task=task)  # type: ignore[arg-type]
+
+
+def test_build_student_refuses_more_layers_than_its_source_has(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    source = write_tiny_encoder(tmp_path / "source", layers=2)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir, num_labels=2)
+    with pytest.raises(ConfigError, match="student.num_layers: 3, but .* has 2 layers"):
+        build_student(FromModel(init="model", model=str(source), num_layers=3), teacher, str(tiny_teacher_dir))
+    assert build_student(FromModel(init="model", model=str(source), num_layers=2), teacher,
+                         str(tiny_teacher_dir)).model.config.num_hidden_layers == 2

@@ -54,6 +54,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.student_inputs)
 
+    def update_digest(self, digest: Any) -> None:
+        """Feed the student token ids and labels into a hashlib `digest` (cache keys and checkpoints tell splits
+        apart by them)."""
+        for example, label in zip(self.student_inputs, self.labels.tolist(), strict=True):
+            digest.update(json.dumps([example["input_ids"], label]).encode())
+
 
 @dataclass
 class Teacher:
@@ -318,8 +324,7 @@ def _run_settings(cfg: TrainConfig, seed: int, loss: LossConfig, train: Split, t
     """What a resumed run must share with the run that wrote the checkpoint to continue it exactly (flat keys, so
     a refusal can name them): the training settings but checkpoint_every, the seed, the loss, the training data."""
     digest = hashlib.sha256()
-    for example, label in zip(train.student_inputs, train.labels.tolist(), strict=True):
-        digest.update(json.dumps([example["input_ids"], label]).encode())
+    train.update_digest(digest)
     return {"total_steps": total_steps, "seed": seed, "training data": digest.hexdigest()[:16],
             **{f"train.{k}": v for k, v in cfg.model_dump(mode="json", exclude={"checkpoint_every"}).items()},
             **{f"loss.{k}": v for k, v in loss.model_dump(mode="json").items()}}

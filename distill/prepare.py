@@ -185,8 +185,7 @@ def _sources(teacher_dir: str, validation: Split) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for example, label in zip(validation.student_inputs, validation.labels.tolist(), strict=True):
-        digest.update(json.dumps([example["input_ids"], label]).encode())
+    validation.update_digest(digest)
     return digest.hexdigest()[:16]
 
 
@@ -202,7 +201,6 @@ def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Sp
                               "settings": config.teacher.model_dump(exclude={"seed"}),
                               "max_length": config.data.max_length, "seed": preparation_seed(config),
                               "precision": config.precision}, sort_keys=True).encode())
-    for example, label in zip(train.student_inputs, train.labels.tolist(), strict=True):
-        digest.update(json.dumps([example["input_ids"], label]).encode())
+    train.update_digest(digest)
     name = Path(str(teacher_dir)).name or "teacher"
     return f"{name}-{digest.hexdigest()[:16]}"

@@ -1,8 +1,8 @@
 """Datasets over HTTP: the built-in ones (pulled or not) and uploaded CSV/JSONL files.
 
 An upload is checked exactly as `distill run` checks a training file (distill.data: columns, empty texts, labels,
-at least two classes, enough rows to split), then kept as settings.datasets_dir/<id>/data.<format>; a job uses it
-with `data.dataset: "upload:<id>"`.
+at least two classes, enough rows to split; with `labelled=false`, texts alone, as a causal-LM job reads them),
+then kept as settings.datasets_dir/<id>/data.<format>; a job uses it with `data.dataset: "upload:<id>"`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from service.schemas import DatasetPublic, ServiceError
 from service.settings import Settings
 from service.store import Dataset, Store, now
 
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}  # .txt: one text per line
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the small text fields around the file
 COPY_CHUNK = 1024 * 1024
 
@@ -38,6 +38,7 @@ class Upload:
     filename: str
     text_column: str
     label_column: str
+    labelled: bool
 
 
 async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[Upload]:
@@ -53,7 +54,7 @@ async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ServiceError(415, "send multipart/form-data with the CSV or JSONL file in the part 'file' (and "
                                 "optional text_column, label_column fields)")
-    form = await request.form(max_files=1, max_fields=2)
+    form = await request.form(max_files=1, max_fields=3)
     try:
         file = form.get("file")
         if not isinstance(file, UploadFile):
@@ -63,7 +64,12 @@ async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[
         for key, value in columns.items():
             if not isinstance(value, str):
                 raise ServiceError(422, f"{key}: must be a text field naming a column, not a file")
-        yield Upload(file.file, file.filename or "upload", columns["text_column"], columns["label_column"])
+        labelled = form.get("labelled") or "true"
+        if labelled not in ("true", "false"):
+            raise ServiceError(422, f"labelled: {labelled!r}; allowed: true (the default: rows with labels) or false "
+                                    f"(texts alone, for causal-LM jobs)")
+        yield Upload(file.file, file.filename or "upload", columns["text_column"], columns["label_column"],
+                     labelled == "true")
     finally:
         await form.close()
 
@@ -73,27 +79,33 @@ def save_upload(settings: Settings, store: Store, upload: Upload) -> DatasetPubl
     format = FORMATS.get(Path(upload.filename).suffix.lower())
     if format is None:
         raise ServiceError(422, f"file: cannot tell the format of {upload.filename!r}; name it .csv, .jsonl or "
-                                f".json")
+                                f".json (.txt for texts alone)")
+    if format == "txt" and upload.labelled:
+        raise ServiceError(422, f"file: {upload.filename!r} is texts alone (one per line), which only causal-LM jobs "
+                                f"read; send labelled=false with it, or a CSV/JSONL file with a label column")
     dataset_id = uuid.uuid4().hex[:12]
     final = upload_path(settings, dataset_id, format)
     work = final.parent.with_name(dataset_id + ".tmp")  # published by one rename once it passed every check
     work.mkdir(parents=True)
     try:
         size = _copy_capped(upload.file, work / final.name, settings.max_upload_bytes)
-        config = DataConfig(dataset="files", train=work / final.name, format=format,
-                            text_column=upload.text_column, label_column=upload.label_column)
+        # format "auto": the stored file's suffix (data.csv, data.jsonl, data.txt) says it, for jobs too
+        config = DataConfig(dataset="files", train=work / final.name, text_column=upload.text_column,
+                            label_column=upload.label_column)
         try:
-            data = load_task_data(config)
+            data = load_task_data(config, labelled=upload.labelled)
         except DataError as e:  # name the file as the client knows it, not its temporary path on the server
             raise ServiceError(422, str(e).replace(str(work / final.name), upload.filename)) from None
         os.replace(work, final.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     counts: Counter[str] = Counter()
-    for split in data.summary()["splits"].values():
+    splits = data.summary()["splits"].values()
+    for split in splits:
         counts.update(split["label_counts"])
     record = Dataset(id=dataset_id, name=upload.filename, filename=final.name, format=format,
-                     text_column=upload.text_column, label_column=upload.label_column, rows=sum(counts.values()),
+                     text_column=upload.text_column, label_column=upload.label_column,
+                     rows=sum(split["rows"] for split in splits),
                      labels=data.labels, label_counts=dict(counts), size_bytes=size, created_at=now())
     store.add_dataset(record)
     return DatasetPublic.of(record)

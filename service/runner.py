@@ -91,7 +91,11 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
         if upload is None:
             raise ServiceError(422, f"data.dataset: no uploaded dataset {dataset_id!r}; GET /v1/datasets lists "
                                     f"them, POST /v1/datasets uploads one")
-        data = data.model_copy(update={"dataset": "files", "format": upload.format,
+        if not upload.labels and config.task != "causal-lm":
+            raise ServiceError(422, f"data.dataset: the upload {dataset_id!r} holds texts without labels (uploaded "
+                                    f"with labelled=false), which only causal-lm jobs read; a {config.task} job "
+                                    f"needs an upload with a label column")
+        data = data.model_copy(update={"dataset": "files", "format": "auto",
                                        "train": upload_path(settings, upload.id, upload.format),
                                        "text_column": upload.text_column, "label_column": upload.label_column})
     elif data.dataset not in BUILTIN_DATASETS:

@@ -114,7 +114,7 @@ class DatasetPublic(BaseModel):
     name: str
     description: str | None = None
     pulled: bool = Field(description="Present on the server (an upload always is; a built-in once pulled).")
-    rows: int | None = Field(None, description="Labelled rows (uploads).")
+    rows: int | None = Field(None, description="Rows (uploads); labels is empty for texts alone.")
     labels: list[str]
     label_counts: dict[str, int] | None = None
     text_column: str = "text"

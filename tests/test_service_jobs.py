@@ -16,7 +16,7 @@ from service import runner
 from service.app import create_app
 from service.runner import check_job
 from service.settings import Settings
-from tests.conftest import synthetic_rows, write_csv
+from tests.conftest import synthetic_rows, write_csv, write_tiny_gpt2
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -248,7 +248,7 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     one_class = tmp_path / "one.jsonl"
     one_class.write_text("".join(json.dumps({"text": f"film {i}", "label": "positive"}) + "\n" for i in range(9)))
     assert "distillation needs at least 2 classes" in upload(client, one_class).json()["detail"]
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.md"
     notes.write_text("text,label\n")
     assert "name it .csv, .jsonl or .json" in upload(client, notes).json()["detail"]
 
@@ -270,6 +270,28 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     assert not list((client.app.state.settings.datasets_dir).iterdir())  # nothing half-written is left
     assert client.delete("/v1/datasets/reviews").status_code == 409
     assert client.get("/v1/datasets/nope").status_code == 404
+
+
+def test_texts_alone_are_uploaded_for_causal_lm_jobs_only(make_client: Any, tiny_teacher_dir: Path,
+                                                           tmp_path: Path) -> None:
+    client = make_client()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{text}\n" for text, _ in synthetic_rows(60, seed=5)), encoding="utf-8")
+    assert "send labelled=false with it" in upload(client, corpus).json()["detail"]
+    assert "labelled: 'maybe'; allowed: true" in upload(client, corpus, labelled="maybe").json()["detail"]
+    texts = upload(client, corpus, labelled="false")
+    assert texts.status_code == 201, texts.text
+    assert (texts.json()["rows"], texts.json()["labels"], texts.json()["label_counts"]) == (60, [], {})
+    classifier = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, texts.json()["reference"]))
+    assert classifier.status_code == 422 and "holds texts without labels" in classifier.json()["detail"]
+    lm = client.post("/v1/jobs", json={
+        "task": "causal-lm", "teacher": {"name": str(write_tiny_gpt2(tmp_path / "gpt2"))},
+        "data": {"dataset": texts.json()["reference"], "max_length": 16}, "student": {"init": "teacher", "layers": [0]},
+        "train": {"epochs": 1, "batch_size": 16}, "export": {"onnx": False}})
+    assert lm.status_code == 202, lm.text
+    job = wait_for(client, lm.json()["id"], lambda j: j["status"] in TERMINAL, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["metrics"]["test"]["student_test_perplexity"] > 1
 
 
 def test_api_key_guards_every_route_but_healthz_and_the_page(make_client: Any) -> None:

@@ -19,13 +19,18 @@ UploadDep = Annotated[datasets.Upload, Depends(datasets.read_upload)]
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
-                 "description": "CSV with a header row, or JSONL (one object per line); .csv, .jsonl or .json"},
+                 "description": "CSV with a header row, or JSONL (one object per line); .csv, .jsonl or .json; "
+                                "with labelled=false also .txt (one text per line)"},
         "text_column": {"type": "string", "default": "text", "examples": ["review"]},
-        "label_column": {"type": "string", "default": "label", "examples": ["sentiment"]}}}}}}}
+        "label_column": {"type": "string", "default": "label", "examples": ["sentiment"]},
+        "labelled": {"type": "string", "enum": ["true", "false"], "default": "true",
+                     "description": "false: texts alone, checked as a causal-LM job reads them (only such jobs "
+                                    "take the upload)"}}}}}}}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, openapi_extra=_UPLOAD_BODY,
-             responses=error_responses(411, 413, 415, 422), summary="Upload a labelled CSV or JSONL file")
+             responses=error_responses(411, 413, 415, 422),
+             summary="Upload a labelled CSV or JSONL file, or texts alone")
 def upload_dataset(upload: UploadDep, settings: SettingsDep, store: StoreDep) -> DatasetPublic:
     return datasets.save_upload(settings, store, upload)
 

@@ -17,15 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
-from embedding_losses import training_pick
+from embedding_losses import load_job, training_pick
 from transformers import AutoTokenizer
 
-from distill.config import parse_config
-from distill.data import load_task_data
 from distill.embedding import SentenceEmbedding, load_sentence_encoder
 from distill.evaluate import NEIGHBOURS, embedding_agreement
-from distill.pipeline import TEACHER_LOGITS
 from distill.tasks import predict_distilled
 
 RESULTS = Path(__file__).parent / "results" / "embedding_gap.json"
@@ -40,13 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    config = parse_config(yaml.safe_load(args.config.read_text()))
-    data = load_task_data(config.data)
-    train_texts = [e.text for e in data.train] + data.transfer
-    cached = torch.load(args.job_dir / TEACHER_LOGITS)["logits"]
-    if len(cached["train"]) != len(train_texts):
-        raise SystemExit(f"{args.job_dir / TEACHER_LOGITS} holds {len(cached['train'])} training rows, {args.config} "
-                         f"makes {len(train_texts)}: not that config's job")
+    config, data, texts, cached = load_job(args.config, args.job_dir)
+    train_texts = texts["train"]
     seen = training_pick(len(train_texts), args.rows)
     unseen = torch.ones(len(train_texts), dtype=torch.bool).index_fill_(0, seen, False).nonzero().squeeze(1)
     size = len(data.validation)
@@ -60,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         encoded = task.encode(tokenizer, texts, config.data.max_length)
         return embedding_agreement(predict_distilled(task, student, tokenizer, encoded), teacher)
 
-    rows = {name: agreement([train_texts[i] for i in rows.tolist()], cached["train"][rows])
-            for name, rows in pools.items()}
-    rows["validation"] = agreement([e.text for e in data.validation], cached["validation"])
+    rows = {name: agreement([train_texts[i] for i in pool.tolist()], cached["train"][pool])
+            for name, pool in pools.items()}
+    rows["validation"] = agreement(texts["validation"], cached["validation"])
     recall = f"recall_at_{NEIGHBOURS}"
     print(f"| {size} texts each | cosine to the teacher | recall@{NEIGHBOURS} agreement |\n| --- | ---: | ---: |")
     for name, row in rows.items():

@@ -25,8 +25,8 @@ import yaml
 from transformers import AutoModel
 
 from distill import distributed, engine
-from distill.config import LossConfig, parse_config
-from distill.data import load_task_data
+from distill.config import JobConfig, LossConfig, parse_config
+from distill.data import TaskData, load_task_data
 from distill.embedding import SentenceEmbedding, anchor_rows, encoder_like, fit_projection, load_sentence_encoder
 from distill.engine import Split
 from distill.evaluate import NEIGHBOURS
@@ -36,6 +36,20 @@ from distill.student import build_student
 from teachers.registry import resolve_teacher
 
 RESULTS = Path(__file__).parent / "results" / "embedding_losses.json"
+
+
+def load_job(config_path: Path, job_dir: Path,
+             ) -> tuple[JobConfig, TaskData, dict[str, list[str]], dict[str, torch.Tensor]]:
+    """An embedding job's config, data, texts by split (train: its training texts then transfer texts, as the job
+    orders them) and cached teacher embeddings by split; refused when the cache is not that config's."""
+    config = parse_config(yaml.safe_load(config_path.read_text()))
+    data = load_task_data(config.data)
+    texts = {"train": [e.text for e in data.train] + data.transfer, "validation": [e.text for e in data.validation]}
+    cached = torch.load(job_dir / TEACHER_LOGITS)["logits"]
+    if len(cached["train"]) != len(texts["train"]):
+        raise SystemExit(f"{job_dir / TEACHER_LOGITS} holds {len(cached['train'])} training rows, {config_path} "
+                         f"makes {len(texts['train'])}: not that config's job")
+    return config, data, texts, cached
 
 
 def training_pick(texts: int, rows: int) -> torch.Tensor:
@@ -58,17 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    config = parse_config(yaml.safe_load(args.config.read_text()))
+    config, data, texts, cached = load_job(args.config, args.job_dir)
     loss = LossConfig(**{"embedding_mse": 1.0, "embedding_cosine": 1.0, "similarity_kl": 0.0,
                          **json.loads(args.loss)})
     distributed.place("cpu")
     torch.manual_seed(0)
-    data = load_task_data(config.data)
-    texts = {"train": [e.text for e in data.train] + data.transfer, "validation": [e.text for e in data.validation]}
-    cached = torch.load(args.job_dir / TEACHER_LOGITS)["logits"]
-    if len(cached["train"]) != len(texts["train"]):
-        raise SystemExit(f"{args.job_dir / TEACHER_LOGITS} holds {len(cached['train'])} training rows, {args.config} "
-                         f"makes {len(texts['train'])}: not that config's job")
     teacher_dir = resolve_teacher(config.teacher.name)
     teacher = load_sentence_encoder(teacher_dir)
     built = build_student(config.student, teacher.encoder, teacher_dir, auto_class=AutoModel, texts=texts["train"])

@@ -39,9 +39,10 @@ class ProgressPrinter:
         if kind == "progress":
             if self.bar is None or self.bar.desc != data["stage"]:
                 self.close()
-                self.bar = tqdm(total=data["total_steps"], initial=data["step"] - 1, desc=data["stage"], unit="step")
+                self.bar = tqdm(total=data["total_steps"], initial=data["step"] - 1, desc=data["stage"])
             self.bar.update(data["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{data['loss']:.4f}", epoch=data["epoch"])
+            if "loss" in data:  # training steps; the teacher-outputs pass counts examples
+                self.bar.set_postfix(loss=f"{data['loss']:.4f}", epoch=data["epoch"])
             return
         self.close()
         if kind == "stage":

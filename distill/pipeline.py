@@ -68,7 +68,6 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     task = SequenceClassification()
     timings: dict[str, float] = {}
     clock = functools.partial(timed_stage, timings=timings, emit=emit)
-    torch.manual_seed(config.seed)
 
     with clock("data"):
         data = load_task_data(config.data)
@@ -85,13 +84,16 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         labelled = len(data.train)  # the transfer texts have no labels to fine-tune on
         prepared = prepare_teacher(config, teacher_dir, data.labels, task,
                                    Split(teacher_inputs["train"][:labelled], labels["train"][:labelled]),
-                                   Split(teacher_inputs["validation"], labels["validation"]), emit)
+                                   Split(teacher_inputs["validation"], labels["validation"]), emit,
+                                   resume=resume)
         attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
         teacher_model = AutoModelForSequenceClassification.from_pretrained(
             prepared.path, attn_implementation=attention).eval().to(distributed.device())
         teacher = Teacher(teacher_model, AutoTokenizer.from_pretrained(prepared.path))
 
     with clock("build-student"):
+        # Seeded here: the student's new weights then do not depend on whether the teacher came from the cache.
+        torch.manual_seed(config.seed)
         student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention,
                                 texts=texts["train"])
         intermediate = config.loss.intermediate
@@ -283,28 +285,51 @@ def timed_stage(name: str, *, timings: dict[str, float], emit: EventSink) -> Ite
     timings[name] = round(time.perf_counter() - started, 3)
 
 
+TEACHER_OUTPUT_CHUNK = 4096  # examples per saved piece: an interrupted job loses at most this many teacher passes
+
+
 def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
                     emit: EventSink, precision: Precision, *, fingerprint: str, reuse: bool) -> dict[str, torch.Tensor]:
     """The teacher runs once per example: validation/test always (agreement), train when the cache is on.
     Stored next to the checkpoint so a resumed job does not pay for it again; reused only when resuming and only
-    for the same teacher, precision and token ids."""
+    for the same teacher, precision and token ids. Computed in pieces of TEACHER_OUTPUT_CHUNK examples, each saved
+    under `<path>.parts/` as it is done, so a resumed job also keeps the pieces an interrupted one finished."""
     names = [n for n in splits if n != "train" or cache_train]
     digest = hashlib.sha256(fingerprint.encode())
     for name in names:
         digest.update(json.dumps([name, [e["input_ids"] for e in splits[name].teacher_inputs]]).encode())
+    fingerprint = digest.hexdigest()
     if reuse and path.exists():
         stored = torch.load(path)
-        if stored["fingerprint"] == digest.hexdigest():
+        if stored["fingerprint"] == fingerprint:
             emit("log", {"message": f"reusing the teacher outputs in {path}"})
             return stored["logits"]
+    parts = path.with_name(path.name + ".parts")
+    if not reuse:
+        shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True, exist_ok=True)
+    total, done = sum(len(splits[name]) for name in names), 0
     logits = {}
     for name in names:
         emit("log", {"message": f"teacher outputs for {len(splits[name])} {name} examples"})
-        logits[name] = predict_distilled(task, teacher.model, teacher.tokenizer, splits[name].teacher_inputs,
-                                         precision=precision)
+        pieces = []
+        for start in range(0, len(splits[name]), TEACHER_OUTPUT_CHUNK):
+            encoded = splits[name].teacher_inputs[start:start + TEACHER_OUTPUT_CHUNK]
+            piece_path = parts / f"{name}-{start}.pt"
+            piece = torch.load(piece_path) if piece_path.exists() else None
+            if piece is None or piece["fingerprint"] != fingerprint:
+                piece = {"fingerprint": fingerprint, "logits": predict_distilled(
+                    task, teacher.model, teacher.tokenizer, encoded, precision=precision)}
+                torch.save(piece, piece_path.with_suffix(".tmp"))
+                os.replace(piece_path.with_suffix(".tmp"), piece_path)
+            pieces.append(piece["logits"])
+            done += len(encoded)
+            emit("progress", {"stage": "teacher-outputs", "step": done, "total_steps": total})
+        logits[name] = torch.cat(pieces) if pieces else torch.empty(0)
     tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": digest.hexdigest(), "logits": logits}, tmp)
+    torch.save({"fingerprint": fingerprint, "logits": logits}, tmp)
     os.replace(tmp, path)
+    shutil.rmtree(parts, ignore_errors=True)
     return logits
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from distill import distributed
@@ -25,6 +25,8 @@ from distill.config import JobConfig, TrainConfig
 from distill.engine import BEST, EventSink, Split, fit
 from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches, on_device
 from teachers.registry import distill_home
+
+HEAD_FILE = "head.pt"  # the trained head, kept in the job's scratch until the preparation is done
 
 
 @dataclass
@@ -49,9 +51,11 @@ HEADS: dict[str, Callable[[PreTrainedModel, Tensor], Tensor]] = {
 
 
 def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task: Task,
-                    train: Split, validation: Split, on_event: EventSink | None = None) -> PreparedTeacher:
+                    train: Split, validation: Split, on_event: EventSink | None = None, *,
+                    resume: bool = False) -> PreparedTeacher:
     """An HF directory holding `teacher_dir` with a head for `labels`, fine-tuned on `train`. `train`/`validation`
-    carry the teacher's own token ids (student_inputs of these splits are the teacher's)."""
+    carry the teacher's own token ids (student_inputs of these splits are the teacher's). With `resume`, an
+    interrupted preparation of the same job continues: its trained head and fine-tuning checkpoint are kept."""
     emit = on_event or (lambda kind, data: None)
     if _has_head_for(teacher_dir, labels):
         return PreparedTeacher(Path(teacher_dir), cached=True, summary={"stages": [], "note": "already has the head"})
@@ -76,26 +80,43 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     # The job's own scratch directory (two jobs may prepare one teacher at once); under torchrun every rank
     # prepares the teacher (the fine-tuning is data-parallel) and rank 0 alone writes.
     work = Path(config.output_dir or target.parent) / "teacher-preparation.tmp"
-    if distributed.is_main():
+    marker = work / "key"  # what the scratch is preparing: resumed only for the same key
+    if distributed.is_main() and not (resume and marker.exists() and marker.read_text() == key):
         shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        marker.write_text(key)
     distributed.barrier()
+    trained_head = work / HEAD_FILE
+    head_was_trained = trained_head.exists()  # before this run's rank 0 writes it
     head = HEADS.get(model.config.model_type)
+    head_params = [p for p in model.parameters() if id(p) not in {id(q) for q in model.base_model.parameters()}]
     if tc.head_epochs and head is None:
         emit("log", {"message": f"no frozen-feature head stage for model_type {model.config.model_type!r}; "
                                 f"known: {sorted(HEADS)}. Fine-tuning the whole model instead"})
-    if tc.head_epochs and head is not None:
+    if tc.head_epochs and head is not None and head_was_trained:
+        saved = torch.load(trained_head, map_location=model.device)
+        with torch.no_grad():
+            for p, value in zip(head_params, saved["params"], strict=True):
+                p.copy_(value)
+        stages.append(saved["stage"])
+        emit("log", {"message": f"reusing the head trained before the interruption ({trained_head})"})
+    elif tc.head_epochs and head is not None:
         emit("stage", {"stage": "teacher-head", "detail": "head on frozen features"})
         features = {name: _first_token_features(task, model, tokenizer, split.student_inputs, tc.batch_size * 2,
                                                 config.precision)
                     for name, split in (("train", train), ("validation", validation))}
-        accuracy = _train_head(model, head, features, train.labels.to(model.device),
+        accuracy = _train_head(model, head_params, head, features, train.labels.to(model.device),
                                validation.labels.to(model.device), tc.head_epochs, tc.head_lr,
                                tc.batch_size, emit)
         stages.append({"stage": "head", "epochs": tc.head_epochs, "validation_accuracy": accuracy})
+        if distributed.is_main():
+            torch.save({"params": [p.detach().cpu() for p in head_params], "stage": stages[-1]},
+                       trained_head.with_suffix(".tmp"))
+            os.replace(trained_head.with_suffix(".tmp"), trained_head)
     if tc.finetune_epochs or head is None:
         cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr)
         result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=preparation_seed(config),
-                     on_event=on_event, stage="teacher-finetune", precision=config.precision)
+                     resume=resume, on_event=on_event, stage="teacher-finetune", precision=config.precision)
         model = AutoModelForSequenceClassification.from_pretrained(work / BEST)
         stages.append({"stage": "finetune", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
                        "validation_accuracy": result.best_metrics["accuracy"]})
@@ -137,12 +158,10 @@ def _first_token_features(task: Task, model: PreTrainedModel, tokenizer: Any, en
     return out
 
 
-def _train_head(model: PreTrainedModel, head: Callable[[PreTrainedModel, Tensor], Tensor],
+def _train_head(model: PreTrainedModel, params: list[nn.Parameter], head: Callable[[PreTrainedModel, Tensor], Tensor],
                 features: dict[str, Tensor], train_labels: Tensor, validation_labels: Tensor, epochs: int, lr: float,
                 batch_size: int, emit: EventSink) -> float:
-    """Train the head parameters only (everything outside the base model); return the best validation accuracy."""
-    base = {id(p) for p in model.base_model.parameters()}
-    params = [p for p in model.parameters() if id(p) not in base]
+    """Train `params` (the head: everything outside the base model) only; return the best validation accuracy."""
     optimizer = torch.optim.AdamW(params, lr=lr)
     best, best_state = -1.0, None
     for epoch in range(epochs):

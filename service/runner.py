@@ -108,13 +108,13 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
     if isinstance(config.student, FromModel):
         sources["student.model"] = config.student.model
     for key, name in sources.items():
-        # A local path must lie under an operator's DISTILL_MODEL_DIRS, checked before looking at it: the answer
-        # for a path outside them is the same whether it exists or not.
+        # A local path must lie under the server's model roots, checked before looking at it: the answer for a
+        # path outside them is the same whether it exists or not.
         if reads_local_directory(name) and not any(
-                Path(name).expanduser().resolve().is_relative_to(root.resolve()) for root in settings.model_dirs):
+                Path(name).expanduser().resolve().is_relative_to(root.resolve()) for root in settings.model_roots):
             raise ServiceError(422, f"{key}: {name!r} is neither a registered teacher ({registered_names()}) nor a "
                                     f"hub id 'org/name', and this server reads model directories only under "
-                                    f"DISTILL_MODEL_DIRS (now: {', '.join(map(str, settings.model_dirs)) or 'none'})")
+                                    f"{', '.join(map(str, settings.model_roots))} (more with DISTILL_MODEL_DIRS)")
         try:
             resolve_teacher(name)
         except TeacherNotFound as e:

@@ -33,10 +33,10 @@ class Settings(BaseSettings):
                                                      "joins the rendezvous host the client names.")
     cancel_grace_seconds: float = Field(10.0, ge=0, description="After SIGTERM, how long a job process has before "
                                                                 "SIGKILL (cancel, shutdown).")
-    model_dirs: list[Path] = Field(default_factory=list, description="Server directories under which a job's "
-                                   "teacher.name / student.model may name a model directory (JSON list); other "
-                                   "local paths are refused, as data paths are. Default: none (registered teachers "
-                                   "and hub ids only).")
+    model_dirs: list[Path] = Field(default_factory=list, description="Server directories, besides "
+                                   "$DISTILL_HOME/teachers, under which a job's teacher.name / student.model may "
+                                   "name a model directory (JSON list); other local paths are refused, as data "
+                                   "paths are.")
     # Datasets
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # Inference
@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         """The device inference_device names on this machine."""
         return torch.device("cuda", torch.cuda.current_device()) if uses_cuda(self.inference_device) \
             else torch.device("cpu")
+
+    @property
+    def model_roots(self) -> list[Path]:
+        """Where jobs may name model directories: the server's own teachers (pulled ones, a trained causal LM)."""
+        return [self.home / "teachers", *self.model_dirs]
 
     @property
     def jobs_dir(self) -> Path:

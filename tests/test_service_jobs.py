@@ -188,7 +188,7 @@ def client_and_dataset(make_client: Any, synthetic_csv: Path) -> tuple[Any, str]
     ({"output_dir": "/tmp/elsewhere"}, "output_dir: chosen by the server"),
     ({"teacher": {"name": "no-such-teacher"}}, "teacher.name: 'no-such-teacher' is neither a registered teacher "
                                                "(minilm-l6, mpnet-base) nor a hub id 'org/name', and this server "
-                                               "reads model directories only under DISTILL_MODEL_DIRS (now: "),
+                                               "reads model directories only under "),
     ({"student": {"init": "model", "model": "nope", "num_layers": 1}}, "student.model: 'nope' is neither"),
     ({"data": {"dataset": "upload:0123456789ab"}}, "data.dataset: no uploaded dataset '0123456789ab'"),
     ({"data": {"dataset": "imdb"}}, "data.dataset: unknown dataset 'imdb'; allowed: the built-in 'reviews'"),
@@ -220,7 +220,7 @@ def test_model_directories_outside_the_operators_model_dirs_are_refused_alike(ma
         assert response.status_code == 422
         details[name] = response.json()["detail"].replace(repr(name), "NAME")
     assert len(set(details.values())) == 1
-    assert "reads model directories only under DISTILL_MODEL_DIRS (now: none)" in details["/etc"]
+    assert f"reads model directories only under {client.app.state.settings.home / 'teachers'} (more" in details["/etc"]
 
 
 def test_a_job_is_not_queued_on_an_upload_deleted_after_its_check(client_and_dataset: tuple[Any, str],

@@ -32,11 +32,11 @@ import shlex
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import transformers
+from bench_log import log_event
 
 from distill.config import (
     DataConfig,
@@ -81,11 +81,6 @@ def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namesp
         export=ExportConfig(onnx=cache and onnx),  # the uncached run is only timed
         output_dir=out)
 
-
-def log(kind: str, data: dict) -> None:
-    if kind == "progress" and data["step"] % 50:
-        return
-    print(f"  [{time.strftime('%H:%M:%S')}] {kind} {data}", flush=True)
 
 
 def main() -> None:
@@ -193,7 +188,7 @@ def run_job(config: JobConfig, args: argparse.Namespace, cached: Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     if cached is not None and cached.exists() and not (out / TEACHER_LOGITS).exists():
         shutil.copy(cached, out / TEACHER_LOGITS)
-    return run(config, log, resume=args.resume or (out / TEACHER_LOGITS).exists()).report
+    return run(config, log_event, resume=args.resume or (out / TEACHER_LOGITS).exists()).report
 
 
 def three_layer_student(teacher: str, work: Path, first: bool, args: argparse.Namespace) -> dict:

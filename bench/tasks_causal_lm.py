@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_log import log_event
 
 from distill.causal_lm import train_lm_teacher
 from distill.compress import INT8_FILE
@@ -64,7 +65,7 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         [e.text for e in data.train], [e.text for e in data.validation], work / "lm-teacher", layers=args.lm_layers,
         hidden=args.lm_hidden, heads=4, vocab_size=args.lm_vocab, max_length=args.lm_max_length,
         train=TrainConfig(epochs=args.lm_teacher_epochs, batch_size=32, lr=1e-3, **batch_order(args)),
-        precision=args.precision, on_event=_log)
+        precision=args.precision, on_event=log_event)
     teacher_seconds = time.perf_counter() - started
     config = JobConfig(
         task="causal-lm", seed=0, precision=args.precision, teacher=TeacherConfig(name=str(teacher_dir)),
@@ -73,7 +74,7 @@ def run_causal_lm_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         loss=LossConfig(temperature=1.0, alpha=args.lm_alpha, divergence=args.lm_divergence),
         train=TrainConfig(epochs=args.lm_epochs, batch_size=32, lr=5e-4, **batch_order(args)),
         evaluate=EvaluateConfig(latency_calls=100), output_dir=work / "lm-job")
-    report = run(config, _log).report
+    report = run(config, log_event).report
     teacher, student, evaluation = report["teacher"], report["student"], report["evaluation"]
     prompts = [" ".join(e.text.split()[:3]) for e in data.test[:args.lm_prompts]]
     generation = {"teacher-torch": _generation(TorchLanguageModel(teacher_dir, args.lm_max_length), prompts),
@@ -138,8 +139,3 @@ def _stepwise_perplexity(model: LanguageModel, texts: list[str]) -> float:
             count += 1
     return math.exp(nll / count)
 
-
-def _log(kind: str, data: dict[str, Any]) -> None:
-    if kind == "progress" and data["step"] % 100:
-        return
-    print(f"  [{time.strftime('%H:%M:%S')}] {kind} {data}", flush=True)

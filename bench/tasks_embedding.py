@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_log import log_event
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.compress import INT8_FILE
@@ -85,7 +86,7 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         job.mkdir(parents=True)
         shutil.copyfile(cache, job / TEACHER_LOGITS)
     # resume only reuses the teacher's outputs here: a fresh job directory holds no checkpoint to continue.
-    report = run(config, _log, resume=True).report
+    report = run(config, log_event, resume=True).report
     if cache is not None and not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(job / TEACHER_LOGITS, cache)
@@ -175,8 +176,3 @@ def _p50_ms(call: Callable[[], object], calls: int, warmup: int = 10) -> float:
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
 
-
-def _log(kind: str, data: dict[str, Any]) -> None:
-    if kind == "progress" and data["step"] % 100:
-        return
-    print(f"  [{time.strftime('%H:%M:%S')}] {kind} {data}", flush=True)

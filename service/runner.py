@@ -107,6 +107,7 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
     sources = {"teacher.name": config.teacher.name}
     if isinstance(config.student, FromModel):
         sources["student.model"] = config.student.model
+    resolved = {}
     for key, name in sources.items():
         # A local path must lie under the server's model roots, checked before looking at it: the answer for a
         # path outside them is the same whether it exists or not.
@@ -116,12 +117,11 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
                                     f"hub id 'org/name', and this server reads model directories only under "
                                     f"{', '.join(map(str, settings.model_roots))} (more with DISTILL_MODEL_DIRS)")
         try:
-            resolve_teacher(name)
+            resolved[key] = resolve_teacher(name)
         except TeacherNotFound as e:
             raise ServiceError(422, f"{key}: {e}") from None
     try:  # a student the models cannot give: refused now, not once the job has prepared its teacher
-        check_student(config.student, resolve_teacher(config.teacher.name), max_length=config.data.max_length,
-                      task=config.task)
+        check_student(config.student, resolved["teacher.name"], max_length=config.data.max_length, task=config.task)
     except ConfigError as e:
         raise ServiceError(422, str(e)) from None
     return config, config.model_copy(update={"data": data}), dataset_id

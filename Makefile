@@ -10,9 +10,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Everything, the slow tests on the real packaged teacher and dataset included (what CI runs).
+# Everything, the slow tests on the real packaged teacher and dataset included (what CI runs); the 20 slowest
+# tests are listed at the end, so CI logs show where the time goes.
 test: $(STAMP)
-	$(PY) -m pytest -m 'slow or not slow'
+	$(PY) -m pytest -m 'slow or not slow' --durations=20
 
 # The default pytest selection: tiny seeded models only, well under 3 minutes.
 test-fast: $(STAMP)

@@ -89,7 +89,8 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     trained_head = work / HEAD_FILE
     head_was_trained = trained_head.exists()  # before this run's rank 0 writes it
     head = HEADS.get(model.config.model_type)
-    head_params = [p for p in model.parameters() if id(p) not in {id(q) for q in model.base_model.parameters()}]
+    encoder = {id(p) for p in model.base_model.parameters()}
+    head_params = [p for p in model.parameters() if id(p) not in encoder]
     if tc.head_epochs and head is None:
         emit("log", {"message": f"no frozen-feature head stage for model_type {model.config.model_type!r}; "
                                 f"known: {sorted(HEADS)}. Fine-tuning the whole model instead"})

@@ -12,7 +12,8 @@ parity-checked, and dynamic INT8. The teacher is used as given (no preparation s
 
 `train_lm_teacher` trains a small GPT-2-shaped teacher from scratch (its own byte-level BPE tokenizer) through the
 same engine, for when no pretrained causal LM is at hand: `python -m distill.causal_lm OUT_DIR` does it on the
-built-in reviews texts, and OUT_DIR is then a `teacher.name` like any HF directory (or use a hub id like `gpt2`).
+built-in reviews texts, and OUT_DIR is then a `teacher.name` like any HF directory (or use a hub id like
+`openai-community/gpt2`).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ class _Section(BaseModel):
 
 
 class TeacherConfig(_Section):
-    name: str = Field("minilm-l6", description="Registered teacher name, local HF directory, or hub id.")
+    name: str = Field("minilm-l6", description="Registered teacher name, local HF directory, or hub id ('org/name'; "
+                                               "'hub:org/name' is the hub's even if a local directory has the name).")
     head_epochs: int = Field(4, ge=0, description="Stage 1: task head only, on cached frozen-encoder features.")
     head_lr: float = Field(2e-3, gt=0)
     finetune_epochs: int = Field(1, ge=0, description="Stage 2: whole teacher unfrozen (0 skips it).")

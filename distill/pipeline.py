@@ -315,8 +315,8 @@ def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cach
         pieces = []
         for start in range(0, len(splits[name]), TEACHER_OUTPUT_CHUNK):
             encoded = splits[name].teacher_inputs[start:start + TEACHER_OUTPUT_CHUNK]
-            piece_path = parts / f"{name}-{start}.pt"
-            piece = torch.load(piece_path) if piece_path.exists() else None
+            piece_path = parts / f"{name}-{start}-{start + len(encoded)}.pt"
+            piece = _saved_piece(piece_path)
             if piece is None or piece["fingerprint"] != fingerprint:
                 piece = {"fingerprint": fingerprint, "logits": predict_distilled(
                     task, teacher.model, teacher.tokenizer, encoded, precision=precision)}
@@ -331,6 +331,17 @@ def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cach
     os.replace(tmp, path)
     shutil.rmtree(parts, ignore_errors=True)
     return logits
+
+
+def _saved_piece(path: Path) -> dict[str, Any] | None:
+    """A finished piece of teacher outputs, or None when there is none or it cannot be read (a crash can leave a
+    file empty that was renamed into place before it reached the disk): it is computed again."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path)
+    except Exception:  # noqa: BLE001 - whatever makes a piece unreadable, it is recomputed, never trusted
+        return None
 
 
 def publish(best: Path, target: Path) -> None:

@@ -80,11 +80,11 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     # The job's own scratch directory (two jobs may prepare one teacher at once); under torchrun every rank
     # prepares the teacher (the fine-tuning is data-parallel) and rank 0 alone writes.
     work = Path(config.output_dir or target.parent) / "teacher-preparation.tmp"
-    marker = work / "key"  # what the scratch is preparing: resumed only for the same key
-    if distributed.is_main() and not (resume and marker.exists() and marker.read_text() == key):
+    marker, preparing = work / "preparing", f"{key} {sources}"  # resumed only for the same key and sources
+    if distributed.is_main() and not (resume and marker.exists() and marker.read_text() == preparing):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        marker.write_text(key)
+        marker.write_text(preparing)
     distributed.barrier()
     trained_head = work / HEAD_FILE
     head_was_trained = trained_head.exists()  # before this run's rank 0 writes it

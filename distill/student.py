@@ -42,7 +42,7 @@ def count_params(model: nn.Module) -> int:
 def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: int, task: Task) -> None:
     """ConfigError for a student the models cannot give, or a data.max_length past their positions: read from their
     configs (and tokenizer), so a job is refused before the teacher's preparation, which may take long."""
-    teacher = AutoConfig.from_pretrained(teacher_dir)
+    teacher = _read_config(teacher_dir, "teacher.name")
     _check_positions(teacher, max_length, "the teacher")
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher.num_hidden_layers)
@@ -58,11 +58,19 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
 
 def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:
     """The config of the model whose first layers the student takes, which has at least that many."""
-    source = AutoConfig.from_pretrained(source_dir)
+    source = _read_config(source_dir, "student.model")
     if spec.num_layers > source.num_hidden_layers:  # from_pretrained would add randomly initialized ones
         raise ConfigError(f"student.num_layers: {spec.num_layers}, but {spec.model!r} has "
                           f"{source.num_hidden_layers} layers; allowed: 1 to {source.num_hidden_layers}")
     return source
+
+
+def _read_config(source: str | Path, key: str) -> PretrainedConfig:
+    """The model's config, or a ConfigError naming `key` (a hub id not reachable or not there, a broken file)."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot read the config of {str(source)!r}: {e}") from None
 
 
 def _check_positions(config: PretrainedConfig, max_length: int, whose: str) -> None:

@@ -32,7 +32,7 @@ from distill.student import check_student
 from service.schemas import ServiceError
 from service.settings import Settings
 from service.store import TERMINAL, DatasetGone, Job, Store
-from teachers.registry import TeacherNotFound, reads_local_directory, registered_names, resolve_teacher
+from teachers.registry import HUB_PREFIX, TeacherNotFound, name_kind, registered_names, resolve_teacher
 
 CONFIG_FILE = "config.json"
 STDERR_FILE = "stderr.log"
@@ -107,24 +107,41 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
     sources = {"teacher.name": config.teacher.name}
     if isinstance(config.student, FromModel):
         sources["student.model"] = config.student.model
-    resolved = {}
+    runs, resolved = {}, {}  # the name each source has in the job that runs, and what it resolves to
     for key, name in sources.items():
-        # A local path must lie under the server's model roots, checked before looking at it: the answer for a
-        # path outside them is the same whether it exists or not.
-        if reads_local_directory(name) and not any(
-                Path(name).expanduser().resolve().is_relative_to(root.resolve()) for root in settings.model_roots):
-            raise ServiceError(422, f"{key}: {name!r} is neither a registered teacher ({registered_names()}) nor a "
-                                    f"hub id 'org/name', and this server reads model directories only under "
-                                    f"{', '.join(map(str, settings.model_roots))} (more with DISTILL_MODEL_DIRS)")
+        runs[key] = _server_model_name(key, name, settings)
         try:
-            resolved[key] = resolve_teacher(name)
+            resolved[key] = resolve_teacher(runs[key])
         except TeacherNotFound as e:
             raise ServiceError(422, f"{key}: {e}") from None
     try:  # a student the models cannot give: refused now, not once the job has prepared its teacher
         check_student(config.student, resolved["teacher.name"], max_length=config.data.max_length, task=config.task)
     except ConfigError as e:
         raise ServiceError(422, str(e)) from None
-    return config, config.model_copy(update={"data": data}), dataset_id
+    update: dict[str, Any] = {"data": data, "teacher": config.teacher.model_copy(update={"name": runs["teacher.name"]})}
+    if "student.model" in runs:
+        update["student"] = config.student.model_copy(update={"model": runs["student.model"]})
+    return config, config.model_copy(update=update), dataset_id
+
+
+def _server_model_name(key: str, name: str, settings: Settings) -> str:
+    """The name a job runs with for a model a client named: a registered teacher as it is; a hub id as `hub:` + id,
+    never a directory of that relative name on the server; a path only under the server's model roots, absolute.
+    Decided by the name's shape before anything on disk is looked at, so a refusal reads the same whether the path
+    exists or not."""
+    if "\x00" in name:
+        raise ServiceError(422, f"{key}: contains a NUL byte")
+    kind = name_kind(name)
+    if kind == "hub" and not name.startswith(HUB_PREFIX):
+        return HUB_PREFIX + name
+    if kind != "path":
+        return name
+    path = Path(name).expanduser().resolve()
+    if not any(path.is_relative_to(root.resolve()) for root in settings.model_roots):
+        raise ServiceError(422, f"{key}: {name!r} is neither a registered teacher ({registered_names()}) nor a "
+                                f"hub id 'org/name', and this server reads model directories only under "
+                                f"{', '.join(map(str, settings.model_roots))} (more with DISTILL_MODEL_DIRS)")
+    return str(path)
 
 
 class Runner:

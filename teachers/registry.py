@@ -21,12 +21,14 @@ __all__ = [
     "distill_home",
     "list_teachers",
     "pull_teacher",
-    "reads_local_directory",
+    "HUB_PREFIX",
+    "name_kind",
     "registered_names",
     "resolve_teacher",
 ]
 
 # `org/name` as the Hugging Face Hub spells repo ids; a leading `.` would be a relative path, not an org.
+HUB_PREFIX = "hub:"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -45,12 +47,17 @@ class TeacherInfo:
 
 
 def resolve_teacher(name: str) -> str:
-    """An absolute local directory that `from_pretrained` accepts, or a hub id for transformers to fetch."""
+    """An absolute local directory that `from_pretrained` accepts, or a hub id for transformers to fetch.
+    `hub:org/name` is always the hub id, never a local directory of that relative name."""
     if name in SOURCES:
         path = SOURCES[name].locate()
         if path is None:
             raise TeacherNotFound(_not_present(name, SOURCES[name]))
         return str(path)
+    if name.startswith(HUB_PREFIX):
+        if _HUB_ID.fullmatch(name.removeprefix(HUB_PREFIX)):
+            return name.removeprefix(HUB_PREFIX)
+        raise TeacherNotFound(f"teacher {name!r}: after {HUB_PREFIX!r} comes a Hugging Face hub id 'org/name'")
     local = Path(name).expanduser()
     if local.is_dir():
         if (local / "config.json").is_file():
@@ -64,12 +71,12 @@ def resolve_teacher(name: str) -> str:
                           f"hub id 'org/name'")
 
 
-def reads_local_directory(name: str) -> bool:
-    """Whether `name` is for resolve_teacher a directory on this machine (or nothing): neither a registered name nor
-    a hub id, or hub-id-shaped but a directory here, which resolve_teacher takes first."""
+def name_kind(name: str) -> Literal["registered", "hub", "path"]:
+    """What `name` is by its shape alone, nothing on disk looked at: a registered teacher, a hub id (`org/name` or
+    `hub:org/name`; resolve_teacher still prefers a relative directory of an unprefixed one's name), or a path."""
     if name in SOURCES:
-        return False
-    return not _HUB_ID.fullmatch(name) or Path(name).expanduser().is_dir()
+        return "registered"
+    return "hub" if name.startswith(HUB_PREFIX) or _HUB_ID.fullmatch(name) else "path"
 
 
 def list_teachers() -> list[TeacherInfo]:

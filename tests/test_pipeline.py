@@ -182,8 +182,9 @@ class Interrupted(Exception):
 
 def test_an_interrupted_job_keeps_its_teacher_head_and_teacher_outputs_and_ends_as_an_uninterrupted_one(
         tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stopped while fine-tuning its teacher, then while the teacher labels the training texts: each resume keeps
-    what was done (the trained head, the fine-tuning checkpoint, the finished pieces of teacher outputs)."""
+    """Stopped twice while fine-tuning its teacher (before and after its first checkpoint), then while the teacher
+    labels the training texts: each resume keeps what was done (the trained head, the fine-tuning checkpoint, the
+    finished pieces of teacher outputs) and the end is what an uninterrupted job gets."""
     monkeypatch.setattr(pipeline, "TEACHER_OUTPUT_CHUNK", 64)  # 320 training rows: 5 pieces
     stage, computed = [""], []
     real_predict = pipeline.predict_distilled
@@ -207,13 +208,17 @@ def test_an_interrupted_job_keeps_its_teacher_head_and_teacher_outputs_and_ends_
     config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student)
     config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"finetune_epochs": 2}),
                                        "train": config.train.model_copy(update={"epochs": 2})})
-    with pytest.raises(Interrupted):  # 20 fine-tuning steps an epoch: one epoch's checkpoint is written
-        run(config, sink(("teacher-finetune", 25), []))
+    with pytest.raises(Interrupted):  # before any fine-tuning checkpoint: the saved head is all that is kept
+        run(config, sink(("teacher-finetune", 5), []))
     events: list[tuple[str, dict]] = []
-    with pytest.raises(Interrupted):
-        run(config, sink(("teacher-outputs", 128), events), resume=True)
+    with pytest.raises(Interrupted):  # 20 fine-tuning steps an epoch: one epoch's checkpoint is written
+        run(config, sink(("teacher-finetune", 25), events), resume=True)
     assert "teacher-head" not in [d["stage"] for k, d in events if k == "stage"]
     assert any(k == "log" and d["message"].startswith("reusing the head") for k, d in events)
+    assert not any(k == "resumed" for k, d in events)
+    events.clear()
+    with pytest.raises(Interrupted):
+        run(config, sink(("teacher-outputs", 128), events), resume=True)
     assert ("resumed", {"stage": "teacher-finetune", "step": 20, "total_steps": 40}) in events
     assert computed == [64, 64]
     computed.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,10 @@ from fastapi.testclient import TestClient
 
 from service import runner
 from service.app import create_app
-from service.runner import check_job
+from service.runner import _server_model_name, check_job
+from service.schemas import ServiceError
 from service.settings import Settings
+from teachers.registry import resolve_teacher
 from tests.conftest import synthetic_rows, write_csv, write_tiny_gpt2
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -209,18 +212,49 @@ def test_a_bad_job_is_refused_with_422_naming_the_key(client_and_dataset: tuple[
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
-def test_model_directories_outside_the_operators_model_dirs_are_refused_alike(make_client: Any, synthetic_csv: Path,
-                                                                              tiny_teacher_dir: Path) -> None:
-    """A client cannot read the server's directories through teacher.name, nor learn which exist."""
-    client = make_client(model_dirs=[])
+def test_a_job_reads_server_directories_only_under_the_model_roots_and_learns_nothing_of_others(
+        make_client: Any, synthetic_csv: Path, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """teacher.name / student.model name a server directory only under $DISTILL_HOME/teachers or DISTILL_MODEL_DIRS;
+    elsewhere the refusal reads the same whether the path exists or not (symlinks and `..` resolved first)."""
+    roots = tmp_path / "models"
+    shutil.copytree(tiny_teacher_dir, roots / "teacher")
+    (roots / "link").symlink_to(tiny_teacher_dir)  # under a root, pointing out of it
+    client = make_client(model_dirs=[roots])
     dataset = upload(client, synthetic_csv).json()["reference"]
+    accepted = client.post("/v1/jobs", json=tiny_job(roots / "teacher", dataset))
+    assert accepted.status_code == 202
+    runs = json.loads((client.app.state.settings.jobs_dir / accepted.json()["id"] / "config.json").read_text())
+    assert runs["teacher"]["name"] == str((roots / "teacher").resolve())
     details = {}
-    for name in (str(tiny_teacher_dir), str(tiny_teacher_dir / "missing"), "/etc", "../" + tiny_teacher_dir.name):
-        response = client.post("/v1/jobs", json=tiny_job(Path(name), dataset))
+    for name in (tiny_teacher_dir, tiny_teacher_dir / "missing", Path("/etc"), roots / ".." / tiny_teacher_dir.name,
+                 roots / "link"):
+        response = client.post("/v1/jobs", json=tiny_job(name, dataset))
         assert response.status_code == 422
-        details[name] = response.json()["detail"].replace(repr(name), "NAME")
+        details[name] = response.json()["detail"].replace(repr(str(name)), "NAME")
     assert len(set(details.values())) == 1
-    assert f"reads model directories only under {client.app.state.settings.home / 'teachers'} (more" in details["/etc"]
+    assert f"reads model directories only under {client.app.state.settings.home / 'teachers'}, {roots}" in details[
+        Path("/etc")]
+    body = tiny_job(roots / "teacher", dataset) | {
+        "student": {"init": "model", "model": str(tiny_teacher_dir), "num_layers": 1}}
+    assert client.post("/v1/jobs", json=body).json()["detail"].startswith("student.model: ")
+
+
+def test_a_hub_id_is_the_hubs_never_a_relative_directory_of_the_server(tiny_teacher_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`org/name` is also a relative path: a job runs it as `hub:org/name`, which resolves to the hub id even where
+    the server's working directory holds a model directory of that name."""
+    settings = Settings(home=tmp_path / "home")
+    monkeypatch.chdir(tmp_path)
+    names = []
+    for exists in (False, True):
+        if exists:
+            shutil.copytree(tiny_teacher_dir, tmp_path / "org" / "model")
+        names.append(_server_model_name("teacher.name", "org/model", settings))
+        assert resolve_teacher(names[-1]) == "org/model"
+    assert names == ["hub:org/model"] * 2
+    assert resolve_teacher("org/model") == str(tmp_path / "org" / "model")  # what the unprefixed name would read
+    with pytest.raises(ServiceError, match="teacher.name: contains a NUL byte"):
+        _server_model_name("teacher.name", "a\x00b", settings)
 
 
 def test_a_job_is_not_queued_on_an_upload_deleted_after_its_check(client_and_dataset: tuple[Any, str],

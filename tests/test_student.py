@@ -72,13 +72,17 @@ def test_trimming_a_bpe_vocabulary_is_refused(tmp_path: Path) -> None:
      "student.trim_vocabulary: a causal LM predicts over its whole vocabulary"),
     (FromModel(init="model", model="GPT2", num_layers=1, trim_vocabulary=True), 16, "sequence-classification",
      "student.trim_vocabulary needs a WordPiece tokenizer"),
+    (FromModel(init="model", model="BROKEN", num_layers=1), 16, "sequence-classification",
+     "student.model: cannot read the config of .*broken"),
 ])
 def test_a_student_the_models_cannot_give_is_refused_from_their_configs(
         tiny_teacher_dir: Path, tmp_path: Path, spec: FromTeacher | FromModel, max_length: int, task: str,
         message: str) -> None:
     """Checked before any training (distill.pipeline.start_job): a student.num_layers past the source model's layers
     would otherwise get randomly initialized layers from from_pretrained without a word."""
-    sources = {"SOURCE": str(tiny_teacher_dir), "GPT2": str(write_tiny_gpt2(tmp_path / "gpt2"))}
+    broken = write_tiny_encoder(tmp_path / "broken")
+    (broken / "config.json").write_text("{not json")
+    sources = {"SOURCE": str(tiny_teacher_dir), "GPT2": str(write_tiny_gpt2(tmp_path / "gpt2")), "BROKEN": str(broken)}
     if isinstance(spec, FromModel):
         spec = spec.model_copy(update={"model": sources[spec.model]})
     with pytest.raises(ConfigError, match=message):

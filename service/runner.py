@@ -38,6 +38,7 @@ CONFIG_FILE = "config.json"
 STDERR_FILE = "stderr.log"
 REPORT_FILE = "report.json"  # distill.pipeline.REPORT, not imported from there: that module loads torch
 UPLOAD_PREFIX = "upload:"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `distill` and `service` import from
 RETRY_AFTER_SECONDS = 30  # a guess at when a slot frees up; tiny jobs take a minute, real ones much longer
 
 log = logging.getLogger("distill.service.runner")
@@ -114,10 +115,15 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
             resolved[key] = resolve_teacher(runs[key])
         except TeacherNotFound as e:
             raise ServiceError(422, f"{key}: {e}") from None
-    try:  # a student the models cannot give: refused now, not once the job has prepared its teacher
-        check_student(config.student, resolved["teacher.name"], max_length=config.data.max_length, task=config.task)
-    except ConfigError as e:
-        raise ServiceError(422, str(e)) from None
+    # A student the models cannot give: refused now, not once the job has prepared its teacher. Not for hub ids:
+    # from_pretrained here would read a relative directory of that name in the server's working directory; the
+    # job checks them first thing, in its own directory.
+    if not any(name.startswith(HUB_PREFIX) for name in runs.values()):
+        try:
+            check_student(config.student, resolved["teacher.name"], max_length=config.data.max_length,
+                          task=config.task)
+        except ConfigError as e:
+            raise ServiceError(422, str(e)) from None
     update: dict[str, Any] = {"data": data, "teacher": config.teacher.model_copy(update={"name": runs["teacher.name"]})}
     if "student.model" in runs:
         update["student"] = config.student.model_copy(update={"model": runs["student.model"]})
@@ -259,12 +265,15 @@ class Runner:
         parallel = DistributedConfig.model_validate(job.config.get("distributed", {}))
         command = (torchrun_command(parallel, job.id, "distill.pipeline", *args) if wanted(parallel)
                    else [sys.executable, "-m", "distill.pipeline", *args])
-        env = {**os.environ, "DISTILL_HOME": str(self.settings.home)}
+        # The job runs in its own directory, so that neither our code nor transformers' from_pretrained takes a hub id
+        # `org/name` for a relative directory of the server's; the project stays importable from there.
+        env = {**os.environ, "DISTILL_HOME": str(self.settings.home),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         try:
             with (directory / STDERR_FILE).open("a", encoding="utf-8") as stderr:
                 # A session of its own: Ctrl-C on the server's terminal must not kill jobs before stop() says so.
-                proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
-                                        encoding="utf-8", errors="replace", start_new_session=True)
+                proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=directory,
+                                        text=True, encoding="utf-8", errors="replace", start_new_session=True)
         except OSError as e:
             self.store.finish(job.id, "failed", f"could not start the job process: {e}")
             return

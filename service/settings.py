@@ -54,6 +54,12 @@ class Settings(BaseSettings):
                                                          ".student-torch) answer: auto takes the GPU when torch "
                                                          "sees one, as jobs do; the ONNX models run on the CPU.")
 
+    @field_validator("home", "model_dirs")
+    @classmethod
+    def _absolute(cls, value: Path | list[Path]) -> Path | list[Path]:
+        # Job processes run in their own directories: a relative path would name another place there.
+        return [p.expanduser().resolve() for p in value] if isinstance(value, list) else value.expanduser().resolve()
+
     @field_validator("inference_device")
     @classmethod
     def _gpu_present(cls, value: Device) -> Device:

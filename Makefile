@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -m 'slow or not slow' --durations=20
 
-# The default pytest selection: tiny seeded models only, well under 3 minutes.
+# The default pytest selection: tiny seeded models, no multi-process launches.
 test-fast: $(STAMP)
 	$(PY) -m pytest
 

@@ -152,6 +152,7 @@ def test_distill_run_prints_the_causal_lm_summary(tmp_path: Path, capsys: pytest
     assert summary["student_test_perplexity"] > 1 and 0 < summary["param_ratio"] < 1
 
 
+@pytest.mark.slow  # starts several processes: tens of seconds
 def test_two_processes_distill_a_causal_lm_like_one(tmp_path: Path) -> None:
     """`distill run` with nproc_per_node 2 → torchrun → DDP, the teacher on each rank's slice → rank 0 reports. The
     loss is a mean over each slice's tokens while ranks weigh by examples, so the two runs come close, not equal."""

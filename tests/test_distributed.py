@@ -115,6 +115,7 @@ def _torchrun(module_args: list[str], nproc: int = 2) -> subprocess.CompletedPro
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # starts several processes: tens of seconds
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path) -> None:
     distributed.place("cpu")  # like the workers (gloo): the comparison is about DDP, not about devices
     one = _train(tmp_path / "one")
@@ -148,6 +149,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     assert one["stand_in_gathered"].tolist() == [[1.0, 1.0]]
 
 
+@pytest.mark.slow  # starts several processes: tens of seconds
 def test_distill_run_relaunches_itself_through_torchrun(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,
                                                         capfd: pytest.CaptureFixture[str]) -> None:
     """The real path: `distill run` with nproc_per_node 2 → torchrun → the pipeline on both ranks (teacher head and

@@ -202,6 +202,7 @@ def test_intermediate_losses_run_the_teacher_every_step(tmp_path: Path) -> None:
     assert "export" not in report and report["student"]["steps"] == 10
 
 
+@pytest.mark.slow  # starts several processes: tens of seconds
 def test_two_processes_distill_embeddings_like_one(tmp_path: Path) -> None:
     """`distill run` with nproc_per_node 2 → torchrun → rank 0 computes the teacher's embeddings and the projection's
     least-squares start, DDP trains both ranks from them → the same student as one process (dropout off)."""

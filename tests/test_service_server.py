@@ -72,6 +72,7 @@ def servers(distill_home: Path, tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
+@pytest.mark.slow  # starts several processes: tens of seconds
 def test_a_job_survives_a_killed_server_resumes_from_its_checkpoint_and_streams_events(
         servers: Any, tiny_teacher_dir: Path, synthetic_csv: Path) -> None:
     first = servers()

@@ -15,20 +15,20 @@ from teachers import distill_home
 from teachers.packaged import SOURCES, PackageSource, SplitWheelSource, TeacherSource
 
 __all__ = [
+    "HUB_PREFIX",
     "TeacherInfo",
     "TeacherNotFound",
     "count_parameters",
     "distill_home",
     "list_teachers",
-    "pull_teacher",
-    "HUB_PREFIX",
     "name_kind",
+    "pull_teacher",
     "registered_names",
     "resolve_teacher",
 ]
 
+HUB_PREFIX = "hub:"  # `hub:org/name`: the hub id even where a local directory is called `org/name`
 # `org/name` as the Hugging Face Hub spells repo ids; a leading `.` would be a relative path, not an org.
-HUB_PREFIX = "hub:"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 

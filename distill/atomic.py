@@ -29,3 +29,12 @@ def write_text(path: Path, text: str) -> None:
     staged = path.with_name(path.name + ".tmp")
     staged.write_text(text, encoding="utf-8")
     os.replace(staged, path)
+
+
+def save_torch(obj: object, path: Path) -> None:
+    """torch.save to `path` through a staged file: a crash mid-write never leaves a truncated checkpoint or cache."""
+    import torch  # here, not at the top: the service imports this module without needing torch
+
+    staged = path.with_name(path.name + ".tmp")
+    torch.save(obj, staged)
+    os.replace(staged, path)

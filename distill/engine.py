@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -342,9 +341,7 @@ def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
     payload = {"model": model.state_dict(), "projection": projection.state_dict() if projection else None,
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
                "run": run, "rng": rng, "cuda_rng": cuda_rng}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+    atomic.save_torch(payload, path)
 
 
 def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,

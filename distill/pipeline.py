@@ -320,15 +320,12 @@ def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cach
             if piece is None or piece["fingerprint"] != fingerprint:
                 piece = {"fingerprint": fingerprint, "logits": predict_distilled(
                     task, teacher.model, teacher.tokenizer, encoded, precision=precision)}
-                torch.save(piece, piece_path.with_suffix(".tmp"))
-                os.replace(piece_path.with_suffix(".tmp"), piece_path)
+                atomic.save_torch(piece, piece_path)
             pieces.append(piece["logits"])
             done += len(encoded)
             emit("progress", {"stage": "teacher-outputs", "step": done, "total_steps": total})
         logits[name] = torch.cat(pieces) if pieces else torch.empty(0)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "logits": logits}, tmp)
-    os.replace(tmp, path)
+    atomic.save_torch({"fingerprint": fingerprint, "logits": logits}, path)
     shutil.rmtree(parts, ignore_errors=True)
     return logits
 

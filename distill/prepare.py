@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from distill import distributed
+from distill import atomic, distributed
 from distill.config import JobConfig, TrainConfig
 from distill.engine import BEST, EventSink, Split, fit
 from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches, on_device
@@ -111,9 +111,7 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
                                tc.batch_size, emit)
         stages.append({"stage": "head", "epochs": tc.head_epochs, "validation_accuracy": accuracy})
         if distributed.is_main():
-            torch.save({"params": [p.detach().cpu() for p in head_params], "stage": stages[-1]},
-                       trained_head.with_suffix(".tmp"))
-            os.replace(trained_head.with_suffix(".tmp"), trained_head)
+            atomic.save_torch({"params": [p.detach().cpu() for p in head_params], "stage": stages[-1]}, trained_head)
     if tc.finetune_epochs or head is None:
         cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr)
         result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=preparation_seed(config),

@@ -386,7 +386,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         cache_train = config.train.cache_teacher_logits and not config.loss.intermediate
         embeddings = distributed.broadcast(
             teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
-                            fingerprint=f"{teacher_dir}:{config.precision}:embedding", reuse=resume)
+                            teacher_dir=Path(teacher_dir), fingerprint=f"{config.precision}:embedding",
+                            reuse=resume)
             if distributed.is_main() else None)
         for name, split in splits.items():
             split.teacher_outputs = embeddings.get(name)

@@ -28,7 +28,7 @@ from distill.engine import EventSink, Split, Teacher
 from distill.evaluate import accuracy, evaluate_models, footprint, render_markdown, retention_interval
 from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
-from distill.prepare import prepare_teacher
+from distill.prepare import prepare_teacher, update_with_files
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
 from distill.student import build_student, check_student, count_params
 from distill.tasks import Precision, SequenceClassification, Task, bf16_is_slow, predict_distilled
@@ -111,7 +111,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         # Computed once, by rank 0 (which also stores them), and sent to the other ranks.
         logits = distributed.broadcast(
             teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
-                            fingerprint=f"{prepared.path}:{config.precision}", reuse=resume)
+                            teacher_dir=prepared.path, fingerprint=config.precision, reuse=resume)
             if distributed.is_main() else None)
         for name, split in splits.items():
             split.teacher_outputs = logits.get(name)
@@ -289,13 +289,17 @@ TEACHER_OUTPUT_CHUNK = 4096  # examples per saved piece: an interrupted job lose
 
 
 def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
-                    emit: EventSink, precision: Precision, *, fingerprint: str, reuse: bool) -> dict[str, torch.Tensor]:
+                    emit: EventSink, precision: Precision, *, teacher_dir: Path, fingerprint: str,
+                    reuse: bool) -> dict[str, torch.Tensor]:
     """The teacher runs once per example: validation/test always (agreement), train when the cache is on.
     Stored next to the checkpoint so a resumed job does not pay for it again; reused only when resuming and only
-    for the same teacher, precision and token ids. Computed in pieces of TEACHER_OUTPUT_CHUNK examples, each saved
-    under `<path>.parts/` as it is done, so a resumed job also keeps the pieces an interrupted one finished."""
+    for the same teacher files (`teacher_dir`, where `teacher` was loaded from: a teacher saved again at its path
+    counts as another), `fingerprint` (what else the outputs depend on) and token ids. Computed in pieces of
+    TEACHER_OUTPUT_CHUNK examples, each saved under `<path>.parts/` as it is done, so a resumed job also keeps the
+    pieces an interrupted one finished."""
     names = [n for n in splits if n != "train" or cache_train]
     digest = hashlib.sha256(fingerprint.encode())
+    update_with_files(digest, teacher_dir)
     for name in names:
         digest.update(json.dumps([name, [e["input_ids"] for e in splits[name].teacher_inputs]]).encode())
     fingerprint = digest.hexdigest()

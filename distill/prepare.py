@@ -196,15 +196,20 @@ def preparation_seed(config: JobConfig) -> int:
 
 def _sources(teacher_dir: str, validation: Split) -> str:
     """What the cache key leaves out, checked when a prepared teacher is reused: the teacher's files as they are now
-    (name, size, modification time: a teacher retrained in place at its path) and the validation split, which
-    picks the best head and fine-tuning epoch."""
+    (a teacher retrained in place at its path) and the validation split, which picks the best head and fine-tuning
+    epoch."""
     digest = hashlib.sha256()
-    root = Path(teacher_dir)
+    update_with_files(digest, Path(teacher_dir))
+    validation.update_digest(digest)
+    return digest.hexdigest()[:16]
+
+
+def update_with_files(digest: Any, root: Path) -> None:
+    """Feed a model directory's files as they are now into a hashlib `digest`: name, size, modification time.
+    Cheap (no weights are read), and it changes when a model is saved again at the same path."""
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    validation.update_digest(digest)
-    return digest.hexdigest()[:16]
 
 
 def _same_sources(summary: dict[str, Any], sources: str) -> bool:

@@ -176,6 +176,23 @@ def test_mpnet_teacher_end_to_end(synthetic_csv: Path, tmp_path: Path) -> None:
     assert report["evaluation"]["models"]["student-onnx-int8"]["agreement"] >= 0.9
 
 
+def test_a_resumed_job_runs_its_teacher_again_when_the_teacher_was_saved_again(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]))
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
+    prepared = Path(run(config).report["teacher"]["prepared_dir"])
+
+    def reused_teacher_outputs() -> bool:
+        events: list[tuple[str, dict]] = []
+        run(config, lambda kind, data: events.append((kind, data)), resume=True)
+        return any(k == "log" and d["message"].startswith("reusing the teacher outputs") for k, d in events)
+
+    assert reused_teacher_outputs()
+    AutoModelForSequenceClassification.from_pretrained(prepared).save_pretrained(prepared)  # retrained in place
+    assert not reused_teacher_outputs()
+    assert reused_teacher_outputs()
+
+
 class Interrupted(Exception):
     """Stands in for a job stopped mid-way (a killed process, a lost machine)."""
 

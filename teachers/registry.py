@@ -30,6 +30,9 @@ __all__ = [
 HUB_PREFIX = "hub:"  # `hub:org/name`: the hub id even where a local directory is called `org/name`
 # `org/name` as the Hugging Face Hub spells repo ids; a leading `.` would be a relative path, not an org.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# After the prefix the org may be left out: the hub's legacy one-word ids (`gpt2`, `bert-base-uncased`), which
+# unprefixed would read as registered names or relative paths.
+_PREFIXED_HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
 class TeacherNotFound(LookupError):
@@ -48,16 +51,17 @@ class TeacherInfo:
 
 def resolve_teacher(name: str) -> str:
     """An absolute local directory that `from_pretrained` accepts, or a hub id for transformers to fetch.
-    `hub:org/name` is always the hub id, never a local directory of that relative name."""
+    `hub:org/name` (or `hub:name`) is always the hub id, never a local directory of that relative name."""
     if name in SOURCES:
         path = SOURCES[name].locate()
         if path is None:
             raise TeacherNotFound(_not_present(name, SOURCES[name]))
         return str(path)
     if name.startswith(HUB_PREFIX):
-        if _HUB_ID.fullmatch(name.removeprefix(HUB_PREFIX)):
+        if _PREFIXED_HUB_ID.fullmatch(name.removeprefix(HUB_PREFIX)):
             return name.removeprefix(HUB_PREFIX)
-        raise TeacherNotFound(f"teacher {name!r}: after {HUB_PREFIX!r} comes a Hugging Face hub id 'org/name'")
+        raise TeacherNotFound(f"teacher {name!r}: after {HUB_PREFIX!r} comes a Hugging Face hub id, 'org/name' or "
+                              f"a one-word id such as 'gpt2'")
     local = Path(name).expanduser()
     if local.is_dir():
         if (local / "config.json").is_file():
@@ -68,12 +72,13 @@ def resolve_teacher(name: str) -> str:
         return name
     raise TeacherNotFound(f"unknown teacher {name!r}; use a registered name ({registered_names()}), a local "
                           f"directory with config.json (as written by save_pretrained), or a Hugging Face "
-                          f"hub id 'org/name'")
+                          f"hub id 'org/name' ('hub:name' for a one-word one such as gpt2)")
 
 
 def name_kind(name: str) -> Literal["registered", "hub", "path"]:
-    """What `name` is by its shape alone, nothing on disk looked at: a registered teacher, a hub id (`org/name` or
-    `hub:org/name`; resolve_teacher still prefers a relative directory of an unprefixed one's name), or a path."""
+    """What `name` is by its shape alone, nothing on disk looked at: a registered teacher, a hub id (`org/name`,
+    `hub:org/name`, `hub:name`; resolve_teacher still prefers a relative directory of an unprefixed one's name), or a
+    path."""
     if name in SOURCES:
         return "registered"
     return "hub" if name.startswith(HUB_PREFIX) or _HUB_ID.fullmatch(name) else "path"

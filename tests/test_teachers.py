@@ -57,6 +57,14 @@ def test_local_tiny_bert(tmp_path: Path) -> None:
 def test_hub_id_passes_through() -> None:
     hub_id = "sentence-transformers/all-MiniLM-L6-v2"
     assert resolve_teacher(hub_id) == hub_id
+    assert resolve_teacher(f"hub:{hub_id}") == hub_id
+    assert resolve_teacher("hub:gpt2") == "gpt2"  # the hub's legacy one-word ids, with the prefix
+
+
+@pytest.mark.parametrize("name", ["gpt2", "hub:", "hub:../x", "hub:org/../x", "hub:/etc", "hub:a/b/c"])
+def test_what_is_not_a_hub_id_is_refused(name: str) -> None:
+    with pytest.raises(TeacherNotFound, match="hub id"):
+        resolve_teacher(name)
 
 
 def test_unknown_name_lists_registered_names() -> None:

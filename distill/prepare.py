@@ -87,7 +87,8 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         marker.write_text(preparing)
     distributed.barrier()
     trained_head = work / HEAD_FILE
-    head_was_trained = trained_head.exists()  # before this run's rank 0 writes it
+    head_was_trained = trained_head.exists()
+    distributed.barrier()  # every rank has looked before this run's rank 0 writes it
     head = HEADS.get(model.config.model_type)
     encoder = {id(p) for p in model.base_model.parameters()}
     head_params = [p for p in model.parameters() if id(p) not in encoder]

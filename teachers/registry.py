@@ -51,7 +51,9 @@ class TeacherInfo:
 
 def resolve_teacher(name: str) -> str:
     """An absolute local directory that `from_pretrained` accepts, or a hub id for transformers to fetch.
-    `hub:org/name` (or `hub:name`) is always the hub id, never a local directory of that relative name."""
+    `hub:org/name` (or `hub:name`) is always returned as the hub id, never resolved to a local directory of that
+    relative name (from_pretrained itself still reads one in the working directory first: service jobs run in their
+    own directory)."""
     if name in SOURCES:
         path = SOURCES[name].locate()
         if path is None:

@@ -59,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--emb-latency-calls", type=int, default=100)
     group.add_argument("--emb-limit", type=int, default=None, help="training examples (quick runs; default: all)")
     group.add_argument("--emb-teacher-cache", type=Path, default=None,
-                       help="a teacher_logits.pt to reuse: the job takes it only when its fingerprint (teacher, "
-                            "precision, every text's token ids) matches, else computes its own; written here after "
-                            "the job when the file does not exist yet")
+                       help="a teacher_logits.pt to reuse: the job takes it only when its fingerprint (the "
+                            "teacher's files, precision, every text's token ids) matches, else computes its own; "
+                            "written here after the job when the file does not exist yet")
 
 
 def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -29,10 +29,11 @@ __all__ = [
 
 HUB_PREFIX = "hub:"  # `hub:org/name`: the hub id even where a local directory is called `org/name`
 # `org/name` as the Hugging Face Hub spells repo ids; a leading `.` would be a relative path, not an org.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_SEGMENT = r"[A-Za-z0-9][\w.-]*"
+_HUB_ID = re.compile(rf"{_SEGMENT}/{_SEGMENT}")
 # After the prefix the org may be left out: the hub's legacy one-word ids (`gpt2`, `bert-base-uncased`), which
 # unprefixed would read as registered names or relative paths.
-_PREFIXED_HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+_PREFIXED_HUB_ID = re.compile(rf"({_SEGMENT}/)?{_SEGMENT}")
 
 
 class TeacherNotFound(LookupError):
@@ -60,8 +61,9 @@ def resolve_teacher(name: str) -> str:
             raise TeacherNotFound(_not_present(name, SOURCES[name]))
         return str(path)
     if name.startswith(HUB_PREFIX):
-        if _PREFIXED_HUB_ID.fullmatch(name.removeprefix(HUB_PREFIX)):
-            return name.removeprefix(HUB_PREFIX)
+        hub_id = name.removeprefix(HUB_PREFIX)
+        if _PREFIXED_HUB_ID.fullmatch(hub_id):
+            return hub_id
         raise TeacherNotFound(f"teacher {name!r}: after {HUB_PREFIX!r} comes a Hugging Face hub id, 'org/name' or "
                               f"a one-word id such as 'gpt2'")
     local = Path(name).expanduser()

@@ -188,7 +188,7 @@ def test_a_resumed_job_runs_its_teacher_again_when_the_teacher_was_saved_again(
         return any(k == "log" and d["message"].startswith("reusing the teacher outputs") for k, d in events)
 
     assert reused_teacher_outputs()
-    AutoModelForSequenceClassification.from_pretrained(prepared).save_pretrained(prepared)  # retrained in place
+    AutoModelForSequenceClassification.from_pretrained(prepared).save_pretrained(prepared)  # new files, as retrained
     assert not reused_teacher_outputs()
     assert reused_teacher_outputs()
 

@@ -553,9 +553,7 @@ class Comparisons:
             texts, names = inputs.texts, inputs.labels
         else:
             assert inputs.dataset is not None  # the route requires one of them
-            texts, names = _load_split(self.catalog, inputs.dataset, inputs.split, inputs.limit)
-            if infos[0].task != "sequence-classification":
-                names = None
+            texts, names = _load_split(self.catalog, inputs.dataset, inputs.split, inputs.limit, infos[0].task)
             missing = sorted(set(names or []) - set(label_names))
             if missing:
                 raise CompareError(f"dataset {inputs.dataset!r} has labels {missing} the models do not know; "
@@ -600,9 +598,11 @@ def _data_config(catalog: ModelCatalog, dataset: str) -> DataConfig:
                        f"({', '.join(BUILTIN_DATASETS)}) or 'job:<job_id>' for the data a job was tested on")
 
 
-def _load_split(catalog: ModelCatalog, dataset: str, split: Literal["test", "validation"],
-                limit: int | None) -> tuple[list[str], list[str]]:
-    """(texts, label names) of a dataset split: the same seeded split the jobs use, first `limit` rows."""
-    data = load_task_data(_data_config(catalog, dataset))
+def _load_split(catalog: ModelCatalog, dataset: str, split: Literal["test", "validation"], limit: int | None,
+                task: str) -> tuple[list[str], list[str] | None]:
+    """(texts, label names: classifiers only) of a dataset split: the same seeded split the jobs use, first `limit`
+    rows. Read as `task`'s jobs read it: causal-LM jobs take texts alone (a .txt file, no label column)."""
+    data = load_task_data(_data_config(catalog, dataset), labelled=task != "causal-lm")
     examples = (data.test if split == "test" else data.validation)[:limit]
-    return [e.text for e in examples], [data.labels[e.label] for e in examples]
+    names = [data.labels[e.label] for e in examples] if task == "sequence-classification" else None
+    return [e.text for e in examples], names

@@ -299,10 +299,13 @@ class Runner:
             self._watchers.pop(job.id, None)
             cancelled = job.id in self._cancelling
             self._cancelling.discard(job.id)
-        if self._stopping.is_set() and not cancelled:
-            return  # the server is stopping: the job stays `running` and resumes at the next start
-        if code == 0 and done:  # also when a cancel came as it ended: its report and student are complete
+        stopped = self._stopping.is_set() and not cancelled
+        # `done` comes after report.json is written: the job is complete if it then exited cleanly (a cancel that
+        # came as it ended included) or the server's stop met it exiting.
+        if done and (code == 0 or stopped):
             self.store.finish(job.id, "succeeded")
+        elif stopped:
+            return  # the server is stopping: the job stays `running` and resumes at the next start
         elif cancelled:
             self.store.finish(job.id, "cancelled")
         else:

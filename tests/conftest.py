@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -163,6 +164,19 @@ def models_client(settings: Any) -> Iterator[Any]:
     app.include_router(compare.router)
     with TestClient(app) as client:
         yield client
+
+
+def compare_in_background(client: Any, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+    """POST /v1/compare on a dataset (answered 202, run in the background), then poll it until it has ended."""
+    response = client.post("/v1/compare", json=body)
+    assert response.status_code == 202, response.text
+    location = response.headers["location"]
+    assert location == f"/v1/compare/{response.json()['id']}"
+    deadline = time.monotonic() + timeout
+    while (comparison := client.get(location).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, comparison
+        time.sleep(0.05)
+    return comparison
 
 
 @pytest.fixture

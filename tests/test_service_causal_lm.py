@@ -21,7 +21,7 @@ from distill.evaluate import next_token_agreement
 from distill.pipeline import run
 from distill.runtime import OnnxLanguageModel, TorchLanguageModel, load_model
 from service.settings import Settings
-from tests.conftest import models_client, run_tiny_embedding_job, synthetic_rows, write_csv
+from tests.conftest import compare_in_background, models_client, run_tiny_embedding_job, synthetic_rows, write_csv
 
 IDS = ["lm.teacher", "lm.student", "lm.student-fp32", "lm.student-torch"]
 MAX_LENGTH = 16
@@ -30,14 +30,16 @@ MAX_LENGTH = 16
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """A home holding a finished tiny causal-LM job, jobs/lm: a 2-block GPT-2 (width 32) trained on synthetic
-    texts → its block 1 alone, exported to ONNX fp32 and INT8; and the tiny sentence-embedding job, jobs/emb."""
+    texts → its block 1 alone (distilled on a .txt file: texts without labels), exported to ONNX fp32 and INT8;
+    and the tiny sentence-embedding job, jobs/emb."""
     root = tmp_path_factory.mktemp("service-causal-lm")
     texts = [text for text, _ in synthetic_rows(240, seed=5)]
     teacher = train_lm_teacher(texts, texts[:40], root / "teacher", layers=2, hidden=32, heads=2, vocab_size=300,
                                max_length=MAX_LENGTH, train=TrainConfig(epochs=2, batch_size=16, lr=3e-3))
+    corpus = root / "texts.txt"
+    corpus.write_text("".join(f"{text}\n" for text, _ in synthetic_rows(200, 9)))
     config = JobConfig(task="causal-lm", teacher=TeacherConfig(name=str(teacher)),
-                       data=DataConfig(dataset="files", train=write_csv(root / "texts.csv", synthetic_rows(200, 9)),
-                                       max_length=MAX_LENGTH),
+                       data=DataConfig(dataset="files", train=corpus, max_length=MAX_LENGTH),
                        student=FromTeacher(init="teacher", layers=[1]),
                        train=TrainConfig(epochs=2, batch_size=16, lr=3e-3), evaluate=EvaluateConfig(latency_calls=10),
                        output_dir=root / "home" / "jobs" / "lm")
@@ -53,7 +55,7 @@ def report(settings: Settings) -> dict:
 
 @pytest.fixture(scope="module")
 def test_texts(report: dict) -> list[str]:
-    return [e.text for e in load_task_data(DataConfig(**report["config"]["data"])).test]
+    return [e.text for e in load_task_data(DataConfig(**report["config"]["data"]), labelled=False).test]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +195,7 @@ def test_generate_greedy_and_seeded_sampling(client: TestClient, settings: Setti
                or s["finish_reason"] == "end_of_text" for s in sampled)
 
 
-def test_generate_refuses_a_prompt_without_room(client: TestClient) -> None:
+def test_generate_refuses_what_it_cannot_do_naming_the_field(client: TestClient) -> None:
     long_prompt = " ".join(["the"] * 20)  # under 100 characters, over 15 tokens
     response = client.post("/v1/models/lm.student/generate", json={"prompt": long_prompt})
     assert response.status_code == 422
@@ -202,6 +204,8 @@ def test_generate_refuses_a_prompt_without_room(client: TestClient) -> None:
     assert response.status_code == 422 and "max_new_tokens" in response.text
     response = client.post("/v1/models/lm.student/generate", json={"prompt": "x" * 101})
     assert response.status_code == 422 and "at most 100" in response.json()["detail"]
+    response = client.post("/v1/models/lm.student/generate", json={"prompt": "a", "seed": -1})
+    assert response.status_code == 422 and "seed" in response.text and "greater than or equal to 0" in response.text
 
 
 def test_other_tasks_routes_send_callers_to_score_and_generate(client: TestClient) -> None:
@@ -235,6 +239,18 @@ def test_compare_language_models_on_texts(client: TestClient, settings: Settings
     assert "| perplexity | next-token agreement |" in result["markdown"]
     refused = client.post("/v1/compare", json={**body, "labels": ["a"] * 8})
     assert refused.status_code == 422 and "causal-lm models have no classes" in refused.json()["detail"]
+
+
+def test_compare_language_models_on_the_jobs_own_texts(client: TestClient, report: dict,
+                                                        test_texts: list[str]) -> None:
+    """`dataset: job:lm` reads the job's test split as the job did: from its .txt file, texts alone."""
+    body = {"models": ["lm.student-torch", "lm.student-fp32"], "dataset": "job:lm", "repeats": 2}
+    comparison = compare_in_background(client, body)
+    assert comparison["status"] == "succeeded", comparison["error"]
+    result = comparison["result"]
+    assert (result["task"], result["texts"], result["labelled"]) == ("causal-lm", len(test_texts), False)
+    assert result["models"]["lm.student-torch"]["perplexity"] == pytest.approx(report["student"]["test_perplexity"],
+                                                                              rel=1e-5)
 
 
 def test_next_token_agreement_needs_one_tokenization() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from distill.evaluate import embedding_agreement, neighbour_recall
 from distill.runtime import OnnxEmbedder, TorchEmbedder
 from service.models import ModelCatalog
 from service.settings import Settings
-from tests.conftest import models_client, run_tiny_embedding_job
+from tests.conftest import compare_in_background, models_client, run_tiny_embedding_job
 
 TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
 IDS = ["emb.teacher", "emb.student", "emb.student-fp32", "emb.student-torch"]
@@ -97,12 +96,7 @@ def test_compare_sentence_encoders_on_a_jobs_test_split(client: TestClient, sett
     """Agreement with the first model: the fp32 export is the PyTorch student (cosine 1, the same neighbours); the
     teacher is another model, measured as evaluate.embedding_agreement measures it."""
     body = {"models": ["emb.student-torch", "emb.student-fp32", "emb.teacher"], "dataset": "job:emb", "repeats": 2}
-    response = client.post("/v1/compare", json=body)
-    assert response.status_code == 202, response.text
-    deadline = time.monotonic() + 60
-    while (comparison := client.get(response.headers["location"]).json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, comparison
-        time.sleep(0.05)
+    comparison = compare_in_background(client, body)
     assert comparison["status"] == "succeeded", comparison["error"]
     result = comparison["result"]
     assert (result["task"], result["texts"], result["labelled"]) == \

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from service import runner
 from service.app import create_app
+from service.routes.jobs import _files
 from service.runner import _server_model_name, check_job
 from service.schemas import ServiceError
 from service.settings import Settings
@@ -177,6 +181,25 @@ def test_cancel_stops_a_running_job_and_a_full_queue_answers_429(
     assert report.status_code == 404 and "it is cancelled" in report.json()["detail"]
     assert not (distill_home / "jobs" / running["id"] / "report.json").exists()
     assert client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference, epochs=1)).status_code == 202
+
+
+def test_a_job_that_sent_done_as_the_server_stopped_is_succeeded_not_run_again(
+        tiny_teacher_dir: Path, synthetic_csv: Path, distill_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`done` comes after the job wrote its report: a server stopping as such a job exits records it succeeded,
+    where before it stayed `running` and the next start ran it again. The job process is a stand-in that sends
+    `done` and then waits to be stopped."""
+    popen = subprocess.Popen
+    done_then_wait = 'import json, time; print(json.dumps({"kind": "done", "data": {}}), flush=True); time.sleep(60)'
+    monkeypatch.setattr(runner.subprocess, "Popen",
+                        lambda command, **kwargs: popen([sys.executable, "-c", done_then_wait], **kwargs))
+    settings = Settings(home=distill_home, model_dirs=[distill_home.parent])
+    with TestClient(create_app(settings)) as client:
+        reference = upload(client, synthetic_csv).json()["reference"]
+        job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+        wait_for(client, job_id, lambda j: "test" in j["metrics"])  # the done event is in
+    with TestClient(create_app(settings)) as client:  # the next start
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert (job["status"], job["runs"]) == ("succeeded", 1)
 
 
 @pytest.fixture
@@ -394,3 +417,24 @@ def test_the_pages_script_calls_routes_the_api_has(make_client: Any, tmp_path: P
     (tmp_path / "ui.js").write_text(script)
     checked = subprocess.run(["node", "--check", str(tmp_path / "ui.js")], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_the_artifact_list_of_a_running_job_skips_staging_and_what_vanishes_mid_walk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running job renames and deletes directories (atomic.replace_dir's `best.tmp` → `best`, `best` → `best.old`;
+    the teacher-output pieces once joined): a directory listed by its parent and gone before it is read is skipped,
+    not a 500, and staged or replaced copies are not offered for download."""
+    for name in ("best/model.safetensors", "best.tmp/model.safetensors", "best.old/model.safetensors",
+                 "report.json.tmp", "teacher_logits.pt.parts/train-0-4096.pt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    scandir = os.scandir
+
+    def vanished_parts(path: Any) -> Any:
+        if Path(path).name == "teacher_logits.pt.parts":
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", vanished_parts)
+    assert _files(tmp_path) == ["best/model.safetensors"]
+    assert _files(tmp_path / "missing") == []

@@ -22,7 +22,7 @@ from distill.pipeline import run
 from distill.runtime import InputError, OnnxPredictor, Prediction, TorchPredictor
 from service.models import CompareError, MicroBatcher, ModelCatalog
 from service.settings import Settings
-from tests.conftest import models_client, synthetic_rows, write_csv, write_tiny_encoder
+from tests.conftest import compare_in_background, models_client, synthetic_rows, write_csv, write_tiny_encoder
 
 TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
 IDS = ["job1.teacher", "job1.student", "job1.student-fp32", "job1.student-torch"]
@@ -256,14 +256,7 @@ def test_inference_device_places_the_pytorch_models(tmp_path: Path) -> None:
 
 def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, report: dict) -> None:
     body = {"models": ["job1.teacher", "job1.student"], "dataset": "job:job1", "repeats": 3}
-    response = client.post("/v1/compare", json=body)
-    assert response.status_code == 202, response.text
-    location = response.headers["location"]
-    assert location == f"/v1/compare/{response.json()['id']}"
-    deadline = time.monotonic() + 30
-    while (comparison := client.get(location).json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, comparison
-        time.sleep(0.05)
+    comparison = compare_in_background(client, body, timeout=30)
     assert comparison["status"] == "succeeded", comparison["error"]
     result = comparison["result"]
     assert result["texts"] == report["data"]["splits"]["test"]["rows"] and result["labelled"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -154,11 +155,18 @@ def _artifact(directory: Path, name: str) -> Path:
     return path
 
 
+STAGING = (".tmp", ".old")  # distill.atomic's names for what is being written or replaced
+
+
 def _files(directory: Path) -> list[str]:
-    if not directory.is_dir():
-        return []
-    files = (p.relative_to(directory) for p in directory.rglob("*") if p.is_file())
-    return sorted(f.as_posix() for f in files if not any(part.endswith(".tmp") for part in f.parts))
+    """The job's files, relative and sorted, without staged or replaced copies. A running job deletes directories
+    (a replaced `best/`, the joined teacher-output pieces): os.walk skips one gone before it is read, where
+    Path.rglob raises."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.endswith(STAGING)]
+        files += [(Path(root) / n).relative_to(directory).as_posix() for n in names if not n.endswith(STAGING)]
+    return sorted(files)
 
 
 async def _event_stream(store: Store, job_id: str, after: int) -> AsyncIterator[str]:

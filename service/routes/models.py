@@ -105,7 +105,8 @@ class GenerateRequest(BaseModel):
                                                               "the end-of-text token or max_length comes first).")
     temperature: float = Field(0.0, ge=0, le=5, description="0: the most likely token at each step (greedy, "
                                                              "deterministic); above 0: sampled at this temperature.")
-    seed: int | None = Field(None, description="Seeds the sampling (temperature > 0): the same seed, the same text.")
+    seed: int | None = Field(None, ge=0, description="Seeds the sampling (temperature > 0): the same seed, the same "
+                                                     "text.")
 
 
 class GenerateResponse(BaseModel):

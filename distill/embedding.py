@@ -30,7 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from distill import atomic, distributed, engine, losses
 from distill.compress import INT8_FILE, accuracy_gate, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
-from distill.data import load_task_data
+from distill.data import DataError, load_task_data
 from distill.engine import EventSink, Split, Teacher
 from distill.evaluate import NEIGHBOURS, embedding_agreement, retention_interval
 from distill.export import CHECK_TEXTS, ExportResult, export_module
@@ -358,6 +358,11 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("data"):
         data = load_task_data(config.data)
+        for name, split in (("validation", data.validation), ("test", data.test)):
+            if len(split) < 2:  # recall@k (validation: the INT8 gate; test: the report) compares neighbours
+                raise DataError(f"data: the {name} split holds {len(split)} text; a sentence-embedding job needs "
+                                f"at least 2 (recall@{NEIGHBOURS} ranks each text's neighbours): add rows (a tenth "
+                                f"of the training file goes to each split) or give data.{name}")
         teacher_dir = resolve_teacher(config.teacher.name)
         texts = {"train": [e.text for e in data.train] + data.transfer,
                  "validation": [e.text for e in data.validation], "test": [e.text for e in data.test]}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -60,6 +61,13 @@ class ExportResult:
     size_bytes: int
 
 
+def max_abs_diff(expected: np.ndarray, actual: np.ndarray) -> float:
+    """The largest |expected - actual|, inf where either side is NaN or infinite: a parity check must fail on them
+    (a NaN max would be dropped: Python's max(0.0, nan) is 0.0)."""
+    diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
+    return float(np.where(np.isfinite(diff), diff, np.inf).max(initial=0.0))
+
+
 def check_parity(reference: HFPredictor, candidate: HFPredictor,
                  texts: list[str]) -> tuple[float, list[tuple[int, int]]]:
     """Max abs logit difference between two predictors fed the same token ids (tokenized once, by the reference),
@@ -69,7 +77,7 @@ def check_parity(reference: HFPredictor, candidate: HFPredictor,
     max_diff, shapes = 0.0, []
     for batch in (by_length[:1], by_length[-1:], texts):
         inputs = reference.encode(batch)
-        max_diff = max(max_diff, float(abs(reference.logits(inputs) - candidate.logits(inputs)).max()))
+        max_diff = max(max_diff, max_abs_diff(reference.logits(inputs), candidate.logits(inputs)))
         shapes.append((len(batch), int(inputs["input_ids"].shape[1])))
     return max_diff, shapes
 
@@ -124,7 +132,7 @@ def export_module(module: nn.Module, batches: list[dict[str, Tensor]], out_path:
                 expected = _tensors(module(**batch))
             actual = session.run(output_names, {name: batch[name].numpy() for name in input_names})
             for e, a in zip(expected, actual, strict=True):
-                max_diff = max(max_diff, float(abs(e.float().numpy() - a).max()))
+                max_diff = max(max_diff, max_abs_diff(e.float().numpy(), a))
             shapes.append((int(batch[input_names[0]].shape[0]), int(batch[input_names[0]].shape[1])))
         return max_diff, shapes
 

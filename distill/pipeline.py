@@ -241,9 +241,10 @@ def render_job_markdown(report: dict[str, Any]) -> str:
              f"{teacher['test_accuracy']:.4f}.",
              f"Student: {student['params']:,} params ({report['param_ratio']:.1%} of the teacher), test accuracy "
              f"{student['test_accuracy']:.4f}, agreement with the teacher {student['test_agreement']:.4f}, "
-             f"retention {report['retention']:.4f}"
-             + (f" ({interval['level']:.0%} interval {interval['low']:.3f}–{interval['high']:.3f}, "
-                f"over other test texts like these)." if (interval := report.get("retention_interval")) else ".")]
+             + ("no retention (the teacher got no test text right)." if report["retention"] is None else
+                f"retention {report['retention']:.4f}"
+                + (f" ({interval['level']:.0%} interval {interval['low']:.3f}–{interval['high']:.3f}, "
+                   f"over other test texts like these)." if (interval := report.get("retention_interval")) else "."))]
     if "served" in report:
         gate = report.get("compress", {}).get("gate")
         lines += ["", f"Served: `{report['served']['path']}` ({report['served']['format']})."

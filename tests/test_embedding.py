@@ -24,6 +24,7 @@ from distill.config import (
     TeacherConfig,
     TrainConfig,
 )
+from distill.data import DataError
 from distill.embedding import SentenceEmbedding, linear_probe, load_sentence_encoder, pool, teacher_anchors
 from distill.engine import Teacher
 from distill.evaluate import embedding_agreement, neighbour_recall
@@ -187,6 +188,16 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
     # Tiny models grow under INT8 (per-channel scales outweigh 32-wide weights); the integer kernels are what counts.
     assert "MatMulInteger" in {node.op_type for node in onnx.load(onnx_dir / "model_int8.onnx").graph.node}
     assert int8["cosine"] == pytest.approx(student["test_cosine"], abs=0.05)
+
+
+def test_a_split_too_small_for_neighbours_is_refused_before_any_work(tmp_path: Path) -> None:
+    """15 rows leave one text each to validation and test: no neighbours to rank, so no recall@10 for the INT8
+    gate or the report. Refused in the data stage, naming the split and the way out."""
+    csv = write_csv(tmp_path / "data.csv", synthetic_rows(15, seed=1))
+    config = _config(write_sentence_teacher(tmp_path / "teacher"), csv, tmp_path / "job",
+                     FromTeacher(init="teacher", layers=[0]), loss=LossConfig(embedding_mse=1.0))
+    with pytest.raises(DataError, match=r"validation split holds 1 text; .* at least 2 .* or give data\.validation"):
+        run(config)
 
 
 def test_intermediate_losses_run_the_teacher_every_step(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from transformers import (
 from distill import compress as compress_module
 from distill import export
 from distill.compress import INT8_FILE, OPTIMIZED_FILE, CompressResult, accuracy_gate, compress
-from distill.export import CHECK_TEXTS, ExportError, ExportResult, export_model_dir
+from distill.export import CHECK_TEXTS, ExportError, ExportResult, export_model_dir, max_abs_diff
 from distill.runtime import ONNX_FILE, OnnxPredictor, TorchPredictor
 
 LABELS = {0: "negative", 1: "positive"}
@@ -112,6 +112,25 @@ def test_failed_parity_raises_and_leaves_nothing(tiny_classifier_dir: Path, tmp_
     with pytest.raises(ExportError, match="tolerance 0"):
         export.export_onnx(tiny_classifier_dir, tmp_path / "single.onnx", tolerance=0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_parity_fails_on_a_nan_or_infinite_output(tiny_classifier_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    assert max_abs_diff(np.array([1.0, 2.0]), np.array([1.0, 2.5], dtype=np.float32)) == 0.5
+    assert max_abs_diff(np.array([1.0, 2.0]), np.array([1.0, np.nan])) == np.inf
+    assert max_abs_diff(np.array([np.inf]), np.array([np.inf])) == np.inf
+    assert max_abs_diff(np.zeros((0, 2)), np.zeros((0, 2))) == 0.0
+
+    class NaNs(OnnxPredictor):
+        def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+            logits = super().logits(inputs)
+            logits[0, 0] = np.nan
+            return logits
+
+    monkeypatch.setattr(export, "OnnxPredictor", NaNs)
+    with pytest.raises(ExportError, match="by up to inf"):
+        export_model_dir(tiny_classifier_dir, tmp_path / "onnx")
+    assert not (tmp_path / "onnx" / "model.onnx").exists()
 
 
 def test_mpnet_graph_has_no_token_type_ids(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from distill.config import (
     TeacherConfig,
 )
 from distill.config import TrainConfig as Train
-from distill.pipeline import run
+from distill.pipeline import render_job_markdown, run
 from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_mpnet_encoder
 
 TEACHER = dict(head_epochs=3, head_lr=1e-2, finetune_epochs=4, finetune_lr=3e-3, batch_size=16)
@@ -253,3 +253,12 @@ def test_an_interrupted_job_keeps_its_teacher_head_and_teacher_outputs_and_ends_
     outputs = [torch.load(r.output_dir / "teacher_logits.pt")["logits"] for r in (resumed, whole)]
     assert all(torch.equal(outputs[0][name], outputs[1][name]) for name in outputs[1])
     assert resumed.report["student"]["history"] == whole.report["student"]["history"]
+
+
+def test_the_report_says_there_is_no_retention_when_the_teacher_got_no_test_text_right() -> None:
+    """A test split of one text the teacher gets wrong (a 12-row file gives one): retention is None, and report.md
+    says so instead of failing to format it after the whole job ran."""
+    report = {"teacher": {"source": "t", "params": 1000, "test_accuracy": 0.0},
+              "student": {"params": 100, "test_accuracy": 1.0, "test_agreement": 0.0},
+              "param_ratio": 0.1, "retention": None, "retention_interval": None, "timings_seconds": {"data": 0.1}}
+    assert "no retention (the teacher got no test text right)." in render_job_markdown(report)

@@ -276,7 +276,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         result = engine.fit(TASK, student.model, tokenizer, splits["train"], splits["validation"], config.train,
                             run_dir=out, seed=config.seed, teacher=Teacher(teacher, tokenizer), loss=config.loss,
                             layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill",
-                            precision=precision)
+                            precision=precision, identity=pipeline.run_identity(config))
     if not distributed.is_main():
         return None
 

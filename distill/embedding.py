@@ -42,6 +42,7 @@ from distill.pipeline import (
     RunResult,
     finish,
     publish,
+    run_identity,
     start_job,
     teacher_outputs,
     timed_stage,
@@ -410,7 +411,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         result = engine.fit(task, student, built.tokenizer, splits["train"], splits["validation"], config.train,
                             run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
                             layer_map=built.layer_map, resume=resume, on_event=emit, stage="distill",
-                            precision=config.precision)
+                            precision=config.precision, identity=run_identity(config))
     if not distributed.is_main():
         return None
 

@@ -79,10 +79,13 @@ class FitResult:
 def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Split, validation: Split,
         cfg: TrainConfig, *, run_dir: Path, seed: int, teacher: Teacher | None = None,
         loss: LossConfig | None = None, layer_map: list[int] | None = None, resume: bool = False,
-        on_event: EventSink | None = None, stage: str = "distill", precision: Precision = "fp32") -> FitResult:
+        on_event: EventSink | None = None, stage: str = "distill", precision: Precision = "fp32",
+        identity: dict[str, Any] | None = None) -> FitResult:
     """Train `model` on `train`, keep the best epoch (validation accuracy) under run_dir/best; return metrics.
 
     Without `teacher` and without `train.teacher_outputs` this is plain fine-tuning (the task's loss on labels).
+    `identity`: flat settings outside fit's own arguments that make the run this run (a job's teacher and student
+    specs); `resume` continues a checkpoint only when they, the training settings and the data are the same.
     """
     emit = on_event if on_event is not None and distributed.is_main() else _ignore  # rank 0 speaks for all
     loss = loss or LossConfig(alpha=1.0)
@@ -111,7 +114,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if distributed.active():
         torch.manual_seed(seed + distributed.rank())  # each rank its own dropout masks (the checkpoint keeps each)
     state = {"step": 0, "history": [], "best": None}
-    run = _run_settings(cfg, seed, loss, train, total_steps)
+    run = _run_settings(cfg, seed, loss, train, total_steps) | {"precision": precision, **(identity or {})}
     if resume and (run_dir / CHECKPOINT).exists():
         state = _load_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, run)
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})

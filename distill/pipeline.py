@@ -120,7 +120,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         result = engine.fit(task, student.model, student.tokenizer, splits["train"], splits["validation"],
                             config.train, run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
                             layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill",
-                            precision=config.precision)
+                            precision=config.precision, identity=run_identity(config))
     if not distributed.is_main():
         return None
 
@@ -275,6 +275,13 @@ def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, Even
         emit("log", {"message": "warning: precision 'bf16' on a CPU without bf16 kernels (no AVX512): autocast falls "
                                 "back to reference code, measured 60x slower than fp32; use precision: fp32 here"})
     return out, emit
+
+
+def run_identity(config: JobConfig) -> dict[str, Any]:
+    """A job's teacher and student specs, flat (`teacher.name`, `student.layers`, ...): with another of either, a
+    checkpoint is not this job's to continue (engine.fit's `identity`)."""
+    return {f"{part}.{key}": value for part in ("teacher", "student")
+            for key, value in getattr(config, part).model_dump(mode="json").items()}
 
 
 @contextlib.contextmanager

@@ -111,26 +111,32 @@ def test_length_grouped_batches_pad_less_and_still_cover_every_example_in_a_new_
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup, tmp_path: Path) -> None:
-    """Continuing with another learning rate, seed or data would silently train something that is neither run
-    (the optimizer state keeps the old learning rate; another seed reorders the epoch mid-way)."""
+    """Continuing with another learning rate, seed, data, precision, or the caller's identity (a job's teacher and
+    student) would silently train something that is neither run (the optimizer state keeps the old learning rate;
+    another seed reorders the epoch mid-way; another student's weights would load where shapes allow)."""
     tokenizer, teacher, train, validation = setup
+    identity = {"student.num_layers": 1}
     fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
-        teacher=teacher)
+        teacher=teacher, identity=identity)
     assert (tmp_path / CHECKPOINT).exists()
     reversed_train = Split(train.student_inputs[::-1], train.labels.flip(0), teacher_inputs=train.teacher_inputs[::-1])
     changes = [({"cfg": CFG.model_copy(update={"epochs": 3})}, "total_steps: 16 then, 24 now; train.epochs: 2 then"),
                ({"cfg": CFG.model_copy(update={"lr": 2 * CFG.lr})}, f"train.lr: {CFG.lr!r} then, {2 * CFG.lr!r} now"),
                ({"seed": 6}, "seed: 5 then, 6 now"),
-               ({"train": reversed_train}, "(the training data differ)")]
+               ({"train": reversed_train}, "(the training data differ)"),
+               ({"precision": "bf16"}, "precision: 'fp32' then, 'bf16' now"),
+               ({"identity": {"student.num_layers": 2}}, "student.num_layers: 1 then, 2 now"),
+               ({"identity": {}}, "student.num_layers: 1 then, None now")]
     for change, message in changes:
-        run = {"cfg": CFG, "seed": 5, "train": train} | change
+        run = {"cfg": CFG, "seed": 5, "train": train, "precision": "fp32", "identity": identity} | change
         with pytest.raises(TrainingError, match=re.escape(message)):
             fit(TASK, _classifier(len(tokenizer), 1), tokenizer, run["train"], validation, run["cfg"],
-                run_dir=tmp_path, seed=run["seed"], teacher=teacher, resume=True)
+                run_dir=tmp_path, seed=run["seed"], teacher=teacher, resume=True, precision=run["precision"],
+                identity=run["identity"])
     # How often checkpoints are written does not change the run: it resumes (finished, nothing left to train).
     resumed = fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation,
                   CFG.model_copy(update={"checkpoint_every": 1000}), run_dir=tmp_path, seed=5, teacher=teacher,
-                  resume=True)
+                  resume=True, identity=identity)
     assert resumed.steps == 16
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from distill.config import (
     TeacherConfig,
 )
 from distill.config import TrainConfig as Train
+from distill.engine import TrainingError
 from distill.pipeline import render_job_markdown, run
 from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_mpnet_encoder
 
@@ -191,6 +193,18 @@ def test_a_resumed_job_runs_its_teacher_again_when_the_teacher_was_saved_again(
     AutoModelForSequenceClassification.from_pretrained(prepared).save_pretrained(prepared)  # new files, as retrained
     assert not reused_teacher_outputs()
     assert reused_teacher_outputs()
+
+
+def test_a_job_resumed_with_another_student_is_refused_naming_it(tiny_teacher_dir: Path, synthetic_csv: Path,
+                                                                 tmp_path: Path) -> None:
+    """Layer 0 instead of layer 1 of the teacher: the same shapes, so the checkpoint's weights would load and the
+    report would describe a student it did not train."""
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]))
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
+    run(config)
+    other = config.model_copy(update={"student": FromTeacher(init="teacher", layers=[0])})
+    with pytest.raises(TrainingError, match=re.escape("student.layers: [1] then, [0] now")):
+        run(other, resume=True)
 
 
 class Interrupted(Exception):

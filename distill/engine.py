@@ -349,7 +349,11 @@ def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
 
 def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
                      scheduler: Any, run: dict[str, Any]) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # the RNG states must stay on the CPU
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)  # the RNG states must stay on the CPU
+    except Exception as e:  # noqa: BLE001 - an empty or cut file reads as EOFError, UnpicklingError, RuntimeError, ...
+        raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); a crash can leave it cut short. "
+                            f"Delete it to start this stage afresh (without --resume)") from None
     saved = payload.get("run", {"total_steps": payload.get("total_steps")})  # older checkpoints kept the steps only
     changed = [("the training data differ" if key == "training data" else f"{key}: {saved[key]!r} then, "
                 f"{run.get(key)!r} now") for key in saved if saved[key] != run.get(key)]

@@ -311,11 +311,9 @@ def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cach
     for name in names:
         digest.update(json.dumps([name, [e["input_ids"] for e in splits[name].teacher_inputs]]).encode())
     fingerprint = digest.hexdigest()
-    if reuse and path.exists():
-        stored = torch.load(path)
-        if stored["fingerprint"] == fingerprint:
-            emit("log", {"message": f"reusing the teacher outputs in {path}"})
-            return stored["logits"]
+    if reuse and (stored := _saved(path)) is not None and stored["fingerprint"] == fingerprint:
+        emit("log", {"message": f"reusing the teacher outputs in {path}"})
+        return stored["logits"]
     parts = path.with_name(path.name + ".parts")
     if not reuse:
         shutil.rmtree(parts, ignore_errors=True)
@@ -328,7 +326,7 @@ def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cach
         for start in range(0, len(splits[name]), TEACHER_OUTPUT_CHUNK):
             encoded = splits[name].teacher_inputs[start:start + TEACHER_OUTPUT_CHUNK]
             piece_path = parts / f"{name}-{start}-{start + len(encoded)}.pt"
-            piece = _saved_piece(piece_path)
+            piece = _saved(piece_path)
             if piece is None or piece["fingerprint"] != fingerprint:
                 piece = {"fingerprint": fingerprint, "logits": predict_distilled(
                     task, teacher.model, teacher.tokenizer, encoded, precision=precision)}
@@ -342,9 +340,9 @@ def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cach
     return logits
 
 
-def _saved_piece(path: Path) -> dict[str, Any] | None:
-    """A finished piece of teacher outputs, or None when there is none or it cannot be read (a crash can leave a
-    file empty that was renamed into place before it reached the disk): it is computed again."""
+def _saved(path: Path) -> dict[str, Any] | None:
+    """Saved teacher outputs (the file, or a piece), or None when there are none or they cannot be read (a crash
+    can leave a file empty that was renamed into place before it reached the disk): they are computed again."""
     if not path.exists():
         return None
     try:

@@ -138,6 +138,10 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup
                   CFG.model_copy(update={"checkpoint_every": 1000}), run_dir=tmp_path, seed=5, teacher=teacher,
                   resume=True, identity=identity)
     assert resumed.steps == 16
+    (tmp_path / CHECKPOINT).write_bytes(b"")  # renamed into place, never written to the disk: a crash did it
+    with pytest.raises(TrainingError, match=f"{CHECKPOINT} cannot be read .* Delete it to start this stage afresh"):
+        fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
+            teacher=teacher, resume=True, identity=identity)
 
 
 def test_logit_cache_trains_like_running_the_teacher_every_step(setup, tmp_path: Path) -> None:

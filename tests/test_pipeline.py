@@ -178,7 +178,7 @@ def test_mpnet_teacher_end_to_end(synthetic_csv: Path, tmp_path: Path) -> None:
     assert report["evaluation"]["models"]["student-onnx-int8"]["agreement"] >= 0.9
 
 
-def test_a_resumed_job_runs_its_teacher_again_when_the_teacher_was_saved_again(
+def test_a_resumed_job_runs_its_teacher_again_when_the_teacher_was_saved_again_or_its_outputs_are_damaged(
         tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
     config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]))
     config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
@@ -191,6 +191,9 @@ def test_a_resumed_job_runs_its_teacher_again_when_the_teacher_was_saved_again(
 
     assert reused_teacher_outputs()
     AutoModelForSequenceClassification.from_pretrained(prepared).save_pretrained(prepared)  # new files, as retrained
+    assert not reused_teacher_outputs()
+    assert reused_teacher_outputs()
+    (tmp_path / "job" / "teacher_logits.pt").write_bytes(b"")  # cut short by a crash: computed again, not a crash
     assert not reused_teacher_outputs()
     assert reused_teacher_outputs()
 

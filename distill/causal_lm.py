@@ -46,7 +46,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic, distributed, engine, pipeline  # pipeline imports this module only inside run()
-from distill.compress import INT8_FILE, QUANTIZABLE, quantize_dynamic_int8
+from distill.compress import INT8_FILE, quantize_dynamic_int8
 from distill.config import ConfigError, DataConfig, JobConfig, LossConfig, Precision, TrainConfig
 from distill.data import load_task_data
 from distill.engine import EventSink, Split, Teacher
@@ -354,7 +354,7 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
         if cc.quantize == "dynamic":
             with clock("compress"):
                 quantize_dynamic_int8(staged / ONNX_FILE, staged / INT8_FILE, per_channel=cc.per_channel,
-                                      op_types=[op for op in QUANTIZABLE["dynamic"] if op not in cc.exclude_ops])
+                                      exclude_ops=cc.exclude_ops)
                 section["compress"] = {"mode": "dynamic", "per_channel": cc.per_channel,
                                        "int8_bytes": (staged / INT8_FILE).stat().st_size,
                                        "gate": _perplexity_gate(staged, tokenizer, validation, cc.max_accuracy_drop)}

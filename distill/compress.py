@@ -101,7 +101,6 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
                          f"it handles {QUANTIZABLE[mode]}")
     if mode == "static" and not calibration_texts:
         raise ValueError("mode 'static' needs calibration_texts (a few hundred typical inputs)")
-    op_types = [op for op in QUANTIZABLE[mode] if op not in exclude_ops]
     reference = OnnxPredictor(onnx_path, tokenizer_dir, max_length)
     optimized = optimize(onnx_path, out_dir, tokenizer_dir=tokenizer_dir, max_length=max_length, tolerance=tolerance)
 
@@ -109,7 +108,7 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
         prepared, int8 = Path(work, "prepared.onnx"), Path(work, INT8_FILE)
         if mode == "dynamic":
             # Symbolic inference is only needed for fused ops, and fails on some unfused graphs (DistilBERT's mask).
-            quantize_dynamic_int8(optimized.path, int8, per_channel=per_channel, op_types=op_types,
+            quantize_dynamic_int8(optimized.path, int8, per_channel=per_channel, exclude_ops=exclude_ops,
                                   exclude_nodes=exclude_nodes, symbolic_shapes=bool(optimized.fused_ops))
         else:
             quant_pre_process(onnx_path, prepared, skip_symbolic_shape=True)  # unfused: see the module docstring
@@ -117,7 +116,8 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
             # QUInt8 activations with QInt8 weights in QDQ form is ORT's recommendation for x86 CPUs
             # (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html).
             quantize_static(prepared, int8, _Calibration(calibration.encode([t]) for t in calibration_texts or ()),
-                            quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=per_channel,
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            op_types_to_quantize=[op for op in QUANTIZABLE[mode] if op not in exclude_ops],
                             nodes_to_exclude=list(exclude_nodes), activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8)
         onnx.checker.check_model(str(int8))
@@ -128,15 +128,16 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
                           int8_diff)
 
 
-def quantize_dynamic_int8(source: Path, target: Path, *, per_channel: bool, op_types: Sequence[str] | None = None,
+def quantize_dynamic_int8(source: Path, target: Path, *, per_channel: bool, exclude_ops: Sequence[str] = (),
                           exclude_nodes: Sequence[str] = (), symbolic_shapes: bool = False) -> None:
     """Dynamic INT8 (QInt8 weights) of any ONNX graph, without checks: for graphs whose outputs are not a
-    classifier's logits, the caller measures what INT8 costs. `op_types` None: every op type dynamic mode handles."""
+    classifier's logits, the caller measures what INT8 costs. Every op type dynamic mode handles but `exclude_ops`."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-") as work:
         prepared, quantized = Path(work, "prepared.onnx"), Path(work, target.name)
         # Shape inference the quantizer needs; graph optimization is optimize()'s job, not this step's.
         quant_pre_process(source, prepared, skip_optimization=True, skip_symbolic_shape=not symbolic_shapes)
-        quantize_dynamic(prepared, quantized, op_types_to_quantize=list(op_types or QUANTIZABLE["dynamic"]),
+        op_types = [op for op in QUANTIZABLE["dynamic"] if op not in exclude_ops]
+        quantize_dynamic(prepared, quantized, op_types_to_quantize=op_types,
                          per_channel=per_channel, nodes_to_exclude=list(exclude_nodes), weight_type=QuantType.QInt8)
         os.replace(quantized, target)
 

@@ -264,11 +264,14 @@ def _records(path: Path, format: str, columns: list[str]) -> list[tuple[int, lis
                 raise _error(path, 1, f"no column {column!r}; the header has columns: {found}")
         where = [header.index(c) for c in columns]
         last = reader.line_num
-        for values in reader:
-            # A quoted field may span lines, so the record starts just after the previous one ended.
-            start, last = last + 1, reader.line_num
-            if values:  # csv yields [] for a blank line
-                records.append((start, [values[i] if i < len(values) else None for i in where]))
+        try:
+            for values in reader:
+                # A quoted field may span lines, so the record starts just after the previous one ended.
+                start, last = last + 1, reader.line_num
+                if values:  # csv yields [] for a blank line
+                    records.append((start, [values[i] if i < len(values) else None for i in where]))
+        except csv.Error as e:  # e.g. a field over csv's 131,072-character limit
+            raise _error(path, last + 1, f"not readable as CSV: {e}") from None
         if not records:
             raise _error(path, last, "no data rows after the header")
         return records

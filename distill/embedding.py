@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -498,7 +499,8 @@ def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: Pre
     served = "onnx-fp32"
     if config.compress.quantize != "none":
         with clock("compress"):
-            files["onnx-int8"] = quantize_embedding_onnx(exported.path, per_channel=config.compress.per_channel)
+            files["onnx-int8"] = quantize_embedding_onnx(exported.path, per_channel=config.compress.per_channel,
+                                                         exclude_ops=config.compress.exclude_ops)
             embedders["onnx-int8"] = OnnxEmbedder(files["onnx-int8"], max_length)
             fp32, int8 = (embedding_agreement(embedders[name].embed(texts["validation"]),
                                               teacher_embeddings["validation"])[recall]
@@ -541,13 +543,14 @@ def export_embedding_onnx(model: SentenceEncoder, tokenizer: PreTrainedTokenizer
                         result.size_bytes)
 
 
-def quantize_embedding_onnx(onnx_path: Path, *, per_channel: bool = True) -> Path:
-    """Dynamic INT8 (per-channel weight scales by default) of an exported embedding graph → model_int8.onnx beside it.
+def quantize_embedding_onnx(onnx_path: Path, *, per_channel: bool = True, exclude_ops: Sequence[str] = ()) -> Path:
+    """Dynamic INT8 (per-channel weight scales by default) of an exported embedding graph → model_int8.onnx beside it;
+    `exclude_ops`: op types left in fp32.
 
     Not `compress.compress`: its parity checks and accuracy gate read a classifier's `logits` output. Without ORT's
     transformer fusions first; how close INT8 stays is measured by the caller (cosine/recall against the teacher)."""
     int8 = onnx_path.with_name(INT8_FILE)
-    quantize_dynamic_int8(onnx_path, int8, per_channel=per_channel)
+    quantize_dynamic_int8(onnx_path, int8, per_channel=per_channel, exclude_ops=exclude_ops)
     return int8
 
 

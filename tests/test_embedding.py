@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,14 @@ from distill.config import (
     TrainConfig,
 )
 from distill.data import DataError
-from distill.embedding import SentenceEmbedding, linear_probe, load_sentence_encoder, pool, teacher_anchors
+from distill.embedding import (
+    SentenceEmbedding,
+    linear_probe,
+    load_sentence_encoder,
+    pool,
+    quantize_embedding_onnx,
+    teacher_anchors,
+)
 from distill.engine import Teacher
 from distill.evaluate import embedding_agreement, neighbour_recall
 from distill.pipeline import run
@@ -188,6 +196,18 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
     # Tiny models grow under INT8 (per-channel scales outweigh 32-wide weights); the integer kernels are what counts.
     assert "MatMulInteger" in {node.op_type for node in onnx.load(onnx_dir / "model_int8.onnx").graph.node}
     assert int8["cosine"] == pytest.approx(student["test_cosine"], abs=0.05)
+
+    # compress.exclude_ops: the embedding tables' Gather left in fp32 (dynamic INT8 quantizes them by default).
+    def gather_tables(graph_path: Path) -> set[int]:
+        graph = onnx.load(graph_path).graph
+        dtypes = {t.name: t.data_type for t in graph.initializer}
+        return {dtypes[node.input[0]] for node in graph.node if node.op_type == "Gather" and node.input[0] in dtypes}
+
+    assert onnx.TensorProto.FLOAT not in gather_tables(onnx_dir / "model_int8.onnx")  # UINT8 tables
+    (tmp_path / "copy").mkdir()
+    shutil.copy(onnx_dir / "model.onnx", tmp_path / "copy" / "model.onnx")
+    kept = quantize_embedding_onnx(tmp_path / "copy" / "model.onnx", exclude_ops=["Gather"])
+    assert gather_tables(kept) == {onnx.TensorProto.FLOAT}
 
 
 def test_a_split_too_small_for_neighbours_is_refused_before_any_work(tmp_path: Path) -> None:

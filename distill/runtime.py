@@ -357,9 +357,13 @@ class LanguageModel(ABC):
                  seed: int | None = None) -> Generation:
         """The prompt's continuation: the most likely token each step (temperature 0), or sampled from the
         distribution at `temperature` (seeded); ends at the end-of-text token, after max_new_tokens, or when the
-        sequence reaches max_length tokens. InputError when the prompt leaves no room for a token."""
+        sequence reaches max_length tokens. InputError when the prompt leaves no room for a token, or is empty
+        without a start token."""
         started = time.perf_counter()
         ids = self._bos + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InputError("prompt: empty, and this model's tokenizer has no start token to generate after; "
+                             "give a prompt of at least one token")
         if len(ids) >= self.max_length:
             raise InputError(f"prompt: {len(ids)} tokens (with the start token) leave no room to generate within "
                              f"this model's {self.max_length} tokens; give at most {self.max_length - 1}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.causal_lm import train_lm_teacher
 from distill.config import DataConfig, EvaluateConfig, FromTeacher, JobConfig, TeacherConfig, TrainConfig
 from distill.data import load_task_data
 from distill.evaluate import next_token_agreement
 from distill.pipeline import run
-from distill.runtime import OnnxLanguageModel, TorchLanguageModel, load_model
+from distill.runtime import InputError, OnnxLanguageModel, TorchLanguageModel, load_model
 from service.settings import Settings
 from tests.conftest import compare_in_background, models_client, run_tiny_embedding_job, synthetic_rows, write_csv
 
@@ -206,6 +207,20 @@ def test_generate_refuses_what_it_cannot_do_naming_the_field(client: TestClient)
     assert response.status_code == 422 and "at most 100" in response.json()["detail"]
     response = client.post("/v1/models/lm.student/generate", json={"prompt": "a", "seed": -1})
     assert response.status_code == 422 and "seed" in response.text and "greater than or equal to 0" in response.text
+
+
+def test_an_empty_prompt_needs_a_start_token(settings: Settings, tmp_path: Path) -> None:
+    """A tokenizer without a start token (Qwen2's, for one) leaves nothing to generate after on an empty prompt:
+    an InputError (the service's 422), not an empty tensor the model cannot read."""
+    copy = shutil.copytree(settings.jobs_dir / "lm" / "student", tmp_path / "no-start-token")
+    tokenizer = AutoTokenizer.from_pretrained(copy)
+    tokenizer.bos_token = None
+    tokenizer.save_pretrained(copy)
+    lm = TorchLanguageModel(copy, MAX_LENGTH)
+    assert lm.tokenizer.bos_token_id is None
+    with pytest.raises(InputError, match="prompt: empty, and this model's tokenizer has no start token"):
+        lm.generate("")
+    assert lm.generate("a great", max_new_tokens=2).tokens >= 1
 
 
 def test_other_tasks_routes_send_callers_to_score_and_generate(client: TestClient) -> None:

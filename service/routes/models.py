@@ -100,7 +100,8 @@ class ScoreResponse(BaseModel):
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(examples=["a gripping, beautifully"], description="Text to continue; may be empty.")
+    prompt: str = Field(examples=["a gripping, beautifully"], description="Text to continue; may be empty where "
+                                                                          "the model's tokenizer has a start token.")
     max_new_tokens: int = Field(32, ge=1, le=256, description="At most this many tokens are generated (fewer when "
                                                               "the end-of-text token or max_length comes first).")
     temperature: float = Field(0.0, ge=0, le=5, description="0: the most likely token at each step (greedy, "

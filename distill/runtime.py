@@ -480,17 +480,20 @@ def load_model(path: Path, max_length: int = 128,
     next to it; any other directory is loaded by PyTorch. By its config.json's architectures: a
     *ForSequenceClassification becomes a predictor, a *ForCausalLM / *LMHeadModel a language model, any other
     encoder an embedder (pooled as its sentence-transformers files say, mean otherwise) — never a classifier with a
-    random head."""
+    random head. A language model reads at most as many tokens as it has positions (this project's LMs have 64,
+    below the default max_length)."""
     path = Path(path)
     onnx_path = path if path.suffix == ".onnx" else next(
         (path / name for name in (OPTIMIZED_FILE, ONNX_FILE) if (path / name).is_file()), None)  # fused is faster
     directory = path if onnx_path is None else onnx_path.parent
-    architectures = AutoConfig.from_pretrained(directory).architectures or []
+    config = AutoConfig.from_pretrained(directory)
+    architectures = config.architectures or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         if onnx_path is None:
             return TorchPredictor(path, max_length, threads)
         return OnnxPredictor(onnx_path, directory, max_length, threads)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        max_length = min(max_length, getattr(config, "max_position_embeddings", max_length))
         if onnx_path is None:
             return TorchLanguageModel(path, max_length, threads)
         return OnnxLanguageModel(onnx_path, max_length, threads)

@@ -80,6 +80,15 @@ def test_load_model_picks_by_what_the_path_holds(model_dir: Path, onnx_dir: Path
     np.testing.assert_allclose(exported.embed(texts), load_model(teacher).embed(texts), atol=1e-4)
 
 
+def test_a_language_model_reads_no_more_tokens_than_it_has_positions(tmp_path: Path) -> None:
+    """`distill bench` asks for 128 tokens by default; a 64-position GPT-2 given a longer text would index past its
+    position table."""
+    lm = load_model(write_tiny_gpt2(tmp_path / "lm"))
+    assert isinstance(lm, TorchLanguageModel) and lm.max_length == 64
+    scores = lm.predict([" ".join(["good"] * 200)])
+    assert scores.tokens.tolist() == [63]
+
+
 def test_missing_tokenizer_is_an_error_not_unknown_tokens(model_dir: Path, tmp_path: Path) -> None:
     for name in ("config.json", "model.safetensors"):
         shutil.copy(model_dir / name, tmp_path / name)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import cached_file
 
 from distill import atomic, distributed, engine, losses
 from distill.compress import INT8_FILE, accuracy_gate, quantize_dynamic_int8
@@ -135,47 +136,63 @@ def encoder_like(teacher: SentenceEncoder, encoder: PreTrainedModel) -> Sentence
                            teacher.normalize)
 
 
-def load_sentence_encoder(model_dir: str | Path, attn_implementation: str | None = None) -> SentenceEncoder:
-    """A sentence-transformers directory (Transformer, Pooling, Dense, Normalize modules) or a plain HF encoder
-    directory (mean pooling, nothing else) as a SentenceEncoder."""
-    model_dir = Path(model_dir)
-    modules = (json.loads((model_dir / "modules.json").read_text()) if (model_dir / "modules.json").is_file()
+def load_sentence_encoder(model: str | Path, attn_implementation: str | None = None) -> SentenceEncoder:
+    """A sentence-transformers model (Transformer, Pooling, Dense, Normalize modules) or a plain HF encoder (mean
+    pooling, nothing else) as a SentenceEncoder: a local directory, or a hub id whose files are fetched as
+    transformers fetches the weights (a hub model's pooling and normalization are its own, as for a local one)."""
+    modules_file = _optional_model_file(model, "modules.json")
+    modules = (json.loads(modules_file.read_text()) if modules_file is not None
                else [{"type": ST_MODULE.format("Transformer"), "path": ""}])
     pooling, projection, normalize = "mean", None, False
     for module in modules:
-        kind, path = module["type"].rsplit(".", 1)[-1], model_dir / module["path"]
+        kind, folder = module["type"].rsplit(".", 1)[-1], module["path"]
         if kind == "Pooling":
-            pooling = _pooling_mode(json.loads((path / "config.json").read_text()), path)
+            config_file = _model_file(model, f"{folder}/config.json")
+            pooling = _pooling_mode(json.loads(config_file.read_text()), config_file)
         elif kind == "Dense":
-            projection = _load_projection(path)
+            projection = _load_projection(model, folder)
         elif kind == "Normalize":
             normalize = True
         elif kind != "Transformer":
-            raise ConfigError(f"{model_dir}/modules.json: module {module['type']} is not supported (supported: "
+            raise ConfigError(f"{modules_file}: module {module['type']} is not supported (supported: "
                              f"Transformer, Pooling, Dense without activation, Normalize)")
-    encoder = AutoModel.from_pretrained(model_dir, attn_implementation=attn_implementation)
+    encoder = AutoModel.from_pretrained(model, attn_implementation=attn_implementation)
     return SentenceEncoder(encoder, pooling, projection, normalize)
 
 
-def _pooling_mode(config: dict[str, Any], path: Path) -> str:
+def _optional_model_file(model: str | Path, filename: str) -> Path | None:
+    """`filename` of a local model directory, or of a hub model (downloaded to the hub cache); None if it has none."""
+    found = cached_file(str(model), filename, _raise_exceptions_for_missing_entries=False)
+    return Path(found) if found is not None else None
+
+
+def _model_file(model: str | Path, filename: str) -> Path:
+    if (found := _optional_model_file(model, filename)) is None:
+        raise ConfigError(f"{model}: {filename} is missing; its modules.json names that module")
+    return found
+
+
+def _pooling_mode(config: dict[str, Any], config_file: Path) -> str:
     """The one pooling mode of a Pooling config: sentence-transformers ≥ 5 writes `pooling_mode`, older releases
     one boolean flag per mode."""
     modes = [config["pooling_mode"]] if "pooling_mode" in config else [
         mode for flag, mode in POOLING_FLAGS.items() if config.get(flag)]
     unknown = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in POOLING_FLAGS]
     if len(modes) != 1 or unknown:
-        raise ConfigError(f"{path}/config.json: exactly one pooling mode of {sorted(POOLING_FLAGS.values())} is "
+        raise ConfigError(f"{config_file}: exactly one pooling mode of {sorted(POOLING_FLAGS.values())} is "
                          f"supported; got {modes + unknown}")
     return modes[0]
 
 
-def _load_projection(path: Path) -> nn.Linear:
-    config = json.loads((path / "config.json").read_text())
+def _load_projection(model: str | Path, folder: str) -> nn.Linear:
+    config_file = _model_file(model, f"{folder}/config.json")
+    config = json.loads(config_file.read_text())
     if config.get("activation_function", IDENTITY) != IDENTITY:
-        raise ConfigError(f"{path}/config.json: a Dense layer with activation {config['activation_function']} is "
+        raise ConfigError(f"{config_file}: a Dense layer with activation {config['activation_function']} is "
                          f"not supported; only a plain projection ({IDENTITY})")
     projection = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
-    projection.load_state_dict({k.removeprefix("linear."): v for k, v in load_file(path / "model.safetensors").items()})
+    weights = load_file(_model_file(model, f"{folder}/model.safetensors"))
+    projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
     return projection
 
 

@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import onnx
 import pytest
@@ -28,10 +29,12 @@ from distill.config import (
 from distill.data import DataError
 from distill.embedding import (
     SentenceEmbedding,
+    SentenceEncoder,
     linear_probe,
     load_sentence_encoder,
     pool,
     quantize_embedding_onnx,
+    save_sentence_encoder,
     teacher_anchors,
 )
 from distill.engine import Teacher
@@ -138,6 +141,24 @@ def _config(teacher: Path, csv: Path, out: Path, student, epochs: int = 4, lr: f
     return JobConfig(task="sentence-embedding", teacher=TeacherConfig(name=str(teacher)),
                      data=DataConfig(dataset="files", train=csv, max_length=16), student=student,
                      train=TrainConfig(epochs=epochs, batch_size=16, lr=lr), output_dir=out, **sections)
+
+
+def test_a_hub_sentence_encoder_keeps_its_own_pooling_projection_and_normalization(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id's sentence-transformers files come from the hub as its weights do, here from a hub cache with the
+    hub offline; before, only a local directory's were read and a hub teacher silently became mean-pooled,
+    unprojected and unnormalized."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    model = SentenceEncoder(load_sentence_encoder(teacher).encoder, "cls", torch.nn.Linear(32, 8), True)
+    repo = tmp_path / "hub" / "models--org--tiny-st"
+    save_sentence_encoder(model, AutoTokenizer.from_pretrained(teacher), repo / "snapshots" / ("0" * 40), 16)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = load_sentence_encoder("org/tiny-st")
+    assert (loaded.pooling, loaded.normalize, loaded.dimension) == ("cls", True, 8)
+    assert torch.equal(loaded.projection.weight, model.projection.weight)
 
 
 def test_tiny_job_end_to_end(tmp_path: Path) -> None:

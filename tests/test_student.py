@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from distill.causal_lm import train_tokenizer
 from distill.config import ConfigError, FromModel, FromTeacher
 from distill.student import build_student, check_student, trim_vocabulary
-from tests.conftest import write_tiny_encoder, write_tiny_gpt2
+from tests.conftest import write_tiny_encoder, write_tiny_gpt2, write_tiny_mpnet_encoder
 
 # Whole words, their pieces and the single characters ("##x" continues a word), as a real WordPiece vocabulary has.
 PIECES = ["good", "film", "bad", "plot", "great", "##s", "##ly", "dull", "##er"]
@@ -53,6 +53,16 @@ def test_trimmed_student_is_smaller_and_unchanged_on_its_texts(tmp_path: Path) -
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student").eval()
     assert torch.allclose(_logits(reloaded, AutoTokenizer.from_pretrained(tmp_path / "student"), texts), before,
                           atol=1e-6)
+
+
+def test_an_mpnet_teacher_holds_two_tokens_fewer_than_its_position_table(tmp_path: Path) -> None:
+    """RoBERTa-style position ids start after the padding index (1): 66 rows hold 64 tokens, and a 65th would index
+    past the table mid-job."""
+    teacher = write_tiny_mpnet_encoder(tmp_path / "mpnet")
+    student = FromTeacher(init="teacher", layers=[0])
+    check_student(student, teacher, max_length=64, task="sentence-embedding")
+    with pytest.raises(ConfigError, match="data.max_length: 65 tokens, but the teacher has 64 positions"):
+        check_student(student, teacher, max_length=65, task="sentence-embedding")
 
 
 def test_trimming_a_bpe_vocabulary_is_refused(tmp_path: Path) -> None:

@@ -189,5 +189,6 @@ def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_imple
 
 
 def _uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Student layer j (1-based) learns from teacher layer round(j·L_t/L_s): the last maps to the last."""
-    return [round(j * teacher_layers / student_layers) for j in range(1, student_layers + 1)]
+    """Student layer j (1-based) learns from teacher layer round(j·L_t/L_s): the last maps to the last; a student
+    deeper than its teacher maps its first layers to the teacher's first, never to its embeddings (index 0)."""
+    return [max(1, round(j * teacher_layers / student_layers)) for j in range(1, student_layers + 1)]

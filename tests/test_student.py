@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertTokenizerFast
 
 from distill.causal_lm import train_tokenizer
-from distill.config import ConfigError, FromModel, FromTeacher
+from distill.config import ConfigError, Fresh, FromModel, FromTeacher
 from distill.student import build_student, check_student, trim_vocabulary
 from tests.conftest import write_tiny_encoder, write_tiny_gpt2, write_tiny_mpnet_encoder
 
@@ -106,3 +106,15 @@ def test_build_student_refuses_more_layers_than_its_source_has(tiny_teacher_dir:
         build_student(FromModel(init="model", model=str(source), num_layers=3), teacher, str(tiny_teacher_dir))
     assert build_student(FromModel(init="model", model=str(source), num_layers=2), teacher,
                          str(tiny_teacher_dir)).model.config.num_hidden_layers == 2
+
+
+def test_every_student_layer_learns_from_a_teacher_layer(tiny_teacher_dir: Path) -> None:
+    """The 2-layer teacher's hidden states 1..2 spread over the student's layers; a deeper student's first layer maps
+    to the teacher's first, not to its embeddings (index 0, whose attention and values do not exist)."""
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir, num_labels=2)
+
+    def layer_map(layers: int) -> list[int]:
+        spec = Fresh(init="fresh", num_layers=layers, hidden_size=16, num_heads=2, intermediate_size=32)
+        return build_student(spec, teacher, str(tiny_teacher_dir)).layer_map
+
+    assert (layer_map(1), layer_map(2), layer_map(4)) == ([2], [1, 2], [1, 1, 2, 2])

@@ -104,6 +104,7 @@ class Fresh(_Section):
 
 
 StudentConfig = Annotated[FromTeacher | FromModel | Fresh, Field(discriminator="init")]
+STUDENT_INITS: dict[str, type[_Section]] = {"teacher": FromTeacher, "model": FromModel, "fresh": Fresh}
 
 
 class LossConfig(_Section):
@@ -268,6 +269,9 @@ def format_validation_error(error: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after")) or "config"
         if err["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key; allowed keys: {', '.join(_allowed_keys(err['loc']))}")
+        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):  # the student's `init`
+            given = "missing" if err["type"] == "union_tag_not_found" else f"{err['ctx']['tag']!r} is not one"
+            lines.append(f"{where}.init: {given}; allowed: {', '.join(map(repr, STUDENT_INITS))}")
         else:
             message = err["msg"].removeprefix("Value error, ")
             if where == "config" or message.startswith(f"{where}."):  # our own validators name the key themselves
@@ -282,15 +286,11 @@ def _short(value: Any) -> bool:
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys of the section at loc[:-1]; inside `student`, those of the init its tag names (loc `student.fresh`)."""
     model: Any = JobConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
-        if field is None:  # a union member tag such as 'model' inside student
-            model = {"teacher": FromTeacher, "model": FromModel, "fresh": Fresh}.get(str(part), model)
-            continue
-        model = field.annotation
-        if str(part) == "student":
-            return sorted({k for m in (FromTeacher, FromModel, Fresh) for k in m.model_fields})
+    for part in map(str, loc[:-1]):
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        model = STUDENT_INITS.get(part, model) if field is None else field.annotation
     return sorted(model.model_fields) if hasattr(model, "model_fields") else []
 
 

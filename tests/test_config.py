@@ -35,8 +35,11 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
     ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1 (got 0)"),
     ({"train": {"dropout": 1}}, "train.dropout: Input should be less than 1 (got 1)"),
     ({"loss": {"alpha": 1.5}}, "loss.alpha: Input should be less than or equal to 1"),
-    ({"student": {"init": "copy"}}, "student: Input tag 'copy' found using 'init' does not match any of the expected "
-                                    "tags: 'teacher', 'model', 'fresh'"),
+    ({"student": {"init": "copy"}}, "student.init: 'copy' is not one; allowed: 'teacher', 'model', 'fresh'"),
+    ({"student": {"layers": [1]}}, "student.init: missing; allowed: 'teacher', 'model', 'fresh'"),
+    ({"student": {"init": "fresh", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
+                  "layers": [1]}},
+     "student.fresh.layers: unknown key; allowed keys: hidden_size, init, intermediate_size, num_heads, num_layers"),
     ({"student": {"init": "teacher"}}, "student.teacher.layers: Field required"),
     ({"student": {"init": "fresh", "num_layers": 2, "hidden_size": 30, "num_heads": 4, "intermediate_size": 64}},
      "student.hidden_size (30) must be divisible by student.num_heads (4)"),

@@ -72,8 +72,8 @@ class FitResult:
     best_metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
-    train_seconds: float = 0.0
-    examples_per_second: float = 0.0
+    train_seconds: float = 0.0  # in training steps, over every process of a resumed run
+    examples_per_second: float = 0.0  # over those steps; 0 when none were timed
 
 
 def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Split, validation: Split,
@@ -113,10 +113,10 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     if distributed.active():
         torch.manual_seed(seed + distributed.rank())  # each rank its own dropout masks (the checkpoint keeps each)
-    state = {"step": 0, "history": [], "best": None}
+    state = {"step": 0, "history": [], "best": None, "examples": 0, "train_seconds": 0.0}
     run = _run_settings(cfg, seed, loss, train, total_steps) | {"precision": precision, **(identity or {})}
     if resume and (run_dir / CHECKPOINT).exists():
-        state = _load_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, run)
+        state = {**state, **_load_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, run)}
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})
     net = _data_parallel(model, projection, device) if distributed.active() else model
 
@@ -125,7 +125,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     hooks: list[torch.utils.hooks.RemovableHandle] = []
     values = ((_capture_values(model, hooks), _capture_values(teacher.model, hooks))
               if teacher and loss.value_kl > 0 else None)
-    step, examples, train_seconds = state["step"], 0, 0.0
+    step, examples, train_seconds = state["step"], state["examples"], state["train_seconds"]
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         order = epoch_order(train, cfg.batch_size, seed, epoch, cfg.group_by_length)
         net.train()
@@ -163,7 +163,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             examples += len(batch)
             train_seconds += time.perf_counter() - started
             if step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:  # epoch ends checkpoint after eval
-                state.update(step=step)
+                state.update(step=step, examples=examples, train_seconds=train_seconds)
                 _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, run)
                 emit("checkpoint", {"stage": stage, "step": step})
             emit("progress", {"stage": stage, "step": step, "total_steps": total_steps, "epoch": epoch + 1,
@@ -180,7 +180,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 atomic.replace_dir(staged, run_dir / BEST)
         emit("metrics", {"stage": stage, **{f"validation_{k}": v for k, v in metrics.items() if k != "epoch"},
                          "epoch": epoch + 1})
-        state.update(step=step)
+        state.update(step=step, examples=examples, train_seconds=train_seconds)
         _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, run)
 
     for hook in hooks:

@@ -116,8 +116,8 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup
     another seed reorders the epoch mid-way; another student's weights would load where shapes allow)."""
     tokenizer, teacher, train, validation = setup
     identity = {"student.num_layers": 1}
-    fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
-        teacher=teacher, identity=identity)
+    first = fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
+                teacher=teacher, identity=identity)
     assert (tmp_path / CHECKPOINT).exists()
     reversed_train = Split(train.student_inputs[::-1], train.labels.flip(0), teacher_inputs=train.teacher_inputs[::-1])
     changes = [({"cfg": CFG.model_copy(update={"epochs": 3})}, "total_steps: 16 then, 24 now; train.epochs: 2 then"),
@@ -138,6 +138,9 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup
                   CFG.model_copy(update={"checkpoint_every": 1000}), run_dir=tmp_path, seed=5, teacher=teacher,
                   resume=True, identity=identity)
     assert resumed.steps == 16
+    # Its throughput is the run's (kept in the checkpoint), not 0 for a process that trained nothing.
+    assert (resumed.train_seconds, resumed.examples_per_second) == (first.train_seconds, first.examples_per_second)
+    assert first.examples_per_second > 0
     (tmp_path / CHECKPOINT).write_bytes(b"")  # renamed into place, never written to the disk: a crash did it
     with pytest.raises(TrainingError, match=f"{CHECKPOINT} cannot be read .* Delete it to start this stage afresh"):
         fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,

@@ -40,7 +40,6 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distill.runtime import (
-    ONNX_FILE,
     Embedder,
     HFPredictor,
     LanguageModel,
@@ -49,6 +48,7 @@ from distill.runtime import (
     TextScores,
     TorchModel,
     available_cpus,
+    onnx_file,
 )
 from teachers.registry import count_parameters
 
@@ -292,14 +292,13 @@ def machine_facts() -> dict[str, Any]:
 def footprint(path: Path) -> tuple[int, int | None]:
     """(size in bytes, parameter count) of a model as runtime.load_model reads it.
 
-    ONNX (a .onnx file or a directory holding model.onnx): the file's size, and the elements of its float and
+    ONNX (the graph `runtime.onnx_file` picks, as load_model does): the file's size, and the elements of its float and
     8-bit weight initializers: the PyTorch count, plus quantization scales and zero points, minus repeats (the
     exporter stores identical tensors once, e.g. the all-zero biases of an untrained model). An HF directory:
     its *.safetensors / *.bin files, and the float tensors in its safetensors headers (None without safetensors).
     """
     path = Path(path)
-    onnx_path = path if path.suffix == ".onnx" else path / ONNX_FILE
-    if onnx_path.is_file():
+    if (onnx_path := onnx_file(path)) is not None:
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
         weights = sum(math.prod(t.dims) for t in graph.initializer if t.data_type in WEIGHT_TYPES)
         return onnx_path.stat().st_size, weights

@@ -474,6 +474,14 @@ TorchModel = TorchPredictor | TorchEmbedder | TorchLanguageModel  # run by PyTor
 OnnxModel = OnnxPredictor | OnnxEmbedder | OnnxLanguageModel  # run by onnxruntime, on the CPU
 
 
+def onnx_file(path: Path) -> Path | None:
+    """The graph load_model runs for `path`: the .onnx file itself, or a directory's fused graph before its plain
+    export (faster), or None for a PyTorch directory."""
+    if path.suffix == ".onnx":
+        return path
+    return next((path / name for name in (OPTIMIZED_FILE, ONNX_FILE) if (path / name).is_file()), None)
+
+
 def load_model(path: Path, max_length: int = 128,
                threads: int | None = None) -> HFPredictor | Embedder | LanguageModel:
     """An .onnx file, or a directory holding model.onnx (an exported model), runs on onnxruntime with the tokenizer
@@ -483,8 +491,7 @@ def load_model(path: Path, max_length: int = 128,
     random head. A language model reads at most as many tokens as it has positions (this project's LMs have 64,
     below the default max_length)."""
     path = Path(path)
-    onnx_path = path if path.suffix == ".onnx" else next(
-        (path / name for name in (OPTIMIZED_FILE, ONNX_FILE) if (path / name).is_file()), None)  # fused is faster
+    onnx_path = onnx_file(path)
     directory = path if onnx_path is None else onnx_path.parent
     config = AutoConfig.from_pretrained(directory)
     architectures = config.architectures or []

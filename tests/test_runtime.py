@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from distill.compress import optimize
 from distill.embedding import export_embedding_onnx, load_sentence_encoder
-from distill.evaluate import evaluate_models, render_markdown
+from distill.evaluate import evaluate_models, footprint, render_markdown
 from distill.export import export_model_dir
 from distill.runtime import (
     CPU,
@@ -22,6 +23,7 @@ from distill.runtime import (
     TorchPredictor,
     load_model,
     load_tokenizer,
+    onnx_file,
 )
 from tests.conftest import write_sentence_teacher, write_tiny_encoder, write_tiny_gpt2
 from tests.test_export import LABELS, random_texts, write_tiny_classifier  # the lead may move these to conftest
@@ -87,6 +89,15 @@ def test_a_language_model_reads_no_more_tokens_than_it_has_positions(tmp_path: P
     assert isinstance(lm, TorchLanguageModel) and lm.max_length == 64
     scores = lm.predict([" ".join(["good"] * 200)])
     assert scores.tokens.tolist() == [63]
+
+
+def test_a_directory_is_measured_by_the_graph_it_runs(onnx_dir: Path, tmp_path: Path) -> None:
+    """An export directory after `optimize` holds model.onnx and the fused model_optimized.onnx; load_model runs the
+    fused one, so its size and parameters are the ones `distill bench` reports."""
+    directory = shutil.copytree(onnx_dir, tmp_path / "onnx")
+    optimize(directory / "model.onnx", directory)
+    assert onnx_file(directory) == directory / "model_optimized.onnx"
+    assert footprint(directory) == footprint(directory / "model_optimized.onnx") != footprint(directory / "model.onnx")
 
 
 def test_missing_tokenizer_is_an_error_not_unknown_tokens(model_dir: Path, tmp_path: Path) -> None:

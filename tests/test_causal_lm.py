@@ -149,7 +149,9 @@ def test_distill_run_prints_the_causal_lm_summary(tmp_path: Path, capsys: pytest
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex("{\n"):])
     assert summary["student_dir"] == str(tmp_path / "out" / "student")
-    assert summary["student_test_perplexity"] > 1 and 0 < summary["param_ratio"] < 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (summary["student_test_perplexity"], summary["param_ratio"]) == (report["student"]["test_perplexity"],
+                                                                            report["param_ratio"])
 
 
 @pytest.mark.slow  # starts several processes: tens of seconds

@@ -28,7 +28,9 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex("{\n"):])
     assert summary["student_dir"] == str(tmp_path / "out" / "student")
-    assert 0 <= summary["student_test_accuracy"] <= 1 and 0 < summary["param_ratio"] < 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (summary["student_test_accuracy"], summary["param_ratio"]) == (report["student"]["test_accuracy"],
+                                                                          report["param_ratio"])
     assert "==> distill" in printed
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--resume"]) == 0
     resumed = capsys.readouterr().out

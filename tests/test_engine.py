@@ -193,6 +193,20 @@ def test_intermediate_losses_train_with_a_projection(setup, tmp_path: Path) -> N
               if VALUE_PROJECTIONS.search(name)]
     assert len(values) == 3 and not any(m._forward_hooks for m in values)  # the capturing hooks are removed
 
+    def trained(loss: LossConfig, run_dir: Path) -> torch.Tensor:
+        """The same student, seed and data, trained with `loss`: its weights, flattened."""
+        model = _classifier(len(tokenizer), seed=1, layers=1, hidden=16)
+        model.config._attn_implementation = "eager"
+        # No dropout: the projection's initialization draws random numbers, which must not be what differs.
+        fit(TASK, model, tokenizer, train, validation, CFG.model_copy(update={"epochs": 1, "dropout": 0.0}),
+            run_dir=run_dir, seed=5, teacher=teacher, loss=loss, layer_map=[2])
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    # Each intermediate term, alone beside the logit loss, changes what the student learns.
+    plain = trained(LossConfig(), tmp_path / "plain")
+    for term in ("hidden_mse", "attention_kl", "value_kl"):
+        assert not torch.allclose(trained(LossConfig(**{term: 1.0}), tmp_path / term), plain), term
+
 
 def test_value_relation_kl_alone_moves_the_student_towards_the_teacher(setup, tmp_path: Path) -> None:
     tokenizer, teacher, train, validation = setup

@@ -109,7 +109,8 @@ def test_failed_parity_raises_and_leaves_nothing(tiny_classifier_dir: Path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # no .tmp / .old left behind
     assert [p.name for p in out_dir.iterdir()] == ["previous.txt"]  # the earlier export is untouched
 
-    with pytest.raises(ExportError, match="tolerance 0"):
+    monkeypatch.undo()  # the real graph: ORT's float rounding alone exceeds a tolerance of 0
+    with pytest.raises(ExportError, match=r"\(tolerance 0\)"):
         export.export_onnx(tiny_classifier_dir, tmp_path / "single.onnx", tolerance=0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
@@ -149,9 +150,11 @@ def test_dynamic_int8_is_smaller_and_answers(exported: ExportResult, compressed:
     assert compressed.int8_bytes == compressed.int8_path.stat().st_size
     assert not [p for p in exported.path.parent.iterdir() if p.name.startswith(".")]  # work dir removed
 
-    prediction = OnnxPredictor(compressed.int8_path, exported.path.parent).predict(CHECK_TEXTS[:3])
-    assert prediction.probabilities.shape == (3, 2)
-    np.testing.assert_allclose(prediction.probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    # INT8 answers close to the fp32 graph it came from (and its recorded difference is that closeness).
+    int8, fp32 = (OnnxPredictor(path, exported.path.parent).predict(CHECK_TEXTS)
+                  for path in (compressed.int8_path, exported.path))
+    assert 0 < compressed.int8_max_abs_diff < 0.1
+    np.testing.assert_allclose(int8.probabilities, fp32.probabilities, atol=0.05)
 
 
 def test_unknown_architecture_gets_basic_optimizations(exported: ExportResult, tmp_path: Path,
@@ -163,11 +166,16 @@ def test_unknown_architecture_gets_basic_optimizations(exported: ExportResult, t
 
 
 def test_static_quantization_calibrates_on_texts(exported: ExportResult, tmp_path: Path) -> None:
-    result = compress(exported.path, tmp_path, mode="static", calibration_texts=random_texts(8, seed=1),
+    result = compress(exported.path, tmp_path / "a", mode="static", calibration_texts=random_texts(8, seed=1),
                       tokenizer_dir=exported.path.parent)
     assert result.int8_bytes < 0.35 * exported.size_bytes
-    prediction = OnnxPredictor(result.int8_path, exported.path.parent).predict(CHECK_TEXTS)
-    assert prediction.probabilities.shape == (len(CHECK_TEXTS), 2)
+    int8, fp32 = (OnnxPredictor(path, exported.path.parent).predict(CHECK_TEXTS)
+                  for path in (result.int8_path, exported.path))
+    np.testing.assert_allclose(int8.probabilities, fp32.probabilities, atol=0.1)
+    # The activation scales come from the calibration texts: other texts, another graph.
+    other = compress(exported.path, tmp_path / "b", mode="static", calibration_texts=["good"] * 8,
+                     tokenizer_dir=exported.path.parent)
+    assert other.int8_path.read_bytes() != result.int8_path.read_bytes()
 
 
 def test_compress_rejects_bad_options_before_writing(exported: ExportResult, tmp_path: Path) -> None:

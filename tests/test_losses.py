@@ -23,6 +23,12 @@ from distill.losses import (
 )
 
 
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """The random tensors below are the same on every run."""
+    torch.manual_seed(0)
+
+
 def test_kd_kl_is_zero_for_equal_logits() -> None:
     logits = torch.randn(4, 3)
     assert kd_kl(logits, logits.clone(), temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
@@ -80,8 +86,12 @@ def test_hidden_mse_masks_padding_and_projects() -> None:
     assert hidden_mse(student, teacher, mask).item() == 0.0
     student[0, 0] = 1.0
     assert hidden_mse(student, teacher, mask).item() == pytest.approx(4 / (2 * 4))
-    projection = torch.nn.Linear(2, 4)
-    assert hidden_mse(torch.randn(1, 3, 2), teacher, mask, projection).item() > 0
+    projection = torch.nn.Linear(2, 4, bias=False)  # (x, y) → (x, y, x + y, 0)
+    with torch.no_grad():
+        projection.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))
+    narrow = torch.tensor([[[1.0, 2.0], [0.0, 1.0], [50.0, 50.0]]])  # the last position is padding
+    # Projected: (1, 2, 3, 0) and (0, 1, 1, 0) against zeros: (1 + 4 + 9 + 1 + 1) / (2 tokens × 4 dims).
+    assert hidden_mse(narrow, teacher, mask, projection).item() == pytest.approx(16 / 8)
 
 
 def test_attention_kl_zero_for_equal_maps_positive_otherwise_and_averages_heads() -> None:
@@ -90,8 +100,12 @@ def test_attention_kl_zero_for_equal_maps_positive_otherwise_and_averages_heads(
     assert attention_kl(attention, attention, mask).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.softmax(torch.randn(2, 4, 5, 5), dim=-1)
     assert attention_kl(other, attention, mask).item() > 0
-    two_heads = torch.softmax(torch.randn(2, 2, 5, 5), dim=-1)
-    assert attention_kl(two_heads, attention, mask).item() >= 0
+    # Head counts differ: both sides averaged over heads. Two student heads whose mean is the teacher's mean: 0.
+    mean = attention.mean(dim=1, keepdim=True)
+    two_heads = torch.cat([mean, mean], dim=1)
+    assert attention_kl(two_heads, attention, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert attention_kl(other[:, :2], attention, mask).item() == pytest.approx(
+        attention_kl(other[:, :2].mean(1, keepdim=True), mean, mask).item())
 
 
 def _kl(p: list[float], q: list[float]) -> float:
@@ -131,7 +145,9 @@ def test_value_relation_kl_zero_for_equal_values_ignores_padding_and_head_dims_m
     padded[:, :, 3] = 50.0  # padding only: as a key it is masked, as a query row it is not counted
     assert value_relation_kl(padded, values, mask).item() == pytest.approx(0.0, abs=1e-5)
     assert value_relation_kl(torch.randn(1, 2, 4, 3), values, mask).item() > 0
-    assert value_relation_kl(torch.randn(1, 4, 4, 3), values, mask).item() > 0  # heads averaged when counts differ
+    # Head counts differ: each side's relations averaged over its heads, so four copies of the two heads give the
+    # two heads' own mean: the same loss as two against two would be after averaging.
+    assert value_relation_kl(values.repeat(1, 2, 1, 1), values, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_embedding_losses_known_values() -> None:

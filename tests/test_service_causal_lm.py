@@ -15,6 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill import causal_lm
 from distill.causal_lm import train_lm_teacher
 from distill.config import DataConfig, EvaluateConfig, FromTeacher, JobConfig, TeacherConfig, TrainConfig
 from distill.data import load_task_data
@@ -158,6 +159,21 @@ def test_the_job_serves_int8_only_past_its_perplexity_gate(report: dict) -> None
     assert gate["passed"] == (gate["increase_percent"] <= report["config"]["compress"]["max_accuracy_drop"])
     assert report["served"]["format"] == ("onnx-int8" if gate["passed"] else "onnx-fp32")
     assert Path(report["served"]["path"]).is_file()
+
+
+def test_the_perplexity_gate_serves_int8_only_within_its_limit(settings: Settings, report: dict) -> None:
+    """The gate on the job's own graphs and validation texts, with limits just under and just over INT8's measured
+    increase: it refuses INT8 (fp32 served, said so) and then lets it through."""
+    student = settings.jobs_dir / "lm" / "student"
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    texts = [e.text for e in load_task_data(DataConfig(**report["config"]["data"]), labelled=False).validation]
+    validation = causal_lm._split(tokenizer, texts, MAX_LENGTH).student_inputs
+    increase = report["compress"]["gate"]["increase_percent"]
+    refused = causal_lm._perplexity_gate(student.parent / "student-onnx", tokenizer, validation, increase - 0.01)
+    assert not refused["passed"] and refused["message"].startswith("serving fp32")
+    assert refused["increase_percent"] == pytest.approx(increase)
+    allowed = causal_lm._perplexity_gate(student.parent / "student-onnx", tokenizer, validation, increase + 0.01)
+    assert allowed["passed"] and allowed["message"].startswith("serving INT8")
 
 
 def test_score_answers_each_texts_perplexity(client: TestClient, settings: Settings, report: dict,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -61,9 +62,13 @@ def test_hub_id_passes_through() -> None:
     assert resolve_teacher("hub:gpt2") == "gpt2"  # the hub's legacy one-word ids, with the prefix
 
 
-@pytest.mark.parametrize("name", ["gpt2", "hub:", "hub:../x", "hub:org/../x", "hub:/etc", "hub:a/b/c"])
-def test_what_is_not_a_hub_id_is_refused(name: str) -> None:
-    with pytest.raises(TeacherNotFound, match="hub id"):
+@pytest.mark.parametrize(("name", "message"), [
+    ("gpt2", "unknown teacher 'gpt2'"),  # unprefixed, a one-word name reads as a registered name or a path
+    *((name, "after 'hub:' comes a Hugging Face hub id") for name in (
+        "hub:", "hub:../x", "hub:org/../x", "hub:/etc", "hub:a/b/c")),
+])
+def test_what_is_not_a_hub_id_is_refused(name: str, message: str) -> None:
+    with pytest.raises(TeacherNotFound, match=re.escape(message)):
         resolve_teacher(name)
 
 

@@ -6,17 +6,19 @@ import os
 import shutil
 from pathlib import Path
 
+STAGED, REPLACED = ".tmp", ".old"  # suffixes of what is being written, and of what it replaces until it is in
+
 
 def staging(target: Path) -> Path:
     """The empty place beside `target` to build it in (same filesystem, so the final rename is atomic)."""
-    staged = target.with_name(target.name + ".tmp")
+    staged = target.with_name(target.name + STAGED)
     shutil.rmtree(staged, ignore_errors=True)
     return staged
 
 
 def replace_dir(staged: Path, target: Path) -> None:
     """Swap a fully built directory in for `target` (whatever was there is removed afterwards)."""
-    old = target.with_name(target.name + ".old")
+    old = target.with_name(target.name + REPLACED)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
@@ -26,7 +28,7 @@ def replace_dir(staged: Path, target: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(path.name + ".tmp")
+    staged = path.with_name(path.name + STAGED)
     staged.write_text(text, encoding="utf-8")
     os.replace(staged, path)
 
@@ -35,6 +37,6 @@ def save_torch(obj: object, path: Path) -> None:
     """torch.save to `path` through a staged file: a crash mid-write never leaves a truncated checkpoint or cache."""
     import torch  # here, not at the top: the service imports this module without needing torch
 
-    staged = path.with_name(path.name + ".tmp")
+    staged = path.with_name(path.name + STAGED)
     torch.save(obj, staged)
     os.replace(staged, path)

@@ -24,6 +24,7 @@ The accuracy gate is separate: evaluate both files, then `accuracy_gate` says wh
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -54,6 +55,22 @@ Mode = Literal["dynamic", "static"]
 FUSIONS = {"bert": "bert", "mpnet": "bert", "distilbert": "bert", "roberta": "bert"}
 # The op types each quantization mode can quantize (what exclude_ops may name).
 QUANTIZABLE: dict[str, list[str]] = {"dynamic": list(IntegerOpsRegistry), "static": list(QDQRegistry)}
+
+
+def quantized_ops(mode: str, exclude_ops: Sequence[str] = ()) -> list[str]:
+    """The op types `mode` INT8 quantizes: all it handles but `exclude_ops`. ValueError for an op type it does not
+    handle, or when none would be left (ORT reads an empty list as "every op type")."""
+    if mode not in QUANTIZABLE:
+        raise ValueError(f"mode: {mode!r} is not one of {sorted(QUANTIZABLE)}")
+    unknown = sorted(set(exclude_ops) - set(QUANTIZABLE[mode]))
+    if unknown:
+        raise ValueError(f"exclude_ops: {unknown} are not op types {mode} quantization handles; "
+                         f"allowed: {sorted(QUANTIZABLE[mode])}")
+    ops = [op for op in QUANTIZABLE[mode] if op not in exclude_ops]
+    if not ops:
+        raise ValueError(f"exclude_ops: every op type {mode} quantization handles is excluded, so nothing would be "
+                         f"INT8; leave some out of the list, or turn INT8 off (quantize: none)")
+    return ops
 
 
 class CompressError(RuntimeError):
@@ -93,12 +110,7 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else onnx_path.parent
-    if mode not in QUANTIZABLE:
-        raise ValueError(f"mode: {mode!r} is not one of {sorted(QUANTIZABLE)}")
-    unknown = sorted(set(exclude_ops) - set(QUANTIZABLE[mode]))
-    if unknown:
-        raise ValueError(f"exclude_ops: {unknown} are not op types {mode} quantization handles; "
-                         f"it handles {QUANTIZABLE[mode]}")
+    op_types = quantized_ops(mode, exclude_ops)
     if mode == "static" and not calibration_texts:
         raise ValueError("mode 'static' needs calibration_texts (a few hundred typical inputs)")
     reference = OnnxPredictor(onnx_path, tokenizer_dir, max_length)
@@ -117,11 +129,15 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
             # (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html).
             quantize_static(prepared, int8, _Calibration(calibration.encode([t]) for t in calibration_texts or ()),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            op_types_to_quantize=[op for op in QUANTIZABLE[mode] if op not in exclude_ops],
+                            op_types_to_quantize=op_types,
                             nodes_to_exclude=list(exclude_nodes), activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8)
         onnx.checker.check_model(str(int8))
         int8_diff, _ = check_parity(reference, OnnxPredictor(int8, tokenizer_dir, max_length), CHECK_TEXTS)
+        if not math.isfinite(int8_diff):  # how far INT8 may drift is the gate's call; NaN is never servable
+            raise CompressError(f"INT8 outputs NaN or infinite logits on the check texts where fp32 does not; "
+                                f"{out_dir / INT8_FILE} was not written. Leave the op types that overflow in fp32 "
+                                f"(exclude_ops) or quantize none")
         os.replace(int8, out_dir / INT8_FILE)
     return CompressResult(optimized.path, optimized.path.stat().st_size, out_dir / INT8_FILE,
                           (out_dir / INT8_FILE).stat().st_size, mode, optimized.fused_ops, optimized.max_abs_diff,
@@ -136,8 +152,7 @@ def quantize_dynamic_int8(source: Path, target: Path, *, per_channel: bool, excl
         prepared, quantized = Path(work, "prepared.onnx"), Path(work, target.name)
         # Shape inference the quantizer needs; graph optimization is optimize()'s job, not this step's.
         quant_pre_process(source, prepared, skip_optimization=True, skip_symbolic_shape=not symbolic_shapes)
-        op_types = [op for op in QUANTIZABLE["dynamic"] if op not in exclude_ops]
-        quantize_dynamic(prepared, quantized, op_types_to_quantize=op_types,
+        quantize_dynamic(prepared, quantized, op_types_to_quantize=quantized_ops("dynamic", exclude_ops),
                          per_channel=per_channel, nodes_to_exclude=list(exclude_nodes), weight_type=QuantType.QInt8)
         os.replace(quantized, target)
 

@@ -186,12 +186,12 @@ class CompressConfig(_Section):
     def _known_ops(self) -> CompressConfig:
         if self.quantize == "none" or not self.exclude_ops:
             return self
-        from distill.compress import QUANTIZABLE  # onnxruntime: imported only when there is something to check
+        from distill.compress import quantized_ops  # onnxruntime: imported only when there is something to check
 
-        unknown = sorted(set(self.exclude_ops) - set(QUANTIZABLE[self.quantize]))
-        if unknown:
-            raise ValueError(f"compress.exclude_ops: {unknown} are not op types {self.quantize} quantization "
-                             f"handles; allowed: {sorted(QUANTIZABLE[self.quantize])}")
+        try:
+            quantized_ops(self.quantize, self.exclude_ops)
+        except ValueError as e:
+            raise ValueError(f"compress.{e}") from None
         return self
 
 

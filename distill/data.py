@@ -255,22 +255,23 @@ def _records(path: Path, format: str, columns: list[str]) -> list[tuple[int, lis
     records: list[tuple[int, list[Any]]] = []
     if format == "csv":
         reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
-        if header is None:
-            raise _error(path, 1, "the file is empty; a CSV needs a header row naming the columns")
-        for column in columns:
-            if column not in header:
-                found = ", ".join(map(repr, header))
-                raise _error(path, 1, f"no column {column!r}; the header has columns: {found}")
-        where = [header.index(c) for c in columns]
-        last = reader.line_num
-        try:
+        last = 0
+        try:  # csv.Error: e.g. a field over csv's 131,072-character limit (a stray quote makes one of the rest)
+            header = next(reader, None)
+            if header is None:
+                raise _error(path, 1, "the file is empty; a CSV needs a header row naming the columns")
+            for column in columns:
+                if column not in header:
+                    found = ", ".join(map(repr, header))
+                    raise _error(path, 1, f"no column {column!r}; the header has columns: {found}")
+            where = [header.index(c) for c in columns]
+            last = reader.line_num
             for values in reader:
                 # A quoted field may span lines, so the record starts just after the previous one ended.
                 start, last = last + 1, reader.line_num
                 if values:  # csv yields [] for a blank line
                     records.append((start, [values[i] if i < len(values) else None for i in where]))
-        except csv.Error as e:  # e.g. a field over csv's 131,072-character limit
+        except csv.Error as e:
             raise _error(path, last + 1, f"not readable as CSV: {e}") from None
         if not records:
             raise _error(path, last, "no data rows after the header")

@@ -115,8 +115,8 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         torch.manual_seed(seed + distributed.rank())  # each rank its own dropout masks (the checkpoint keeps each)
     state = {"step": 0, "history": [], "best": None, "examples": 0, "train_seconds": 0.0}
     run = _run_settings(cfg, seed, loss, train, total_steps) | {"precision": precision, **(identity or {})}
-    if resume and (run_dir / CHECKPOINT).exists():
-        state = {**state, **_load_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, run)}
+    if resume and (payload := _read_checkpoint(run_dir / CHECKPOINT, emit)) is not None:
+        state = {**state, **_restore(run_dir / CHECKPOINT, payload, model, projection, optimizer, scheduler, run)}
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})
     net = _data_parallel(model, projection, device) if distributed.active() else model
 
@@ -347,13 +347,20 @@ def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
     atomic.save_torch(payload, path)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, run: dict[str, Any]) -> dict[str, Any]:
+def _read_checkpoint(path: Path, emit: EventSink) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None: there is none, or a crash left it unreadable (renamed into place
+    before it reached the disk), and then the stage starts afresh, which is all that can be continued."""
+    if not path.exists():
+        return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)  # the RNG states must stay on the CPU
+        return torch.load(path, map_location="cpu", weights_only=False)  # the RNG states must stay on the CPU
     except Exception as e:  # noqa: BLE001 - an empty or cut file reads as EOFError, UnpicklingError, RuntimeError, ...
-        raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); a crash can leave it cut short. "
-                            f"Delete it to start this stage afresh (without --resume)") from None
+        emit("log", {"message": f"{path} cannot be read ({type(e).__name__}: {e}); this stage starts afresh"})
+        return None
+
+
+def _restore(path: Path, payload: dict[str, Any], model: nn.Module, projection: nn.Module | None,
+             optimizer: torch.optim.Optimizer, scheduler: Any, run: dict[str, Any]) -> dict[str, Any]:
     saved = payload.get("run", {"total_steps": payload.get("total_steps")})  # older checkpoints kept the steps only
     changed = [("the training data differ" if key == "training data" else f"{key}: {saved[key]!r} then, "
                 f"{run.get(key)!r} now") for key in saved if saved[key] != run.get(key)]

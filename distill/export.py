@@ -144,7 +144,7 @@ def _export_checked(out_path: Path, opset: int, tolerance: float, what: str,
     """Write the graph to a temporary name with `write_and_compare` (→ max abs difference to PyTorch, checked
     (batch, length) shapes) and rename it to out_path only within `tolerance`; ExportError and no file otherwise."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")  # not *.onnx: a half-written file never looks like a model
+    tmp = out_path.with_name(out_path.name + atomic.STAGED)  # not *.onnx: a half-written file never looks like a model
     try:
         max_diff, shapes = write_and_compare(tmp)
         if max_diff > tolerance:

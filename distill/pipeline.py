@@ -278,10 +278,13 @@ def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, Even
 
 
 def run_identity(config: JobConfig) -> dict[str, Any]:
-    """A job's teacher and student specs, flat (`teacher.name`, `student.layers`, ...): with another of either, a
-    checkpoint is not this job's to continue (engine.fit's `identity`)."""
-    return {f"{part}.{key}": value for part in ("teacher", "student")
-            for key, value in getattr(config, part).model_dump(mode="json").items()}
+    """A job's teacher and student, flat (`teacher.name`, `student.layers`, ...): with another of either, a
+    checkpoint is not this job's to continue (engine.fit's `identity`). The teacher's preparation settings count
+    for classification only, the one task that prepares its teacher."""
+    teacher = (config.teacher.model_dump(mode="json") if config.task == "sequence-classification"
+               else {"name": config.teacher.name})
+    return {**{f"teacher.{key}": value for key, value in teacher.items()},
+            **{f"student.{key}": value for key, value in config.student.model_dump(mode="json").items()}}
 
 
 @contextlib.contextmanager

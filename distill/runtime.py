@@ -28,6 +28,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -474,6 +475,20 @@ TorchModel = TorchPredictor | TorchEmbedder | TorchLanguageModel  # run by PyTor
 OnnxModel = OnnxPredictor | OnnxEmbedder | OnnxLanguageModel  # run by onnxruntime, on the CPU
 
 
+# Their position ids start after the padding index: a table's first pad_token_id + 1 rows are never a token's.
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
+                           "data2vec-text", "ibert", "longformer", "mpnet")
+
+
+def usable_positions(config: PretrainedConfig) -> int | None:
+    """How many tokens a model reads at most: its position table's rows, less those RoBERTa-style models never use
+    (mpnet-base: 514 rows, 512 tokens); None without a table."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and config.model_type in POSITIONS_AFTER_PADDING:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
 def onnx_file(path: Path) -> Path | None:
     """The graph load_model runs for `path`: the .onnx file itself, or a directory's fused graph before its plain
     export (faster), or None for a PyTorch directory."""
@@ -488,19 +503,19 @@ def load_model(path: Path, max_length: int = 128,
     next to it; any other directory is loaded by PyTorch. By its config.json's architectures: a
     *ForSequenceClassification becomes a predictor, a *ForCausalLM / *LMHeadModel a language model, any other
     encoder an embedder (pooled as its sentence-transformers files say, mean otherwise) — never a classifier with a
-    random head. A language model reads at most as many tokens as it has positions (this project's LMs have 64,
-    below the default max_length)."""
+    random head. Texts are cut to the tokens the model has positions for when max_length asks for more (this
+    project's LMs have 64, below the default 128)."""
     path = Path(path)
     onnx_path = onnx_file(path)
     directory = path if onnx_path is None else onnx_path.parent
     config = AutoConfig.from_pretrained(directory)
+    max_length = min(max_length, usable_positions(config) or max_length)
     architectures = config.architectures or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         if onnx_path is None:
             return TorchPredictor(path, max_length, threads)
         return OnnxPredictor(onnx_path, directory, max_length, threads)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        max_length = min(max_length, getattr(config, "max_position_embeddings", max_length))
         if onnx_path is None:
             return TorchLanguageModel(path, max_length, threads)
         return OnnxLanguageModel(onnx_path, max_length, threads)

@@ -20,6 +20,7 @@ from transformers import (
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
+from distill.runtime import usable_positions
 from teachers.registry import resolve_teacher
 
 
@@ -73,15 +74,8 @@ def _read_config(source: str | Path, key: str) -> PretrainedConfig:
         raise ConfigError(f"{key}: cannot read the config of {str(source)!r}: {e}") from None
 
 
-# Their position ids start after the padding index: the table's first pad_token_id + 1 rows are never a token's
-# (mpnet-base: 514 rows, 512 tokens).
-POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "mpnet")
-
-
 def _check_positions(config: PretrainedConfig, max_length: int, whose: str) -> None:
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and config.model_type in POSITIONS_AFTER_PADDING:
-        positions -= config.pad_token_id + 1
+    positions = usable_positions(config)
     if positions is not None and max_length > positions:
         raise ConfigError(f"data.max_length: {max_length} tokens, but {whose} has {positions} positions; allowed: "
                           f"up to {positions}")

@@ -599,7 +599,7 @@ def _data_config(catalog: ModelCatalog, dataset: str) -> DataConfig:
 
 
 def _load_split(catalog: ModelCatalog, dataset: str, split: Literal["test", "validation"], limit: int | None,
-                task: str) -> tuple[list[str], list[str] | None]:
+                task: Task) -> tuple[list[str], list[str] | None]:
     """(texts, label names: classifiers only) of a dataset split: the same seeded split the jobs use, first `limit`
     rows. Read as `task`'s jobs read it: causal-LM jobs take texts alone (a .txt file, no label column)."""
     data = load_task_data(_data_config(catalog, dataset), labelled=task != "causal-lm")

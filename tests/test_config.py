@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.compress import QUANTIZABLE
 from distill.config import ConfigError, FromModel, JobConfig, load_config, parse_config
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -29,6 +30,8 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
                                                                           "available for task 'sentence-embedding'"),
     ({"task": "causal-lm", "compress": {"quantize": "static"}}, "compress.quantize: static INT8 is not available "
                                                                  "for task 'causal-lm'; use dynamic or none"),
+    ({"compress": {"exclude_ops": QUANTIZABLE["dynamic"]}},
+     "compress.exclude_ops: every op type dynamic quantization handles is excluded, so nothing would be INT8"),
     ({"compress": {"exclude_ops": ["Foo"]}}, "compress.exclude_ops: ['Foo'] are not op types dynamic quantization "
                                              "handles; allowed: ['Attention', "),
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size, cache_teacher_logits"),

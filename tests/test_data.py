@@ -134,6 +134,7 @@ BAD_FILES = [
     ("bad.csv", b"text,label\na,same\nb,same\nc,same\n", ["lines 2-4", "'same'", "at least 2 classes"]),
     ("bad.csv", b"text,label\ngood,a\n" + b"x" * 131_073 + b",b\n", ["line 3", "not readable as CSV",
                                                                   "field larger than field limit"]),
+    ("bad.csv", b'"text,label\ngood,a\n' + b"x" * 131_073 + b"\n", ["line 1", "not readable as CSV"]),
 ]
 
 

@@ -141,10 +141,16 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup
     # Its throughput is the run's (kept in the checkpoint), not 0 for a process that trained nothing.
     assert (resumed.train_seconds, resumed.examples_per_second) == (first.train_seconds, first.examples_per_second)
     assert first.examples_per_second > 0
-    (tmp_path / CHECKPOINT).write_bytes(b"")  # renamed into place, never written to the disk: a crash did it
-    with pytest.raises(TrainingError, match=f"{CHECKPOINT} cannot be read .* Delete it to start this stage afresh"):
-        fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
-            teacher=teacher, resume=True, identity=identity)
+    # Renamed into place, never written to the disk (a crash did it): the stage starts afresh, and being seeded it
+    # ends where the first run ended.
+    (tmp_path / CHECKPOINT).write_bytes(b"")
+    events: list[tuple[str, dict]] = []
+    model = _classifier(len(tokenizer), 1)
+    again = fit(TASK, model, tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5, teacher=teacher,
+                resume=True, identity=identity, on_event=lambda kind, data: events.append((kind, data)))
+    assert any(k == "log" and "cannot be read" in d["message"] and "starts afresh" in d["message"] for k, d in events)
+    assert not any(k == "resumed" for k, _ in events)
+    assert (again.steps, again.history) == (first.steps, first.history)
 
 
 def test_logit_cache_trains_like_running_the_teacher_every_step(setup, tmp_path: Path) -> None:

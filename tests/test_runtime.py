@@ -82,13 +82,17 @@ def test_load_model_picks_by_what_the_path_holds(model_dir: Path, onnx_dir: Path
     np.testing.assert_allclose(exported.embed(texts), load_model(teacher).embed(texts), atol=1e-4)
 
 
-def test_a_language_model_reads_no_more_tokens_than_it_has_positions(tmp_path: Path) -> None:
+def test_a_model_reads_no_more_tokens_than_it_has_positions(tmp_path: Path) -> None:
     """`distill bench` asks for 128 tokens by default; a 64-position GPT-2 given a longer text would index past its
-    position table."""
+    position table, as would an encoder asked for more than it has."""
     lm = load_model(write_tiny_gpt2(tmp_path / "lm"))
     assert isinstance(lm, TorchLanguageModel) and lm.max_length == 64
     scores = lm.predict([" ".join(["good"] * 200)])
     assert scores.tokens.tolist() == [63]
+    # The same for an encoder; an MPNet's 66-row table holds 64 tokens (its position ids start after padding).
+    encoder = load_model(write_sentence_teacher(tmp_path / "mpnet"), max_length=1000)
+    assert isinstance(encoder, TorchEmbedder) and encoder.max_length == 64
+    assert encoder.embed([" ".join(["good"] * 200)]).shape == (1, 32)
 
 
 def test_a_directory_is_measured_by_the_graph_it_runs(onnx_dir: Path, tmp_path: Path) -> None:

@@ -424,9 +424,10 @@ def test_the_artifact_list_of_a_running_job_skips_staging_and_what_vanishes_mid_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A running job renames and deletes directories (atomic.replace_dir's `best.tmp` → `best`, `best` → `best.old`;
     the teacher-output pieces once joined): a directory listed by its parent and gone before it is read is skipped,
-    not a 500, and staged or replaced copies are not offered for download."""
+    not a 500, and staged or replaced copies and compress's work directories are not offered for download."""
     for name in ("best/model.safetensors", "best.tmp/model.safetensors", "best.old/model.safetensors",
-                 "report.json.tmp", "teacher_logits.pt.parts/train-0-4096.pt"):
+                 "report.json.tmp", "teacher_logits.pt.parts/train-0-4096.pt",
+                 "student-onnx/.quantize-x1/prepared.onnx"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     scandir = os.scandir

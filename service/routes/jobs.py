@@ -15,6 +15,7 @@ from pydantic import GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from distill import atomic
 from distill.config import JobConfig
 from service.deps import RunnerDep, SettingsDep, StoreDep
 from service.runner import REPORT_FILE, job_dir
@@ -155,17 +156,17 @@ def _artifact(directory: Path, name: str) -> Path:
     return path
 
 
-STAGING = (".tmp", ".old")  # distill.atomic's names for what is being written or replaced
-
-
 def _files(directory: Path) -> list[str]:
-    """The job's files, relative and sorted, without staged or replaced copies. A running job deletes directories
-    (a replaced `best/`, the joined teacher-output pieces): os.walk skips one gone before it is read, where
-    Path.rglob raises."""
+    """The job's files, relative and sorted, without what is being written or replaced (distill.atomic's staged and
+    replaced copies, compress's hidden work directories). A running job deletes directories (a replaced `best/`, the
+    joined teacher-output pieces): os.walk skips one gone before it is read, where Path.rglob raises."""
+    def kept(name: str) -> bool:
+        return not name.startswith(".") and not name.endswith((atomic.STAGED, atomic.REPLACED))
+
     files = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.endswith(STAGING)]
-        files += [(Path(root) / n).relative_to(directory).as_posix() for n in names if not n.endswith(STAGING)]
+        dirs[:] = [d for d in dirs if kept(d)]
+        files += [(Path(root) / n).relative_to(directory).as_posix() for n in names if kept(n)]
     return sorted(files)
 
 

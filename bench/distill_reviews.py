@@ -71,7 +71,8 @@ def job(teacher: str, out: Path, epochs: int, cache: bool, args: argparse.Namesp
     return JobConfig(
         seed=seed, precision=args.precision,
         # One prepared teacher for every student seed: their outputs and retentions then share one teacher.
-        teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=1, finetune_lr=3e-5, seed=0),
+        teacher=TeacherConfig(name=teacher, head_epochs=4, finetune_epochs=args.teacher_finetune_epochs,
+                              finetune_lr=3e-5, seed=0),
         data=data(args, args.augment if augment is None else augment),
         student=student or FromModel(init="model", model="minilm-l6", num_layers=3),
         loss=LossConfig(temperature=2.0, alpha=0.5),
@@ -88,6 +89,9 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="+", default=["mpnet-base", "minilm-l6"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--uncached-epochs", type=int, default=1)
+    parser.add_argument("--teacher-finetune-epochs", type=int, default=1,
+                        help="epochs of the teacher's unfrozen fine-tuning (0: head only, for a timing-only run: "
+                             "the cache ratio does not depend on the head's accuracy)")
     parser.add_argument("--limit", type=int, default=None, help="training examples (default: all 8456)")
     parser.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True,
                         help="the built-in transfer texts (13,098 unlabelled snippets the teacher labels)")

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 STAGED, REPLACED = ".tmp", ".old"  # suffixes of what is being written, and of what it replaces until it is in
 
 
-def staging(target: Path) -> Path:
-    """The empty place beside `target` to build it in (same filesystem, so the final rename is atomic)."""
+@contextmanager
+def building(target: Path) -> Iterator[Path]:
+    """Build directory `target` in the yielded empty place beside it (same filesystem, so the swap is a rename):
+    swapped in whole when the block ends, removed when the block raises (`target` then stays as it was)."""
     staged = target.with_name(target.name + STAGED)
     shutil.rmtree(staged, ignore_errors=True)
-    return staged
+    try:
+        yield staged
+        replace_dir(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def replace_dir(staged: Path, target: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import statistics
 import tempfile
 import time
@@ -324,7 +323,6 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
     perplexity is more than compress.max_accuracy_drop percent above fp32's; then perplexity of each file on the
     test split and batch-1 latency against the PyTorch teacher."""
     target = out / pipeline.STUDENT_ONNX
-    staged = atomic.staging(target)
     by_length = sorted(test, key=lambda e: len(e["input_ids"]))
     graph = NextTokenLogits(student).eval()
     longest = by_length[-1]["input_ids"]
@@ -335,7 +333,7 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
               *(TASK.collate(tokenizer, batch) | graph.no_past(len(batch))
                 for batch in ([by_length[0]], [by_length[-1]], by_length[::max(len(by_length) // 4, 1)]))]
     cache_axes = {1: "batch", 3: "past_sequence"}
-    try:
+    with atomic.building(target) as staged:
         with clock("export"):
             exported = export_module(
                 graph, checks, staged / ONNX_FILE,
@@ -358,9 +356,6 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
                 section["compress"] = {"mode": "dynamic", "per_channel": cc.per_channel,
                                        "int8_bytes": (staged / INT8_FILE).stat().st_size,
                                        "gate": _perplexity_gate(staged, tokenizer, validation, cc.max_accuracy_drop)}
-        atomic.replace_dir(staged, target)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # gone after the swap; what a failed export left
     int8_served = section.get("compress", {}).get("gate", {}).get("passed", False)
     section["served"] = {"path": str(target / (INT8_FILE if int8_served else ONNX_FILE)),
                          "format": "onnx-int8" if int8_served else "onnx-fp32"}

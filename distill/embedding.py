@@ -550,12 +550,11 @@ def export_embedding_onnx(model: SentenceEncoder, tokenizer: PreTrainedTokenizer
                for encoded in (tokenizer(batch, padding=True, truncation=True, max_length=max_length,
                                          return_tensors="pt")
                                for batch in (by_length[:1], by_length[-1:], CHECK_TEXTS))]
-    staged = atomic.staging(target)
-    result = export_module(graph, batches, staged / "model.onnx", output_axes={EMBEDDING_OUTPUT: {0: "batch"}},
-                           opset=opset, tolerance=tolerance)
-    tokenizer.save_pretrained(staged)
-    model.config.save_pretrained(staged)
-    atomic.replace_dir(staged, target)
+    with atomic.building(target) as staged:
+        result = export_module(graph, batches, staged / "model.onnx", output_axes={EMBEDDING_OUTPUT: {0: "batch"}},
+                               opset=opset, tolerance=tolerance)
+        tokenizer.save_pretrained(staged)
+        model.config.save_pretrained(staged)
     return ExportResult(target / "model.onnx", result.opset, result.max_abs_diff, result.checked_shapes,
                         result.size_bytes)
 

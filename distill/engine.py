@@ -175,9 +175,8 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         if state["best"] is None or task.better(metrics, state["best"]):
             state["best"] = metrics
             if distributed.is_main():
-                staged = atomic.staging(run_dir / BEST)
-                task.save(model, tokenizer, staged)
-                atomic.replace_dir(staged, run_dir / BEST)
+                with atomic.building(run_dir / BEST) as staged:
+                    task.save(model, tokenizer, staged)
         emit("metrics", {"stage": stage, **{f"validation_{k}": v for k, v in metrics.items() if k != "epoch"},
                          "epoch": epoch + 1})
         state.update(step=step, examples=examples, train_seconds=train_seconds)

@@ -16,7 +16,6 @@ written for. Whatever the exporter, the parity check below is what vouches for t
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -185,13 +184,9 @@ def export_model_dir(model_dir: Path, out_dir: Path, *, opset: int = DEFAULT_OPS
     """Export for serving: out_dir gets model.onnx, the tokenizer files and config.json (labels), and nothing
     else. It is built beside out_dir and swapped in whole, replacing what was there; see export_onnx."""
     out_dir = Path(out_dir)
-    staged = atomic.staging(out_dir)
-    try:
+    with atomic.building(out_dir) as staged:
         result = export_onnx(model_dir, staged / ONNX_FILE, opset=opset, tolerance=tolerance,
                              check_texts=check_texts, max_length=max_length)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(staged)
         AutoConfig.from_pretrained(model_dir).save_pretrained(staged)
-        atomic.replace_dir(staged, out_dir)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return replace(result, path=out_dir / ONNX_FILE)

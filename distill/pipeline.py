@@ -356,9 +356,8 @@ def _saved(path: Path) -> dict[str, Any] | None:
 
 def publish(best: Path, target: Path) -> None:
     """Copy the best checkpoint to its published name (a reader never sees a half directory)."""
-    staged = atomic.staging(target)
-    shutil.copytree(best, staged)
-    atomic.replace_dir(staged, target)
+    with atomic.building(target) as staged:
+        shutil.copytree(best, staged)
 
 
 

@@ -30,6 +30,7 @@ from distill.data import DataError
 from distill.embedding import (
     SentenceEmbedding,
     SentenceEncoder,
+    export_embedding_onnx,
     linear_probe,
     load_sentence_encoder,
     pool,
@@ -39,6 +40,7 @@ from distill.embedding import (
 )
 from distill.engine import Teacher
 from distill.evaluate import embedding_agreement, neighbour_recall
+from distill.export import ExportError
 from distill.pipeline import run
 from distill.runtime import OnnxEmbedder
 from distill.tasks import predict_distilled
@@ -159,6 +161,19 @@ def test_a_hub_sentence_encoder_keeps_its_own_pooling_projection_and_normalizati
     loaded = load_sentence_encoder("org/tiny-st")
     assert (loaded.pooling, loaded.normalize, loaded.dimension) == ("cls", True, 8)
     assert torch.equal(loaded.projection.weight, model.projection.weight)
+
+
+def test_failed_export_leaves_the_earlier_one_and_no_staging_dir(tmp_path: Path) -> None:
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    target = tmp_path / "out" / "student-onnx"
+    target.mkdir(parents=True)
+    (target / "previous.txt").write_text("an earlier export")
+    # ORT's float rounding alone exceeds a tolerance of 0: the parity check fails after the graph was written.
+    with pytest.raises(ExportError, match=r"\(tolerance 0\)"):
+        export_embedding_onnx(load_sentence_encoder(teacher), AutoTokenizer.from_pretrained(teacher), target,
+                              tolerance=0.0)
+    assert [p.name for p in target.parent.iterdir()] == ["student-onnx"]  # no student-onnx.tmp left behind
+    assert [p.name for p in target.iterdir()] == ["previous.txt"]
 
 
 def test_tiny_job_end_to_end(tmp_path: Path) -> None:

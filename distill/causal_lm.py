@@ -265,6 +265,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
         teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, attn_implementation=attention).eval().to(
             distributed.device())
+        check_causal(teacher, config.teacher.name)
         student = build_student(config.student, teacher, teacher_dir, attn_implementation=attention,
                                 auto_class=AutoModelForCausalLM)
         if not student.shares_teacher_tokenizer:
@@ -314,6 +315,20 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     return pipeline.finish(out, report, render_markdown(report), emit,
                            {"student_test_perplexity": student_test["perplexity"],
                             "teacher_test_perplexity": teacher_test["perplexity"]})
+
+
+def check_causal(model: PreTrainedModel, name: str) -> None:
+    """ConfigError unless `model` predicts each token from the ones before it only. An encoder (BERT, MPNet: the
+    default teacher among them) loads as AutoModelForCausalLM too, seeing both ways and with a random LM head: it
+    would train and report a perplexity that means nothing."""
+    last = min(5, model.config.vocab_size - 1)
+    ids = torch.tensor([[1, 2, 3, last], [1, 2, 3, last - 1]], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    if not torch.allclose(logits[0, :3], logits[1, :3], atol=1e-4):
+        raise ConfigError(f"teacher.name: {name!r} is not a causal language model (its predictions depend on later "
+                          f"tokens: an encoder, {type(model).__name__}); task 'causal-lm' needs a decoder such as "
+                          f"GPT-2 or Llama")
 
 
 def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logits: Logits,

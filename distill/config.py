@@ -40,6 +40,14 @@ class TeacherConfig(_Section):
                                                "seed. Fix it to try several student seeds against one prepared "
                                                "(cached) teacher.")
 
+    @model_validator(mode="after")
+    def _prepares_something(self) -> TeacherConfig:
+        if self.head_epochs == 0 and self.finetune_epochs == 0:
+            raise ValueError("teacher.head_epochs and teacher.finetune_epochs are both 0: a teacher without the "
+                             "task's head would keep a randomly initialized one; allowed: either at least 1 (a "
+                             "teacher that has the head is used as it is)")
+        return self
+
 
 class DataConfig(_Section):
     dataset: str = Field("reviews", description="Built-in dataset name, or 'files' to read train/validation/test.")

@@ -114,7 +114,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if distributed.active():
         torch.manual_seed(seed + distributed.rank())  # each rank its own dropout masks (the checkpoint keeps each)
     state = {"step": 0, "history": [], "best": None, "examples": 0, "train_seconds": 0.0}
-    run = _run_settings(cfg, seed, loss, train, total_steps) | {"precision": precision, **(identity or {})}
+    run = _run_settings(cfg, seed, loss, train, validation, total_steps) | {"precision": precision, **(identity or {})}
     if resume and (payload := _read_checkpoint(run_dir / CHECKPOINT, emit)) is not None:
         state = {**state, **_restore(run_dir / CHECKPOINT, payload, model, projection, optimizer, scheduler, run)}
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})
@@ -321,12 +321,17 @@ def _value_loss(student_values: dict[int, Tensor], teacher_values: dict[int, Ten
     return torch.stack(terms).mean()
 
 
-def _run_settings(cfg: TrainConfig, seed: int, loss: LossConfig, train: Split, total_steps: int) -> dict[str, Any]:
+def _run_settings(cfg: TrainConfig, seed: int, loss: LossConfig, train: Split, validation: Split,
+                  total_steps: int) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint to continue it exactly (flat keys, so
-    a refusal can name them): the training settings but checkpoint_every, the seed, the loss, the training data."""
-    digest = hashlib.sha256()
-    train.update_digest(digest)
-    return {"total_steps": total_steps, "seed": seed, "training data": digest.hexdigest()[:16],
+    a refusal can name them): the training settings but checkpoint_every, the seed, the loss, the training data,
+    and the validation data (the best epoch so far was chosen on it)."""
+    digests = {}
+    for name, split in (("training data", train), ("validation data", validation)):
+        digest = hashlib.sha256()
+        split.update_digest(digest)
+        digests[name] = digest.hexdigest()[:16]
+    return {"total_steps": total_steps, "seed": seed, **digests,
             **{f"train.{k}": v for k, v in cfg.model_dump(mode="json", exclude={"checkpoint_every"}).items()},
             **{f"loss.{k}": v for k, v in loss.model_dump(mode="json").items()}}
 
@@ -361,7 +366,7 @@ def _read_checkpoint(path: Path, emit: EventSink) -> dict[str, Any] | None:
 def _restore(path: Path, payload: dict[str, Any], model: nn.Module, projection: nn.Module | None,
              optimizer: torch.optim.Optimizer, scheduler: Any, run: dict[str, Any]) -> dict[str, Any]:
     saved = payload.get("run", {"total_steps": payload.get("total_steps")})  # older checkpoints kept the steps only
-    changed = [("the training data differ" if key == "training data" else f"{key}: {saved[key]!r} then, "
+    changed = [(f"the {key} differ" if key.endswith(" data") else f"{key}: {saved[key]!r} then, "
                 f"{run.get(key)!r} now") for key in saved if saved[key] != run.get(key)]
     if changed:
         raise TrainingError(f"{path} was written by another run ({'; '.join(changed)}); --resume continues the same "

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.causal_lm import TASK, score, torch_logits, train_lm_teacher, train_tokenizer
+from distill.causal_lm import TASK, check_causal, score, torch_logits, train_lm_teacher, train_tokenizer
 from distill.config import (
+    ConfigError,
     DataConfig,
     EvaluateConfig,
     FromTeacher,
@@ -24,7 +25,7 @@ from distill.config import (
 from distill.pipeline import run
 from distill.runtime import next_tokens
 from distill.student import build_student
-from tests.conftest import synthetic_rows, write_csv, write_tiny_gpt2
+from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_gpt2
 
 TEXTS = [text for text, _ in synthetic_rows(240, seed=5)]
 # One batch: a 3-token text and a 2-token one padded to 3.
@@ -128,6 +129,18 @@ def test_tiny_causal_lm_job_writes_a_report_and_a_checked_onnx_student(tmp_path:
     assert report["evaluation"]["latency_ratio"] > 0
     assert "| student-onnx-int8 |" in (tmp_path / "job" / "report.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(result.student_dir).config.n_layer == 1
+
+
+def test_an_encoder_teacher_is_refused_before_training(tmp_path: Path) -> None:
+    """The default teacher (an encoder) loads as AutoModelForCausalLM too, but sees later tokens."""
+    csv = write_csv(tmp_path / "texts.csv", synthetic_rows(60, seed=9))
+    config = JobConfig(task="causal-lm", teacher=TeacherConfig(name=str(write_tiny_encoder(tmp_path / "bert"))),
+                       data=DataConfig(dataset="files", train=csv, max_length=16),
+                       student=FromTeacher(init="teacher", layers=[1]), output_dir=tmp_path / "job")
+    with pytest.raises(ConfigError, match=r"is not a causal language model .* needs a decoder such as GPT-2"):
+        run(config, lambda kind, data: None)
+    assert not (tmp_path / "job" / "checkpoint.pt").exists()
+    check_causal(AutoModelForCausalLM.from_pretrained(write_tiny_gpt2(tmp_path / "gpt2")), "gpt2")  # passes
 
 
 def test_distill_run_prints_the_causal_lm_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

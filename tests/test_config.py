@@ -49,6 +49,9 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
     ({"data": {"dataset": "files"}}, "data.dataset is 'files' but data.train is not set"),
     ({"data": {"train": "x.csv"}}, "only read when data.dataset is 'files'"),
     ({"version": 2}, "version: Input should be 1"),
+    ({"teacher": {"head_epochs": 0, "finetune_epochs": 0}}, "teacher.head_epochs and teacher.finetune_epochs are "
+                                                           "both 0: a teacher without the task's head would keep a "
+                                                           "randomly initialized one"),
 ])
 def test_bad_configs_name_the_key_and_what_is_allowed(body: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -124,13 +124,15 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup
                ({"cfg": CFG.model_copy(update={"lr": 2 * CFG.lr})}, f"train.lr: {CFG.lr!r} then, {2 * CFG.lr!r} now"),
                ({"seed": 6}, "seed: 5 then, 6 now"),
                ({"train": reversed_train}, "(the training data differ)"),
+               ({"validation": train}, "(the validation data differ)"),
                ({"precision": "bf16"}, "precision: 'fp32' then, 'bf16' now"),
                ({"identity": {"student.num_layers": 2}}, "student.num_layers: 1 then, 2 now"),
                ({"identity": {}}, "student.num_layers: 1 then, None now")]
     for change, message in changes:
-        run = {"cfg": CFG, "seed": 5, "train": train, "precision": "fp32", "identity": identity} | change
+        run = {"cfg": CFG, "seed": 5, "train": train, "validation": validation, "precision": "fp32",
+               "identity": identity} | change
         with pytest.raises(TrainingError, match=re.escape(message)):
-            fit(TASK, _classifier(len(tokenizer), 1), tokenizer, run["train"], validation, run["cfg"],
+            fit(TASK, _classifier(len(tokenizer), 1), tokenizer, run["train"], run["validation"], run["cfg"],
                 run_dir=tmp_path, seed=run["seed"], teacher=teacher, resume=True, precision=run["precision"],
                 identity=run["identity"])
     # How often checkpoints are written does not change the run: it resumes (finished, nothing left to train).

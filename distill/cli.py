@@ -115,6 +115,12 @@ def _export(args: argparse.Namespace) -> int:
     from distill.export import export_model_dir
 
     _need(args.model_dir / "config.json", "an HF model directory (config.json, weights, tokenizer)")
+    architectures = json.loads((args.model_dir / "config.json").read_text()).get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        # Loaded as a classifier it would get a random head, and the parity check would pass on it.
+        raise UsageError(f"{args.model_dir} is not a sequence classifier (architectures: {architectures}); `distill "
+                         f"export` exports classifiers. Sentence-embedding and causal-LM jobs export their students "
+                         f"themselves (student-onnx/, export.onnx: true)")
     result = export_model_dir(args.model_dir, args.out_dir, opset=args.opset, tolerance=args.tolerance)
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}); max |logit difference| "
           f"from PyTorch {result.max_abs_diff:.2e} on (batch, length) {result.checked_shapes}")
@@ -122,9 +128,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from distill.compress import compress
+    from distill.compress import compress, quantized_ops
 
     _need(args.onnx_dir / ONNX_FILE, "a directory written by `distill export`")
+    try:
+        quantized_ops(args.mode, args.exclude_ops)
+    except ValueError as e:
+        raise UsageError(f"--{e}".replace("exclude_ops", "exclude-ops", 1)) from None
     if args.mode == "static" and args.calibration_texts is None:
         raise UsageError("--mode static needs --calibration-texts FILE (a few hundred typical inputs)")
     texts = read_texts(args.calibration_texts, "auto", args.text_column) if args.calibration_texts else None
@@ -164,6 +174,10 @@ def _bench(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:  # no config.json / tokenizer files / weights, a broken graph
             raise UsageError(f"{path}: cannot load a model from it: {e}") from e
     first = next(iter(models.values()))
+    try:
+        latency_text = text_of_length(first, args.seq_len) if args.seq_len else None
+    except ValueError as e:  # fewer tokens than the special ones take
+        raise UsageError(f"--seq-len: {e}") from None
     labels = None
     if args.label_column and task_of(first) != "sequence-classification":
         raise UsageError(f"--labels-column: {args.models[0]} is a {task_of(first)} model, which has no classes to "
@@ -179,7 +193,7 @@ def _bench(args: argparse.Namespace) -> int:
     for path in args.models:
         sizes[str(path)], params[str(path)] = footprint(path)
     report = evaluate_models(models, texts, labels, latency_calls=args.latency_calls, warmup_calls=args.warmup_calls,
-                             latency_text=text_of_length(first, args.seq_len) if args.seq_len else None,
+                             latency_text=latency_text,
                              throughput_batch=args.batch_size, throughput_batches=args.throughput_batches, sizes=sizes,
                              params={k: v for k, v in params.items() if v is not None}, on_progress=print)
     print(render_markdown(report))
@@ -248,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup-calls", type=int, default=20)
     bench.add_argument("--batch-size", type=int, default=32, help="throughput batch size")
     bench.add_argument("--throughput-batches", type=int, default=10)
-    bench.add_argument("--seq-len", type=int, help="time on a text of exactly this many tokens (default: the texts)")
+    bench.add_argument("--seq-len", type=positive_int,
+                       help="time on a text of exactly this many tokens (default: the texts)")
     bench.add_argument("--max-length", type=int, default=128, help="tokens per text; longer texts are truncated")
     bench.add_argument("--threads", type=int, help="intra-op threads for PyTorch and onnxruntime")
     bench.add_argument("--json", type=Path, help="also write the full report here")
@@ -258,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: DISTILL_PORT or 8000)")
     serve.set_defaults(handler=_serve)
     return parser
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:

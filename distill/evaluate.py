@@ -260,7 +260,7 @@ def text_of_length(tokenizer: PreTrainedTokenizerBase | HFPredictor | Embedder |
             return hf_tokenizer(texts)["input_ids"]
     words = n - len(encode([""])[0])
     if words < 1:
-        raise ValueError(f"n: {n} tokens leave no room for a word beside the special tokens; give more")
+        raise ValueError(f"{n} tokens leave no room for a word beside the special tokens; give more")
     for word in ("the", "a", "good", "movie", "x"):  # common words are one token in BERT/MPNet/RoBERTa vocabularies
         text = " ".join([word] * words)
         if len(encode([text])[0]) == n:

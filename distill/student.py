@@ -126,9 +126,12 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
             tokenizer = trim_vocabulary(model, tokenizer, texts)
         shares = tokenizer.get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
         return Student(model, tokenizer, shares, _uniform_layer_map(spec.num_layers, teacher_layers))
+    base = teacher.config.to_dict()
+    # GPT-2 names the MLP width n_inner, and its attribute_map does not translate intermediate_size.
+    width = "n_inner" if "n_inner" in base else "intermediate_size"
     config = teacher.config.__class__.from_dict({
-        **teacher.config.to_dict(), "num_hidden_layers": spec.num_layers, "hidden_size": spec.hidden_size,
-        "num_attention_heads": spec.num_heads, "intermediate_size": spec.intermediate_size})
+        **base, "num_hidden_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+        "num_attention_heads": spec.num_heads, width: spec.intermediate_size})
     model = auto_class.from_config(config, attn_implementation=attn_implementation)
     return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True,
                    _uniform_layer_map(spec.num_layers, teacher_layers))

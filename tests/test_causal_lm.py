@@ -16,6 +16,7 @@ from distill.config import (
     ConfigError,
     DataConfig,
     EvaluateConfig,
+    Fresh,
     FromTeacher,
     JobConfig,
     LossConfig,
@@ -88,6 +89,15 @@ def test_student_from_teacher_blocks_copies_gpt2_blocks(tmp_path: Path) -> None:
     assert student.model.config.n_layer == 2 and student.shares_teacher_tokenizer
     assert torch.equal(student.model.transformer.h[1].attn.c_attn.weight, teacher.transformer.h[2].attn.c_attn.weight)
     assert torch.equal(student.model.lm_head.weight, teacher.lm_head.weight)
+
+
+def test_fresh_gpt2_student_has_the_asked_sizes(tmp_path: Path) -> None:
+    teacher_dir = write_tiny_gpt2(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    spec = Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=40)
+    student = build_student(spec, teacher, str(teacher_dir), auto_class=AutoModelForCausalLM).model
+    assert (student.config.n_layer, student.config.n_embd, student.config.n_head) == (1, 16, 2)
+    assert student.transformer.h[0].mlp.c_fc.weight.shape == (16, 40)  # Conv1D: (in, out); 4 x 16 before
 
 
 def test_teacher_trained_from_scratch_beats_the_uniform_guess(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from distill.cli import main
+from tests.conftest import write_tiny_encoder
 
 
 def _write_config(path: Path, teacher_dir: Path, csv: Path, **extra: dict) -> Path:
@@ -61,3 +62,29 @@ def test_an_output_directory_that_cannot_be_made_is_one_line(tiny_teacher_dir: P
     assert main(["run", str(config), "--output-dir", str(blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distill: error: ") and str(blocker / "out") in err and "Traceback" not in err
+
+
+def test_model_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    encoder = write_tiny_encoder(tmp_path / "encoder")  # no classification head
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"")  # the op types are checked before the graph is read
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a good movie\na bad one\n")
+    cases = [(["export", str(encoder), str(tmp_path / "out")], "is not a sequence classifier (architectures: "
+                                                                "['BertModel'])"),
+             (["compress", str(onnx_dir), "--mode", "static", "--calibration-texts", str(texts), "--exclude-ops",
+               "Attention"], "--exclude-ops: ['Attention'] are not op types static quantization handles"),
+             (["compress", str(onnx_dir), "--exclude-ops", "Gemm"], "--exclude-ops: ['Gemm'] are not op types "
+                                                                     "dynamic quantization handles"),
+             (["bench", str(encoder), "--texts", str(texts), "--seq-len", "2"],
+              "--seq-len: 2 tokens leave no room for a word beside the special tokens")]
+    capsys.readouterr()  # transformers' progress bar of writing the encoder
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("distill: error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage and the message, exit code 2
+        main(["bench", str(encoder), "--texts", str(texts), "--seq-len", "0"])
+    assert exit_.value.code == 2 and "'0' is not a whole number of at least 1" in capsys.readouterr().err

@@ -308,6 +308,9 @@ def _text(path: Path, line: int, column: str, value: Any) -> str:
 
 
 def _read_rows(path: Path, format: str, text_column: str, label_column: str) -> list[_Row]:
+    if text_column == label_column:  # every text its own class
+        raise DataError(f"{path}: the text and the label are both read from column {text_column!r}; "
+                        f"label_column must name another column")
     rows = []
     for line, (text, label) in _records(path, _resolve_format(path, format), [text_column, label_column]):
         if isinstance(label, bool) or not isinstance(label, str | int | None):

@@ -142,10 +142,14 @@ def _server_model_name(key: str, name: str, settings: Settings) -> str:
         return HUB_PREFIX + name
     if kind != "path":
         return name
-    path = Path(name).expanduser().resolve()
+    try:
+        path = Path(name).expanduser().resolve()
+    except RuntimeError:  # `~user` of a user the server does not have
+        raise ServiceError(422, f"{key}: {name!r} starts with a '~' this server cannot expand") from None
     if not any(path.is_relative_to(root.resolve()) for root in settings.model_roots):
         raise ServiceError(422, f"{key}: {name!r} is neither a registered teacher ({registered_names()}) nor a "
-                                f"hub id 'org/name', and this server reads model directories only under "
+                                f"hub id ('org/name', or 'hub:name' for a one-word one such as 'hub:gpt2'), and "
+                                f"this server reads model directories only under "
                                 f"{', '.join(map(str, settings.model_roots))} (more with DISTILL_MODEL_DIRS)")
     return str(path)
 

@@ -66,8 +66,12 @@ def resolve_teacher(name: str) -> str:
             return hub_id
         raise TeacherNotFound(f"teacher {name!r}: after {HUB_PREFIX!r} comes a Hugging Face hub id, 'org/name' or "
                               f"a one-word id such as 'gpt2'")
-    local = Path(name).expanduser()
-    if local.is_dir():
+    try:
+        local = Path(name).expanduser()
+        is_dir = local.is_dir()
+    except (RuntimeError, OSError):  # `~user` of no user here; a name longer than the filesystem allows
+        is_dir = False
+    if is_dir:
         if (local / "config.json").is_file():
             return str(local.resolve())
         raise TeacherNotFound(f"teacher {name!r} is a directory without config.json; give a directory saved "

@@ -143,6 +143,15 @@ def test_a_job_goes_queued_running_succeeded_with_ordered_events_report_and_arti
     assert nul.status_code == 400 and "holds a NUL byte" in nul.json()["detail"]
     missing = client.get(f"/v1/jobs/{job_id}/artifacts/student-onnx/model_int8.onnx")
     assert missing.status_code == 404 and "report.md" in missing.json()["detail"]
+    too_long = client.get(f"/v1/jobs/{job_id}/artifacts/{'x' * 300}")  # the OS refuses to look it up
+    assert too_long.status_code == 404 and "report.md" in too_long.json()["detail"]
+    # Past SQLite's integers: refused as out of range, not a 500 from binding them.
+    for path, params, headers in [("/v1/jobs", {"offset": 10**20}, {}),
+                                  (f"/v1/jobs/{job_id}/events", {"after": 10**20}, {}),
+                                  (f"/v1/jobs/{job_id}/events", {}, {"Accept": "text/event-stream",
+                                                                     "Last-Event-ID": str(10**20)})]:
+        huge = client.get(path, params=params, headers=headers)
+        assert huge.status_code == 422 and "less than or equal to 9223372036854775807" in huge.text, huge.text
 
     listed = client.get("/v1/jobs", params={"status": "succeeded"}).json()
     assert listed["total"] == 1 and listed["items"][0]["id"] == job_id
@@ -213,8 +222,11 @@ def client_and_dataset(make_client: Any, synthetic_csv: Path) -> tuple[Any, str]
     ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
     ({"output_dir": "/tmp/elsewhere"}, "output_dir: chosen by the server"),
     ({"teacher": {"name": "no-such-teacher"}}, "teacher.name: 'no-such-teacher' is neither a registered teacher "
-                                               "(minilm-l6, mpnet-base) nor a hub id 'org/name', and this server "
-                                               "reads model directories only under "),
+                                               "(minilm-l6, mpnet-base) nor a hub id ('org/name', or 'hub:name' "
+                                               "for a one-word one such as 'hub:gpt2'), and this server reads "
+                                               "model directories only under "),
+    ({"teacher": {"name": "~no-such-user/model"}}, "teacher.name: '~no-such-user/model' starts with a '~' this "
+                                                   "server cannot expand"),
     ({"student": {"init": "model", "model": "nope", "num_layers": 1}}, "student.model: 'nope' is neither"),
     ({"data": {"dataset": "upload:0123456789ab"}}, "data.dataset: no uploaded dataset '0123456789ab'"),
     ({"data": {"dataset": "imdb"}}, "data.dataset: unknown dataset 'imdb'; allowed: the built-in 'reviews'"),
@@ -319,6 +331,9 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     columns = upload(client, write_csv(tmp_path / "small.csv", synthetic_rows(20, seed=2)), text_column="review")
     assert columns.status_code == 422
     assert columns.json()["detail"] == "small.csv, line 1: no column 'review'; the header has columns: 'text', 'label'"
+    same = upload(client, write_csv(tmp_path / "small.csv", synthetic_rows(20, seed=2)), label_column="text")
+    assert (same.status_code, same.json()["detail"]) == (422, "small.csv: the text and the label are both read from "
+                                                               "column 'text'; label_column must name another column")
     one_class = tmp_path / "one.jsonl"
     one_class.write_text("".join(json.dumps({"text": f"film {i}", "label": "positive"}) + "\n" for i in range(9)))
     assert "distillation needs at least 2 classes" in upload(client, one_class).json()["detail"]

@@ -64,6 +64,8 @@ def test_hub_id_passes_through() -> None:
 
 @pytest.mark.parametrize(("name", "message"), [
     ("gpt2", "unknown teacher 'gpt2'"),  # unprefixed, a one-word name reads as a registered name or a path
+    ("~no-such-user/model", "unknown teacher '~no-such-user/model'"),  # expanduser raises RuntimeError for it
+    ("x" * 300, "unknown teacher 'xxx"),  # is_dir raises OSError: the name is longer than a file name can be
     *((name, "after 'hub:' comes a Hugging Face hub id") for name in (
         "hub:", "hub:../x", "hub:org/../x", "hub:/etc", "hub:a/b/c")),
 ])

@@ -34,6 +34,7 @@ from service.store import TERMINAL, Job, JobStatus, Store
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 EVENT_PAGE = 500
+SQLITE_MAX_INT = 2**63 - 1  # a larger offset or cursor cannot be bound to a query
 SSE_POLL_SECONDS = 0.25
 SSE_KEEPALIVE_SECONDS = 15.0  # a comment line now and then keeps proxies from closing a quiet stream
 
@@ -75,7 +76,7 @@ def create_job(body: JobBody, runner: RunnerDep, response: Response) -> JobPubli
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(store: StoreDep, status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+              offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0) -> JobList:
     jobs, total = store.list_jobs(status, limit, offset)
     return JobList(items=[JobPublic.of(j) for j in jobs], total=total, limit=limit, offset=offset)
 
@@ -91,10 +92,11 @@ def get_job(job: JobDep) -> JobPublic:
                          "(`id` = seq, `event` = kind, `data` = the event as JSON) that ends when the job has ended.",
           "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
     summary="A job's events in order, after a cursor")
-def get_events(job: JobDep, store: StoreDep, after: Annotated[int, Query(ge=0)] = 0,
+def get_events(job: JobDep, store: StoreDep, after: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0,
                limit: Annotated[int, Query(ge=1, le=EVENT_PAGE)] = EVENT_PAGE,
                accept: Annotated[str, Header()] = "",
-               last_event_id: Annotated[int | None, Header(ge=0)] = None) -> EventPage | StreamingResponse:
+               last_event_id: Annotated[int | None, Header(ge=0, le=SQLITE_MAX_INT)] = None,
+               ) -> EventPage | StreamingResponse:
     if "text/event-stream" in accept:
         # Last-Event-ID is what a reconnecting EventSource sends instead of ?after=.
         return StreamingResponse(_event_stream(store, job.id, max(after, last_event_id or 0)),
@@ -147,11 +149,15 @@ def _artifact(directory: Path, name: str) -> Path:
     if not path.is_relative_to(root):
         raise ServiceError(400, f"artifact name {name!r} leaves the job directory; use a path from "
                                 f"GET .../artifacts")
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError:  # a name longer than the filesystem allows: no such file
+        is_dir = is_file = False
+    if is_dir:
         inside = [(path.relative_to(root) / f).as_posix() for f in _files(path)]
         raise ServiceError(400, f"{name!r} is a directory; download its files one by one: "
                                 f"{', '.join(inside) or 'it is empty'}")
-    if not path.is_file():
+    if not is_file:
         raise ServiceError(404, f"no artifact {name!r}; files of this job: {', '.join(_files(root)) or 'none yet'}")
     return path
 

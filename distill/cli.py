@@ -41,7 +41,7 @@ class ProgressPrinter:
                 self.close()
                 self.bar = tqdm(total=data["total_steps"], initial=data["step"] - 1, desc=data["stage"])
             self.bar.update(data["step"] - self.bar.n)
-            if "loss" in data:  # training steps; the teacher-outputs pass counts examples
+            if "loss" in data:  # training steps; a teacher-output pass counts examples
                 self.bar.set_postfix(loss=f"{data['loss']:.4f}", epoch=data["epoch"])
             return
         self.close()

@@ -411,7 +411,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         embeddings = distributed.broadcast(
             teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
                             teacher_dir=Path(teacher_dir), fingerprint=f"{config.precision}:embedding",
-                            reuse=resume)
+                            reuse=resume, stage="teacher-embeddings")
             if distributed.is_main() else None)
         for name, split in splits.items():
             split.teacher_outputs = embeddings.get(name)

@@ -111,7 +111,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         # Computed once, by rank 0 (which also stores them), and sent to the other ranks.
         logits = distributed.broadcast(
             teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
-                            teacher_dir=prepared.path, fingerprint=config.precision, reuse=resume)
+                            teacher_dir=prepared.path, fingerprint=config.precision, reuse=resume,
+                            stage="teacher-logits")
             if distributed.is_main() else None)
         for name, split in splits.items():
             split.teacher_outputs = logits.get(name)
@@ -301,13 +302,13 @@ TEACHER_OUTPUT_CHUNK = 4096  # examples per saved piece: an interrupted job lose
 
 def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,
                     emit: EventSink, precision: Precision, *, teacher_dir: Path, fingerprint: str,
-                    reuse: bool) -> dict[str, torch.Tensor]:
+                    reuse: bool, stage: str) -> dict[str, torch.Tensor]:
     """The teacher runs once per example: validation/test always (agreement), train when the cache is on.
     Stored next to the checkpoint so a resumed job does not pay for it again; reused only when resuming and only
     for the same teacher files (`teacher_dir`, where `teacher` was loaded from: a teacher saved again at its path
     counts as another), `fingerprint` (what else the outputs depend on) and token ids. Computed in pieces of
     TEACHER_OUTPUT_CHUNK examples, each saved under `<path>.parts/` as it is done, so a resumed job also keeps the
-    pieces an interrupted one finished."""
+    pieces an interrupted one finished. Progress events name the caller's `stage`."""
     names = [n for n in splits if n != "train" or cache_train]
     digest = hashlib.sha256(fingerprint.encode())
     update_with_files(digest, teacher_dir)
@@ -336,7 +337,7 @@ def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cach
                 atomic.save_torch(piece, piece_path)
             pieces.append(piece["logits"])
             done += len(encoded)
-            emit("progress", {"stage": "teacher-outputs", "step": done, "total_steps": total})
+            emit("progress", {"stage": stage, "step": done, "total_steps": total})
         logits[name] = torch.cat(pieces) if pieces else torch.empty(0)
     atomic.save_torch({"fingerprint": fingerprint, "logits": logits}, path)
     shutil.rmtree(parts, ignore_errors=True)

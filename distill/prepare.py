@@ -114,6 +114,7 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         if distributed.is_main():
             atomic.save_torch({"params": [p.detach().cpu() for p in head_params], "stage": stages[-1]}, trained_head)
     if tc.finetune_epochs or head is None:
+        emit("stage", {"stage": "teacher-finetune", "detail": "whole teacher unfrozen"})
         cfg = TrainConfig(epochs=max(tc.finetune_epochs, 1), batch_size=tc.batch_size, lr=tc.finetune_lr)
         result = fit(task, model, tokenizer, train, validation, cfg, run_dir=work, seed=preparation_seed(config),
                      resume=resume, on_event=on_event, stage="teacher-finetune", precision=config.precision)

@@ -43,8 +43,9 @@ class JobPublic(BaseModel):
     id: str
     status: JobStatus
     stage: str | None = Field(description="The stage running now (or the last one that ran).")
-    progress: float = Field(ge=0, le=1, description="Fraction of the current training stage's steps done "
-                                                    "(teacher-finetune, distill); 1 once the job succeeded.")
+    progress: float = Field(ge=0, le=1, description="Fraction of the current stage's steps done (teacher-finetune, "
+                                                    "teacher-logits / teacher-embeddings: examples, distill); 0 in "
+                                                    "stages without steps; 1 once the job succeeded.")
     metrics: dict[str, Any] = Field(description="Latest validation metrics per stage; `test` once it succeeded.")
     error: str | None
     config: dict[str, Any] = Field(description="The job config as submitted, defaults filled in.")

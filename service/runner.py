@@ -222,12 +222,13 @@ class Runner:
                 log.info("job cancelled before it started", extra={"job_id": job_id})
                 return
             proc, watcher = self._procs.get(job_id), self._watchers.get(job_id)
-            if proc is None or watcher is None:  # it ended meanwhile
-                return
-            self._cancelling.add(job_id)
-        proc.terminate()
-        self._reap(proc)
-        watcher.join()
+            if proc is not None:
+                self._cancelling.add(job_id)
+        if proc is not None:
+            proc.terminate()
+            self._reap(proc)
+        if watcher is not None:  # without a process: it ended meanwhile, and its watcher may still be recording it
+            watcher.join()
 
     def _reap(self, proc: subprocess.Popen[str]) -> None:
         try:
@@ -299,10 +300,17 @@ class Runner:
             self.store.add_event(job.id, kind, data)
         code = proc.wait()
         with self._lock:
-            self._procs.pop(job.id, None)
-            self._watchers.pop(job.id, None)
+            self._procs.pop(job.id, None)  # its slot is free; the watcher stays listed until the job is recorded
             cancelled = job.id in self._cancelling
             self._cancelling.discard(job.id)
+        try:
+            self._record_end(job, code, error, done=done, cancelled=cancelled)
+        finally:
+            with self._lock:  # after the record: a cancel that found no process joins this watcher until then
+                self._watchers.pop(job.id, None)
+            self._wake.set()
+
+    def _record_end(self, job: Job, code: int, error: str | None, *, done: bool, cancelled: bool) -> None:
         stopped = self._stopping.is_set() and not cancelled
         # `done` comes after report.json is written: the job is complete if it then exited cleanly (a cancel that
         # came as it ended included) or the server's stop met it exiting.
@@ -318,7 +326,6 @@ class Runner:
         final = self.store.get_job(job.id)
         assert final is not None and final.status in TERMINAL
         log.info(f"job {final.status}", extra={"job_id": job.id, "exit_code": code})
-        self._wake.set()
 
 
 def _parse_event(line: str) -> tuple[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from service.routes.jobs import _files
 from service.runner import _server_model_name, check_job
 from service.schemas import ServiceError
 from service.settings import Settings
+from service.store import Store
 from teachers.registry import resolve_teacher
 from tests.conftest import synthetic_rows, write_csv, write_tiny_gpt2
 
@@ -209,6 +211,27 @@ def test_a_job_that_sent_done_as_the_server_stopped_is_succeeded_not_run_again(
     with TestClient(create_app(settings)) as client:  # the next start
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert (job["status"], job["runs"]) == ("succeeded", 1)
+
+
+def test_a_cancel_as_the_job_ends_answers_with_how_it_ended(make_client: Any, tiny_teacher_dir: Path,
+                                                            synthetic_csv: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between its process's exit and its record, a job is in neither the runner's processes nor a final status:
+    a cancel then waits for the record instead of answering `running`."""
+    client = make_client()
+    reference = upload(client, synthetic_csv).json()["reference"]
+    exited, finish = threading.Event(), Store.finish
+
+    def slow_finish(store: Store, job_id: str, status: str, error: str | None = None) -> None:
+        exited.set()
+        time.sleep(1.0)  # the gap, widened
+        finish(store, job_id, status, error)
+
+    monkeypatch.setattr(Store, "finish", slow_finish)
+    job = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference, epochs=1)).json()
+    assert exited.wait(60)
+    answered = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert (answered.status_code, answered.json()["status"]) == (200, "succeeded")
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ from distill.runtime import (
 )
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence, on_device
-from teachers.registry import resolve_teacher
+from teachers.registry import local_dir, resolve_teacher
 
 END = "<|endoftext|>"  # GPT-2's one special token: begins and ends every text, and pads
 Logits = Callable[[dict[str, Tensor]], Tensor]  # (B, L) inputs → (B, L, V) float logits
@@ -299,7 +299,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         "config": json.loads(config.model_dump_json()),
         "data": {"train_texts": len(texts["train"]), "validation_texts": len(texts["validation"]),
                  "test_texts": len(texts["test"]), "test_predicted_tokens": _predicted_tokens(test)},
-        "teacher": {"source": config.teacher.name, "dir": str(teacher_dir), "params": teacher_params,
+        "teacher": {"source": config.teacher.name, "dir": str(local_dir(teacher_dir)), "params": teacher_params,
                     "test_perplexity": teacher_test["perplexity"]},
         "student": {"dir": str(out / pipeline.STUDENT), "params": student_params, "best_epoch": result.best_epoch,
                     "train_examples": len(splits["train"]), "steps": result.steps, "history": result.history,

@@ -52,7 +52,7 @@ from distill.pipeline import (
 from distill.runtime import EMBEDDING_OUTPUT, OnnxEmbedder
 from distill.student import build_student, count_params
 from distill.tasks import Encoded, SequenceClassification, predict_distilled
-from teachers.registry import resolve_teacher
+from teachers.registry import local_dir, resolve_teacher
 
 LSTSQ_ROWS = 8192  # texts the least-squares projection init reads (fit_projection)
 # The projection learns at train.lr with the encoder: from the least-squares start a faster rate did not help
@@ -456,7 +456,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         "config": json.loads(config.model_dump_json()),
         "task": task.name,
         "data": data.summary(),
-        "teacher": {"source": config.teacher.name, "dir": teacher_dir, "params": teacher_params,
+        "teacher": {"source": config.teacher.name, "dir": str(local_dir(teacher_dir)), "params": teacher_params,
                     "dimension": teacher.model.dimension, "pooling": teacher.model.pooling,
                     "normalize": teacher.model.normalize, "test_probe_accuracy": probe["teacher"].test_accuracy,
                     "probe": probe["teacher"].summary()},

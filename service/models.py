@@ -393,8 +393,10 @@ def _models_of_report(job_id: str, job_dir: Path, report: dict[str, Any], home: 
     task = report["config"]["task"]
     if task not in ROUTES:
         return {}
-    if task != "sequence-classification":
-        teacher_dir = Path(report["teacher"]["dir"])  # used as it was given: nothing prepared
+    teacher_dir: Path | None
+    if task != "sequence-classification":  # nothing prepared: where the job loaded it from (an older report's hub
+        recorded = Path(report["teacher"]["dir"])  # id is left out: never a directory of the server's own)
+        teacher_dir = recorded if recorded.is_absolute() else None
     else:
         teacher_dir = Path(report["teacher"]["prepared_dir"])
         if not teacher_dir.is_dir():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import huggingface_hub
 from safetensors import safe_open
 
 from teachers import distill_home
@@ -21,6 +22,7 @@ __all__ = [
     "count_parameters",
     "distill_home",
     "list_teachers",
+    "local_dir",
     "name_kind",
     "pull_teacher",
     "registered_names",
@@ -81,6 +83,19 @@ def resolve_teacher(name: str) -> str:
     raise TeacherNotFound(f"unknown teacher {name!r}; use a registered name ({registered_names()}), a local "
                           f"directory with config.json (as written by save_pretrained), or a Hugging Face "
                           f"hub id 'org/name' ('hub:name' for a one-word one such as gpt2)")
+
+
+def local_dir(resolved: str) -> Path:
+    """Where the files of a teacher `resolve_teacher` gave lie: its directory, or a hub id's snapshot in the hub
+    cache (loading it put them there). Reports record this, so that no reader takes a hub id `org/name` for a
+    directory relative to its own working directory."""
+    if Path(resolved).is_absolute():
+        return Path(resolved)
+    cached = huggingface_hub.try_to_load_from_cache(resolved, "config.json")  # the hub's own: no relative dirs
+    if not isinstance(cached, str):
+        raise TeacherNotFound(f"teacher {resolved!r}: its config.json is not in the hub cache "
+                              f"({huggingface_hub.constants.HF_HUB_CACHE}); load it once while online")
+    return Path(cached).parent
 
 
 def name_kind(name: str) -> Literal["registered", "hub", "path"]:

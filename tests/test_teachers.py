@@ -9,6 +9,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import save
@@ -16,7 +17,15 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from teachers import registry
 from teachers.packaged import SOURCES, PullError
-from teachers.registry import TeacherNotFound, count_parameters, list_teachers, pull_teacher, resolve_teacher
+from teachers.registry import (
+    TeacherNotFound,
+    count_parameters,
+    list_teachers,
+    local_dir,
+    pull_teacher,
+    resolve_teacher,
+)
+from tests.conftest import write_tiny_encoder
 
 MPNET = SOURCES["mpnet-base"]
 FAKE_PARAMS = 4 * 8 + 8
@@ -72,6 +81,20 @@ def test_hub_id_passes_through() -> None:
 def test_what_is_not_a_hub_id_is_refused(name: str, message: str) -> None:
     with pytest.raises(TeacherNotFound, match=re.escape(message)):
         resolve_teacher(name)
+
+
+def test_local_dir_of_a_hub_id_is_its_snapshot_in_the_hub_cache(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    write_tiny_encoder(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "tiny").mkdir(parents=True)  # a directory of that relative name is not it
+    assert local_dir(resolve_teacher("hub:org/tiny")) == snapshot
+    assert local_dir(str(snapshot)) == snapshot
 
 
 def test_unknown_name_lists_registered_names() -> None:

@@ -11,6 +11,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from service.datasets import remove_unfinished_uploads
 from service.deps import require_api_key
 from service.models import ModelCatalog
 from service.routes import compare, datasets, jobs, models, ops, ui
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+        remove_unfinished_uploads(settings)
         store = Store(settings.database)
         runner = Runner(settings, store)
         await anyio.to_thread.run_sync(runner.start)  # recovery may wait for an orphaned job process to exit

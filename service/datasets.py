@@ -19,6 +19,7 @@ from typing import BinaryIO
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from distill import atomic
 from distill.config import DataConfig
 from distill.data import BUILTIN_DATASETS, DataError, load_task_data
 from service.deps import SettingsDep
@@ -85,7 +86,7 @@ def save_upload(settings: Settings, store: Store, upload: Upload) -> DatasetPubl
                                 f"read; send labelled=false with it, or a CSV/JSONL file with a label column")
     dataset_id = uuid.uuid4().hex[:12]
     final = upload_path(settings, dataset_id, format)
-    work = final.parent.with_name(dataset_id + ".tmp")  # published by one rename once it passed every check
+    work = final.parent.with_name(dataset_id + atomic.STAGED)  # published by one rename once it passed every check
     work.mkdir(parents=True)
     try:
         size = _copy_capped(upload.file, work / final.name, settings.max_upload_bytes)
@@ -109,6 +110,12 @@ def save_upload(settings: Settings, store: Store, upload: Upload) -> DatasetPubl
                      labels=data.labels, label_counts=dict(counts), size_bytes=size, created_at=now())
     store.add_dataset(record)
     return DatasetPublic.of(record)
+
+
+def remove_unfinished_uploads(settings: Settings) -> None:
+    """Uploads a stopped server was still checking: never published, so nothing refers to them."""
+    for work in settings.datasets_dir.glob("*" + atomic.STAGED):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _copy_capped(source: BinaryIO, target: Path, limit: int) -> int:

@@ -384,6 +384,17 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     assert client.get("/v1/datasets/nope").status_code == 404
 
 
+def test_an_upload_a_stopped_server_was_checking_is_removed_at_the_next_start(make_client: Any,
+                                                                              synthetic_csv: Path) -> None:
+    client = make_client()
+    kept = upload(client, synthetic_csv).json()["id"]
+    datasets_dir = client.app.state.settings.datasets_dir
+    (datasets_dir / "0123456789ab.tmp").mkdir()
+    (datasets_dir / "0123456789ab.tmp" / "data.csv").write_text("text,label\n")
+    make_client()  # the next start
+    assert sorted(p.name for p in datasets_dir.iterdir()) == [kept]
+
+
 def test_texts_alone_are_uploaded_for_causal_lm_jobs_only(make_client: Any, tiny_teacher_dir: Path,
                                                            tmp_path: Path) -> None:
     client = make_client()

@@ -99,6 +99,15 @@ def test_a_student_the_models_cannot_give_is_refused_from_their_configs(
         check_student(spec, tiny_teacher_dir, max_length=max_length, task=task)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding"])
+def test_a_causal_lm_teacher_is_refused_for_an_encoder_task(tmp_path: Path, task: str) -> None:
+    gpt2 = write_tiny_gpt2(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match=fr"is a causal language model \(GPT2LMHeadModel\); task '{task}' distills "
+                                          fr"from encoder teachers"):
+        check_student(FromTeacher(init="teacher", layers=[0]), gpt2, max_length=16, task=task)  # type: ignore[arg-type]
+    check_student(FromTeacher(init="teacher", layers=[0]), gpt2, max_length=16, task="causal-lm")
+
+
 def test_build_student_refuses_more_layers_than_its_source_has(tiny_teacher_dir: Path, tmp_path: Path) -> None:
     source = write_tiny_encoder(tmp_path / "source", layers=2)
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir, num_labels=2)

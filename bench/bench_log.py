@@ -7,6 +7,6 @@ from typing import Any
 
 
 def log_event(kind: str, data: dict[str, Any]) -> None:
-    if kind == "progress" and "loss" in data and data["step"] % 50:  # the teacher-outputs pieces all show
+    if kind == "progress" and "loss" in data and data["step"] % 50:  # the teacher-output pieces all show
         return
     print(f"  [{time.strftime('%H:%M:%S')}] {kind} {data}", flush=True)

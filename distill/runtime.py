@@ -379,9 +379,10 @@ class LanguageModel(ABC):
             logits, state = self.next_logits(ids + new, state)
             if temperature == 0:
                 token = int(logits.argmax())
-            else:  # float64: numpy's choice wants probabilities that sum to 1 within 1e-8
-                z = logits.astype(np.float64) / temperature
-                p = np.exp(z - z.max())
+            else:  # float64: numpy's choice wants probabilities that sum to 1 within 1e-8; the max subtracted
+                # first, so that a tiny temperature gives 0 / t = 0 at the top, never inf - inf
+                with np.errstate(over="ignore"):  # -x / tiny is -inf, and exp(-inf) the 0 it should be
+                    p = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
                 token = int(rng.choice(len(p), p=p / p.sum()))
             new.append(token)
             if token == self.tokenizer.eos_token_id:

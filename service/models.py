@@ -246,6 +246,10 @@ class ModelCatalog:
         self._reports: dict[str, tuple[int, dict[str, ModelInfo]]] = {}  # job id → (report mtime_ns, models)
         self._cache: OrderedDict[tuple[Path, int, int], _Loaded] = OrderedDict()  # least recently used first
         self._load_lock = asyncio.Lock()  # one load at a time: a second request for a model waits for the first
+        # Generations hold a thread for every token: their own pool, so that a few long ones never take the
+        # default executor's threads that micro-batches and model loads run in.
+        self._generations = ThreadPoolExecutor(max_workers=settings.max_concurrent_generations,
+                                               thread_name_prefix="generate")
         self.comparisons = Comparisons(self)
 
     # Listing -------------------------------------------------------------------------------------------------
@@ -311,11 +315,13 @@ class ModelCatalog:
 
     async def generate(self, model_id: str, prompt: str, max_new_tokens: int, temperature: float,
                        seed: int | None) -> tuple[ModelInfo, Generation]:
-        """A causal LM's continuation of the prompt, in a worker thread (not micro-batched: each step depends on
-        the last); distill.runtime.InputError when the prompt leaves no room to generate."""
+        """A causal LM's continuation of the prompt, in the generation pool (not micro-batched: each step depends on
+        the last; past settings.max_concurrent_generations they wait their turn there); distill.runtime.InputError
+        when the prompt leaves no room to generate."""
         info = self._of_task(model_id, "causal-lm", "generate")
         model = cast(LanguageModel, (await self._loaded(info)).predictor)
-        return info, await asyncio.to_thread(model.generate, prompt, max_new_tokens, temperature, seed)
+        return info, await asyncio.get_running_loop().run_in_executor(
+            self._generations, model.generate, prompt, max_new_tokens, temperature, seed)
 
     async def _answer(self, model_id: str, texts: list[str], task: Task,
                       route: str | None = None) -> tuple[ModelInfo, Answer]:
@@ -361,6 +367,7 @@ class ModelCatalog:
     async def close(self) -> None:
         """Answer what is queued, then drop every model; cancel running comparisons."""
         await self.comparisons.close()
+        self._generations.shutdown(wait=False, cancel_futures=True)
         loaded, self._cache = list(self._cache.values()), OrderedDict()
         await asyncio.gather(*(m.batcher.aclose() for m in loaded))
 

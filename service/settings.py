@@ -40,7 +40,10 @@ class Settings(BaseSettings):
     # Datasets
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # Inference
-    max_batch_texts: int = Field(64, ge=1, description="Texts per /predict or /compare request; past it: 413.")
+    max_batch_texts: int = Field(64, ge=1, description="Texts per /predict, /embed, /score or /compare request; "
+                                                       "past it: 413.")
+    max_concurrent_generations: int = Field(2, ge=1, description="/generate calls run at once; more wait their "
+                                                                 "turn (a generation holds a thread per token).")
     max_text_chars: int = Field(5000, ge=1, description="Characters per text; past it: 422.")
     model_cache_bytes: int = Field(4 * 1024**3, ge=1, description="Memory cap of the loaded-model LRU cache.")
     batch_max_size: int = Field(32, ge=1, description="Micro-batching: most texts merged into one model call.")

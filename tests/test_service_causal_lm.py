@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from distill.data import load_task_data
 from distill.evaluate import next_token_agreement
 from distill.pipeline import run
 from distill.runtime import InputError, OnnxLanguageModel, TorchLanguageModel, load_model
+from service.models import ModelCatalog
 from service.settings import Settings
 from tests.conftest import compare_in_background, models_client, run_tiny_embedding_job, synthetic_rows, write_csv
 
@@ -223,6 +227,44 @@ def test_generate_refuses_what_it_cannot_do_naming_the_field(client: TestClient)
     assert response.status_code == 422 and "at most 100" in response.json()["detail"]
     response = client.post("/v1/models/lm.student/generate", json={"prompt": "a", "seed": -1})
     assert response.status_code == 422 and "seed" in response.text and "greater than or equal to 0" in response.text
+    # JSON's \ud800 escape decodes to a lone surrogate, which no tokenizer takes (it was a 500).
+    for path, body in [("generate", '{"prompt": "good \\ud800"}'), ("score", '{"texts": ["fine", "good \\ud800"]}')]:
+        response = client.post(f"/v1/models/lm.student/{path}", content=body,
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert "lone surrogate (\\ud800) at character 5" in response.json()["detail"]
+
+
+def test_a_tiny_temperature_samples_the_top_token(client: TestClient, settings: Settings) -> None:
+    """logits / 1e-320 overflowed to inf before the max was subtracted: inf - inf, NaN probabilities, a 500."""
+    body = {"prompt": "a great", "max_new_tokens": 5}
+    greedy = client.post("/v1/models/lm.student/generate", json={**body, "temperature": 0}).json()
+    tiny = client.post("/v1/models/lm.student/generate", json={**body, "temperature": 1e-320, "seed": 3})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["text"] == greedy["text"]
+
+
+def test_generations_run_in_their_own_threads(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not asyncio's default executor, which micro-batches and model loads share: long generations cannot hold
+    up /predict, /embed or /score."""
+    threads: list[str] = []
+
+    def record(self: Any, *args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(self, *args)
+
+    original = TorchLanguageModel.generate
+    monkeypatch.setattr(TorchLanguageModel, "generate", record)
+
+    async def generate_twice() -> None:
+        catalog = ModelCatalog(settings)
+        try:
+            await asyncio.gather(*(catalog.generate("lm.student-torch", "a great", 3, 0.0, None) for _ in range(2)))
+        finally:
+            await catalog.close()
+
+    asyncio.run(generate_twice())
+    assert len(threads) == 2 and all(name.startswith("generate") for name in threads), threads
 
 
 def test_an_empty_prompt_needs_a_start_token(settings: Settings, tmp_path: Path) -> None:

@@ -71,7 +71,9 @@ class ModelList(BaseModel):
 
 class TextsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[str] = Field(examples=[["a gripping, beautifully shot film", "dull and far too long"]])
+    texts: list[str] = Field(description="1 to DISTILL_MAX_BATCH_TEXTS (64) texts, each at most "
+                                         "DISTILL_MAX_TEXT_CHARS (5,000) characters.",
+                             examples=[["a gripping, beautifully shot film", "dull and far too long"]])
 
 
 class PredictResponse(BaseModel):
@@ -128,10 +130,22 @@ def check_texts(texts: list[str], settings: Settings) -> None:
                             f"{len(texts)} texts; at most {settings.max_batch_texts} per request "
                             f"(DISTILL_MAX_BATCH_TEXTS): split them over several requests")
     for i, text in enumerate(texts):
-        if len(text) > settings.max_text_chars:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                f"texts[{i}] has {len(text)} characters; at most {settings.max_text_chars} "
-                                f"(DISTILL_MAX_TEXT_CHARS)")
+        check_text(text, f"texts[{i}]", settings)
+
+
+def check_text(text: str, field: str, settings: Settings) -> None:
+    """422 for a text longer than max_text_chars, or one that is not Unicode text: JSON's \\ud800 escapes decode to
+    lone surrogates, which the tokenizers cannot take."""
+    if len(text) > settings.max_text_chars:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"{field} has {len(text)} characters; at most {settings.max_text_chars} "
+                            f"(DISTILL_MAX_TEXT_CHARS)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"{field} holds a lone surrogate (\\u{ord(text[e.start]):x}) at character {e.start}; "
+                            f"send Unicode text") from None
 
 
 def find_model(catalog: ModelCatalog, model_id: str) -> ModelInfo:
@@ -192,10 +206,7 @@ async def score(model_id: str, body: TextsRequest, catalog: CatalogDep, settings
 async def generate(model_id: str, body: GenerateRequest, catalog: CatalogDep,
                    settings: SettingsDep) -> GenerateResponse:
     started = time.perf_counter()
-    if len(body.prompt) > settings.max_text_chars:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"prompt has {len(body.prompt)} characters; at most {settings.max_text_chars} "
-                            f"(DISTILL_MAX_TEXT_CHARS)")
+    check_text(body.prompt, "prompt", settings)
     async with model_errors():
         info, generation = await catalog.generate(model_id, body.prompt, body.max_new_tokens, body.temperature,
                                                   body.seed)

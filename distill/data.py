@@ -422,6 +422,14 @@ def load_task_data(config: DataConfig, *, labelled: bool = True) -> TaskData:
     """Labeled splits and transfer texts for a job; see the module docstring for the split scheme. `labelled=False`
     (causal LMs) reads files for their texts alone: a .txt file one text per line, CSV/JSONL their text column."""
     data = _load_files(config, labelled) if config.dataset == "files" else _load_builtin(config)
+    # A text the job is scored on is never trained on: its copies leave the training rows (a file with repeated
+    # rows would otherwise put one copy in train and one in test), the transfer texts and the perturbed copies.
+    held_out = {_words(e.text) for e in data.validation + data.test}
+    train = [e for e in data.train if _words(e.text) not in held_out]
+    if not train:
+        raise DataError(f"{data.name}: every training row is also a validation/test text; add rows, or give "
+                        f"validation/test files that do not repeat the training texts")
+    data.train = train
     if config.limit is not None:
         data.train = data.train[:config.limit]  # already shuffled: a random sample, the same per seed
     if config.transfer == "builtin":
@@ -434,7 +442,13 @@ def load_task_data(config: DataConfig, *, labelled: bool = True) -> TaskData:
         data.transfer = read_texts(config.transfer, config.format, config.text_column)
     if config.augment:
         data.transfer += augment([e.text for e in data.train], config.augment, seed=config.split_seed)
+    data.transfer = [text for text in data.transfer if _words(text) not in held_out]
     return data
+
+
+def _words(text: str) -> str:
+    """The text as the tokenizers see it: its words, whitespace aside."""
+    return " ".join(text.split())
 
 
 def augment(texts: list[str], copies: int, seed: int) -> list[str]:
@@ -454,6 +468,6 @@ def augment(texts: list[str], copies: int, seed: int) -> list[str]:
                 start = rng.randint(0, len(kept) - length)
                 kept = kept[start:start + length]
             variant = " ".join(word for word in kept if rng.random() >= 0.1)
-            if variant and variant != text:
+            if variant and variant != _words(text):
                 variants.append(variant)
     return variants

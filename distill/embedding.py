@@ -378,10 +378,12 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     with clock("data"):
         data = load_task_data(config.data)
         for name, split in (("validation", data.validation), ("test", data.test)):
-            if len(split) < 2:  # recall@k (validation: the INT8 gate; test: the report) compares neighbours
-                raise DataError(f"data: the {name} split holds {len(split)} text; a sentence-embedding job needs "
-                                f"at least 2 (recall@{NEIGHBOURS} ranks each text's neighbours): add rows (a tenth "
-                                f"of the training file goes to each split) or give data.{name}")
+            if len(split) < NEIGHBOURS + 2:  # recall@k (validation: the INT8 gate, the best epoch; test: the
+                # report) ranks each text's neighbours: with k + 1 texts, they are all the others
+                raise DataError(f"data: the {name} split holds {len(split)} texts; a sentence-embedding job needs "
+                                f"at least {NEIGHBOURS + 2} (recall@{NEIGHBOURS} ranks each text's "
+                                f"{NEIGHBOURS} nearest among the others): add rows (a tenth of the training file "
+                                f"goes to each split) or give data.{name}")
         teacher_dir = resolve_teacher(config.teacher.name)
         texts = {"train": [e.text for e in data.train] + data.transfer,
                  "validation": [e.text for e in data.validation], "test": [e.text for e in data.test]}

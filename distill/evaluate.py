@@ -194,18 +194,20 @@ def corpus_perplexity(scores: list[TextScores]) -> float:
 
 def embedding_agreement(embeddings: Tensor, reference: Tensor, k: int = NEIGHBOURS) -> dict[str, float | None]:
     """Cosine agreement (mean cos(e_i, r_i); None when the widths differ) and recall@k agreement
-    (`neighbour_recall`; None for a single text, which has no neighbours). Embeddings (N, D) × (N, D_r)."""
+    (`neighbour_recall`; None for k + 1 texts or fewer, where each text's k neighbours are all the others and any
+    two models agree fully). Embeddings (N, D) × (N, D_r)."""
     cosine = (F.cosine_similarity(embeddings.float(), reference.float(), dim=-1).mean().item()
               if embeddings.shape[1] == reference.shape[1] else None)
-    recall = neighbour_recall(embeddings, reference, k) if len(embeddings) > 1 else None
+    recall = neighbour_recall(embeddings, reference, k) if len(embeddings) > k + 1 else None
     return {"cosine": cosine, f"recall_at_{NEIGHBOURS}": recall}
 
 
 def neighbour_recall(embeddings: Tensor, reference: Tensor, k: int = NEIGHBOURS) -> float:
     """For each text, the share of its k nearest neighbours among the other texts (by cosine) that are also among
-    the reference's, averaged. (N, D) × (N, D_r): the widths may differ; k shrinks to N − 1 on fewer than k + 1
-    texts (N ≥ 2)."""
-    k = min(k, len(embeddings) - 1)
+    the reference's, averaged. (N, D) × (N, D_r): the widths may differ; N > k + 1 (with fewer, the neighbours
+    are every other text, and the answer 1 whatever the models)."""
+    if len(embeddings) <= k + 1:
+        raise ValueError(f"recall@{k} ranks neighbours among more than {k + 1} texts; got {len(embeddings)}")
     neighbours = [_nearest(e, k) for e in (embeddings, reference)]  # (N, k) each
     shared = (neighbours[0].unsqueeze(-1) == neighbours[1].unsqueeze(-2)).any(dim=-1).sum(dim=-1)  # (N,)
     return (shared.float() / k).mean().item()

@@ -89,7 +89,10 @@ def test_embedding_agreement_known_answers() -> None:
     assert embedding_agreement(swapped, teacher, k=1)["recall_at_10"] == 0.0
     # 0 → 1, 1 → 0 and 3 → 2 as the teacher has them; 2's nearest is 1 (80°), not 3 (110°).
     assert embedding_agreement(_unit(0, 10, 90, 200), teacher, k=1)["recall_at_10"] == pytest.approx(0.75)
-    assert embedding_agreement(-teacher, teacher)["cosine"] == pytest.approx(-1.0)  # k shrinks to N − 1 = 3
+    # With k + 1 texts or fewer, each text's neighbours are all the others: any two models would agree fully.
+    assert embedding_agreement(-teacher, teacher) == {"cosine": pytest.approx(-1.0), "recall_at_10": None}
+    with pytest.raises(ValueError, match="more than 11 texts; got 4"):
+        neighbour_recall(-teacher, teacher)
     # Neighbours need no common width: the same geometry in 3 dimensions agrees fully with the 2-d teacher; the
     # cosine needs it. A single text has no neighbours.
     wider = torch.cat([teacher, torch.zeros(4, 1)], dim=1)
@@ -247,12 +250,13 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
 
 
 def test_a_split_too_small_for_neighbours_is_refused_before_any_work(tmp_path: Path) -> None:
-    """15 rows leave one text each to validation and test: no neighbours to rank, so no recall@10 for the INT8
-    gate or the report. Refused in the data stage, naming the split and the way out."""
-    csv = write_csv(tmp_path / "data.csv", synthetic_rows(15, seed=1))
+    """110 rows leave 11 texts each to validation and test: each text's 10 neighbours would be all the others, and
+    recall@10 1.0 for any student (the INT8 gate could not fail, the best epoch would ignore recall). Refused in
+    the data stage, naming the split and the way out."""
+    csv = write_csv(tmp_path / "data.csv", synthetic_rows(110, seed=1))
     config = _config(write_sentence_teacher(tmp_path / "teacher"), csv, tmp_path / "job",
                      FromTeacher(init="teacher", layers=[0]), loss=LossConfig(embedding_mse=1.0))
-    with pytest.raises(DataError, match=r"validation split holds 1 text; .* at least 2 .* or give data\.validation"):
+    with pytest.raises(DataError, match=r"validation split holds 11 texts; .* at least 12 .* or give data\.validation"):
         run(config)
 
 

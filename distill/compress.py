@@ -113,6 +113,7 @@ def compress(onnx_path: Path, out_dir: Path, *, mode: Mode = "dynamic", per_chan
     op_types = quantized_ops(mode, exclude_ops)
     if mode == "static" and not calibration_texts:
         raise ValueError("mode 'static' needs calibration_texts (a few hundred typical inputs)")
+    _classifier_config(tokenizer_dir)
     reference = OnnxPredictor(onnx_path, tokenizer_dir, max_length)
     optimized = optimize(onnx_path, out_dir, tokenizer_dir=tokenizer_dir, max_length=max_length, tolerance=tolerance)
 
@@ -170,7 +171,7 @@ def optimize(onnx_path: Path, out_dir: Path, *, tokenizer_dir: Path | None = Non
     (CompressError past `tolerance`, nothing written). The fp32 graph to serve and to time."""
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else onnx_path.parent
-    config = AutoConfig.from_pretrained(tokenizer_dir)
+    config = _classifier_config(tokenizer_dir)
     reference = OnnxPredictor(onnx_path, tokenizer_dir, max_length)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".optimize-") as work:
@@ -182,6 +183,17 @@ def optimize(onnx_path: Path, out_dir: Path, *, tokenizer_dir: Path | None = Non
                                 f"(tolerance {tolerance:g}) on batches {shapes}; fusions: {fused_ops}")
         os.replace(optimized, out_dir / OPTIMIZED_FILE)
     return OptimizeResult(out_dir / OPTIMIZED_FILE, fused_ops, diff)
+
+
+def _classifier_config(tokenizer_dir: Path) -> PretrainedConfig:
+    """The config.json beside the graph, which must be a sequence classifier's: the parity checks read `logits`
+    (B, C) from texts alone (sentence-embedding and causal-LM jobs quantize their students themselves)."""
+    config = AutoConfig.from_pretrained(tokenizer_dir)
+    if not any(name.endswith("ForSequenceClassification") for name in config.architectures or []):
+        raise CompressError(f"{tokenizer_dir}: config.json names {config.architectures}, not a sequence "
+                            f"classifier; compress optimizes and quantizes classifier graphs (sentence-embedding "
+                            f"and causal-LM jobs quantize their students themselves)")
+    return config
 
 
 def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop_points: float = 1.0,

@@ -178,7 +178,7 @@ def _pooling_mode(config: dict[str, Any], config_file: Path) -> str:
     modes = [config["pooling_mode"]] if "pooling_mode" in config else [
         mode for flag, mode in POOLING_FLAGS.items() if config.get(flag)]
     unknown = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in POOLING_FLAGS]
-    if len(modes) != 1 or unknown:
+    if len(modes) != 1 or unknown or modes[0] not in POOLING_FLAGS.values():
         raise ConfigError(f"{config_file}: exactly one pooling mode of {sorted(POOLING_FLAGS.values())} is "
                          f"supported; got {modes + unknown}")
     return modes[0]
@@ -588,7 +588,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| student ({name}) | | {row['cosine']:.4f} | {row[f'recall_at_{NEIGHBOURS}']:.4f} |"
               for name, row in report.get("deployment", {}).items()]
     interval = report.get("probe_retention_interval")
-    lines += ["", f"Probe retention: {report['probe_retention']:.4f}"
+    lines += ["", "Probe retention: none (the teacher's probe got no test text right)." if report["probe_retention"]
+              is None else f"Probe retention: {report['probe_retention']:.4f}"
               + (f" ({interval['level']:.0%} interval {interval['low']:.3f}–{interval['high']:.3f})." if interval
                  else ".")]
     if "served" in report:

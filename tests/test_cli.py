@@ -68,7 +68,8 @@ def test_model_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path, c
     encoder = write_tiny_encoder(tmp_path / "encoder")  # no classification head
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
-    (onnx_dir / "model.onnx").write_bytes(b"")  # the op types are checked before the graph is read
+    (onnx_dir / "model.onnx").write_bytes(b"")  # the op types and config.json are checked before the graph is read
+    (onnx_dir / "config.json").write_text((encoder / "config.json").read_text())
     texts = tmp_path / "texts.txt"
     texts.write_text("a good movie\na bad one\n")
     cases = [(["export", str(encoder), str(tmp_path / "out")], "is not a sequence classifier (architectures: "
@@ -77,6 +78,7 @@ def test_model_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path, c
                "Attention"], "--exclude-ops: ['Attention'] are not op types static quantization handles"),
              (["compress", str(onnx_dir), "--exclude-ops", "Gemm"], "--exclude-ops: ['Gemm'] are not op types "
                                                                      "dynamic quantization handles"),
+             (["compress", str(onnx_dir)], "config.json names ['BertModel'], not a sequence classifier"),
              (["bench", str(encoder), "--texts", str(texts), "--seq-len", "2"],
               "--seq-len: 2 tokens leave no room for a word beside the special tokens")]
     capsys.readouterr()  # transformers' progress bar of writing the encoder

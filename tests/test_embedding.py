@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from distill.cli import main as cli
 from distill.config import (
+    ConfigError,
     DataConfig,
     DistributedConfig,
     FromModel,
@@ -35,6 +36,7 @@ from distill.embedding import (
     load_sentence_encoder,
     pool,
     quantize_embedding_onnx,
+    render_markdown,
     save_sentence_encoder,
     teacher_anchors,
 )
@@ -164,6 +166,29 @@ def test_a_hub_sentence_encoder_keeps_its_own_pooling_projection_and_normalizati
     loaded = load_sentence_encoder("org/tiny-st")
     assert (loaded.pooling, loaded.normalize, loaded.dimension) == ("cls", True, 8)
     assert torch.equal(loaded.projection.weight, model.projection.weight)
+
+
+def test_the_report_says_there_is_no_probe_retention_when_the_teacher_probe_got_nothing_right() -> None:
+    """report.md is written before report.json: failing to format None lost the whole job's report."""
+    report = {"teacher": {"source": "t", "params": 1000, "dimension": 8, "pooling": "mean", "normalize": True,
+                          "test_probe_accuracy": 0.0},
+              "student": {"params": 100, "width": 8, "projection": False, "test_probe_accuracy": 1.0,
+                          "test_cosine": 0.5, "test_recall_at_10": 0.25},
+              "param_ratio": 0.1, "probe_retention": None, "probe_retention_interval": None,
+              "timings_seconds": {"data": 0.1}}
+    assert "Probe retention: none (the teacher's probe got no test text right)." in render_markdown(report)
+
+
+@pytest.mark.parametrize("pooling", [{"pooling_mode": "weightedmean"}, {"pooling_mode": ["mean", "max"]},
+                                     {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True},
+                                     {"pooling_mode_mean_sqrt_len_tokens": True}])
+def test_a_pooling_this_project_does_not_run_is_a_config_error(tmp_path: Path, pooling: dict) -> None:
+    """sentence-transformers 5 writes one `pooling_mode` value, which was not checked (a ValueError and a traceback
+    later); the flags of older releases were."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    (teacher / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
+    with pytest.raises(ConfigError, match="exactly one pooling mode of .* is supported"):
+        load_sentence_encoder(teacher)
 
 
 def test_failed_export_leaves_the_earlier_one_and_no_staging_dir(tmp_path: Path) -> None:

@@ -99,6 +99,10 @@ class ModelLoadError(RuntimeError):
     """A listed model's files could not be loaded (removed or corrupt since the job wrote them)."""
 
 
+class ComparisonsBusy(RuntimeError):
+    """As many comparisons are queued or running as settings.max_pending_comparisons allows."""
+
+
 class CompareError(ValueError):
     """The comparison cannot run as asked; the message says what is wrong."""
 
@@ -497,6 +501,8 @@ class Comparisons:
         self.catalog = catalog
         self._items: OrderedDict[str, Comparison] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compare")
+        # One comparison's turn at a time: its models are loaded when it starts, not held while it waits.
+        self._turn = asyncio.Lock()
 
     def start(self, models: list[str], *, texts: list[str] | None = None, labels: list[str] | None = None,
               dataset: str | None = None, split: Literal["test", "validation"] = "test", limit: int | None = None,
@@ -505,6 +511,10 @@ class Comparisons:
         awaits `comparison.task` when `comparison.background` is False (texts given, few timed calls)."""
         if len(set(models)) != len(models):
             raise CompareError(f"models: {models} lists a model twice; list each once")
+        limit_pending = self.catalog.settings.max_pending_comparisons
+        if sum(c.status in ("queued", "running") for c in self._items.values()) >= limit_pending:
+            raise ComparisonsBusy(f"{limit_pending} comparisons are queued or running "
+                                  f"(DISTILL_MAX_PENDING_COMPARISONS); retry when one has finished")
         infos = [self.catalog.get(model_id) for model_id in models]
         tasks = {info.id: info.task for info in infos}
         if len(set(tasks.values())) > 1:
@@ -537,11 +547,12 @@ class Comparisons:
         return self._items.get(comparison_id)
 
     async def _run(self, comparison: Comparison, infos: list[ModelInfo], inputs: _Inputs, repeats: int) -> None:
-        comparison.status = "running"
         try:
-            predictors = {info.id: await self.catalog.predictor(info) for info in infos}
-            comparison.result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._measure, predictors, infos, inputs, repeats)
+            async with self._turn:
+                comparison.status = "running"
+                predictors = {info.id: await self.catalog.predictor(info) for info in infos}
+                comparison.result = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._measure, predictors, infos, inputs, repeats)
             comparison.status = "succeeded"
         except (CompareError, DataError, EvaluateError, InputError) as e:
             comparison.status, comparison.error, comparison.error_status = "failed", str(e), 422

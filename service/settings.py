@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     # Jobs
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs training at once (each is one subprocess).")
     max_queued_jobs: int = Field(16, ge=0, description="Jobs waiting beyond the running ones; past it: 429.")
+    max_pending_comparisons: int = Field(8, ge=1, description="Comparisons queued or running at once; past it: 429.")
     max_job_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
                                    description="Most training processes one job may ask for "
                                                "(distributed.nproc_per_node; default: the CPU count); past it: 422.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,6 +293,31 @@ def test_a_comparison_failing_on_its_inputs_is_422_and_on_the_server_500(client:
         monkeypatch.setattr(service.models, "evaluate_models", fail)
         response = client.post("/v1/compare", json=body)
         assert response.status_code == code and str(error) in response.json()["detail"], response.text
+
+
+def test_comparisons_past_the_pending_limit_answer_429(settings: Settings,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs answer 429 when their queue is full; comparisons queued without bound before."""
+    release, evaluate_models = threading.Event(), service.models.evaluate_models
+
+    def held(*args: object, **kwargs: object) -> object:
+        release.wait(30)
+        return evaluate_models(*args, **kwargs)
+
+    monkeypatch.setattr(service.models, "evaluate_models", held)
+    body = {"models": ["job1.teacher", "job1.student"], "dataset": "job:job1", "repeats": 1}
+    for client in models_client(settings.model_copy(update={"max_pending_comparisons": 1})):
+        first = client.post("/v1/compare", json=body)
+        assert first.status_code == 202, first.text
+        busy = client.post("/v1/compare", json=body)
+        assert busy.status_code == 429 and busy.headers["retry-after"].isdigit()
+        assert "1 comparisons are queued or running (DISTILL_MAX_PENDING_COMPARISONS)" in busy.json()["detail"]
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get(first.headers["location"]).json()["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.post("/v1/compare", json=body).status_code == 202  # a slot is free again
 
 
 def test_compare_refuses_models_whose_labels_differ(settings: Settings, tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.deps import SettingsDep
-from service.models import KEPT_COMPARISONS, CompareError, Comparison, Status, UnknownModelError
+from service.models import KEPT_COMPARISONS, CompareError, Comparison, ComparisonsBusy, Status, UnknownModelError
 from service.routes.models import CatalogDep, check_texts
+from service.runner import RETRY_AFTER_SECONDS
 from service.schemas import error_responses
 
 router = APIRouter(prefix="/v1/compare", tags=["compare"])
@@ -68,7 +69,10 @@ class ComparisonPublic(BaseModel):
                    error=c.error, result=c.result)
 
 
-@router.post("", response_model=ComparisonPublic, responses=error_responses(404, 413, 422, 500),
+@router.post("", response_model=ComparisonPublic, responses={
+    **error_responses(404, 413, 422, 429, 500),
+    202: {"model": ComparisonPublic, "description": "Run in the background (a dataset, or many timed calls); "
+                                                    "GET the Location until it has ended."}},
              summary="Compare models on the same inputs")
 async def compare(body: CompareRequest, catalog: CatalogDep, settings: SettingsDep,
                   response: Response) -> ComparisonPublic:
@@ -82,6 +86,9 @@ async def compare(body: CompareRequest, catalog: CatalogDep, settings: SettingsD
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
     except CompareError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+    except ComparisonsBusy as e:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(e),
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     if comparison.background:
         response.status_code = status.HTTP_202_ACCEPTED
         response.headers["Location"] = f"{router.prefix}/{comparison.id}"

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
 
 from distill import atomic, distributed, engine, losses
-from distill.compress import INT8_FILE, accuracy_gate, quantize_dynamic_int8
+from distill.compress import INT8_FILE, CompressError, accuracy_gate, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
 from distill.data import DataError, load_task_data
 from distill.engine import EventSink, Split, Teacher
@@ -521,8 +521,13 @@ def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: Pre
             files["onnx-int8"] = quantize_embedding_onnx(exported.path, per_channel=config.compress.per_channel,
                                                          exclude_ops=config.compress.exclude_ops)
             embedders["onnx-int8"] = OnnxEmbedder(files["onnx-int8"], max_length)
-            fp32, int8 = (embedding_agreement(embedders[name].embed(texts["validation"]),
-                                              teacher_embeddings["validation"])[recall]
+            validation = {name: embedder.embed(texts["validation"]) for name, embedder in embedders.items()}
+            if not torch.isfinite(validation["onnx-int8"]).all():  # NaN is never servable, whatever its recall
+                files.pop("onnx-int8").unlink()
+                raise CompressError(f"INT8 outputs NaN or infinite embeddings on the validation texts; "
+                                    f"{target / INT8_FILE} was not kept. Leave the op types that overflow in fp32 "
+                                    f"(compress.exclude_ops) or set compress.quantize: none")
+            fp32, int8 = (embedding_agreement(validation[name], teacher_embeddings["validation"])[recall]
                           for name in ("onnx-fp32", "onnx-int8"))
             gate = accuracy_gate(fp32, int8, config.compress.max_accuracy_drop, metric="recall@10 agreement")
             emit("log", {"message": gate.message})

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from distill.cli import main as cli
+from distill.compress import CompressError
 from distill.config import (
     ConfigError,
     DataConfig,
@@ -189,6 +190,25 @@ def test_a_pooling_this_project_does_not_run_is_a_config_error(tmp_path: Path, p
     (teacher / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
     with pytest.raises(ConfigError, match="exactly one pooling mode of .* is supported"):
         load_sentence_encoder(teacher)
+
+
+def test_an_int8_graph_that_outputs_nan_fails_the_job_and_is_not_kept(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a classifier's: the recall gate alone would only refuse it by accident (NaN rows still rank)."""
+    embed = OnnxEmbedder.embed
+
+    def nan_from_int8(self: OnnxEmbedder, texts: list[str]) -> torch.Tensor:
+        embeddings = embed(self, texts)
+        return embeddings * float("nan") if self.name.endswith("model_int8.onnx") else embeddings
+
+    monkeypatch.setattr(OnnxEmbedder, "embed", nan_from_int8)
+    csv = write_csv(tmp_path / "data.csv", synthetic_rows(200, seed=1))
+    config = _config(write_sentence_teacher(tmp_path / "teacher"), csv, tmp_path / "job",
+                     FromTeacher(init="teacher", layers=[0]), loss=LossConfig(embedding_mse=1.0))
+    with pytest.raises(CompressError, match="INT8 outputs NaN or infinite embeddings on the validation texts"):
+        run(config)
+    assert not (tmp_path / "job" / "student-onnx" / "model_int8.onnx").exists()
+    assert not (tmp_path / "job" / "report.json").exists()
 
 
 def test_failed_export_leaves_the_earlier_one_and_no_staging_dir(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "
 # modules.json type names: the `sentence_transformers.models` paths load in every sentence-transformers release.
 ST_MODULE = "sentence_transformers.models.{}"
 IDENTITY = "torch.nn.modules.linear.Identity"  # a Dense layer's activation when it is a plain projection
+DENSE_DEFAULT_ACTIVATION = "torch.nn.modules.activation.Tanh"  # sentence-transformers' when a config names none
 
 
 @dataclass
@@ -187,9 +188,10 @@ def _pooling_mode(config: dict[str, Any], config_file: Path) -> str:
 def _load_projection(model: str | Path, folder: str) -> nn.Linear:
     config_file = _model_file(model, f"{folder}/config.json")
     config = json.loads(config_file.read_text())
-    if config.get("activation_function", IDENTITY) != IDENTITY:
-        raise ConfigError(f"{config_file}: a Dense layer with activation {config['activation_function']} is "
-                         f"not supported; only a plain projection ({IDENTITY})")
+    activation = config.get("activation_function", DENSE_DEFAULT_ACTIVATION)
+    if activation != IDENTITY:
+        raise ConfigError(f"{config_file}: a Dense layer with activation {activation} is not supported; only a "
+                          f"plain projection ({IDENTITY})")
     projection = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
     weights = load_file(_model_file(model, f"{folder}/model.safetensors"))
     projection.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})

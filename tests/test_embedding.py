@@ -211,6 +211,22 @@ def test_an_int8_graph_that_outputs_nan_fails_the_job_and_is_not_kept(tmp_path: 
     assert not (tmp_path / "job" / "report.json").exists()
 
 
+def test_a_dense_layer_without_an_activation_named_is_tanh_and_refused(tmp_path: Path) -> None:
+    """sentence-transformers' Dense defaults to Tanh when its config names no activation; read as a plain
+    projection before, such a teacher's embeddings were silently not its own."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    model = SentenceEncoder(load_sentence_encoder(teacher).encoder, "mean", torch.nn.Linear(32, 8), True)
+    saved = tmp_path / "saved"
+    save_sentence_encoder(model, AutoTokenizer.from_pretrained(teacher), saved, 16)
+    dense = next(m["path"] for m in json.loads((saved / "modules.json").read_text()) if m["type"].endswith("Dense"))
+    config = json.loads((saved / dense / "config.json").read_text())
+    assert load_sentence_encoder(saved).projection is not None  # as saved: Identity, named
+    del config["activation_function"]
+    (saved / dense / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="activation torch.nn.modules.activation.Tanh is not supported"):
+        load_sentence_encoder(saved)
+
+
 def test_failed_export_leaves_the_earlier_one_and_no_staging_dir(tmp_path: Path) -> None:
     teacher = write_sentence_teacher(tmp_path / "teacher")
     target = tmp_path / "out" / "student-onnx"

@@ -46,8 +46,9 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask
 
 
 def _log_softmax_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """fp32 log-softmaxes at τ; the teacher's is a target, detached: no gradient ever reaches the teacher."""
     return (F.log_softmax(student_logits.float() / temperature, dim=-1),
-            F.log_softmax(teacher_logits.float() / temperature, dim=-1))
+            F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1))
 
 
 def _row_mean(rows: Tensor, mask: Tensor | None) -> Tensor:

@@ -41,7 +41,7 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
 
 @pytest.mark.parametrize("extra, message", [
     ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
-    ({"teacher": {"name": "no-such-teacher"}}, "minilm-l6"),
+    ({"teacher": {"name": "no-such-teacher"}}, "unknown teacher 'no-such-teacher'; use a registered name (minilm-l6"),
     ({"data": {"dataset": "files", "train": "/nonexistent.csv", "max_length": 16}}, "/nonexistent.csv"),
     ({"student": {"init": "teacher", "layers": [0, 5]}}, "student.layers must be distinct increasing indices in 0..1"),
 ])

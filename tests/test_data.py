@@ -112,8 +112,10 @@ def test_summary_counts_rows_and_labels(tmp_path):
 def test_bom_and_multiline_csv_field(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(b'\xef\xbb\xbftext,label\n"two\nlines",a\n"",b\n')
-    with pytest.raises(DataError, match=r"train\.csv, line 4: empty text"):
+    with pytest.raises(DataError, match=r"train\.csv, line 4: empty text"):  # lines counted past the quoted one
         read_labeled_file(path, "auto", "text", "label")
+    path.write_bytes(b'\xef\xbb\xbftext,label\n"two\nlines",a\nthree,b\n')  # the BOM is not in the header
+    assert read_labeled_file(path, "auto", "text", "label") == [("two\nlines", "a"), ("three", "b")]
 
 
 BAD_FILES = [

@@ -119,17 +119,24 @@ def test_linear_probe_separates_separable_embeddings() -> None:
 
 
 def test_linear_probe_takes_the_penalty_validation_prefers() -> None:
-    """The penalty with the best validation accuracy is the one scored on test; on a tie, the smaller one."""
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(400) % 2
-    points = torch.randn(400, 64, generator=generator) + 1.5 * labels[:, None] * torch.eye(64)[0]
-    args = [tensor[part] for part in (slice(0, 40), slice(200, 300), slice(300, 400)) for tensor in (points, labels)]
+    """The penalty with the best validation accuracy is the one scored on test; on a tie, the smaller one. 20
+    training points in 128 dimensions: the largest penalty generalizes best; 16 in 512 with a stronger signal:
+    all three tie."""
+    def probe_args(n_train: int, dims: int, signal: float) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(1)
+        labels = torch.arange(400) % 2
+        points = torch.randn(400, dims, generator=generator) + signal * labels[:, None] * torch.eye(dims)[0]
+        return [tensor[part] for part in (slice(0, n_train), slice(200, 300), slice(300, 400))
+                for tensor in (points, labels)]
+
+    args = probe_args(20, 128, 1.0)
     chosen = linear_probe(*args, l2_grid=(1.0, 1e-2, 1e-4))
     scores = chosen.validation_accuracy
     assert list(scores) == ["0.0001", "0.01", "1"]
-    best = max(scores.values())
-    assert chosen.l2 == min(float(l2) for l2, score in scores.items() if score == best)
+    assert scores["1"] > max(scores["0.01"], scores["0.0001"]) and chosen.l2 == 1.0
     assert linear_probe(*args, l2_grid=(chosen.l2,)).test_accuracy == chosen.test_accuracy
+    tied = linear_probe(*probe_args(16, 512, 2.0), l2_grid=(1.0, 1e-2, 1e-4))
+    assert len(set(tied.validation_accuracy.values())) == 1 and tied.l2 == 1e-4
 
 
 def test_anchors_are_the_teachers_embeddings_of_evenly_spaced_training_texts(tmp_path: Path) -> None:

@@ -262,7 +262,12 @@ def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, re
     result = comparison["result"]
     assert result["texts"] == report["data"]["splits"]["test"]["rows"] and result["labelled"]
     assert result["models"]["job1.teacher"]["accuracy"] == pytest.approx(report["teacher"]["test_accuracy"])
-    assert result["models"]["job1.teacher"]["agreement"] == 1.0
+    assert result["models"]["job1.teacher"]["agreement"] == 1.0  # the reference
+    # The served student measured against the teacher as the job measured it, on the same texts.
+    served_row = "student-onnx-int8" if report["served"]["format"] == "onnx-int8" else "student-onnx-fp32"
+    job_row = report["evaluation"]["models"][served_row]
+    assert result["models"]["job1.student"]["accuracy"] == pytest.approx(job_row["accuracy"])
+    assert result["models"]["job1.student"]["agreement"] == pytest.approx(job_row["agreement"]) < 1.0
 
 
 @pytest.mark.parametrize(("body", "code", "message"), [

@@ -112,15 +112,18 @@ def _datasets(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
     from distill.export import export_model_dir
+    from distill.runtime import model_kind
 
     _need(args.model_dir / "config.json", "an HF model directory (config.json, weights, tokenizer)")
-    architectures = json.loads((args.model_dir / "config.json").read_text()).get("architectures") or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+    config = AutoConfig.from_pretrained(args.model_dir)
+    if model_kind(config) != "classifier":
         # Loaded as a classifier it would get a random head, and the parity check would pass on it.
-        raise UsageError(f"{args.model_dir} is not a sequence classifier (architectures: {architectures}); `distill "
-                         f"export` exports classifiers. Sentence-embedding and causal-LM jobs export their students "
-                         f"themselves (student-onnx/, export.onnx: true)")
+        raise UsageError(f"{args.model_dir} is not a sequence classifier (architectures: {config.architectures}); "
+                         f"`distill export` exports classifiers. Sentence-embedding and causal-LM jobs export their "
+                         f"students themselves (student-onnx/, export.onnx: true)")
     result = export_model_dir(args.model_dir, args.out_dir, opset=args.opset, tolerance=args.tolerance)
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}); max |logit difference| "
           f"from PyTorch {result.max_abs_diff:.2e} on (batch, length) {result.checked_shapes}")

@@ -46,7 +46,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoConfig, PretrainedConfig
 
 from distill.export import CHECK_TEXTS, check_parity
-from distill.runtime import OPTIMIZED_FILE, Inputs, OnnxPredictor
+from distill.runtime import OPTIMIZED_FILE, Inputs, OnnxPredictor, model_kind
 
 INT8_FILE = "model_int8.onnx"
 Mode = Literal["dynamic", "static"]
@@ -189,7 +189,7 @@ def _classifier_config(tokenizer_dir: Path) -> PretrainedConfig:
     """The config.json beside the graph, which must be a sequence classifier's: the parity checks read `logits`
     (B, C) from texts alone (sentence-embedding and causal-LM jobs quantize their students themselves)."""
     config = AutoConfig.from_pretrained(tokenizer_dir)
-    if not any(name.endswith("ForSequenceClassification") for name in config.architectures or []):
+    if model_kind(config) != "classifier":
         raise CompressError(f"{tokenizer_dir}: config.json names {config.architectures}, not a sequence "
                             f"classifier; compress optimizes and quantizes classifier graphs (sentence-embedding "
                             f"and causal-LM jobs quantize their students themselves)")

@@ -498,6 +498,17 @@ def onnx_file(path: Path) -> Path | None:
     return next((path / name for name in (OPTIMIZED_FILE, ONNX_FILE) if (path / name).is_file()), None)
 
 
+def model_kind(config: PretrainedConfig) -> Literal["classifier", "language-model", "encoder"]:
+    """What a saved model is, by its config.json's architectures: *ForSequenceClassification a classifier,
+    *ForCausalLM / *LMHeadModel a language model, anything else an encoder."""
+    architectures = config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "classifier"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "language-model"
+    return "encoder"
+
+
 def load_model(path: Path, max_length: int = 128,
                threads: int | None = None) -> HFPredictor | Embedder | LanguageModel:
     """An .onnx file, or a directory holding model.onnx (an exported model), runs on onnxruntime with the tokenizer
@@ -511,12 +522,12 @@ def load_model(path: Path, max_length: int = 128,
     directory = path if onnx_path is None else onnx_path.parent
     config = AutoConfig.from_pretrained(directory)
     max_length = min(max_length, usable_positions(config) or max_length)
-    architectures = config.architectures or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    kind = model_kind(config)
+    if kind == "classifier":
         if onnx_path is None:
             return TorchPredictor(path, max_length, threads)
         return OnnxPredictor(onnx_path, directory, max_length, threads)
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    if kind == "language-model":
         if onnx_path is None:
             return TorchLanguageModel(path, max_length, threads)
         return OnnxLanguageModel(onnx_path, max_length, threads)

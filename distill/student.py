@@ -20,7 +20,7 @@ from transformers import (
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
-from distill.runtime import usable_positions
+from distill.runtime import model_kind, usable_positions
 from teachers.registry import resolve_teacher
 
 
@@ -45,9 +45,9 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
     configs (and tokenizer), so a job is refused before the teacher's preparation, which may take long."""
     teacher = _read_config(teacher_dir, "teacher.name")
     _check_positions(teacher, max_length, "the teacher")
-    language_model = [name for name in teacher.architectures or [] if name.endswith(("ForCausalLM", "LMHeadModel"))]
-    if task != "causal-lm" and language_model:
-        raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is a causal language model ({language_model[0]}); "
+    if task != "causal-lm" and model_kind(teacher) == "language-model":
+        raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is a causal language model "
+                          f"({', '.join(teacher.architectures)}); "
                           f"task {task!r} distills from encoder teachers (BERT, MPNet, RoBERTa, ...), or use task "
                           f"'causal-lm'")
     if isinstance(spec, FromTeacher):

@@ -267,7 +267,8 @@ def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, re
     served_row = "student-onnx-int8" if report["served"]["format"] == "onnx-int8" else "student-onnx-fp32"
     job_row = report["evaluation"]["models"][served_row]
     assert result["models"]["job1.student"]["accuracy"] == pytest.approx(job_row["accuracy"])
-    assert result["models"]["job1.student"]["agreement"] == pytest.approx(job_row["agreement"]) < 1.0
+    assert result["models"]["job1.student"]["agreement"] == pytest.approx(job_row["agreement"])
+    assert result["models"]["job1.student"]["params"] == job_row["params"] < report["teacher"]["params"]
 
 
 @pytest.mark.parametrize(("body", "code", "message"), [

@@ -154,6 +154,9 @@ def load_sentence_encoder(model: str | Path, attn_implementation: str | None = N
             projection = _load_projection(model, folder)
         elif kind == "Normalize":
             normalize = True
+        elif kind == "Transformer" and folder:  # older saves: the weights in a subfolder, which would go unread
+            raise ConfigError(f"{modules_file}: the Transformer module lies in {folder!r}; supported are models "
+                              f"whose Transformer is the directory itself, as sentence-transformers saves them now")
         elif kind != "Transformer":
             raise ConfigError(f"{modules_file}: module {module['type']} is not supported (supported: "
                              f"Transformer, Pooling, Dense without activation, Normalize)")

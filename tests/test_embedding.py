@@ -218,6 +218,16 @@ def test_an_int8_graph_that_outputs_nan_fails_the_job_and_is_not_kept(tmp_path: 
     assert not (tmp_path / "job" / "report.json").exists()
 
 
+def test_a_transformer_module_in_a_subfolder_is_refused(tmp_path: Path) -> None:
+    """The encoder is read from the directory itself: a subfolder's weights would go unread."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    modules = json.loads((teacher / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (teacher / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConfigError, match="the Transformer module lies in '0_Transformer'"):
+        load_sentence_encoder(teacher)
+
+
 def test_a_dense_layer_without_an_activation_named_is_tanh_and_refused(tmp_path: Path) -> None:
     """sentence-transformers' Dense defaults to Tanh when its config names no activation; read as a plain
     projection before, such a teacher's embeddings were silently not its own."""

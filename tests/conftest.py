@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import random
@@ -187,3 +188,26 @@ def tiny_teacher_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def synthetic_csv(tmp_path: Path) -> Path:
     return write_csv(tmp_path / "synthetic.csv", synthetic_rows(400, seed=1))
+
+
+def merged_concurrently(predictor: Any, requests: list[list[str]]) -> tuple[list[Any], list[list[str]]]:
+    """Every request sent at once through one service MicroBatcher (8 texts a call at most, 5 ms wait): the answers
+    in request order, and the texts of each model call it made."""
+    from service.models import MicroBatcher
+
+    calls: list[list[str]] = []
+
+    class Counting:
+        name = predictor.name
+
+        def predict(self, texts: list[str]) -> Any:
+            calls.append(list(texts))
+            return predictor.predict(texts)
+
+    async def concurrently() -> list[Any]:
+        batcher = MicroBatcher(Counting(), max_size=8, max_wait_s=0.005)
+        answers = await asyncio.gather(*(batcher.predict(texts) for texts in requests))
+        await batcher.aclose()
+        return answers
+
+    return asyncio.run(concurrently()), calls

@@ -25,10 +25,16 @@ from distill.data import load_task_data
 from distill.evaluate import next_token_agreement
 from distill.pipeline import run
 from distill.runtime import InputError, OnnxLanguageModel, TorchLanguageModel, load_model
-from service.models import MicroBatcher, ModelCatalog
+from service.models import ModelCatalog
 from service.settings import Settings
-from tests.conftest import compare_in_background, models_client, run_tiny_embedding_job, synthetic_rows, write_csv
-from tests.test_service_models import Counting
+from tests.conftest import (
+    compare_in_background,
+    merged_concurrently,
+    models_client,
+    run_tiny_embedding_job,
+    synthetic_rows,
+    write_csv,
+)
 
 IDS = ["lm.teacher", "lm.student", "lm.student-fp32", "lm.student-torch"]
 MAX_LENGTH = 16
@@ -207,20 +213,13 @@ def test_concurrent_score_callers_get_their_own_rows(settings: Settings, test_te
     requests = [[text] for text in test_texts[:9]]
     requests[3] = test_texts[9:12]  # a caller with several texts gets all its rows
     alone = [model.predict(texts) for texts in requests]
-    counting = Counting(model)
-
-    async def concurrently() -> list[Any]:
-        batcher = MicroBatcher(counting, max_size=8, max_wait_s=0.005)
-        answers = await asyncio.gather(*(batcher.predict(texts) for texts in requests))
-        await batcher.aclose()
-        return answers
-
-    for got, want in zip(asyncio.run(concurrently()), alone, strict=True):
+    answers, calls = merged_concurrently(model, requests)
+    for got, want in zip(answers, alone, strict=True):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_allclose(got.nll, want.nll, rtol=1e-4)  # padding differs per batch
         assert [g.tolist() for g in got.guesses] == [g.tolist() for g in want.guesses]
-    assert len(counting.calls) < len(requests)
-    assert sorted(t for call in counting.calls for t in call) == sorted(t for texts in requests for t in texts)
+    assert len(calls) < len(requests)
+    assert sorted(t for call in calls for t in call) == sorted(t for texts in requests for t in texts)
 
 
 def test_generate_greedy_and_seeded_sampling(client: TestClient, settings: Settings) -> None:

@@ -23,7 +23,14 @@ from distill.pipeline import run
 from distill.runtime import InputError, OnnxPredictor, Prediction, TorchPredictor
 from service.models import CompareError, MicroBatcher, ModelCatalog
 from service.settings import Settings
-from tests.conftest import compare_in_background, models_client, synthetic_rows, write_csv, write_tiny_encoder
+from tests.conftest import (
+    compare_in_background,
+    merged_concurrently,
+    models_client,
+    synthetic_rows,
+    write_csv,
+    write_tiny_encoder,
+)
 
 TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
 IDS = ["job1.teacher", "job1.student", "job1.student-fp32", "job1.student-torch"]
@@ -112,17 +119,6 @@ def test_predict_on_an_unknown_model_says_where_the_ids_are(client: TestClient) 
         assert response.status_code == 404 and "GET /v1/models" in response.json()["detail"], model_id
 
 
-class Counting:
-    """A predictor that records the texts of every call."""
-
-    def __init__(self, predictor: OnnxPredictor) -> None:
-        self.inner, self.name, self.calls = predictor, predictor.name, []
-
-    def predict(self, texts: list[str]) -> Prediction:
-        self.calls.append(list(texts))
-        return self.inner.predict(texts)
-
-
 def test_micro_batcher_gives_each_concurrent_caller_its_own_rows(report: dict) -> None:
     # The fp32 graph: dynamic INT8 quantizes activations with one scale per batch, so an INT8 row moves a little
     # (about 1e-3 here) with its batch-mates, which would blur whose rows a caller got.
@@ -131,21 +127,13 @@ def test_micro_batcher_gives_each_concurrent_caller_its_own_rows(report: dict) -
     requests = [[f"{w} film number {i}"] for i, w in enumerate(["good", "awful", "dull", "superb"] * 8)]
     requests[5] = ["great plot", "poor acting", "the story"]  # a caller with several texts gets all its rows
     alone = [predictor.predict(texts) for texts in requests]
-    counting = Counting(predictor)
-
-    async def concurrently() -> list[Prediction]:
-        batcher = MicroBatcher(counting, max_size=8, max_wait_s=0.005)
-        answers = await asyncio.gather(*(batcher.predict(texts) for texts in requests))
-        await batcher.aclose()
-        return answers
-
-    answers = asyncio.run(concurrently())
+    answers, calls = merged_concurrently(predictor, requests)
     for got, want in zip(answers, alone, strict=True):
         assert got.labels == want.labels
         np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)  # padding differs per batch
-    assert len(counting.calls) < len(requests)
-    assert all(len(call) <= 8 for call in counting.calls)
-    assert sorted(t for call in counting.calls for t in call) == sorted(t for texts in requests for t in texts)
+    assert len(calls) < len(requests)
+    assert all(len(call) <= 8 for call in calls)
+    assert sorted(t for call in calls for t in call) == sorted(t for texts in requests for t in texts)
 
 
 def test_micro_batcher_hands_a_failure_only_to_the_caller_whose_texts_fail() -> None:

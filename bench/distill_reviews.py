@@ -20,7 +20,7 @@ computed once and reused by every seed (they depend on the texts, not on the see
 --resume keeps the jobs under $DISTILL_HOME/bench/distill_reviews: a finished one (its report.json, made from the
 same config) is read back, an interrupted one continues from its checkpoint, so a run longer than a session is the
 same command again. Writes bench/results/distill_reviews.json (its headline numbers are the two-stage students' mean
-when run, else the compact student's); asserts nothing.
+when run, else the compact student's) each time a job ends, `"complete": false` until the last; asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import shlex
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -122,19 +123,25 @@ def main() -> None:
     pull_dataset("reviews", progress=print)
     work = distill_home() / "bench" / "distill_reviews"
 
-    rows = []
+    if not (args.three_layer or args.compact or args.two_stage):
+        raise SystemExit("nothing to run: --no-three-layer needs --compact or --two-stage")
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        """Keep a finished job's row and write the JSON at once: a run lost midway keeps what it finished."""
+        rows.append(row)
+        write_results(rows, args, complete=False)
+
     for teacher in args.teachers:
         if teacher == "mpnet-base":
             pull_teacher(teacher, progress=print)
         first = teacher == args.teachers[0]
         if args.three_layer:
-            rows.append(three_layer_student(teacher, work, first, args))
+            record(three_layer_student(teacher, work, first, args))
         if first and args.compact:
-            rows.append(compact_student(teacher, work, args))
+            record(compact_student(teacher, work, args))
         if first and args.two_stage:
-            rows += two_stage_students(teacher, work, args)
-    if not rows:
-        raise SystemExit("nothing to run: --no-three-layer needs --compact or --two-stage")
+            two_stage_students(teacher, work, args, record)
 
     print()
     print(f"{'teacher':<11} {'student':<29} {'params':>11} {'student':>11} {'ratio':>6} {'teacher acc':>11} "
@@ -150,16 +157,25 @@ def main() -> None:
                   f"(cache build included), teacher every step {r['uncached_examples_per_second']:.1f} "
                   f"-> {r['cache_speedup']:.2f}x ({r['cache_speedup_per_epoch']:.2f}x without the cache build)")
 
+    write_results(rows, args, complete=True)
+    print(f"wrote {args.out}")
+
+
+def write_results(rows: list[dict], args: argparse.Namespace, *, complete: bool) -> None:
+    """The JSON: headline numbers (the two-stage students' mean when run, else the compact student's, else the
+    first row's), the command and every row; `complete` is false while jobs of the command are still to run."""
     two_stage = [r for r in rows if "seed" in r]
     if two_stage:
         headline = {**two_stage[0], "student": f"{COMPACT_NAME}, two-stage, mean of {len(two_stage)} seed(s)",
                     "student_accuracy": statistics.fmean(r["student_accuracy"] for r in two_stage)}
         headline["retention"] = headline["student_accuracy"] / headline["teacher_accuracy"]
-        print("two-stage retention by seed: " + ", ".join(f"{r['seed']}: {r['retention']:.4f}" for r in two_stage)
-              + f"; mean accuracy {headline['student_accuracy']:.4f}, retention {headline['retention']:.4f}")
+        if complete:
+            print("two-stage retention by seed: " + ", ".join(f"{r['seed']}: {r['retention']:.4f}"
+                                                            for r in two_stage)
+                  + f"; mean accuracy {headline['student_accuracy']:.4f}, retention {headline['retention']:.4f}")
     else:
         headline = next((r for r in rows if r["student"] == COMPACT_NAME), rows[0])
-    result = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+    result = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "complete": complete,
               "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
               "precision": args.precision,
               "teacher": headline["teacher"], "student": headline["student"],
@@ -169,7 +185,6 @@ def main() -> None:
               "cache_speedup": rows[0].get("cache_speedup"), "group_by_length": args.group_by_length, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
 
 
 def run_job(config: JobConfig, args: argparse.Namespace, cached: Path | None = None) -> dict:
@@ -249,12 +264,12 @@ def compact_student(teacher: str, work: Path, args: argparse.Namespace) -> dict:
     return {**student_row(teacher, COMPACT_NAME, report), "epochs": args.compact_epochs}
 
 
-def two_stage_students(teacher: str, work: Path, args: argparse.Namespace) -> list[dict]:
+def two_stage_students(teacher: str, work: Path, args: argparse.Namespace,
+                       record: Callable[[dict], None]) -> None:
     """For each seed: stage 1, the compact student taught the teacher's sentence embeddings (MSE + cosine, no
     labels; the settings of examples/reviews-embedding-compact.yaml); stage 2, the task distilled into it as into
     the compact student. The first seed's jobs compute each stage's teacher outputs, the others reuse them (stage 2's
-    come from the 3-layer run when it used as many perturbed copies)."""
-    rows = []
+    come from the 3-layer run when it used as many perturbed copies). Each seed's row goes to `record` as it ends."""
     embeddings = None
     logits = work / teacher / TEACHER_LOGITS if args.two_stage_augment == args.augment else None
     for seed in args.seeds:
@@ -274,10 +289,9 @@ def two_stage_students(teacher: str, work: Path, args: argparse.Namespace) -> li
         report = run_job(job(teacher, stage2_dir, args.epochs, True, args, student=student,
                              augment=args.two_stage_augment, seed=seed, onnx=False), args, logits)
         logits = logits or stage2_dir / TEACHER_LOGITS
-        rows.append({**student_row(teacher, f"{COMPACT_NAME}, two-stage (seed {seed})", report), "seed": seed,
+        record({**student_row(teacher, f"{COMPACT_NAME}, two-stage (seed {seed})", report), "seed": seed,
                      "stage1": {key: stage1["student"][key] for key in ("test_cosine", "test_recall_at_10")}
                      | {"epochs": args.stage1_epochs, "stage_seconds": stage1["timings_seconds"]}})
-    return rows
 
 
 if __name__ == "__main__":

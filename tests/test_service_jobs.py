@@ -194,6 +194,35 @@ def test_cancel_stops_a_running_job_and_a_full_queue_answers_429(
     assert client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference, epochs=1)).status_code == 202
 
 
+def processes_of(directory: Path) -> list[int]:
+    """Pids of the live processes whose command line names `directory` (a job's torchrun and its workers)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(directory) in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # ended while we looked
+            continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads processes from /proc")
+def test_cancel_stops_every_process_of_a_multi_process_job(make_client: Any, tiny_teacher_dir: Path,
+                                                           synthetic_csv: Path, distill_home: Path) -> None:
+    client = make_client(max_job_processes=2)
+    reference = upload(client, synthetic_csv).json()["reference"]
+    job = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference, epochs=500)
+                      | {"distributed": {"nproc_per_node": 2}}).json()
+    wait_for(client, job["id"], lambda j: j["stage"] == "distill" and j["progress"] > 0, timeout=120)
+    directory = distill_home / "jobs" / job["id"]
+    assert len(processes_of(directory)) == 3  # torchrun and its two workers
+
+    stopped = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert stopped.status_code == 200 and stopped.json()["status"] == "cancelled"
+    assert processes_of(directory) == []
+
+
 def test_a_job_that_sent_done_as_the_server_stopped_is_succeeded_not_run_again(
         tiny_teacher_dir: Path, synthetic_csv: Path, distill_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`done` comes after the job wrote its report: a server stopping as such a job exits records it succeeded,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.datasets import remove_unfinished_uploads
@@ -58,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = None
     app.state.metrics_registry, histogram = build_registry(lambda: app.state.store)
     app.add_middleware(RequestTelemetry, histogram=histogram)
-    app.add_exception_handler(ServiceError, _service_error)
+    add_error_handlers(app)
 
     protected = [Depends(require_api_key)]
     app.include_router(ops.health_router)
@@ -68,9 +71,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """How errors become answers: a ServiceError its status and message, a malformed request FastAPI's 422."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
 async def _service_error(request: Request, exc: Any) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Any) -> JSONResponse:
+    """FastAPI's own 422, but with a NaN or ±Infinity the client sent (Python's JSON reader takes them) echoed as a
+    string: JSON cannot carry them, and the default answer failed on them with a 500."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def serve(settings: Settings | None = None) -> None:

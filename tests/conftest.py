@@ -151,6 +151,7 @@ def models_client(settings: Any) -> Iterator[Any]:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from service.app import add_error_handlers
     from service.models import ModelCatalog
     from service.routes import compare, models
 
@@ -161,6 +162,7 @@ def models_client(settings: Any) -> Iterator[Any]:
         await app.state.models.close()
 
     app = FastAPI(lifespan=lifespan)
+    add_error_handlers(app)
     app.include_router(models.router)
     app.include_router(compare.router)
     with TestClient(app) as client:

@@ -299,6 +299,12 @@ def test_a_bad_job_is_refused_with_422_naming_the_key(client_and_dataset: tuple[
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
+def test_a_job_body_that_is_nan_is_a_422(client_and_dataset: tuple[Any, str]) -> None:
+    client, _ = client_and_dataset
+    response = client.post("/v1/jobs", content="NaN", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["input"] == "nan", response.text
+
+
 def test_a_job_reads_server_directories_only_under_the_model_roots_and_learns_nothing_of_others(
         make_client: Any, synthetic_csv: Path, tiny_teacher_dir: Path, tmp_path: Path) -> None:
     """teacher.name / student.model name a server directory only under $DISTILL_HOME/teachers or DISTILL_MODEL_DIRS;

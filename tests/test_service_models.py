@@ -113,6 +113,19 @@ def test_predict_limits(client: TestClient, texts: list[str], code: int, message
     assert response.status_code == code and message in response.json()["detail"]
 
 
+@pytest.mark.parametrize(("route", "body", "field"), [
+    ("/v1/models/job1.student/predict", '{"texts": [NaN]}', ["body", "texts", 0]),
+    ("/v1/compare", '{"models": ["job1.student"], "texts": ["fine"], "repeats": -Infinity}', ["body", "repeats"]),
+])
+def test_a_nan_or_infinity_in_a_body_is_a_422_naming_the_field(client: TestClient, route: str, body: str,
+                                                               field: list[str | int]) -> None:
+    # Python's JSON reader takes NaN and Infinity; the 422 echoes the input back, which JSON cannot carry.
+    response = client.post(route, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == field and error["input"] in ("nan", "-inf")
+
+
 def test_predict_on_an_unknown_model_says_where_the_ids_are(client: TestClient) -> None:
     for model_id in ("nojob.student", "student", "...student", "no%00job.student"):
         response = client.post(f"/v1/models/{model_id}/predict", json={"texts": ["fine"]})

@@ -268,9 +268,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         check_causal(teacher, config.teacher.name)
         student = build_student(config.student, teacher, teacher_dir, attn_implementation=attention,
                                 auto_class=AutoModelForCausalLM)
-        if not student.shares_teacher_tokenizer:
-            raise ConfigError("student: task 'causal-lm' compares next-token distributions over one vocabulary, and "
-                              "this student's tokenizer differs from the teacher's; use init 'teacher' or 'fresh'")
+        assert student.shares_teacher_tokenizer  # refused by check_student
 
     with clock("distill"):
         result = engine.fit(TASK, student.model, tokenizer, splits["train"], splits["validation"], config.train,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from teachers.registry import distill_home
 
 CONFIG_VERSION = 1
+MAX_SEED = 2**32 - 1  # a 32-bit seed: what every seeded library takes (torch's generator stops at 2**64 - 1)
 
 
 Precision = Literal["fp32", "bf16"]
@@ -36,9 +37,10 @@ class TeacherConfig(_Section):
     finetune_epochs: int = Field(1, ge=0, description="Stage 2: whole teacher unfrozen (0 skips it).")
     finetune_lr: float = Field(3e-5, gt=0)
     batch_size: int = Field(32, ge=1)
-    seed: int | None = Field(None, description="Seed of the preparation (head init, data order); null: the job's "
-                                               "seed. Fix it to try several student seeds against one prepared "
-                                               "(cached) teacher.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="Seed of the preparation (head init, data order); null: the job's seed. "
+                                         "Fix it to try several student seeds against one prepared (cached) "
+                                         "teacher.")
 
     @model_validator(mode="after")
     def _prepares_something(self) -> TeacherConfig:
@@ -229,7 +231,7 @@ class JobConfig(_Section):
     version: Literal[1] = CONFIG_VERSION
     task: Task = Field("sequence-classification", description="What the student is for: a classifier (teacher "
                                                               "gets a head), sentence embeddings, or next tokens.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Precision = Field(
         "fp32", description="bf16: autocast matmuls to bfloat16 in every stage (faster on CPUs with "
                             "AVX512-BF16 or AMX; on an H200 no faster than fp32 for small students, "

@@ -403,10 +403,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     with clock("build-student"):
         built = build_student(config.student, teacher.model.encoder, teacher_dir, attn_implementation=attention,
                               auto_class=AutoModel, texts=texts["train"])
-        if config.loss.intermediate and not built.shares_teacher_tokenizer:
-            raise ConfigError("loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so "
-                              "both need the same tokenizer, and this student's tokenizer differs from the teacher's. "
-                              "Use embedding losses only (set them to 0) or a student with init 'teacher' or 'fresh'")
+        assert built.shares_teacher_tokenizer or not config.loss.intermediate  # refused by check_student
         width, student = built.model.config.hidden_size, encoder_like(teacher.model, built.model)
         student_inputs = teacher_inputs if built.shares_teacher_tokenizer else {
             name: task.encode(built.tokenizer, batch, config.data.max_length) for name, batch in texts.items()}

@@ -97,10 +97,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention,
                                 texts=texts["train"])
         intermediate = config.loss.intermediate
-        if intermediate and not student.shares_teacher_tokenizer:
-            raise ConfigError("loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so "
-                              "both need the same tokenizer, and this student's tokenizer differs from the teacher's. "
-                              "Use logit distillation only (set them to 0) or a student with init 'teacher' or 'fresh'")
+        assert student.shares_teacher_tokenizer or not intermediate  # refused by check_student
         student_inputs = teacher_inputs if student.shares_teacher_tokenizer else {
             name: task.encode(student.tokenizer, batch, max_length) for name, batch in texts.items()}
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
@@ -266,7 +263,7 @@ def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, Even
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
     check_student(config.student, resolve_teacher(config.teacher.name), max_length=config.data.max_length,
-                  task=config.task)
+                  task=config.task, intermediate_losses=config.loss.intermediate)
     distributed.place(config.device)
     out = Path(config.output_dir)
     if distributed.is_main():

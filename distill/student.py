@@ -40,9 +40,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: int, task: Task) -> None:
-    """ConfigError for a student the models cannot give, or a data.max_length past their positions: read from their
-    configs (and tokenizer), so a job is refused before the teacher's preparation, which may take long."""
+def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: int, task: Task,
+                  intermediate_losses: bool = False) -> None:
+    """ConfigError for a student the models cannot give or the job cannot train (a data.max_length past their
+    positions, a decoder for an encoder task, a tokenizer other than the teacher's where tokens are compared one by
+    one: `intermediate_losses`, or a causal LM's next tokens): read from their configs and tokenizers, so a job is
+    refused before the teacher's preparation, which may take long."""
     teacher = _read_config(teacher_dir, "teacher.name")
     _check_positions(teacher, max_length, "the teacher")
     if task != "causal-lm" and model_kind(teacher) == "language-model":
@@ -54,12 +57,32 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
         _check_layers(spec.layers, teacher.num_hidden_layers)
     elif isinstance(spec, FromModel):
         source_dir = resolve_teacher(spec.model)
-        _check_positions(_source_config(spec, source_dir), max_length, f"student.model {spec.model!r}")
+        source = _source_config(spec, source_dir)
+        _check_positions(source, max_length, f"student.model {spec.model!r}")
+        if task != "causal-lm" and model_kind(source) == "language-model":
+            raise ConfigError(f"student.model: {spec.model!r} is a causal language model "
+                              f"({', '.join(source.architectures)}); task {task!r} trains encoder students (BERT, "
+                              f"MiniLM, ...), or use init 'teacher' or 'fresh'")
         if spec.trim_vocabulary:
             if task == "causal-lm":
                 raise ConfigError("student.trim_vocabulary: a causal LM predicts over its whole vocabulary, so it "
                                   "is kept; remove the key")
             _wordpiece(AutoTokenizer.from_pretrained(source_dir))
+        if task == "causal-lm" or intermediate_losses:
+            # A trimmed vocabulary renumbers the tokens, so it is another tokenizer too.
+            same = not spec.trim_vocabulary and (AutoTokenizer.from_pretrained(source_dir).get_vocab()
+                                                 == AutoTokenizer.from_pretrained(teacher_dir).get_vocab())
+            if not same:
+                raise ConfigError(TOKENIZER_DIFFERS[task if task == "causal-lm" else "intermediate"])
+
+
+TOKENIZER_DIFFERS = {
+    "causal-lm": "student: task 'causal-lm' compares next-token distributions over one vocabulary, and this "
+                 "student's tokenizer differs from the teacher's; use init 'teacher' or 'fresh'",
+    "intermediate": "loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so both need "
+                    "the same tokenizer, and this student's tokenizer differs from the teacher's (a trimmed "
+                    "vocabulary renumbers it). Set them to 0, or use a student with init 'teacher' or 'fresh'",
+}
 
 
 def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:

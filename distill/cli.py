@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from distill import distributed
+from distill import atomic, distributed
 from distill.compress import QUANTIZABLE, CompressError
-from distill.config import ConfigError, load_config
+from distill.config import MAX_OPSET, MIN_OPSET, ConfigError, load_config
 from distill.data import BUILTIN_DATASETS, DataError, pull_dataset, read_labeled_file, read_texts
 from distill.engine import TrainingError
 from distill.evaluate import EvaluateError
@@ -80,9 +81,11 @@ def _run(args: argparse.Namespace) -> int:
         command = distributed.torchrun_command(config.distributed, config.output_dir.name, "distill.cli", *again)
         return subprocess.run(command).returncode
     printer = ProgressPrinter()
-    with distributed.process_group(config.device):
-        result = run(config, printer, resume=args.resume)
-    printer.close()
+    try:
+        with distributed.process_group(config.device):
+            result = run(config, printer, resume=args.resume)
+    finally:  # a bar left open would be drawn after the error
+        printer.close()
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     print(json.dumps({"student_dir": str(result.student_dir), **printer.done,
@@ -124,7 +127,11 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model_dir} is not a sequence classifier (architectures: {config.architectures}); "
                          f"`distill export` exports classifiers. Sentence-embedding and causal-LM jobs export their "
                          f"students themselves (student-onnx/, export.onnx: true)")
-    result = export_model_dir(args.model_dir, args.out_dir, opset=args.opset, tolerance=args.tolerance)
+    try:
+        atomic.check_replaceable(args.out_dir, ONNX_FILE, source=args.model_dir)
+    except ValueError as e:
+        raise UsageError(f"{e}") from None
+    result = export_model_dir(args.model_dir, args.out_dir.resolve(), opset=args.opset, tolerance=args.tolerance)
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset}); max |logit difference| "
           f"from PyTorch {result.max_abs_diff:.2e} on (batch, length) {result.checked_shapes}")
     return 0
@@ -238,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export an HF model directory to ONNX (model.onnx + tokenizer)")
     export.add_argument("model_dir", type=Path)
     export.add_argument("out_dir", type=Path)
-    export.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    export.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference from PyTorch")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=range(MIN_OPSET, MAX_OPSET + 1),
+                        metavar=f"{{{MIN_OPSET}..{MAX_OPSET}}}")
+    export.add_argument("--tolerance", type=positive_float, default=1e-4,
+                        help="max abs logit difference from PyTorch")
     export.set_defaults(handler=_export)
     compress = commands.add_parser("compress", help="optimize and INT8-quantize an exported model, in place")
     compress.add_argument("onnx_dir", type=Path, help=f"a directory holding {ONNX_FILE} (from `distill export`)")
@@ -261,14 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--text-column", default="text")
     bench.add_argument("--label-column", "--labels-column", dest="label_column",
                        help="score accuracy against this column (label names as in the first model's config)")
-    bench.add_argument("--latency-calls", type=int, default=200)
-    bench.add_argument("--warmup-calls", type=int, default=20)
-    bench.add_argument("--batch-size", type=int, default=32, help="throughput batch size")
-    bench.add_argument("--throughput-batches", type=int, default=10)
+    bench.add_argument("--latency-calls", type=positive_int, default=200)
+    bench.add_argument("--warmup-calls", type=natural_int, default=20)
+    bench.add_argument("--batch-size", type=positive_int, default=32, help="throughput batch size")
+    bench.add_argument("--throughput-batches", type=positive_int, default=10)
     bench.add_argument("--seq-len", type=positive_int,
                        help="time on a text of exactly this many tokens (default: the texts)")
-    bench.add_argument("--max-length", type=int, default=128, help="tokens per text; longer texts are truncated")
-    bench.add_argument("--threads", type=int, help="intra-op threads for PyTorch and onnxruntime")
+    bench.add_argument("--max-length", type=positive_int, default=128,
+                       help="tokens per text; longer texts are truncated")
+    bench.add_argument("--threads", type=positive_int, help="intra-op threads for PyTorch and onnxruntime")
     bench.add_argument("--json", type=Path, help="also write the full report here")
     bench.set_defaults(handler=_bench)
     serve = commands.add_parser("serve", help="serve the HTTP API (settings from DISTILL_* variables)")
@@ -284,10 +294,31 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
+def natural_int(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 0")
+    return int(value)
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not number > 0 or math.isinf(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number above 0")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        resume = f"; `distill run {args.config} --resume` continues from the last checkpoint" if (
+            args.command == "run") else ""
+        print(f"distill: interrupted{resume}", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, TeacherNotFound, TrainingError, ExportError, CompressError, EvaluateError,
             UsageError, OSError) as e:  # OSError: e.g. an output directory that cannot be created
         print(f"distill: error: {e}", file=sys.stderr)

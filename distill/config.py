@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from teachers.registry import distill_home
 
 CONFIG_VERSION = 1
+MIN_OPSET, MAX_OPSET = 14, 20  # the ONNX opsets exports are tested at and ORT runs
 MAX_SEED = 2**32 - 1  # a 32-bit seed: what every seeded library takes (torch's generator stops at 2**64 - 1)
 
 
@@ -174,7 +175,7 @@ class TrainConfig(_Section):
 class ExportConfig(_Section):
     onnx: bool = Field(True, description="Export the student (and the teacher) to ONNX, checked against PyTorch.")
     teacher: bool = Field(True, description="Also export the teacher, for the side-by-side evaluation.")
-    opset: int = Field(17, ge=14, le=20)
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
     tolerance: float = Field(1e-4, gt=0, description="Max abs logit difference ONNX vs PyTorch; past it the job "
                                                      "fails with the difference in the message.")
 
@@ -316,6 +317,8 @@ def load_config(path: Path) -> JobConfig:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}); save the config as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
     config = parse_config(data)

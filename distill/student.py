@@ -21,7 +21,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
 from distill.runtime import model_kind, usable_positions
-from teachers.registry import resolve_teacher
+from teachers.registry import TeacherNotFound, resolve_teacher
 
 
 @dataclass
@@ -56,7 +56,10 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher.num_hidden_layers)
     elif isinstance(spec, FromModel):
-        source_dir = resolve_teacher(spec.model)
+        try:
+            source_dir = resolve_teacher(spec.model)
+        except TeacherNotFound as e:  # its words are the registry's, about teachers
+            raise ConfigError(f"student.model: {e}") from None
         source = _source_config(spec, source_dir)
         _check_positions(source, max_length, f"student.model {spec.model!r}")
         if task != "causal-lm" and model_kind(source) == "language-model":

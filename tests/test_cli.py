@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distill import atomic
 from distill.cli import main
 from tests.conftest import write_tiny_encoder
 
@@ -44,6 +45,8 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     ({"teacher": {"name": "no-such-teacher"}}, "unknown teacher 'no-such-teacher'; use a registered name (minilm-l6"),
     ({"data": {"dataset": "files", "train": "/nonexistent.csv", "max_length": 16}}, "/nonexistent.csv"),
     ({"student": {"init": "teacher", "layers": [0, 5]}}, "student.layers must be distinct increasing indices in 0..1"),
+    ({"student": {"init": "model", "model": "/nonexistent-model", "num_layers": 1}},
+     "student.model: unknown teacher '/nonexistent-model'"),
 ])
 def test_errors_are_one_line_with_exit_code_2(extra: dict, message: str, tiny_teacher_dir: Path,
                                               synthetic_csv: Path, tmp_path: Path,
@@ -87,6 +90,61 @@ def test_model_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path, c
         err = capsys.readouterr().err
         assert err.startswith("distill: error: ") and message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
-    with pytest.raises(SystemExit) as exit_:  # argparse: usage and the message, exit code 2
-        main(["bench", str(encoder), "--texts", str(texts), "--seq-len", "0"])
-    assert exit_.value.code == 2 and "'0' is not a whole number of at least 1" in capsys.readouterr().err
+    for argv, message in ((["bench", str(encoder), "--texts", str(texts), "--seq-len", "0"],
+                           "--seq-len: '0' is not a whole number of at least 1"),
+                          (["bench", str(encoder), "--texts", str(texts), "--threads", "-1"],
+                           "--threads: '-1' is not a whole number of at least 1"),
+                          (["export", str(encoder), str(tmp_path / "out"), "--opset", "5"],
+                           "--opset: invalid choice: 5 (choose from 14, "),
+                          (["export", str(encoder), str(tmp_path / "out"), "--tolerance", "nan"],
+                           "--tolerance: 'nan' is not a number above 0")):
+        with pytest.raises(SystemExit) as exit_:  # argparse: usage and the message, exit code 2
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_export_replaces_only_an_earlier_export_never_other_files_or_its_input(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    classifier = write_tiny_encoder(tmp_path / "models" / "classifier")
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps(config | {"architectures": ["BertForSequenceClassification"]}))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("months of work")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    capsys.readouterr()
+    for out, message in ((notes, "is not empty and holds no earlier output (model.onnx)"),
+                         (a_file, "is a file"), (classifier, "holds the input"),
+                         (tmp_path / "models", "holds the input")):
+        assert main(["export", str(classifier), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("distill: error: ") and message in err, err
+    assert (notes / "thesis.tex").read_text() == "months of work" and a_file.is_file()
+    assert (classifier / "model.safetensors").exists()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "model.onnx").write_bytes(b"")
+    for out in (earlier, tmp_path / "empty", tmp_path / "absent"):  # replaceable: no error
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        atomic.check_replaceable(out, "model.onnx", source=classifier)
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("# r\xe9sum\xe9\nseed: 1\n".encode("latin-1"))
+    assert main(["run", str(config)]) == 2
+    assert capsys.readouterr().err == f"distill: error: {config}: not valid UTF-8 (byte 3); save the config as UTF-8\n"
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("distill.pipeline.run", interrupted)
+    config = _write_config(tmp_path / "job.yaml", tiny_teacher_dir, synthetic_csv)
+    assert main(["run", str(config)]) == 130
+    assert capsys.readouterr().err == (f"distill: interrupted; `distill run {config} --resume` continues from the "
+                                       f"last checkpoint\n")

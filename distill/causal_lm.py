@@ -245,7 +245,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     """A `task: causal-lm` job (see the module docstring); pipeline.run hands it over. Under torchrun every rank
     runs the teacher on its slice of each batch (nothing is cached); rank 0 alone emits, writes and runs the stages
     after training, the others return None."""
-    out, emit = pipeline.start_job(config, on_event)
+    out, emit = pipeline.start_job(config, on_event, resume)
     timings: dict[str, float] = {}
     clock = functools.partial(pipeline.timed_stage, timings=timings, emit=emit)
     torch.manual_seed(config.seed)

@@ -373,7 +373,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     There is no teacher-preparation stage: the teacher is used as it is (its pooling and normalization). Under
     torchrun, as in pipeline.run: rank 0 computes the teacher's embeddings (broadcast) and the projection's start
     (DDP copies rank 0's weights to the others), emits and writes; the others return None after training."""
-    out, emit = start_job(config, on_event)
+    out, emit = start_job(config, on_event, resume)
     task = SentenceEmbedding(config.data.max_length)
     timings: dict[str, float] = {}
     clock = functools.partial(timed_stage, timings=timings, emit=emit)

@@ -331,9 +331,36 @@ def _run_settings(cfg: TrainConfig, seed: int, loss: LossConfig, train: Split, v
         digest = hashlib.sha256()
         split.update_digest(digest)
         digests[name] = digest.hexdigest()[:16]
-    return {"total_steps": total_steps, "seed": seed, **digests,
+    return {"total_steps": total_steps, **digests, **config_settings(cfg, seed, loss)}
+
+
+def config_settings(cfg: TrainConfig, seed: int, loss: LossConfig) -> dict[str, Any]:
+    """The run settings a config gives alone (no data): the seed, the training settings but checkpoint_every, the
+    loss."""
+    return {"seed": seed,
             **{f"train.{k}": v for k, v in cfg.model_dump(mode="json", exclude={"checkpoint_every"}).items()},
             **{f"loss.{k}": v for k, v in loss.model_dump(mode="json").items()}}
+
+
+def check_resumable(path: Path, settings: dict[str, Any]) -> None:
+    """TrainingError when the checkpoint at `path` was written with other values of `settings` (some of the run
+    settings fit compares, those a job's config gives), for a job to refuse --resume of another run before its
+    first stage: the teacher's outputs for the other settings would replace the saved ones first. No checkpoint,
+    or an unreadable one, passes: fit deals with it."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["run"]
+    except Exception:  # noqa: BLE001 - absent, cut or older: fit reads it again and says so
+        return
+    _refuse_other_run(path, saved, {key: value for key, value in settings.items() if key in saved})
+
+
+def _refuse_other_run(path: Path, saved: dict[str, Any], run: dict[str, Any]) -> None:
+    """TrainingError naming each of `run`'s settings that `saved` (the checkpoint's) has otherwise."""
+    changed = [(f"the {key} differ" if key.endswith(" data") else f"{key}: {saved[key]!r} then, "
+                f"{run.get(key)!r} now") for key in run if saved.get(key) != run.get(key)]
+    if changed:
+        raise TrainingError(f"{path} was written by another run ({'; '.join(changed)}); --resume continues the same "
+                            f"run only: restore those settings, or start afresh without --resume")
 
 
 def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
@@ -366,11 +393,7 @@ def _read_checkpoint(path: Path, emit: EventSink) -> dict[str, Any] | None:
 def _restore(path: Path, payload: dict[str, Any], model: nn.Module, projection: nn.Module | None,
              optimizer: torch.optim.Optimizer, scheduler: Any, run: dict[str, Any]) -> dict[str, Any]:
     saved = payload.get("run", {"total_steps": payload.get("total_steps")})  # older checkpoints kept the steps only
-    changed = [(f"the {key} differ" if key.endswith(" data") else f"{key}: {saved[key]!r} then, "
-                f"{run.get(key)!r} now") for key in saved if saved[key] != run.get(key)]
-    if changed:
-        raise TrainingError(f"{path} was written by another run ({'; '.join(changed)}); --resume continues the same "
-                            f"run only: restore those settings, or start afresh without --resume")
+    _refuse_other_run(path, saved, {key: run.get(key) for key in saved})
     model.load_state_dict(payload["model"])
     if projection is not None:
         projection.load_state_dict(payload["projection"])

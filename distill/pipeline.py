@@ -64,7 +64,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         from distill import embedding  # which imports this module's stage helpers
 
         return embedding.run(config, on_event, resume=resume)
-    out, emit = start_job(config, on_event)
+    out, emit = start_job(config, on_event, resume)
     task = SequenceClassification()
     timings: dict[str, float] = {}
     clock = functools.partial(timed_stage, timings=timings, emit=emit)
@@ -256,14 +256,18 @@ def render_job_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_job(config: JobConfig, on_event: EventSink | None) -> tuple[Path, EventSink]:
-    """Every task's first step: the student checked against the models (student.check_student), where it computes
-    (distributed.place), the output directory (made by rank 0) and the event sink (rank 0 speaks for all), warned
-    when bf16 would run slower than fp32 here."""
+def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tuple[Path, EventSink]:
+    """Every task's first step: the student checked against the models (student.check_student), a --resume of
+    another run's checkpoint refused, where it computes (distributed.place), the output directory (made by rank 0)
+    and the event sink (rank 0 speaks for all), warned when bf16 would run slower than fp32 here."""
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
     check_student(config.student, resolve_teacher(config.teacher.name), max_length=config.data.max_length,
                   task=config.task, intermediate_losses=config.loss.intermediate)
+    if resume:
+        engine.check_resumable(Path(config.output_dir) / engine.CHECKPOINT,
+                               engine.config_settings(config.train, config.seed, config.loss)
+                               | {"precision": config.precision, **run_identity(config)})
     distributed.place(config.device)
     out = Path(config.output_dir)
     if distributed.is_main():

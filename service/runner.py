@@ -96,6 +96,12 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
             raise ServiceError(422, f"data.dataset: the upload {dataset_id!r} holds texts without labels (uploaded "
                                     f"with labelled=false), which only causal-lm jobs read; a {config.task} job "
                                     f"needs an upload with a label column")
+        for key in ("text_column", "label_column"):
+            chosen = getattr(upload, key)
+            if key in data.model_fields_set and getattr(data, key) != chosen:
+                raise ServiceError(422, f"data.{key}: {getattr(data, key)!r}, but an upload's columns are named when "
+                                        f"it is uploaded (POST /v1/datasets); upload {dataset_id!r} has {key} "
+                                        f"{chosen!r}; remove the key")
         data = data.model_copy(update={"dataset": "files", "format": "auto",
                                        "train": upload_path(settings, upload.id, upload.format),
                                        "text_column": upload.text_column, "label_column": upload.label_column})

@@ -305,6 +305,17 @@ def test_a_job_body_that_is_nan_is_a_422(client_and_dataset: tuple[Any, str]) ->
     assert response.status_code == 422 and response.json()["detail"][0]["input"] == "nan", response.text
 
 
+def test_an_uploads_columns_are_named_at_upload_not_in_the_job(client_and_dataset: tuple[Any, str],
+                                                                tiny_teacher_dir: Path) -> None:
+    client, dataset = client_and_dataset
+    job = tiny_job(tiny_teacher_dir, dataset)
+    for key, name in (("text_column", "review"), ("label_column", "sentiment")):
+        response = client.post("/v1/jobs", json=job | {"data": job["data"] | {key: name}})
+        assert response.status_code == 422 and response.json()["detail"].startswith(
+            f"data.{key}: {name!r}, but an upload's columns are named when it is uploaded"), response.text
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
 def test_a_job_reads_server_directories_only_under_the_model_roots_and_learns_nothing_of_others(
         make_client: Any, synthetic_csv: Path, tiny_teacher_dir: Path, tmp_path: Path) -> None:
     """teacher.name / student.model name a server directory only under $DISTILL_HOME/teachers or DISTILL_MODEL_DIRS;

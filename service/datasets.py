@@ -145,18 +145,24 @@ def delete_dataset(settings: Settings, store: Store, dataset_id: str) -> None:
     if dataset_id in BUILTIN_DATASETS:
         raise ServiceError(409, f"{dataset_id!r} is a built-in dataset; only uploads can be deleted")
     record = _upload(store, dataset_id)
-    users = store.delete_dataset(record.id)
+    deleted, users = store.delete_dataset(record.id)
     if users:
         raise ServiceError(409, f"dataset {dataset_id!r} is used by queued or running jobs: {', '.join(users)}; "
                                 f"cancel them or wait until they end")
+    if not deleted:  # another DELETE of it got there first
+        raise ServiceError(404, _not_found(dataset_id))
     shutil.rmtree(upload_path(settings, record.id, record.format).parent, ignore_errors=True)
 
 
 def _upload(store: Store, dataset_id: str) -> Dataset:
     record = store.get_dataset(dataset_id.removeprefix(UPLOAD_PREFIX))
     if record is None:
-        raise ServiceError(404, f"no dataset {dataset_id!r}; GET /v1/datasets lists the built-in and uploaded ones")
+        raise ServiceError(404, _not_found(dataset_id))
     return record
+
+
+def _not_found(dataset_id: str) -> str:
+    return f"no dataset {dataset_id!r}; GET /v1/datasets lists the built-in and uploaded ones"
 
 
 def _builtin(settings: Settings, name: str) -> DatasetPublic:

@@ -291,14 +291,14 @@ class Store:
             rows = self._db.execute("SELECT * FROM datasets ORDER BY created_at DESC, id").fetchall()
         return [_dataset(r) for r in rows]
 
-    def delete_dataset(self, dataset_id: str) -> list[str]:
-        """Delete the record unless queued or running jobs read it; returns those jobs (deleted when empty)."""
+    def delete_dataset(self, dataset_id: str) -> tuple[bool, list[str]]:
+        """Delete the record unless queued or running jobs read it: (whether this call deleted it, those jobs)."""
         with self._lock, self._db:
             users = [r[0] for r in self._db.execute(f"SELECT id FROM jobs WHERE dataset_id = ? AND {_IS_ACTIVE}",
                                                     (dataset_id,))]
-            if not users:
-                self._db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
-            return users
+            if users:
+                return False, users
+            return self._db.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,)).rowcount == 1, []
 
 
 def _job(row: sqlite3.Row) -> Job:

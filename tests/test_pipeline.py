@@ -215,11 +215,11 @@ def test_a_job_resumed_with_another_student_is_refused_naming_it(tiny_teacher_di
     saved_outputs = (tmp_path / "job" / "teacher_logits.pt").read_bytes()
     other = config.model_copy(update={"student": FromTeacher(init="teacher", layers=[0])})
     another_seed = config.model_copy(update={"seed": 1})  # another seed prepares another teacher
+    events: list[tuple[str, dict]] = []
     for changed, message in ((other, "student.layers: [1] then, [0] now"), (another_seed, "seed: 0 then, 1 now")):
-        events: list[tuple[str, dict]] = []
         with pytest.raises(TrainingError, match=re.escape(message)):
             run(changed, lambda kind, data: events.append((kind, data)), resume=True)
-        assert events == []  # refused before the first stage: the saved teacher outputs are the run's to resume
+    assert events == []  # refused before the first stage: the saved teacher outputs are the run's to resume
     assert (tmp_path / "job" / "teacher_logits.pt").read_bytes() == saved_outputs
 
 

@@ -370,7 +370,7 @@ def test_a_job_is_not_queued_on_an_upload_deleted_after_its_check(client_and_dat
 
     def check_then_delete(*args: Any) -> Any:
         checked = check_job(*args)
-        assert store.delete_dataset(dataset.removeprefix("upload:")) == []  # no job uses it yet
+        assert store.delete_dataset(dataset.removeprefix("upload:")) == (True, [])  # no job uses it yet
         return checked
 
     monkeypatch.setattr(runner, "check_job", check_then_delete)
@@ -379,6 +379,17 @@ def test_a_job_is_not_queued_on_an_upload_deleted_after_its_check(client_and_dat
     assert "data.dataset: the uploaded dataset" in response.json()["detail"] and "deleted" in response.text
     assert client.get("/v1/jobs").json()["total"] == 0
     assert not list(client.app.state.settings.jobs_dir.iterdir())  # its directory is removed too
+
+
+def test_of_two_deletes_of_one_upload_one_answers_204_the_other_404(client_and_dataset: tuple[Any, str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both found the upload before either deleted it (the stale read widened to always)."""
+    client, dataset = client_and_dataset
+    record = client.app.state.store.get_dataset(dataset.removeprefix("upload:"))
+    monkeypatch.setattr(Store, "get_dataset", lambda self, dataset_id: record)
+    answers = [client.delete(f"/v1/datasets/{record.id}") for _ in range(2)]
+    assert [a.status_code for a in answers] == [204, 404]
+    assert answers[1].json()["detail"].startswith(f"no dataset {record.id!r}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a server without a GPU")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import transformers
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -47,6 +48,11 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # transformers writes its load reports through a handler of its own and draws progress bars (raw `\r` lines):
+    # its records go through ours instead, and the bars are off.
+    transformers.logging.disable_default_handler()
+    transformers.logging.enable_propagation()
+    transformers.logging.disable_progress_bar()
 
 
 class RequestTelemetry:

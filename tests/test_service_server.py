@@ -114,6 +114,8 @@ def test_a_job_survives_a_killed_server_resumes_from_its_checkpoint_and_streams_
     assert 'route="/v1/jobs/{job_id}/artifacts/{name:path}",status="200"' in metrics
     assert 'distill_jobs{status="succeeded"} 1.0' in metrics
 
+    # A PyTorch model loaded by the server: transformers' load report and progress bar are JSON lines too.
+    assert second.http.post(f"/v1/models/{job_id}.teacher/predict", json={"texts": ["fine"]}).status_code == 200
     requests = [line for line in first.log_lines() if line["message"] == "request"]
     assert {"time", "level", "method", "path", "route", "status", "duration_ms"} <= set(requests[0])
     assert any(r["method"] == "POST" and r["path"] == "/v1/jobs" and r["status"] == 202 for r in requests)

@@ -64,6 +64,7 @@ from distill.runtime import (
 )
 from service.runner import REPORT_FILE as REPORT
 from service.settings import Settings
+from teachers.registry import distill_home
 
 log = logging.getLogger("distill.service.models")
 
@@ -534,8 +535,12 @@ class Comparisons:
             if unknown:
                 raise CompareError(f"labels: {unknown} are not label names of the models; they are "
                                    f"{infos[0].label_names}")
-        if dataset is not None:
-            _data_config(self.catalog, dataset)  # refuses an unknown dataset or job now, not in the background
+        # An unknown dataset or job, or data these models cannot be scored on: refused now, not in the background.
+        if dataset is not None and not _dataset(self.catalog, dataset).labelled and (
+                infos[0].task == "sequence-classification"):
+            raise CompareError(f"dataset {dataset!r} holds texts without labels (a causal-LM job's data), and "
+                               f"classifiers are scored against labels; give a built-in dataset, another job's data "
+                               f"or texts")
         background = texts is None or repeats * len(models) > INLINE_TIMED_CALLS
         comparison = Comparison(uuid.uuid4().hex[:12], models, background, datetime.now(UTC))
         self._keep(comparison)
@@ -604,16 +609,32 @@ class Comparisons:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _data_config(catalog: ModelCatalog, dataset: str) -> DataConfig:
-    """`reviews` (a built-in dataset, pulled) or `job:<job_id>` (the data that job was trained and tested on)."""
+@dataclass
+class _Dataset:
+    config: DataConfig
+    labelled: bool  # a causal-LM job's data are texts alone
+
+
+def _dataset(catalog: ModelCatalog, dataset: str) -> _Dataset:
+    """`reviews` (a built-in dataset, pulled) or `job:<job_id>` (the data that job was trained and tested on, its
+    files still there), or a CompareError saying why not."""
     if dataset.startswith(JOB_DATASET_PREFIX):
         job_id = dataset.removeprefix(JOB_DATASET_PREFIX)
         report = catalog.settings.jobs_dir / job_id / REPORT
         if Path(job_id).name != job_id or job_id in ("", ".", "..") or not report.is_file():
             raise CompareError(f"dataset {dataset!r}: no succeeded job {job_id!r}; GET /v1/jobs lists the jobs")
-        return DataConfig(**json.loads(report.read_text())["config"]["data"])
+        job = json.loads(report.read_text())["config"]
+        config = DataConfig(**job["data"])
+        files = [config.train, config.validation, config.test] if config.dataset == "files" else []
+        if not all(Path(f).is_file() for f in files if f is not None):
+            raise CompareError(f"dataset {dataset!r}: the data job {job_id!r} read are gone (an upload deleted "
+                               f"since); compare on texts, another job's data or a built-in dataset")
+        return _Dataset(config, labelled=job["task"] != "causal-lm")
     if dataset in BUILTIN_DATASETS:
-        return DataConfig(dataset=dataset)
+        if not BUILTIN_DATASETS[dataset].cache_path(distill_home()).exists():
+            raise CompareError(f"dataset {dataset!r}: the built-in dataset is not downloaded on the server yet; run "
+                               f"`distill datasets pull {dataset}` there, or compare on texts or a job's data")
+        return _Dataset(DataConfig(dataset=dataset), labelled=True)
     raise CompareError(f"dataset {dataset!r} is not known; give a built-in dataset "
                        f"({', '.join(BUILTIN_DATASETS)}) or 'job:<job_id>' for the data a job was tested on")
 
@@ -621,8 +642,10 @@ def _data_config(catalog: ModelCatalog, dataset: str) -> DataConfig:
 def _load_split(catalog: ModelCatalog, dataset: str, split: Literal["test", "validation"], limit: int | None,
                 task: Task) -> tuple[list[str], list[str] | None]:
     """(texts, label names: classifiers only) of a dataset split: the same seeded split the jobs use, first `limit`
-    rows. Read as `task`'s jobs read it: causal-LM jobs take texts alone (a .txt file, no label column)."""
-    data = load_task_data(_data_config(catalog, dataset), labelled=task != "causal-lm")
+    rows. Read as the job that made it read it (a causal-LM job's: texts alone, a .txt file or no label column),
+    and without labels for causal LMs."""
+    source = _dataset(catalog, dataset)
+    data = load_task_data(source.config, labelled=source.labelled and task != "causal-lm")
     examples = (data.test if split == "test" else data.validation)[:limit]
     names = [data.labels[e.label] for e in examples] if task == "sequence-classification" else None
     return [e.text for e in examples], names

@@ -288,6 +288,28 @@ def test_compare_refuses_what_it_cannot_run(client: TestClient, body: dict, code
     assert response.status_code == code and message in json.dumps(response.json()), response.text
 
 
+def test_a_comparison_on_data_it_cannot_read_is_refused_before_it_starts(client: TestClient, settings: Settings,
+                                                                         report: dict, tmp_path: Path) -> None:
+    """Not accepted (202) to fail in the background with a message naming the server's files."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a review\n" * 30)
+    lm_job = settings.jobs_dir / "lmtexts"  # a causal-LM job's report: its data are texts alone
+    lm_job.mkdir()
+    (lm_job / "report.json").write_text(json.dumps({"config": {"task": "causal-lm", "data": {
+        "dataset": "files", "train": str(texts)}}}))
+    train = Path(report["config"]["data"]["train"])
+    hidden = train.rename(train.with_name("hidden.csv"))  # as if job1's upload had been deleted
+    try:
+        for dataset, message in (("reviews", "the built-in dataset is not downloaded on the server yet"),
+                                 ("job:lmtexts", "holds texts without labels (a causal-LM job's data)"),
+                                 ("job:job1", "the data job 'job1' read are gone")):
+            response = client.post("/v1/compare", json={"models": ["job1.student"], "dataset": dataset})
+            assert response.status_code == 422 and message in response.json()["detail"], response.text
+    finally:
+        hidden.rename(train)
+        shutil.rmtree(lm_job)
+
+
 def test_a_comparison_failing_on_its_inputs_is_422_and_on_the_server_500(client: TestClient,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A text a model cannot take (distill.runtime.InputError, e.g. a causal LM's text with no token to predict

@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from distill import atomic
 from distill.config import DataConfig
@@ -31,6 +33,7 @@ from service.store import Dataset, Store, now
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}  # .txt: one text per line
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the small text fields around the file
 COPY_CHUNK = 1024 * 1024
+UPLOAD_PARTS = ("file", "text_column", "label_column", "labelled")  # the multipart form of POST /v1/datasets
 
 
 @dataclass
@@ -55,7 +58,12 @@ async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ServiceError(415, "send multipart/form-data with the CSV or JSONL file in the part 'file' (and "
                                 "optional text_column, label_column fields)")
-    form = await request.form(max_files=1, max_fields=3)
+    try:  # room for every part to arrive, so that a misplaced one gets its own message below
+        form = await request.form(max_files=len(UPLOAD_PARTS), max_fields=len(UPLOAD_PARTS) - 1)
+    except HTTPException as e:  # Starlette's word on a malformed or overfull form
+        raise ServiceError(400, f"{e.detail}; the form's parts are {', '.join(UPLOAD_PARTS)}") from None
+    except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing kept
+        raise ServiceError(400, "the upload was cut off before its end") from None
     try:
         file = form.get("file")
         if not isinstance(file, UploadFile):
@@ -95,8 +103,11 @@ def save_upload(settings: Settings, store: Store, upload: Upload) -> DatasetPubl
                             label_column=upload.label_column)
         try:
             data = load_task_data(config, labelled=upload.labelled)
-        except DataError as e:  # name the file as the client knows it, not its temporary path on the server
-            raise ServiceError(422, str(e).replace(str(work / final.name), upload.filename)) from None
+        except DataError as e:  # name the file as the client knows it, not its (temporary) path on the server
+            message = str(e).replace(str(work / final.name), upload.filename)
+            if message.startswith(f"{final.name}:"):  # messages about the whole file start with its name
+                message = upload.filename + message.removeprefix(final.name)
+            raise ServiceError(422, message) from None
         os.replace(work, final.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)

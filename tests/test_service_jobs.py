@@ -417,6 +417,18 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     one_class = tmp_path / "one.jsonl"
     one_class.write_text("".join(json.dumps({"text": f"film {i}", "label": "positive"}) + "\n" for i in range(9)))
     assert "distillation needs at least 2 classes" in upload(client, one_class).json()["detail"]
+    repeated = write_csv(tmp_path / "repeated.csv", [("the same film", "positive"), ("the same film", "negative")] * 10)
+    assert upload(client, repeated).json()["detail"].startswith("repeated.csv: every training row is also a "
+                                                                "validation/test text")
+    small = tmp_path / "small.csv"
+    as_file = client.post("/v1/datasets", files={"file": ("small.csv", small.read_bytes(), "text/csv"),
+                                                 "text_column": ("c.txt", b"text", "text/plain")})
+    assert (as_file.status_code, as_file.json()["detail"]) == (422, "text_column: must be a text field naming a "
+                                                                    "column, not a file")
+    crowded = client.post("/v1/datasets", files={"file": ("small.csv", small.read_bytes(), "text/csv")},
+                          data={"a": "1", "b": "2", "c": "3", "d": "4"})
+    assert crowded.status_code == 400 and crowded.json()["detail"].endswith(
+        "; the form's parts are file, text_column, label_column, labelled"), crowded.text
     notes = tmp_path / "notes.md"
     notes.write_text("text,label\n")
     assert "name it .csv, .jsonl or .json" in upload(client, notes).json()["detail"]

@@ -31,7 +31,8 @@ DESCRIPTION = """Distil a Transformer teacher into a small student, export it to
 
 Submit a job (`POST /v1/jobs`, the same config as `distill run`), follow its events, download its artifacts.
 Upload your own labelled CSV/JSONL with `POST /v1/datasets` and use it as `data.dataset: "upload:<id>"`.
-When the server has an API key, send `Authorization: Bearer <key>` (every route but `/healthz` and the page `/ui`).
+When the server has an API key, send `Authorization: Bearer <key>` (every `/v1` route, `/readyz`, `/metrics`;
+`/healthz`, the page `/ui` and these docs are open).
 """
 
 

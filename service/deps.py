@@ -39,7 +39,8 @@ _bearer = HTTPBearer(auto_error=False, description="The server's DISTILL_API_KEY
 
 async def require_api_key(settings: SettingsDep,
                           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """When settings.api_key is set, every route but /healthz needs `Authorization: Bearer <key>`."""
+    """When settings.api_key is set, the routes it guards (every /v1 route, /readyz, /metrics) need
+    `Authorization: Bearer <key>`; /healthz, the page /ui and the API's own docs (/docs, /openapi.json) are open."""
     if settings.api_key is None:
         return
     if credentials is None:

@@ -494,8 +494,9 @@ def test_api_key_guards_every_route_but_healthz_and_the_page(make_client: Any) -
     assert "missing API key" in missing.json()["detail"]
     wrong = client.get("/v1/datasets", headers={"Authorization": "Bearer guess"})
     assert wrong.status_code == 401 and "invalid API key" in wrong.json()["detail"]
-    assert client.get("/readyz").status_code == 401
+    assert client.get("/readyz").status_code == 401 and client.get("/metrics").status_code == 401
     assert client.get("/healthz").status_code == 200
+    assert client.get("/openapi.json").status_code == 200  # the API's description is open, as the page is
     page = client.get("/")  # redirected to /ui: the page holds no data, its script sends the key the user types
     assert page.status_code == 200 and page.url.path == "/ui" and page.headers["content-type"].startswith("text/html")
     ok = {"Authorization": "Bearer s3cret"}

@@ -23,6 +23,7 @@ process-wide number, not one per model.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import sys
@@ -36,6 +37,7 @@ import onnxruntime
 import torch
 import torch.nn.functional as F
 import transformers
+from onnx import numpy_helper
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -296,17 +298,38 @@ def footprint(path: Path) -> tuple[int, int | None]:
 
     ONNX (the graph `runtime.onnx_file` picks, as load_model does): the file's size, and the elements of its float and
     8-bit weight initializers: the PyTorch count, plus quantization scales and zero points, minus repeats (the
-    exporter stores identical tensors once, e.g. the all-zero biases of an untrained model). An HF directory:
-    its *.safetensors / *.bin files, and the float tensors in its safetensors headers (None without safetensors).
+    exporter stores identical tensors once, e.g. the all-zero biases of an untrained model, and a tied output
+    projection twice, as the embedding and its transpose: counted once). An HF directory: its *.safetensors / *.bin
+    files, with those of its sentence-transformers modules (a Dense projection), and the float tensors in their
+    safetensors headers (None without safetensors).
     """
     path = Path(path)
     if (onnx_path := onnx_file(path)) is not None:
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
-        weights = sum(math.prod(t.dims) for t in graph.initializer if t.data_type in WEIGHT_TYPES)
-        return onnx_path.stat().st_size, weights
-    files = [*path.glob("*.safetensors"), *path.glob("*.bin")]
-    params = count_parameters(path) if any(f.suffix == ".safetensors" for f in files) else None
+        return onnx_path.stat().st_size, _onnx_weights(graph)
+    modules = json.loads((path / "modules.json").read_text()) if (path / "modules.json").is_file() else []
+    folders = [path, *(path / m["path"] for m in modules if m["path"])]
+    files = [f for folder in folders for f in (*folder.glob("*.safetensors"), *folder.glob("*.bin"))]
+    params = (sum(count_parameters(folder) for folder in folders if any(folder.glob("*.safetensors")))
+              if any(f.suffix == ".safetensors" for f in files) else None)
     return sum(f.stat().st_size for f in files), params
+
+
+def _onnx_weights(graph: onnx.GraphProto) -> int:
+    """Elements of the weight initializers, a non-square matrix stored again as its transpose counted once."""
+    total, matrices = 0, {}
+    for tensor in graph.initializer:
+        if tensor.data_type not in WEIGHT_TYPES:
+            continue
+        dims = tuple(tensor.dims)
+        if len(dims) == 2 and dims[0] != dims[1]:
+            array = numpy_helper.to_array(tensor)
+            twin = matrices.get(dims[::-1])
+            if twin is not None and np.array_equal(twin, array.T):
+                continue
+            matrices[dims] = array
+        total += math.prod(dims)
+    return total
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -95,6 +95,30 @@ def test_a_model_reads_no_more_tokens_than_it_has_positions(tmp_path: Path) -> N
     assert encoder.embed([" ".join(["good"] * 200)]).shape == (1, 32)
 
 
+def test_a_matrix_stored_again_transposed_counts_once(tmp_path: Path) -> None:
+    """A tied output projection: the exporter keeps the embedding (for Gather) and its transpose (for MatMul)."""
+    from onnx import helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    embedding, other = rng.standard_normal((10, 4), dtype=np.float32), rng.standard_normal((4, 10), dtype=np.float32)
+    tensors = {"wte": embedding, "lm_head": embedding.T.copy(), "projection": other}
+    save(helper.make_model(helper.make_graph([], "tied", [], [], initializer=[
+        numpy_helper.from_array(array, name) for name, array in tensors.items()])), tmp_path / "model.onnx")
+    assert footprint(tmp_path / "model.onnx")[1] == 40 + 40
+
+
+def test_a_sentence_encoders_dense_projection_is_counted(tmp_path: Path) -> None:
+    from torch import nn
+    from transformers import AutoModel, AutoTokenizer
+
+    from distill.embedding import SentenceEncoder, save_sentence_encoder
+
+    source = write_tiny_encoder(tmp_path / "encoder")
+    model = SentenceEncoder(AutoModel.from_pretrained(source), "mean", nn.Linear(32, 48), True)
+    save_sentence_encoder(model, AutoTokenizer.from_pretrained(source), tmp_path / "st", max_length=16)
+    assert footprint(tmp_path / "st")[1] == sum(p.numel() for p in model.parameters())
+
+
 def test_a_directory_is_measured_by_the_graph_it_runs(onnx_dir: Path, tmp_path: Path) -> None:
     """An export directory after `optimize` holds model.onnx and the fused model_optimized.onnx; load_model runs the
     fused one, so its size and parameters are the ones `distill bench` reports."""

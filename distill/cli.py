@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,11 +75,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.output_dir:
         config = config.model_copy(update={"output_dir": args.output_dir})
     if distributed.wanted(config.distributed) and not distributed.launched():
-        # The same command again as torchrun workers; rank 0 draws the progress, the exit code is torchrun's.
+        # The same command again as torchrun workers; rank 0 draws the progress.
         assert config.output_dir is not None  # load_config fills it in
         again = ["run", str(args.config), "--output-dir", str(config.output_dir), *(["--resume"] * args.resume)]
-        command = distributed.torchrun_command(config.distributed, config.output_dir.name, "distill.cli", *again)
-        return subprocess.run(command).returncode
+        return _torchrun(distributed.torchrun_args(config.distributed, config.output_dir.name, "distill.cli", *again))
     printer = ProgressPrinter()
     try:
         with distributed.process_group(config.device):
@@ -90,6 +89,23 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps({"student_dir": str(result.student_dir), **printer.done,
                       "param_ratio": result.report["param_ratio"]}, indent=2))
+    return 0
+
+
+def _torchrun(args: list[str]) -> int:
+    """torchrun in this process, as `python -m torch.distributed.run` runs it, but without the traceback that adds
+    to a failed worker's own one-line error; the first failed worker's exit code (2 for those errors)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(args))
+    except ChildFailedError as e:
+        exitcode = e.get_first_failure()[1].exitcode
+        return exitcode if exitcode > 0 else 1  # a worker killed by a signal has a negative one
+    except SignalException:  # Ctrl-C: torchrun stopped its workers
+        raise KeyboardInterrupt from None
     return 0
 
 
@@ -321,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ConfigError, DataError, TeacherNotFound, TrainingError, ExportError, CompressError, EvaluateError,
             UsageError, OSError) as e:  # OSError: e.g. an output directory that cannot be created
-        print(f"distill: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun's workers read the same config and data: rank 0 says it
+            print(f"distill: error: {e}", file=sys.stderr)
         return 2
 
 

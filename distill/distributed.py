@@ -38,7 +38,12 @@ def launched() -> bool:
 
 
 def torchrun_command(cfg: DistributedConfig, run_id: str, module: str, *args: str) -> list[str]:
-    """The command that runs `python -m module args...` as cfg.nproc_per_node workers per node.
+    """The command that runs `python -m module args...` as cfg.nproc_per_node workers per node (torchrun_args)."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, run_id, module, *args)]
+
+
+def torchrun_args(cfg: DistributedConfig, run_id: str, module: str, *args: str) -> list[str]:
+    """torchrun's arguments for `python -m module args...` as cfg.nproc_per_node workers per node.
 
     One node: `--standalone` (a private rendezvous on a free port). Several: the c10d rendezvous at
     cfg.rdzv_endpoint, with `run_id` naming the job (every node must run the same command).
@@ -48,8 +53,7 @@ def torchrun_command(cfg: DistributedConfig, run_id: str, module: str, *args: st
     else:
         where = [f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
                  f"--rdzv-id={run_id}"]
-    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={cfg.nproc_per_node}",
-            "-m", module, *args]
+    return [*where, f"--nproc-per-node={cfg.nproc_per_node}", "-m", module, *args]
 
 
 def uses_cuda(choice: Device) -> bool:

@@ -176,6 +176,19 @@ def test_distill_run_relaunches_itself_through_torchrun(tiny_teacher_dir: Path, 
     assert reports[1]["teacher"]["prepared_from_cache"] and reports[2]["teacher"]["test_accuracy"] >= 0.9
 
 
+@pytest.mark.slow  # starts torchrun and two workers
+def test_a_multi_process_run_with_bad_input_is_one_line_with_exit_code_2(tiny_teacher_dir: Path, tmp_path: Path,
+                                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"teacher": {"name": str(tiny_teacher_dir)},
+                                      "data": {"dataset": "files", "train": str(tmp_path / "missing.csv"), "max_length": 16},
+                                      "distributed": {"nproc_per_node": 2}}))
+    assert cli(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err
+    assert err.count("distill: error: ") == 1 and f"{tmp_path / 'missing.csv'}: file not found" in err, err
+    assert "Traceback" not in err
+
+
 def test_a_job_computes_where_its_device_says() -> None:
     assert distributed.place("cpu") == torch.device("cpu") == distributed.device()
     assert distributed.place("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -204,7 +204,7 @@ def test_a_bf16_job_on_a_cpu_without_bf16_kernels_is_warned(tmp_path: Path, monk
     for precision, slow in (("bf16", True), ("bf16", False), ("fp32", True)):
         monkeypatch.setattr(pipeline, "bf16_is_slow", lambda device, slow=slow: slow)
         config = parse_config({"precision": precision, "output_dir": str(tmp_path), "device": "cpu"})
-        pipeline.start_job(config, lambda kind, data: events.append((kind, data)))
+        pipeline.start_job(config, lambda kind, data: events.append((kind, data)), resume=False)
     assert len(events) == 1 and events[0][0] == "log"  # the bf16 job on the slow CPU, no other
     assert "precision 'bf16' on a CPU without bf16 kernels" in events[0][1]["message"]
     assert not tasks.bf16_is_slow(torch.device("cuda"))  # it judges CPUs only

@@ -181,7 +181,8 @@ def test_a_multi_process_run_with_bad_input_is_one_line_with_exit_code_2(tiny_te
                                                                         capfd: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({"teacher": {"name": str(tiny_teacher_dir)},
-                                      "data": {"dataset": "files", "train": str(tmp_path / "missing.csv"), "max_length": 16},
+                                      "data": {"dataset": "files", "train": str(tmp_path / "missing.csv"),
+                                               "max_length": 16},
                                       "distributed": {"nproc_per_node": 2}}))
     assert cli(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
     err = capfd.readouterr().err

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = Field("INFO", description="Level of the JSON log lines on stderr.")
-    api_key: str | None = Field(None, description="When set, every /v1 route, /readyz and /metrics need 'Authorization: Bearer'.")
+    api_key: str | None = Field(None, description="When set, every /v1 route, /readyz and /metrics need "
+                                                  "'Authorization: Bearer'.")
     # Jobs
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs training at once (each is one subprocess).")
     max_queued_jobs: int = Field(16, ge=0, description="Jobs waiting beyond the running ones; past it: 429.")

@@ -227,9 +227,11 @@ def _resolve_format(path: Path, format: str) -> str:
     if format != "auto":
         return format
     by_suffix = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+    if path.is_dir():
+        raise DataError(f"{path}: a directory; give a CSV or JSONL file")
     if path.suffix.lower() not in by_suffix:
         raise DataError(f"{path}: cannot tell the format from the extension {path.suffix!r}; name the file "
-                        f".csv, .jsonl or .json, or set data.format to 'csv' or 'jsonl'")
+                        f".csv, .jsonl or .json (a job's config may set data.format to 'csv' or 'jsonl' instead)")
     return by_suffix[path.suffix.lower()]
 
 

@@ -156,8 +156,10 @@ def test_missing_file_and_unknown_extension(tmp_path):
     with pytest.raises(DataError, match=r"nope\.csv: file not found"):
         load_task_data(files(train=tmp_path / "nope.csv"))
     (tmp_path / "train.tsv").write_text("text\tlabel\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"train\.tsv: .*\.csv, \.jsonl or \.json"):
+    with pytest.raises(DataError, match=r"train\.tsv: .*\.csv, \.jsonl or \.json \(a job's config may set "):
         load_task_data(files(train=tmp_path / "train.tsv"))
+    with pytest.raises(DataError, match=r"texts: a directory; give a CSV or JSONL file"):
+        read_texts((tmp_path / "texts").mkdir() or tmp_path / "texts", "auto", "text")
 
 
 def test_label_missing_from_training_names_line_and_known_labels(tmp_path):

@@ -233,6 +233,15 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2))
 
 
+def least_squares(design: Tensor, target: Tensor) -> Tensor:
+    """The minimum-norm X minimising ||design @ X - target|| for design (N, K), target (N, D); returns (K, D).
+
+    Why gelsd (SVD): the default CPU driver, gelsy, gives different bits for the same values at a different memory
+    alignment when the design is rank-deficient, and it is: a mean-pooled LayerNorm output's features sum to nearly a
+    constant, so with the bias's ones column they are linearly dependent. Embedding runs then were not repeatable."""
+    return torch.linalg.lstsq(design, target, driver="gelsd").solution
+
+
 def fit_projection(model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, inputs: list[Encoded],
                    teacher: Tensor, *, rows: int = LSTSQ_ROWS, precision: Precision = "fp32") -> float:
     """Set model.projection to the least-squares map (with bias) from the student's pooled embeddings of `inputs` to
@@ -253,7 +262,7 @@ def fit_projection(model: SentenceEncoder, tokenizer: PreTrainedTokenizerBase, i
         model.projection, model.normalize = projection, normalize
     target, bias = teacher[pick].float(), projection.bias is not None
     design = torch.cat([pooled, torch.ones(len(pooled), 1)], dim=1) if bias else pooled  # a ones column: the bias
-    solution = torch.linalg.lstsq(design, target).solution  # (D_s [+ 1], D)
+    solution = least_squares(design, target)  # (D_s [+ 1], D)
     with torch.no_grad():
         projection.weight.copy_(solution[:pooled.shape[1]].T)
         if bias:

@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
 from distill.runtime import model_kind, usable_positions
@@ -53,6 +54,10 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
                           f"({', '.join(teacher.architectures)}); "
                           f"task {task!r} distills from encoder teachers (BERT, MPNet, RoBERTa, ...), or use task "
                           f"'causal-lm'")
+    if task == "causal-lm" and _sees_later_tokens(teacher):
+        raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is not a causal language model (an encoder, "
+                          f"{teacher.model_type}: its predictions depend on later tokens); task 'causal-lm' needs a "
+                          f"decoder such as GPT-2 or Llama")
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher.num_hidden_layers)
     elif isinstance(spec, FromModel):
@@ -86,6 +91,17 @@ TOKENIZER_DIFFERS = {
                     "the same tokenizer, and this student's tokenizer differs from the teacher's (a trimmed "
                     "vocabulary renumbers it). Set them to 0, or use a student with init 'teacher' or 'fresh'",
 }
+
+
+def _sees_later_tokens(config: PretrainedConfig) -> bool:
+    """An encoder by its config: a model type transformers has no causal LM for (MPNet, DistilBERT, ...), or a
+    masked-LM type not configured as a decoder (BERT, RoBERTa, ...: AutoModelForCausalLM loads them, attending both
+    ways under a random LM head). causal_lm.check_causal tests the loaded model too, for configs that say otherwise."""
+    if model_kind(config) == "language-model":
+        return False
+    model_type = config.model_type
+    return model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder)
 
 
 def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:

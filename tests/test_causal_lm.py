@@ -142,7 +142,8 @@ def test_tiny_causal_lm_job_writes_a_report_and_a_checked_onnx_student(tmp_path:
 
 
 def test_an_encoder_teacher_is_refused_before_training(tmp_path: Path) -> None:
-    """The default teacher (an encoder) loads as AutoModelForCausalLM too, but sees later tokens."""
+    """The default teacher (an encoder) loads as AutoModelForCausalLM too, but sees later tokens: its config says so
+    (check_student), and so does the loaded model (check_causal, for configs that do not)."""
     csv = write_csv(tmp_path / "texts.csv", synthetic_rows(60, seed=9))
     config = JobConfig(task="causal-lm", teacher=TeacherConfig(name=str(write_tiny_encoder(tmp_path / "bert"))),
                        data=DataConfig(dataset="files", train=csv, max_length=16),
@@ -150,6 +151,8 @@ def test_an_encoder_teacher_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"is not a causal language model .* needs a decoder such as GPT-2"):
         run(config, lambda kind, data: None)
     assert not (tmp_path / "job" / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match=r"is not a causal language model .* an encoder, BertLMHeadModel"):
+        check_causal(AutoModelForCausalLM.from_pretrained(tmp_path / "bert"), "bert")
     check_causal(AutoModelForCausalLM.from_pretrained(write_tiny_gpt2(tmp_path / "gpt2")), "gpt2")  # passes
 
 

@@ -78,8 +78,6 @@ def test_trimming_a_bpe_vocabulary_is_refused(tmp_path: Path) -> None:
      "student.num_layers: 3, but .* has 2 layers; allowed: 1 to 2"),
     (FromTeacher(init="teacher", layers=[1]), 65, "sentence-embedding",
      "data.max_length: 65 tokens, but the teacher has 64 positions; allowed: up to 64"),
-    (FromModel(init="model", model="SOURCE", num_layers=1, trim_vocabulary=True), 16, "causal-lm",
-     "student.trim_vocabulary: a causal LM predicts over its whole vocabulary"),
     (FromModel(init="model", model="GPT2", num_layers=1, trim_vocabulary=True), 16, "sequence-classification",
      r"student.model: .* is a causal language model \(GPT2LMHeadModel\); task 'sequence-classification' trains "
      "encoder students"),
@@ -125,6 +123,29 @@ def test_a_causal_lm_teacher_is_refused_for_an_encoder_task(tmp_path: Path, task
                                           fr"from encoder teachers"):
         check_student(FromTeacher(init="teacher", layers=[0]), gpt2, max_length=16, task=task)  # type: ignore[arg-type]
     check_student(FromTeacher(init="teacher", layers=[0]), gpt2, max_length=16, task="causal-lm")
+
+
+def test_an_encoder_teacher_is_refused_for_a_causal_lm_task(tmp_path: Path) -> None:
+    """BERT (the default teacher's type) loads as AutoModelForCausalLM but sees later tokens; MPNet does not load as
+    one; a BERT configured as a decoder, or a GPT-2 saved without its LM head, is causal."""
+    from transformers import AutoConfig
+
+    bert, mpnet = write_tiny_encoder(tmp_path / "bert"), write_tiny_mpnet_encoder(tmp_path / "mpnet")
+    for teacher, model_type in ((bert, "bert"), (mpnet, "mpnet")):
+        with pytest.raises(ConfigError, match=fr"teacher.name: .* is not a causal language model \(an encoder, "
+                                              fr"{model_type}: .*needs a decoder such as GPT-2"):
+            check_student(FromTeacher(init="teacher", layers=[0]), teacher, max_length=16, task="causal-lm")
+    decoder = AutoConfig.from_pretrained(bert)
+    decoder.is_decoder = True
+    decoder.save_pretrained(bert)
+    gpt2 = AutoConfig.from_pretrained(write_tiny_gpt2(tmp_path / "gpt2"))
+    gpt2.architectures = ["GPT2Model"]
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    for teacher in (bert, tmp_path / "gpt2"):
+        check_student(FromTeacher(init="teacher", layers=[0]), teacher, max_length=16, task="causal-lm")
+    trimmed = FromModel(init="model", model=str(tmp_path / "gpt2"), num_layers=1, trim_vocabulary=True)
+    with pytest.raises(ConfigError, match="student.trim_vocabulary: a causal LM predicts over its whole vocabulary"):
+        check_student(trimmed, tmp_path / "gpt2", max_length=16, task="causal-lm")
 
 
 def test_build_student_refuses_more_layers_than_its_source_has(tiny_teacher_dir: Path, tmp_path: Path) -> None:

@@ -400,8 +400,9 @@ def _load_files(config: DataConfig, labelled: bool) -> TaskData:
     examples = read(train_path)
     train, validation, test = _split(examples, config.split_seed, "validation" not in given, "test" not in given)
     if len(train) < 2:
-        raise DataError(f"{train_path}: only {len(examples)} rows, too few to split off validation/test rows; "
-                        f"add rows or give data.validation and data.test files")
+        carved = [split for split in files if split not in given]
+        raise DataError(f"{train_path}: only {len(examples)} rows; at least {2 + len(carved)} are needed: 2 to train "
+                        f"on" + (f", and one for each split carved from them ({', '.join(carved)})" if carved else ""))
     return TaskData(name=train_path.name, labels=labels, train=train,
                     validation=given.get("validation", validation), test=given.get("test", test), transfer=[])
 

@@ -87,6 +87,15 @@ def test_only_test_given_splits_train_90_10(tmp_path):
     assert (len(data.train), len(data.validation), len(data.test)) == (36, 4, 1)
 
 
+def test_too_few_rows_to_split_says_how_many_are_needed(tmp_path):
+    three = write_csv(tmp_path / "three.csv", [["a", "0"], ["b", "1"], ["c", "0"]])
+    with pytest.raises(DataError, match=r"three.csv: only 3 rows; at least 4 are needed: 2 to train on, and one for "
+                                        r"each split carved from them \(validation, test\)$"):
+        load_task_data(files(train=three))
+    test = write_csv(tmp_path / "test.csv", [["x", "1"]])
+    assert len(load_task_data(files(train=three, test=test)).train) == 2  # validation alone is carved
+
+
 def test_split_is_deterministic_per_seed_and_limit_caps_train_only(tmp_path):
     train = write_csv(tmp_path / "train.csv", [[f"t{i}", str(i % 2)] for i in range(100)])
     a, b = load_task_data(files(train=train)), load_task_data(files(train=train))

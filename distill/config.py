@@ -5,6 +5,7 @@ Every section forbids unknown keys so a typo is an error that names the key, not
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -273,13 +274,15 @@ class JobConfig(_Section):
         return self
 
 
-def format_validation_error(error: ValidationError) -> str:
-    """One line per problem: `section.key: what was wrong (allowed ...)`."""
+def format_validation_error(error: ValidationError, withheld: Collection[str] = ()) -> str:
+    """One line per problem: `section.key: what was wrong (allowed ...)`; top-level keys in `withheld` (the
+    caller's to set) are not offered as allowed."""
     lines = []
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after")) or "config"
         if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key; allowed keys: {', '.join(_allowed_keys(err['loc']))}")
+            allowed = [key for key in _allowed_keys(err["loc"]) if len(err["loc"]) > 1 or key not in withheld]
+            lines.append(f"{where}: unknown key; allowed keys: {', '.join(allowed)}")
         elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):  # the student's `init`
             given = "missing" if err["type"] == "union_tag_not_found" else f"{err['ctx']['tag']!r} is not one"
             lines.append(f"{where}.init: {given}; allowed: {', '.join(map(repr, STUDENT_INITS))}")
@@ -305,11 +308,11 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields) if hasattr(model, "model_fields") else []
 
 
-def parse_config(data: dict[str, Any]) -> JobConfig:
+def parse_config(data: dict[str, Any], withheld: Collection[str] = ()) -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e, withheld)) from None
 
 
 def load_config(path: Path) -> JobConfig:

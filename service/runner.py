@@ -62,7 +62,7 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
         raise ServiceError(422, "output_dir: chosen by the server (each job writes to its own directory, whose "
                                 "files GET /v1/jobs/{id}/artifacts lists); remove the key")
     try:
-        config = parse_config(body)
+        config = parse_config(body, withheld={"output_dir"})
         uses_cuda(config.device)  # 'cuda' on a server without a GPU: refused now, not once it runs
     except ConfigError as e:
         raise ServiceError(422, str(e)) from None

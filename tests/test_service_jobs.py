@@ -273,6 +273,8 @@ def client_and_dataset(make_client: Any, synthetic_csv: Path) -> tuple[Any, str]
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed keys: batch_size"),
     ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
     ({"output_dir": "/tmp/elsewhere"}, "output_dir: chosen by the server"),
+    ({"tecaher": {}}, "tecaher: unknown key; allowed keys: compress, data, device, distributed, evaluate, export, "
+                      "loss, precision, seed"),  # not output_dir, which the server refuses
     ({"teacher": {"name": "no-such-teacher"}}, "teacher.name: 'no-such-teacher' is neither a registered teacher "
                                                "(minilm-l6, mpnet-base) nor a hub id ('org/name', or 'hub:name' "
                                                "for a one-word one such as 'hub:gpt2'), and this server reads "

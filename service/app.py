@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="distill", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings  # before start-up too, so dependencies never miss it
     app.state.store = None
+    app.state.stopping = lambda: False  # serve() asks its uvicorn server
     app.state.metrics_registry, histogram = build_registry(lambda: app.state.store)
     app.add_middleware(RequestTelemetry, histogram=histogram)
     add_error_handlers(app)
@@ -108,8 +109,12 @@ def serve(settings: Settings | None = None) -> None:
     configure_logging(settings.log_level)
     # log_config=None: keep our JSON handler; access_log=False: RequestTelemetry writes one line per request.
     # uvloop and httptools (uvicorn[standard]) named, not "auto": without them start-up fails instead of every
-    # request silently costing more. A client following a job's events keeps its stream open until the job ends:
-    # the graceful shutdown waits SHUTDOWN_GRACE_SECONDS for it, then closes it and still runs the lifespan's end
-    # (which stops the job processes), instead of waiting for ever.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
-                loop="uvloop", http="httptools", timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+    # request silently costing more. The graceful shutdown waits up to SHUTDOWN_GRACE_SECONDS for open requests;
+    # a job's event stream, open until the job ends, ends as soon as the server is told to stop (the client
+    # reconnects with Last-Event-ID), rather than being cancelled with a traceback when the grace runs out.
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                           access_log=False, loop="uvloop", http="httptools",
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS))
+    app.state.stopping = lambda: server.should_exit
+    server.run()

@@ -7,6 +7,7 @@ hops cost a /predict request about 0.2 ms (bench/serve.py).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -29,9 +30,14 @@ async def get_runner(request: Request) -> Runner:
     return request.app.state.runner
 
 
+async def get_stopping(request: Request) -> Callable[[], bool]:
+    return request.app.state.stopping
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
+StoppingDep = Annotated[Callable[[], bool], Depends(get_stopping)]  # true once the server has been told to stop
 
 # auto_error=False: a missing header is answered by require_api_key (401 with our message), not HTTPBearer's 403.
 _bearer = HTTPBearer(auto_error=False, description="The server's DISTILL_API_KEY, when it has one.")

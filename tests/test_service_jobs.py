@@ -177,6 +177,14 @@ def test_cancel_stops_a_running_job_and_a_full_queue_answers_429(
 
     job = wait_for(client, running["id"], lambda j: j["stage"] == "distill" and j["progress"] > 0)
     assert job["status"] == "running" and client.get(f"/v1/jobs/{waiting['id']}").json()["status"] == "queued"
+    # A server told to stop ends a running job's event stream after the stored events (it used to hold it open
+    # until uvicorn's grace ran out and cancelled it with a traceback).
+    client.app.state.stopping = lambda: True
+    streamed = sse_events(client.get(f"/v1/jobs/{running['id']}/events",
+                                     headers={"Accept": "text/event-stream"}).text)
+    client.app.state.stopping = lambda: False
+    assert [event["data"].get("status") for event in streamed[:2]] == ["queued", "running"]
+    assert client.get(f"/v1/jobs/{running['id']}").json()["status"] == "running"
     cancelled = client.post(f"/v1/jobs/{waiting['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert [e["data"] for e in all_events(client, waiting["id"])] == [{"status": "queued"}, {"status": "cancelled"}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +17,7 @@ from pydantic_core import CoreSchema
 
 from distill import atomic
 from distill.config import JobConfig
-from service.deps import RunnerDep, SettingsDep, StoreDep
+from service.deps import RunnerDep, SettingsDep, StoppingDep, StoreDep
 from service.runner import REPORT_FILE, job_dir
 from service.schemas import (
     JOB_CONFIG_EXAMPLE,
@@ -89,17 +89,19 @@ def get_job(job: JobDep) -> JobPublic:
 @router.get("/{job_id}/events", response_model=EventPage, responses={
     **error_responses(404),
     200: {"description": "A page of events as JSON, or with `Accept: text/event-stream` a server-sent event stream "
-                         "(`id` = seq, `event` = kind, `data` = the event as JSON) that ends when the job has ended.",
+                         "(`id` = seq, `event` = kind, `data` = the event as JSON) that ends when the job has ended, "
+                         "or when the server stops (reconnect with `Last-Event-ID`).",
           "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
     summary="A job's events in order, after a cursor")
-def get_events(job: JobDep, store: StoreDep, after: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0,
+def get_events(job: JobDep, store: StoreDep, stopping: StoppingDep,
+               after: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0,
                limit: Annotated[int, Query(ge=1, le=EVENT_PAGE)] = EVENT_PAGE,
                accept: Annotated[str, Header()] = "",
                last_event_id: Annotated[int | None, Header(ge=0, le=SQLITE_MAX_INT)] = None,
                ) -> EventPage | StreamingResponse:
     if "text/event-stream" in accept:
         # Last-Event-ID is what a reconnecting EventSource sends instead of ?after=.
-        return StreamingResponse(_event_stream(store, job.id, max(after, last_event_id or 0)),
+        return StreamingResponse(_event_stream(store, job.id, max(after, last_event_id or 0), stopping),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     events = store.events(job.id, after, limit)
@@ -176,7 +178,7 @@ def _files(directory: Path) -> list[str]:
     return sorted(files)
 
 
-async def _event_stream(store: Store, job_id: str, after: int) -> AsyncIterator[str]:
+async def _event_stream(store: Store, job_id: str, after: int, stopping: Callable[[], bool]) -> AsyncIterator[str]:
     quiet = 0.0
     while True:
         # The job first: if it had ended by then, every one of its events is already stored.
@@ -187,7 +189,7 @@ async def _event_stream(store: Store, job_id: str, after: int) -> AsyncIterator[
             after = event.seq
         if len(events) == EVENT_PAGE:
             continue
-        if job is None or job.status in TERMINAL:
+        if job is None or job.status in TERMINAL or stopping():
             return
         quiet = 0.0 if events else quiet + SSE_POLL_SECONDS
         if quiet >= SSE_KEEPALIVE_SECONDS:

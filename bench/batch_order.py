@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--teacher", default="minilm-l6")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--teacher-finetune-epochs", type=int, default=1,
+                        help="epochs of the teacher's unfrozen fine-tuning (0: head only)")
     parser.add_argument("--limit", type=int, default=None, help="training examples (default: all 8456)")
     parser.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--augment", type=int, default=0, help="perturbed copies of each training text")

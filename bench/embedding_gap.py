@@ -51,16 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         encoded = task.encode(tokenizer, texts, config.data.max_length)
         return embedding_agreement(predict_distilled(task, student, tokenizer, encoded), teacher)
 
-    rows = {name: agreement([train_texts[i] for i in pool.tolist()], cached["train"][pool])
+    # A pool holds fewer texts than the validation split when --rows leaves fewer: each row records its own count.
+    rows = {name: {"texts": len(pool), **agreement([train_texts[i] for i in pool.tolist()], cached["train"][pool])}
             for name, pool in pools.items()}
-    rows["validation"] = agreement(texts["validation"], cached["validation"])
+    rows["validation"] = {"texts": size, **agreement(texts["validation"], cached["validation"])}
     recall = f"recall_at_{NEIGHBOURS}"
-    print(f"| {size} texts each | cosine to the teacher | recall@{NEIGHBOURS} agreement |\n| --- | ---: | ---: |")
+    print(f"| texts | count | cosine to the teacher | recall@{NEIGHBOURS} agreement |\n| --- | ---: | ---: | ---: |")
     for name, row in rows.items():
-        print(f"| {name} | {row['cosine']:.4f} | {row[recall]:.4f} |")
+        print(f"| {name} | {row['texts']} | {row['cosine']:.4f} | {row[recall]:.4f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": " ".join(sys.argv), "student": str(args.student), "rows": args.rows,
-                                    "pool_size": size, "agreement": rows}, indent=2))
+                                    "agreement": rows}, indent=2))
     return 0
 
 

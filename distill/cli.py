@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -331,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        resume = f"; `distill run {args.config} --resume` continues from the last checkpoint" if (
-            args.command == "run") else ""
+        resume = ""
+        if args.command == "run":  # the output directory given too: without it, --resume would start another run
+            again = [args.config, *(["--output-dir", args.output_dir] if args.output_dir else [])]
+            resume = (f"; `distill run {' '.join(shlex.quote(str(part)) for part in again)} --resume` continues from "
+                      f"the last checkpoint")
         print(f"distill: interrupted{resume}", file=sys.stderr)
         return 130
     except (ConfigError, DataError, TeacherNotFound, TrainingError, ExportError, CompressError, EvaluateError,

@@ -148,3 +148,7 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tiny_teacher_dir: Path, s
     assert main(["run", str(config)]) == 130
     assert capsys.readouterr().err == (f"distill: interrupted; `distill run {config} --resume` continues from the "
                                        f"last checkpoint\n")
+    # The hint keeps the output directory given: without it --resume would start another run in the config's.
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "my run")]) == 130
+    assert capsys.readouterr().err == (f"distill: interrupted; `distill run {config} --output-dir '{tmp_path}/my run' "
+                                       f"--resume` continues from the last checkpoint\n")

@@ -280,13 +280,16 @@ def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tu
 
 
 def run_identity(config: JobConfig) -> dict[str, Any]:
-    """A job's teacher and student, flat (`teacher.name`, `student.layers`, ...): with another of either, a
-    checkpoint is not this job's to continue (engine.fit's `identity`). The teacher's preparation settings count
-    for classification only, the one task that prepares its teacher."""
+    """A job's data settings, teacher and student, flat (`data.limit`, `teacher.name`, `student.layers`, ...): with
+    another of any, a checkpoint is not this job's to continue (engine.fit's `identity`), and a config says so
+    before its first stage (fit's digest of the training data would say it only after the teacher's preparation and
+    outputs). The teacher's preparation settings count for classification only, the one task that prepares its
+    teacher."""
     teacher = (config.teacher.model_dump(mode="json") if config.task == "sequence-classification"
                else {"name": config.teacher.name})
-    return {**{f"teacher.{key}": value for key, value in teacher.items()},
-            **{f"student.{key}": value for key, value in config.student.model_dump(mode="json").items()}}
+    sections = {"data": config.data.model_dump(mode="json"), "teacher": teacher,
+                "student": config.student.model_dump(mode="json")}
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
 
 
 @contextlib.contextmanager

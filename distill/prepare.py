@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +60,11 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     emit = on_event or (lambda kind, data: None)
     if _has_head_for(teacher_dir, labels):
         return PreparedTeacher(Path(teacher_dir), cached=True, summary={"stages": [], "note": "already has the head"})
-    key = _cache_key(config, teacher_dir, labels, train)
+    key = _cache_key(config, teacher_dir, labels, train, validation)
     target = distill_home() / "prepared" / key
-    sources = _sources(teacher_dir, validation)
     if (target / "prepared.json").exists():
-        summary = json.loads((target / "prepared.json").read_text())
-        if _same_sources(summary, sources):
-            emit("log", {"message": f"reusing the prepared teacher {target}"})
-            return PreparedTeacher(target, cached=True, summary=summary)
-        emit("log", {"message": f"the teacher's files or the validation split changed since {target} was "
-                                f"prepared: preparing it again"})
+        emit("log", {"message": f"reusing the prepared teacher {target}"})
+        return PreparedTeacher(target, cached=True, summary=json.loads((target / "prepared.json").read_text()))
 
     tc = config.teacher
     torch.manual_seed(preparation_seed(config))
@@ -80,27 +76,26 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     # The job's own scratch directory (two jobs may prepare one teacher at once); under torchrun every rank
     # prepares the teacher (the fine-tuning is data-parallel) and rank 0 alone writes.
     work = Path(config.output_dir or target.parent) / "teacher-preparation.tmp"
-    marker, preparing = work / "preparing", f"{key} {sources}"  # resumed only for the same key and sources
-    if distributed.is_main() and not (resume and marker.exists() and marker.read_text() == preparing):
+    marker = work / "preparing"  # resumed only for the same key
+    if distributed.is_main() and not (resume and marker.exists() and marker.read_text() == key):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        marker.write_text(preparing)
+        marker.write_text(key)
     distributed.barrier()
-    trained_head = work / HEAD_FILE
-    head_was_trained = trained_head.exists()
-    distributed.barrier()  # every rank has looked before this run's rank 0 writes it
     head = HEADS.get(model.config.model_type)
+    trained_head = work / HEAD_FILE
+    saved_head = _read_head(trained_head, emit) if tc.head_epochs and head is not None else None
+    distributed.barrier()  # every rank has read it before this run's rank 0 writes it
     encoder = {id(p) for p in model.base_model.parameters()}
     head_params = [p for p in model.parameters() if id(p) not in encoder]
     if tc.head_epochs and head is None:
         emit("log", {"message": f"no frozen-feature head stage for model_type {model.config.model_type!r}; "
                                 f"known: {sorted(HEADS)}. Fine-tuning the whole model instead"})
-    if tc.head_epochs and head is not None and head_was_trained:
-        saved = torch.load(trained_head, map_location=model.device)
+    if saved_head is not None:
         with torch.no_grad():
-            for p, value in zip(head_params, saved["params"], strict=True):
+            for p, value in zip(head_params, saved_head["params"], strict=True):
                 p.copy_(value)
-        stages.append(saved["stage"])
+        stages.append(saved_head["stage"])
         emit("log", {"message": f"reusing the head trained before the interruption ({trained_head})"})
     elif tc.head_epochs and head is not None:
         emit("stage", {"stage": "teacher-head", "detail": "head on frozen features"})
@@ -121,21 +116,12 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         model = AutoModelForSequenceClassification.from_pretrained(work / BEST)
         stages.append({"stage": "finetune", "epochs": cfg.epochs, "best_epoch": result.best_epoch,
                        "validation_accuracy": result.best_metrics["accuracy"]})
-    summary = {"teacher": teacher_dir, "labels": labels, "stages": stages, "sources": sources}
+    summary = {"teacher": teacher_dir, "labels": labels, "stages": stages}
     if distributed.is_main():
         model.save_pretrained(work / "model")
         tokenizer.save_pretrained(work / "model")
         (work / "model" / "prepared.json").write_text(json.dumps(summary, indent=2))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if (target / "prepared.json").exists() and not _same_sources(
-                json.loads((target / "prepared.json").read_text()), sources):
-            shutil.rmtree(target)  # stale: prepared from other files or for another validation split
-        try:
-            os.replace(work / "model", target)  # only a complete directory ever appears under its key
-        except OSError:
-            if not (target / "prepared.json").exists():
-                raise
-            # another job prepared the same teacher meanwhile (same key: same weights); theirs stays
+        _publish(work / "model", target)
     # Every rank has loaded work/best/ above before rank 0 removes it (a slow rank once found it gone), and the
     # prepared teacher is in place for the other ranks.
     distributed.barrier()
@@ -196,16 +182,6 @@ def preparation_seed(config: JobConfig) -> int:
     return config.seed if config.teacher.seed is None else config.teacher.seed
 
 
-def _sources(teacher_dir: str, validation: Split) -> str:
-    """What the cache key leaves out, checked when a prepared teacher is reused: the teacher's files as they are now
-    (a teacher retrained in place at its path) and the validation split, which picks the best head and fine-tuning
-    epoch."""
-    digest = hashlib.sha256()
-    update_with_files(digest, Path(teacher_dir))
-    validation.update_digest(digest)
-    return digest.hexdigest()[:16]
-
-
 def update_with_files(digest: Any, root: Path) -> None:
     """Feed a model directory's files as they are now into a hashlib `digest`: name, size, modification time.
     Cheap (no weights are read), and it changes when a model is saved again at the same path."""
@@ -214,18 +190,45 @@ def update_with_files(digest: Any, root: Path) -> None:
         digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
 
 
-def _same_sources(summary: dict[str, Any], sources: str) -> bool:
-    return summary.get("sources", sources) == sources  # prepared before sources were kept: trusted as before
-
-
-def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Split) -> str:
-    """Everything the prepared weights depend on: teacher, training data, labels, settings, seed. (The settings
-    without `seed`, which counts once as the seed used: keys of teachers prepared before it existed still match.)"""
+def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Split, validation: Split) -> str:
+    """Everything the prepared weights depend on: teacher (its files as they are now: one retrained in place at its
+    path is another teacher), training data, labels, settings, seed, and the validation split, which picks the best
+    head and fine-tuning epoch. The settings count without `seed`, which counts as the seed used (the job's own or
+    `teacher.seed`): jobs of other seeds share a teacher prepared with one."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"teacher": str(teacher_dir), "labels": labels,
                               "settings": config.teacher.model_dump(exclude={"seed"}),
                               "max_length": config.data.max_length, "seed": preparation_seed(config),
                               "precision": config.precision}, sort_keys=True).encode())
+    update_with_files(digest, Path(teacher_dir))
     train.update_digest(digest)
+    validation.update_digest(digest)
     name = Path(str(teacher_dir)).name or "teacher"
     return f"{name}-{digest.hexdigest()[:16]}"
+
+
+def _read_head(path: Path, emit: EventSink) -> dict[str, Any] | None:
+    """The head an interrupted preparation trained, or None: none was saved, or a crash left the file unreadable,
+    and then the head is trained again."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - an empty or cut file reads as EOFError, UnpicklingError, RuntimeError, ...
+        emit("log", {"message": f"{path} cannot be read ({type(e).__name__}: {e}); training the head again"})
+        return None
+
+
+def _publish(model_dir: Path, target: Path) -> None:
+    """Move a prepared teacher to its key. Only a complete directory ever appears there, and one there is never
+    replaced (jobs may be using it; another with the same key has the same weights). The move is staged beside the
+    target: the job's directory may be on another filesystem, where a rename cannot reach."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    shutil.move(model_dir, staged)
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if not (target / "prepared.json").exists():
+            raise
+        shutil.rmtree(staged)  # another job prepared the same teacher meanwhile: theirs stays

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,11 +95,16 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     assert other.report["teacher"]["prepared_from_cache"] is False
     assert other.report["teacher"]["prepared_dir"] != report["teacher"]["prepared_dir"]
     assert not (tmp_path / "job4" / "teacher-preparation.tmp").exists()  # its scratch directory is gone
-    # The teacher retrained in place at its path: the first job's settings prepare it again, under the same key.
+    # The teacher retrained in place at its path: the first job's settings prepare it again, under another key, and
+    # the first job's prepared teacher stays as it was (a running job may be using it; reports name it).
+    first_prepared = Path(report["teacher"]["prepared_dir"])
+    before = AutoModelForSequenceClassification.from_pretrained(first_prepared).state_dict()
     write_tiny_encoder(tiny_teacher_dir, seed=5)
     retrained = run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job5", student))
     assert retrained.report["teacher"]["prepared_from_cache"] is False
-    assert retrained.report["teacher"]["prepared_dir"] == report["teacher"]["prepared_dir"]
+    assert retrained.report["teacher"]["prepared_dir"] != str(first_prepared)
+    after = AutoModelForSequenceClassification.from_pretrained(first_prepared).state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
     assert run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job6", student)).report["teacher"][
         "prepared_from_cache"] is True
 
@@ -215,8 +221,10 @@ def test_a_job_resumed_with_another_student_is_refused_naming_it(tiny_teacher_di
     saved_outputs = (tmp_path / "job" / "teacher_logits.pt").read_bytes()
     other = config.model_copy(update={"student": FromTeacher(init="teacher", layers=[0])})
     another_seed = config.model_copy(update={"seed": 1})  # another seed prepares another teacher
+    fewer_rows = config.model_copy(update={"data": config.data.model_copy(update={"limit": 300})})
     events: list[tuple[str, dict]] = []
-    for changed, message in ((other, "student.layers: [1] then, [0] now"), (another_seed, "seed: 0 then, 1 now")):
+    for changed, message in ((other, "student.layers: [1] then, [0] now"), (another_seed, "seed: 0 then, 1 now"),
+                             (fewer_rows, "data.limit: None then, 300 now")):
         with pytest.raises(TrainingError, match=re.escape(message)):
             run(changed, lambda kind, data: events.append((kind, data)), resume=True)
     assert events == []  # refused before the first stage: the saved teacher outputs are the run's to resume
@@ -283,6 +291,41 @@ def test_an_interrupted_job_keeps_its_teacher_head_and_teacher_outputs_and_ends_
     outputs = [torch.load(r.output_dir / "teacher_logits.pt")["logits"] for r in (resumed, whole)]
     assert all(torch.equal(outputs[0][name], outputs[1][name]) for name in outputs[1])
     assert resumed.report["student"]["history"] == whole.report["student"]["history"]
+
+
+def test_a_resumed_job_trains_its_teacher_head_again_when_the_saved_head_is_unreadable(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]))
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
+
+    def stop_in_finetuning(kind: str, data: dict) -> None:
+        if kind == "progress" and data["stage"] == "teacher-finetune":
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(config, stop_in_finetuning)
+    head = tmp_path / "job" / "teacher-preparation.tmp" / "head.pt"
+    head.write_bytes(head.read_bytes()[:100])  # cut short by a crash
+    events: list[tuple[str, dict]] = []
+    run(config, lambda kind, data: events.append((kind, data)), resume=True)
+    assert any(k == "log" and d["message"].startswith(f"{head} cannot be read") for k, d in events)
+    assert "teacher-head" in [d["stage"] for k, d in events if k == "stage"] and events[-1][0] == "done"
+
+
+def test_a_job_on_another_filesystem_than_distill_home_prepares_its_teacher(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
+    """The prepared teacher moves from the job's scratch directory into $DISTILL_HOME/prepared, which a rename
+    cannot do across filesystems (a job directory on a tmpfs or a mounted volume)."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the tests' temporary directory")
+    with tempfile.TemporaryDirectory(dir=other) as job_dir:
+        student = FromTeacher(init="teacher", layers=[1])
+        config = _config(tiny_teacher_dir, synthetic_csv, Path(job_dir) / "job", student)
+        report = run(config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})).report
+    prepared = Path(report["teacher"]["prepared_dir"])
+    assert [p.name for p in prepared.parent.iterdir()] == [prepared.name]  # nothing staged is left beside it
+    assert AutoModelForSequenceClassification.from_pretrained(prepared).config.num_labels == 2
 
 
 def test_the_report_says_there_is_no_retention_when_the_teacher_got_no_test_text_right() -> None:

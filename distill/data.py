@@ -287,16 +287,32 @@ def _records(path: Path, format: str, columns: list[str]) -> list[tuple[int, lis
         except json.JSONDecodeError as e:
             problem = f"not valid JSON ({e.msg}); JSONL needs one JSON object per line"
             raise _error(path, number, problem) from None
+        except (ValueError, RecursionError):  # Python's JSON reader refuses these valid ones
+            raise _error(path, number, "not readable: a number with more than 4,300 digits, or values nested "
+                                       "too deep") from None
         if not isinstance(obj, dict):
             raise _error(path, number, f"expected a JSON object, got {type(obj).__name__}")
         for column in columns:
             if column not in obj:
                 found = ", ".join(map(repr, obj))
                 raise _error(path, number, f"no key {column!r}; the object has keys: {found}")
+        for column in columns:
+            _check_unicode(path, number, column, obj[column])
         records.append((number, [obj[c] for c in columns]))
     if not records:
         raise _error(path, 1, "no data rows; JSONL needs one JSON object per line")
     return records
+
+
+def _check_unicode(path: Path, line: int, column: str, value: Any) -> None:
+    """A JSON string may hold an unpaired surrogate escape ("\\ud800"), which no UTF-8 file, database or answer can
+    carry: refused here, not a failure wherever the text is written next."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _error(path, line, f"{column!r} holds an unpaired UTF-16 surrogate ({value[e.start]!r} at "
+                                     f"character {e.start}), which is not text") from None
 
 
 def _text(path: Path, line: int, column: str, value: Any) -> str:

@@ -315,6 +315,17 @@ def test_a_job_body_that_is_nan_is_a_422(client_and_dataset: tuple[Any, str]) ->
     assert response.status_code == 422 and response.json()["detail"][0]["input"] == "nan", response.text
 
 
+def test_a_lone_surrogate_in_a_job_body_is_a_422_naming_where(client_and_dataset: tuple[Any, str]) -> None:
+    """JSON's \\ud800 escape decodes to a string no UTF-8 encoder takes: SQLite failed on it with a 500."""
+    client, _ = client_and_dataset
+    for body, message in (('{"data": {"dataset": "upload:\\ud800"}}', "data.dataset holds a lone surrogate (\\ud800) "
+                                                                     "at character 7"),
+                          ('{"\\ud800": 1}', "a key of the body holds a lone surrogate")):
+        response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and message in response.json()["detail"], response.text
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
 def test_an_uploads_columns_are_named_at_upload_not_in_the_job(client_and_dataset: tuple[Any, str],
                                                                 tiny_teacher_dir: Path) -> None:
     client, dataset = client_and_dataset
@@ -424,6 +435,11 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
     same = upload(client, write_csv(tmp_path / "small.csv", synthetic_rows(20, seed=2)), label_column="text")
     assert (same.status_code, same.json()["detail"]) == (422, "small.csv: the text and the label are both read from "
                                                                "column 'text'; label_column must name another column")
+    lone = tmp_path / "lone.jsonl"  # a label JSON decodes to a lone surrogate: stored, it broke GET /v1/datasets
+    lone.write_text('{"text": "a fine film", "label": "positive"}\n{"text": "a dull film", "label": "\\ud800"}\n')
+    assert upload(client, lone).json()["detail"].startswith("lone.jsonl, line 2: 'label' holds an unpaired UTF-16")
+    listed = client.get("/v1/datasets")
+    assert listed.status_code == 200 and "lone.jsonl" not in [d["name"] for d in listed.json()["items"]]
     one_class = tmp_path / "one.jsonl"
     one_class.write_text("".join(json.dumps({"text": f"film {i}", "label": "positive"}) + "\n" for i in range(9)))
     assert "distillation needs at least 2 classes" in upload(client, one_class).json()["detail"]

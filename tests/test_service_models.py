@@ -126,6 +126,20 @@ def test_a_nan_or_infinity_in_a_body_is_a_422_naming_the_field(client: TestClien
     assert error["loc"] == field and error["input"] in ("nan", "-inf")
 
 
+@pytest.mark.parametrize(("route", "body", "message"), [
+    ("/v1/models/job1.student/predict", '{"texts": ["fine", "good \\ud800"]}', "texts[1] holds a lone surrogate "
+                                                                              "(\\ud800) at character 5"),
+    ("/v1/compare", '{"models": "\\ud800", "texts": ["fine"]}', "models holds a lone surrogate (\\ud800)"),
+    ("/v1/compare", '{"models": ["\\udc00.student"], "texts": ["fine"]}', "models[0] holds a lone surrogate (\\udc00)"),
+])
+def test_a_lone_surrogate_in_a_body_is_a_422_naming_the_field(client: TestClient, route: str, body: str,
+                                                               message: str) -> None:
+    # JSON's \ud800 escape decodes to a string no UTF-8 encoder takes: each of these was a 500 (a model id's file
+    # path, the 422 echoing it).
+    response = client.post(route, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
 def test_predict_on_an_unknown_model_says_where_the_ids_are(client: TestClient) -> None:
     for model_id in ("nojob.student", "student", "...student", "no%00job.student"):
         response = client.post(f"/v1/models/{model_id}/predict", json={"texts": ["fine"]})

@@ -17,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.deps import SettingsDep
 from service.models import KEPT_COMPARISONS, CompareError, Comparison, ComparisonsBusy, Status, UnknownModelError
 from service.routes.models import CatalogDep, check_texts
+from service.routing import TextJsonRoute
 from service.runner import RETRY_AFTER_SECONDS
 from service.schemas import error_responses
 
-router = APIRouter(prefix="/v1/compare", tags=["compare"])
+router = APIRouter(prefix="/v1/compare", tags=["compare"], route_class=TextJsonRoute)
 
 
 class CompareRequest(BaseModel):

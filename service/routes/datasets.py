@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, status
 
 from service import datasets
 from service.deps import SettingsDep, StoreDep
+from service.routing import TextJsonRoute
 from service.schemas import DatasetList, DatasetPublic, error_responses
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=TextJsonRoute)
 
 UploadDep = Annotated[datasets.Upload, Depends(datasets.read_upload)]
 

@@ -18,6 +18,7 @@ from pydantic_core import CoreSchema
 from distill import atomic
 from distill.config import JobConfig
 from service.deps import RunnerDep, SettingsDep, StoppingDep, StoreDep
+from service.routing import TextJsonRoute
 from service.runner import REPORT_FILE, job_dir
 from service.schemas import (
     JOB_CONFIG_EXAMPLE,
@@ -31,7 +32,7 @@ from service.schemas import (
 )
 from service.store import TERMINAL, Job, JobStatus, Store
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=TextJsonRoute)
 
 EVENT_PAGE = 500
 SQLITE_MAX_INT = 2**63 - 1  # a larger offset or cursor cannot be bound to a query

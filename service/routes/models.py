@@ -26,10 +26,11 @@ from service.models import (
     UnknownModelError,
     WrongTaskError,
 )
+from service.routing import TextJsonRoute
 from service.schemas import error_responses
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=TextJsonRoute)
 
 
 async def get_catalog(request: Request) -> ModelCatalog:
@@ -134,18 +135,11 @@ def check_texts(texts: list[str], settings: Settings) -> None:
 
 
 def check_text(text: str, field: str, settings: Settings) -> None:
-    """422 for a text longer than max_text_chars, or one that is not Unicode text: JSON's \\ud800 escapes decode to
-    lone surrogates, which the tokenizers cannot take."""
+    """422 for a text longer than max_text_chars (one that is not Unicode text never gets here: service.routing)."""
     if len(text) > settings.max_text_chars:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"{field} has {len(text)} characters; at most {settings.max_text_chars} "
                             f"(DISTILL_MAX_TEXT_CHARS)")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"{field} holds a lone surrogate (\\u{ord(text[e.start]):x}) at character {e.start}; "
-                            f"send Unicode text") from None
 
 
 def find_model(catalog: ModelCatalog, model_id: str) -> ModelInfo:

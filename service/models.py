@@ -621,7 +621,11 @@ def _dataset(catalog: ModelCatalog, dataset: str) -> _Dataset:
     if dataset.startswith(JOB_DATASET_PREFIX):
         job_id = dataset.removeprefix(JOB_DATASET_PREFIX)
         report = catalog.settings.jobs_dir / job_id / REPORT
-        if Path(job_id).name != job_id or job_id in ("", ".", "..") or not report.is_file():
+        try:
+            found = Path(job_id).name == job_id and job_id not in ("", ".", "..") and report.is_file()
+        except OSError:  # a name too long for the filesystem
+            found = False
+        if not found:
             raise CompareError(f"dataset {dataset!r}: no succeeded job {job_id!r}; GET /v1/jobs lists the jobs")
         job = json.loads(report.read_text())["config"]
         config = DataConfig(**job["data"])

@@ -318,9 +318,9 @@ class Runner:
 
     def _record_end(self, job: Job, code: int, error: str | None, *, done: bool, cancelled: bool) -> None:
         stopped = self._stopping.is_set() and not cancelled
-        # `done` comes after report.json is written: the job is complete if it then exited cleanly (a cancel that
-        # came as it ended included) or the server's stop met it exiting.
-        if done and (code == 0 or stopped):
+        # `done` comes after report.json is written: the job is complete, however its process ended after it (a
+        # cancel or the server's stop as it exited); its models are served from that report either way.
+        if done:
             self.store.finish(job.id, "succeeded")
         elif stopped:
             return  # the server is stopping: the job stays `running` and resumes at the next start

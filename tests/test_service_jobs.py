@@ -250,6 +250,23 @@ def test_a_job_that_sent_done_as_the_server_stopped_is_succeeded_not_run_again(
         assert (job["status"], job["runs"]) == ("succeeded", 1)
 
 
+def test_a_job_cancelled_after_it_sent_done_is_succeeded(make_client: Any, tiny_teacher_dir: Path,
+                                                          synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel between `done` (the report is written, the models are served) and the process's exit stops the
+    process with SIGTERM; the job is complete, not `cancelled` with its models listed. The job process is a
+    stand-in that sends `done` and then waits."""
+    popen = subprocess.Popen
+    done_then_wait = 'import json, time; print(json.dumps({"kind": "done", "data": {}}), flush=True); time.sleep(60)'
+    monkeypatch.setattr(runner.subprocess, "Popen",
+                        lambda command, **kwargs: popen([sys.executable, "-c", done_then_wait], **kwargs))
+    client = make_client()
+    reference = upload(client, synthetic_csv).json()["reference"]
+    job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+    wait_for(client, job_id, lambda j: "test" in j["metrics"])  # the done event is in
+    answered = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert (answered.status_code, answered.json()["status"]) == (200, "succeeded")
+
+
 def test_a_cancel_as_the_job_ends_answers_with_how_it_ended(make_client: Any, tiny_teacher_dir: Path,
                                                             synthetic_csv: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:

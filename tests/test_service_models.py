@@ -295,6 +295,7 @@ def test_compare_a_jobs_test_split_runs_in_the_background(client: TestClient, re
     ({"models": ["job1.student"], "texts": ["fine"], "labels": ["neutral"]}, 422, "['neutral'] are not label"),
     ({"models": ["job1.student"], "dataset": "imdb"}, 422, "'job:<job_id>'"),
     ({"models": ["job1.student"], "dataset": "job:nojob"}, 422, "no succeeded job 'nojob'"),
+    ({"models": ["job1.student"], "dataset": "job:" + "a" * 300}, 422, "no succeeded job 'aaa"),  # was a 500
     ({"models": ["job1.student"], "texts": ["a"] * 9}, 413, "at most 8 per request"),
 ])
 def test_compare_refuses_what_it_cannot_run(client: TestClient, body: dict, code: int, message: str) -> None:

@@ -30,7 +30,7 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, openapi_extra=_UPLOAD_BODY,
-             responses=error_responses(411, 413, 415, 422),
+             responses=error_responses(400, 411, 413, 415, 422),
              summary="Upload a labelled CSV or JSONL file, or texts alone")
 def upload_dataset(upload: UploadDep, settings: SettingsDep, store: StoreDep) -> DatasetPublic:
     return datasets.save_upload(settings, store, upload)

@@ -28,10 +28,12 @@ Micro-batching: see MicroBatcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -251,6 +253,7 @@ class ModelCatalog:
         self._reports: dict[str, tuple[int, dict[str, ModelInfo]]] = {}  # job id → (report mtime_ns, models)
         self._cache: OrderedDict[tuple[Path, int, int], _Loaded] = OrderedDict()  # least recently used first
         self._load_lock = asyncio.Lock()  # one load at a time: a second request for a model waits for the first
+        self._held: Counter[tuple[Path, int, int]] = Counter()  # cache keys in use by a comparison: not unloaded
         # Generations hold a thread for every token: their own pool, so that a few long ones never take the
         # default executor's threads that micro-batches and model loads run in.
         self._generations = ThreadPoolExecutor(max_workers=settings.max_concurrent_generations,
@@ -340,9 +343,22 @@ class ModelCatalog:
             raise WrongTaskError(info, route)
         return info
 
-    async def predictor(self, info: ModelInfo) -> Model:
-        """The loaded model (loading it when needed), for callers that time it themselves."""
-        return (await self._loaded(info)).predictor
+    @contextlib.asynccontextmanager
+    async def holding(self, infos: list[ModelInfo]) -> AsyncIterator[dict[str, Model]]:
+        """The loaded models by id (loaded when needed), for callers that run them themselves: kept in the cache
+        until the block ends, so a request meanwhile uses the same copy instead of loading a second one past the
+        cap. Only models not held are unloaded to make room."""
+        keys: list[tuple[Path, int, int]] = []
+        try:
+            models = {}
+            for info in infos:
+                models[info.id] = (await self._loaded(info)).predictor
+                self._held[info.cache_key] += 1  # no await since the load: nothing unloaded it meanwhile
+                keys.append(info.cache_key)
+            yield models
+        finally:
+            self._held.subtract(keys)
+            self._held = +self._held  # drop the zeros
 
     async def _loaded(self, info: ModelInfo) -> _Loaded:
         loaded = self._cache.get(info.cache_key)
@@ -360,14 +376,18 @@ class ModelCatalog:
         return loaded
 
     def _make_room(self, needed: int) -> None:
-        """Unload least recently used models until `needed` more bytes fit under the cap (or nothing is left)."""
+        """Unload least recently used models not held until `needed` more bytes fit under the cap (or none is
+        left to unload)."""
         cap = self.settings.model_cache_bytes
-        while self._cache and sum(m.memory_bytes for m in self._cache.values()) + needed > cap:
-            (path, *_), evicted = self._cache.popitem(last=False)
+        while sum(m.memory_bytes for m in self._cache.values()) + needed > cap:
+            key = next((key for key in self._cache if not self._held[key]), None)
+            if key is None:
+                log.warning("loading %d bytes past model_cache_bytes=%d: the models loaded are in use by a "
+                            "comparison, or this one is larger than the cap", needed, cap)
+                return
+            evicted = self._cache.pop(key)
             evicted.batcher.close()  # its queued requests are still answered; then the predictor is freed
-            log.info("unloaded %s (%d bytes) to make room for %d bytes", path, evicted.memory_bytes, needed)
-        if needed > cap:
-            log.warning("a model of %d bytes is larger than model_cache_bytes=%d; it is loaded alone", needed, cap)
+            log.info("unloaded %s (%d bytes) to make room for %d bytes", key[0], evicted.memory_bytes, needed)
 
     async def close(self) -> None:
         """Answer what is queued, then drop every model; cancel running comparisons."""
@@ -555,9 +575,9 @@ class Comparisons:
         try:
             async with self._turn:
                 comparison.status = "running"
-                predictors = {info.id: await self.catalog.predictor(info) for info in infos}
-                comparison.result = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._measure, predictors, infos, inputs, repeats)
+                async with self.catalog.holding(infos) as predictors:
+                    comparison.result = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._measure, predictors, infos, inputs, repeats)
             comparison.status = "succeeded"
         except (CompareError, DataError, EvaluateError, InputError) as e:
             comparison.status, comparison.error, comparison.error_status = "failed", str(e), 422

@@ -238,6 +238,36 @@ def test_lru_cache_unloads_the_least_recently_used_model_past_the_cap(settings: 
         {"job1.student"}, {"job1.student-fp32"}, {"job1.student-fp32"}, {"job1.student-torch"}]
 
 
+def test_a_model_a_comparison_holds_is_not_unloaded_for_another(settings: Settings,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A comparison runs its models outside the cache: one unloaded under it stayed in memory, and a request for it
+    meanwhile loaded a second copy, past the cap."""
+    catalog = ModelCatalog(settings)
+    sizes = {i: catalog.get(i).size_bytes for i in ("job1.student", "job1.student-fp32", "job1.student-torch")}
+    catalog = ModelCatalog(settings.model_copy(update={"model_cache_bytes": sum(sorted(sizes.values())[:2]) - 1}))
+    opened: list[str] = []
+    open_model = service.models.open_model
+    monkeypatch.setattr(service.models, "open_model", lambda info, *args: opened.append(info.id) or open_model(
+        info, *args))
+
+    def loaded() -> set[str]:
+        return {i for i in sizes if catalog.is_loaded(catalog.get(i))}
+
+    async def use() -> list[set[str]]:
+        seen = []
+        async with catalog.holding([catalog.get("job1.student")]):
+            for model_id in ("job1.student-fp32", "job1.student"):
+                await catalog.predict(model_id, ["fine"])
+                seen.append(loaded())
+        await catalog.predict("job1.student-torch", ["fine"])  # held no more: it may go now
+        seen.append(loaded())
+        await catalog.close()
+        return seen
+
+    assert asyncio.run(use()) == [{"job1.student", "job1.student-fp32"}] * 2 + [{"job1.student-torch"}]
+    assert opened == ["job1.student", "job1.student-fp32", "job1.student-torch"]  # each loaded once
+
+
 def test_compare_texts_answers_in_the_request(client: TestClient) -> None:
     body = {"models": ["job1.student-fp32", "job1.student-torch", "job1.student"], "texts": TEXTS,
             "labels": ["positive", "negative", "positive", "negative"], "repeats": 5}

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 
@@ -130,8 +130,17 @@ class ModelInfo:
     file_mtime_ns: int  # of path: a model rewritten in place (a job run again) is a new cache entry
 
     @property
-    def cache_key(self) -> tuple[Path, int, int]:
-        return self.path, self.max_length, self.file_mtime_ns
+    def cache_key(self) -> CacheKey:
+        return CacheKey(self.task, self.path, self.max_length, self.file_mtime_ns)
+
+
+class CacheKey(NamedTuple):
+    """What a loaded model is shared by: the same files loaded for the same task (a classifier directory that is
+    also an embedding job's teacher loads twice: a predictor and an embedder) with the same truncation."""
+    task: Task
+    path: Path
+    max_length: int
+    file_mtime_ns: int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,9 +260,9 @@ class ModelCatalog:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._reports: dict[str, tuple[int, dict[str, ModelInfo]]] = {}  # job id → (report mtime_ns, models)
-        self._cache: OrderedDict[tuple[Path, int, int], _Loaded] = OrderedDict()  # least recently used first
+        self._cache: OrderedDict[CacheKey, _Loaded] = OrderedDict()  # least recently used first
         self._load_lock = asyncio.Lock()  # one load at a time: a second request for a model waits for the first
-        self._held: Counter[tuple[Path, int, int]] = Counter()  # cache keys in use by a comparison: not unloaded
+        self._held: Counter[CacheKey] = Counter()  # cache keys in use by a comparison: not unloaded
         # Generations hold a thread for every token: their own pool, so that a few long ones never take the
         # default executor's threads that micro-batches and model loads run in.
         self._generations = ThreadPoolExecutor(max_workers=settings.max_concurrent_generations,
@@ -348,7 +357,7 @@ class ModelCatalog:
         """The loaded models by id (loaded when needed), for callers that run them themselves: kept in the cache
         until the block ends, so a request meanwhile uses the same copy instead of loading a second one past the
         cap. Only models not held are unloaded to make room."""
-        keys: list[tuple[Path, int, int]] = []
+        keys: list[CacheKey] = []
         try:
             models = {}
             for info in infos:
@@ -387,7 +396,7 @@ class ModelCatalog:
                 return
             evicted = self._cache.pop(key)
             evicted.batcher.close()  # its queued requests are still answered; then the predictor is freed
-            log.info("unloaded %s (%d bytes) to make room for %d bytes", key[0], evicted.memory_bytes, needed)
+            log.info("unloaded %s (%d bytes) to make room for %d bytes", key.path, evicted.memory_bytes, needed)
 
     async def close(self) -> None:
         """Answer what is queued, then drop every model; cancel running comparisons."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import threading
@@ -236,6 +237,14 @@ def test_lru_cache_unloads_the_least_recently_used_model_past_the_cap(settings: 
 
     assert asyncio.run(use("job1.student", "job1.student-fp32", "job1.student-fp32", "job1.student-torch")) == [
         {"job1.student"}, {"job1.student-fp32"}, {"job1.student-fp32"}, {"job1.student-torch"}]
+
+
+def test_one_directory_served_for_two_tasks_is_two_cache_entries(settings: Settings) -> None:
+    """A classifier directory that is also an embedding job's teacher: one cache entry would hand /embed the
+    classifier's predictor (or /predict the embedder)."""
+    teacher = ModelCatalog(settings).get("job1.teacher")
+    as_encoder = dataclasses.replace(teacher, id="job2.teacher", job_id="job2", task="sentence-embedding")
+    assert as_encoder.cache_key != teacher.cache_key and as_encoder.path == teacher.path
 
 
 def test_a_model_a_comparison_holds_is_not_unloaded_for_another(settings: Settings,

@@ -107,7 +107,7 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     latency = {"teacher-torch": _p50_ms(teacher_call, args.emb_latency_calls),
                "student-onnx-int8": _p50_ms(lambda: int8.embed([text]), args.emb_latency_calls)}
     deployment = report["deployment"]
-    references = _references(teacher_model, teacher_tokenizer, data, args.emb_max_length)
+    references = _references(teacher_model, teacher_tokenizer, data, args.emb_max_length, args.emb_student_layers)
     return {
         "embedding_student": (f"{args.emb_teacher} layers {args.emb_teacher_layers}" if args.emb_teacher_layers else
                               f"minilm-l6, first {args.emb_student_layers} layers + projection"),
@@ -137,9 +137,10 @@ def run_embedding_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _references(teacher: SentenceEncoder, teacher_tokenizer: PreTrainedTokenizerBase, data: TaskData,
-                max_length: int) -> dict[str, dict[str, float]]:
+                max_length: int, student_layers: int) -> dict[str, dict[str, float]]:
     """Encoders not distilled from the teacher: MiniLM-L6 as published (all 6 layers; trained on the same sentence
-    pairs as mpnet-base) and its first 3 layers (the MiniLM student before distillation, without the projection).
+    pairs as mpnet-base) and its first `student_layers` layers (the MiniLM student before distillation, without the
+    projection).
     For each, recall@10 against the teacher on the test texts and the same linear probe as the job's (its L2 chosen
     on validation). What the student's numbers read against."""
     task = SentenceEmbedding(max_length)
@@ -154,8 +155,9 @@ def _references(teacher: SentenceEncoder, teacher_tokenizer: PreTrainedTokenizer
     minilm = resolve_teacher("minilm-l6")
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     encoders = {"minilm-l6, 6 layers, not distilled": load_sentence_encoder(minilm),
-                "minilm-l6, first 3 layers, not distilled":
-                    SentenceEncoder(AutoModel.from_pretrained(minilm, num_hidden_layers=3), "mean", None, False)}
+                f"minilm-l6, first {student_layers} layers, not distilled":
+                    SentenceEncoder(AutoModel.from_pretrained(minilm, num_hidden_layers=student_layers), "mean", None,
+                                    False)}
     numbers = {}
     for name, encoder in encoders.items():
         vectors = {split: embed(encoder.eval(), tokenizer, split) for split in splits}

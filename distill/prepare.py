@@ -64,6 +64,8 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
     target = distill_home() / "prepared" / key
     if (target / "prepared.json").exists():
         emit("log", {"message": f"reusing the prepared teacher {target}"})
+        if distributed.is_main():
+            _sweep_staged(target)
         return PreparedTeacher(target, cached=True, summary=json.loads((target / "prepared.json").read_text()))
 
     tc = config.teacher
@@ -99,9 +101,9 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         emit("log", {"message": f"reusing the head trained before the interruption ({trained_head})"})
     elif tc.head_epochs and head is not None:
         emit("stage", {"stage": "teacher-head", "detail": "head on frozen features"})
-        features = {name: _first_token_features(task, model, tokenizer, split.student_inputs, tc.batch_size * 2,
-                                                config.precision)
-                    for name, split in (("train", train), ("validation", validation))}
+        features = _first_token_features(task, model, tokenizer, {"train": train.student_inputs,
+                                                                  "validation": validation.student_inputs},
+                                         tc.batch_size * 2, config.precision, emit)
         accuracy = _train_head(model, head_params, head, features, train.labels.to(model.device),
                                validation.labels.to(model.device), tc.head_epochs, tc.head_lr,
                                tc.batch_size, emit)
@@ -131,18 +133,25 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
 
 
 @torch.inference_mode()
-def _first_token_features(task: Task, model: PreTrainedModel, tokenizer: Any, encoded: list[Encoded],
-                          batch_size: int, precision: Precision) -> Tensor:
-    """(N, H) final hidden state of the first token, the input of every HF sequence-classification head; on the
-    model's device."""
+def _first_token_features(task: Task, model: PreTrainedModel, tokenizer: Any, splits: dict[str, list[Encoded]],
+                          batch_size: int, precision: Precision, emit: EventSink) -> dict[str, Tensor]:
+    """Per split, (N, H) final hidden state of the first token, the input of every HF sequence-classification head;
+    on the model's device. The teacher's pass over the training set takes minutes on a CPU: progress events count
+    examples, as the teacher-output pass does."""
     model.eval()
-    out = torch.empty(len(encoded), model.config.hidden_size, device=model.device)
-    for idx in length_sorted_batches(encoded, batch_size):
-        inputs = on_device(task.collate(tokenizer, [encoded[i] for i in idx]), model.device)
-        with autocast(precision, model.device):
-            hidden = model.base_model(**inputs).last_hidden_state
-        out[idx] = hidden[:, 0]  # (B, H)
-    return out
+    total, done = sum(len(encoded) for encoded in splits.values()), 0
+    features = {}
+    for name, encoded in splits.items():
+        out = torch.empty(len(encoded), model.config.hidden_size, device=model.device)
+        for idx in length_sorted_batches(encoded, batch_size):
+            inputs = on_device(task.collate(tokenizer, [encoded[i] for i in idx]), model.device)
+            with autocast(precision, model.device):
+                hidden = model.base_model(**inputs).last_hidden_state
+            out[idx] = hidden[:, 0]  # (B, H)
+            done += len(idx)
+            emit("progress", {"stage": "teacher-head", "step": done, "total_steps": total})
+        features[name] = out
+    return features
 
 
 def _train_head(model: PreTrainedModel, params: list[nn.Parameter], head: Callable[[PreTrainedModel, Tensor], Tensor],
@@ -225,10 +234,19 @@ def _publish(model_dir: Path, target: Path) -> None:
     target: the job's directory may be on another filesystem, where a rename cannot reach."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    shutil.move(model_dir, staged)
     try:
+        shutil.move(model_dir, staged)
         os.replace(staged, target)
-    except OSError:
+    except OSError:  # shutil.Error too
         if not (target / "prepared.json").exists():
             raise
-        shutil.rmtree(staged)  # another job prepared the same teacher meanwhile: theirs stays
+        # another job prepared the same teacher meanwhile: theirs stays (and it may have swept our staging away)
+    _sweep_staged(target)
+
+
+def _sweep_staged(target: Path) -> None:
+    """Remove what a crash between staging and renaming left beside `target` (a whole teacher's size). Once the
+    prepared teacher is in place, any staging of the same key is redundant: a job still moving one finds the
+    target there and keeps it."""
+    for staged in target.parent.glob(f".{target.name}.*"):
+        shutil.rmtree(staged, ignore_errors=True)

@@ -43,8 +43,9 @@ class JobPublic(BaseModel):
     id: str
     status: JobStatus
     stage: str | None = Field(description="The stage running now (or the last one that ran).")
-    progress: float = Field(ge=0, le=1, description="Fraction of the current stage's steps done (teacher-finetune, "
-                                                    "teacher-logits / teacher-embeddings: examples, distill); 0 in "
+    progress: float = Field(ge=0, le=1, description="Fraction of the current stage's steps done: training steps "
+                                                    "in teacher-finetune and distill, examples in teacher-head's "
+                                                    "feature pass and teacher-logits / teacher-embeddings; 0 in "
                                                     "stages without steps; 1 once the job succeeded.")
     metrics: dict[str, Any] = Field(description="Latest validation metrics per stage; `test` once it succeeded.")
     error: str | None

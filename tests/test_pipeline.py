@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import tempfile
 from collections.abc import Callable
@@ -63,7 +64,10 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     for kind, data in events:
         announced = data["stage"] if kind == "stage" else announced
         assert kind != "progress" or data["stage"] == announced, (data, announced)
-    assert {d["stage"] for k, d in events if k == "progress"} == {"teacher-finetune", "teacher-logits", "distill"}
+    assert {d["stage"] for k, d in events if k == "progress"} == {"teacher-head", "teacher-finetune", "teacher-logits",
+                                                                   "distill"}
+    head_pass = [d for k, d in events if k == "progress" and d["stage"] == "teacher-head"]  # train + validation texts
+    assert head_pass[-1]["step"] == head_pass[-1]["total_steps"] == 320 + report["data"]["splits"]["validation"]["rows"]
     assert events[-1][0] == "done"
     # The deployable student: ONNX checked against PyTorch, INT8 gated on validation accuracy, all measured.
     assert max(e["max_abs_diff"] for e in report["export"].values()) <= 1e-4
@@ -326,6 +330,30 @@ def test_a_job_on_another_filesystem_than_distill_home_prepares_its_teacher(
     prepared = Path(report["teacher"]["prepared_dir"])
     assert [p.name for p in prepared.parent.iterdir()] == [prepared.name]  # nothing staged is left beside it
     assert AutoModelForSequenceClassification.from_pretrained(prepared).config.num_labels == 2
+
+
+def test_a_teacher_staged_by_a_job_that_crashed_before_its_rename_is_swept_by_the_next_job(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path, distill_home: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between moving the prepared teacher beside its key and renaming it there leaves a whole teacher's
+    size behind; the job that next prepares the same key removes it, and only the prepared teacher stays."""
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]))
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
+    rename = os.replace
+
+    def crash_on_publish(source: os.PathLike, target: os.PathLike) -> None:
+        if Path(target).parent.name == "prepared":
+            raise Interrupted
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", crash_on_publish)
+    with pytest.raises(Interrupted):
+        run(config)
+    monkeypatch.setattr(os, "replace", rename)
+    prepared_home = distill_home / "prepared"
+    assert len([p for p in prepared_home.iterdir() if p.name.startswith(".")]) == 1  # what the crash left
+    prepared = Path(run(config).report["teacher"]["prepared_dir"])
+    assert [p.name for p in prepared_home.iterdir()] == [prepared.name]
 
 
 def test_the_report_says_there_is_no_retention_when_the_teacher_got_no_test_text_right() -> None:

@@ -290,7 +290,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     best.cpu()
     teacher.cpu()
     deployment = (_deploy(config, out, best, teacher_logits, tokenizer, test, splits["validation"].student_inputs,
-                          clock) if config.export.onnx else {})
+                          clock, emit) if config.export.onnx else {})
     teacher_params, student_params = count_params(teacher), count_params(best)
     report = {
         "task": TASK.name,
@@ -331,7 +331,7 @@ def check_causal(model: PreTrainedModel, name: str) -> None:
 
 def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logits: Logits,
             tokenizer: PreTrainedTokenizerBase, test: list[Encoded], validation: list[Encoded],
-            clock: Callable[..., Any]) -> dict[str, Any]:
+            clock: Callable[..., Any], emit: EventSink) -> dict[str, Any]:
     """student-onnx/ (model.onnx, model_int8.onnx, tokenizer, config); the served file: INT8 unless its validation
     perplexity is more than compress.max_accuracy_drop percent above fp32's; then perplexity of each file on the
     test split and batch-1 latency against the PyTorch teacher."""
@@ -379,9 +379,11 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
         if cc.quantize == "dynamic":
             variants["student-onnx-int8"] = onnx_logits(target / INT8_FILE)
         median = TASK.collate(tokenizer, [by_length[len(by_length) // 2]])  # batch 1, a median-length text
-        rows = {name: {"test_perplexity": score(logits, tokenizer, test)["perplexity"],
-                       "latency_p50_ms": _p50_ms(logits, median, config.evaluate.latency_calls)}
-                for name, logits in variants.items()}
+        rows = {}
+        for done, (name, logits) in enumerate(variants.items(), start=1):
+            rows[name] = {"test_perplexity": score(logits, tokenizer, test)["perplexity"],
+                          "latency_p50_ms": _p50_ms(logits, median, config.evaluate.latency_calls)}
+            emit("progress", {"stage": "evaluate-deployment", "step": done, "total_steps": len(variants)})
     served = "student-onnx-int8" if int8_served else "student-onnx-fp32"
     section["evaluation"] = {"models": rows, "latency_tokens": int(median["input_ids"].shape[1]),
                              "torch_threads": torch.get_num_threads(), "onnx_threads": available_cpus(),

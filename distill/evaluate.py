@@ -75,13 +75,15 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
                     reference: str | None = None, latency_calls: int = 200, warmup_calls: int = 20,
                     latency_text: str | None = None, throughput_batch: int = 32, throughput_batches: int = 10,
                     sizes: dict[str, int] | None = None, params: dict[str, int] | None = None,
-                    on_progress: Progress | None = None) -> dict[str, Any]:
+                    on_progress: Progress | None = None,
+                    on_measured: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Measure every model on the same texts (see the module docstring for what is timed); a JSON-ready dict.
 
     models: all classifiers, all embedders or all language models. labels: class ids in the classifiers' label
     order (all must have the same label names), or None; embedders and language models take none. reference: the
     model agreement and speed-ups are relative to (default: the first). sizes (bytes) and params are copied into
-    the rows of the models they name. on_progress gets a line before and after each model.
+    the rows of the models they name. on_progress gets a line before and after each model, on_measured (models
+    measured, how many) after each.
     """
     if not models:
         raise EvaluateError("models is empty; give at least one model")
@@ -144,6 +146,8 @@ def evaluate_models(models: Mapping[str, Model], texts: list[str], labels: list[
         score = next((f"{key} {rows[name][key]:.4f}, " for key in ("accuracy", "perplexity")
                       if rows[name].get(key) is not None), "")
         say(f"[{i}/{len(models)}] {name}: {score}p50 {p50:.2f} ms, {texts_per_second:.1f} texts/s")
+        if on_measured is not None:
+            on_measured(i, len(models))
 
     ref = rows[reference]
     for name, row in rows.items():

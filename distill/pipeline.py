@@ -227,7 +227,9 @@ def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData,
             latency_calls=config.evaluate.latency_calls, throughput_batch=config.evaluate.throughput_batch,
             sizes={name: size for name, (size, _) in sizes.items()},
             params={name: params for name, (_, params) in sizes.items() if params is not None},
-            on_progress=lambda line: emit("log", {"message": line}))
+            on_progress=lambda line: emit("log", {"message": line}),
+            on_measured=lambda done, total: emit("progress", {"stage": "evaluate-deployment", "step": done,
+                                                              "total_steps": total}))
     return section
 
 

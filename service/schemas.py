@@ -45,8 +45,9 @@ class JobPublic(BaseModel):
     stage: str | None = Field(description="The stage running now (or the last one that ran).")
     progress: float = Field(ge=0, le=1, description="Fraction of the current stage's steps done: training steps "
                                                     "in teacher-finetune and distill, examples in teacher-head's "
-                                                    "feature pass and teacher-logits / teacher-embeddings; 0 in "
-                                                    "stages without steps; 1 once the job succeeded.")
+                                                    "feature pass and teacher-logits / teacher-embeddings, models "
+                                                    "measured in evaluate-deployment; 0 in stages without steps; 1 "
+                                                    "once the job succeeded.")
     metrics: dict[str, Any] = Field(description="Latest validation metrics per stage; `test` once it succeeded.")
     error: str | None
     config: dict[str, Any] = Field(description="The job config as submitted, defaults filled in.")

@@ -127,6 +127,9 @@ def test_tiny_causal_lm_job_writes_a_report_and_a_checked_onnx_student(tmp_path:
     assert report["task"] == "causal-lm"
     assert [d["stage"] for k, d in events if k == "stage"] == [
         "data", "build-student", "distill", "evaluate", "export", "compress", "evaluate-deployment"]
+    measured = [(d["step"], d["total_steps"]) for k, d in events
+                if k == "progress" and d["stage"] == "evaluate-deployment"]
+    assert measured == [(i, 4) for i in range(1, 5)]  # teacher, student in PyTorch, fp32 and INT8 ONNX
     assert report["student"]["test_perplexity"] == pytest.approx(
         report["perplexity_ratio"] * report["teacher"]["test_perplexity"])
     assert report["student"]["test_kl_from_teacher"] > 0

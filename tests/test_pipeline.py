@@ -65,9 +65,12 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
         announced = data["stage"] if kind == "stage" else announced
         assert kind != "progress" or data["stage"] == announced, (data, announced)
     assert {d["stage"] for k, d in events if k == "progress"} == {"teacher-head", "teacher-finetune", "teacher-logits",
-                                                                   "distill"}
+                                                                   "distill", "evaluate-deployment"}
     head_pass = [d for k, d in events if k == "progress" and d["stage"] == "teacher-head"]  # train + validation texts
     assert head_pass[-1]["step"] == head_pass[-1]["total_steps"] == 320 + report["data"]["splits"]["validation"]["rows"]
+    measured = [(d["step"], d["total_steps"]) for k, d in events
+                if k == "progress" and d["stage"] == "evaluate-deployment"]
+    assert measured == [(i, 5) for i in range(1, 6)]  # one per deployed variant
     assert events[-1][0] == "done"
     # The deployable student: ONNX checked against PyTorch, INT8 gated on validation accuracy, all measured.
     assert max(e["max_abs_diff"] for e in report["export"].values()) <= 1e-4

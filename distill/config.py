@@ -171,11 +171,6 @@ class TrainConfig(_Section):
                            "real tokens, grouped 1.06x, and train about 1.8x faster, at the same accuracy for a "
                            "classifier on 21k texts and a sentence encoder on 12k. Hurt small datasets (a few dozen "
                            "steps an epoch) and causal LMs (their loss averages a batch's tokens).")
-    freeze_embeddings: bool = Field(
-        False, description="Keep the student's token-embedding table as it was initialized: no gradient, no AdamW "
-                           "state. Most of a small student's parameters (11.7M of a 3-layer MiniLM's 17.4M) and a "
-                           "share of every step that does not shrink with bf16. A causal LM whose output layer "
-                           "shares that table (GPT-2) keeps its output layer too.")
 
 
 class ExportConfig(_Section):

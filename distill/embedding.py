@@ -90,10 +90,6 @@ class SentenceEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.encoder.device
 
-    def get_input_embeddings(self) -> nn.Module:
-        """The token-embedding table (what train.freeze_embeddings freezes), as on a transformers model."""
-        return self.encoder.get_input_embeddings()
-
     @property
     def dimension(self) -> int:
         return self.projection.out_features if self.projection is not None else self.config.hidden_size

@@ -275,18 +275,3 @@ def test_dropout_setting_reaches_the_student_in_fit(setup, tmp_path: Path) -> No
         run_dir=tmp_path / "run", seed=0, teacher=teacher)
     assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
     assert student.config._attn_implementation == attention  # only dropout 0 switches attention
-
-
-def test_frozen_embeddings_keep_their_values_and_get_no_optimizer_state(setup, tmp_path: Path) -> None:
-    """train.freeze_embeddings: the token-embedding table leaves training as it came in; everything else trains."""
-    tokenizer, teacher, train, validation = setup
-    student = _classifier(len(tokenizer), seed=1)
-    table = student.get_input_embeddings().weight.detach().clone()
-    others = {name: p.detach().clone() for name, p in student.named_parameters() if "word_embeddings" not in name}
-    fit(TASK, student, tokenizer, train, validation, CFG.model_copy(update={"freeze_embeddings": True, "epochs": 1}),
-        run_dir=tmp_path / "run", seed=0, teacher=teacher)
-    assert torch.equal(student.get_input_embeddings().weight.detach().cpu(), table)
-    trained = dict(student.named_parameters())
-    assert all(not torch.equal(trained[name].detach().cpu(), before) for name, before in others.items())
-    saved = torch.load(tmp_path / "run" / CHECKPOINT, map_location="cpu", weights_only=False)
-    assert len(saved["optimizer"]["state"]) == len(others)  # AdamW state for every parameter but the table

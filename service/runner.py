@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -250,6 +251,9 @@ class Runner:
             directory = job_dir(self.settings, job_id)
             if job.pid is not None:
                 _stop_orphan(job.pid, directory, self.settings.cancel_grace_seconds)
+            if self.store.sent_done(job_id):  # the server died as the finished job's process was exiting
+                self.store.finish(job_id, "succeeded")
+                continue
             if not (directory / CONFIG_FILE).is_file():
                 self.store.finish(job_id, "failed", f"the server stopped while this job ran and its directory "
                                                     f"{directory} is gone, so it cannot resume")
@@ -303,7 +307,10 @@ class Runner:
                 error = data.get("message")
                 continue
             done = done or kind == "done"
-            self.store.add_event(job.id, kind, data)
+            try:
+                self.store.add_event(job.id, kind, data)
+            except sqlite3.Error:  # a full disk, say: keep reading the pipe, or the job blocks once it fills
+                log.exception("could not record a job event", extra={"job_id": job.id, "kind": kind})
         code = proc.wait()
         with self._lock:
             self._procs.pop(job.id, None)  # its slot is free; the watcher stays listed until the job is recorded
@@ -311,6 +318,8 @@ class Runner:
             self._cancelling.discard(job.id)
         try:
             self._record_end(job, code, error, done=done, cancelled=cancelled)
+        except Exception:  # noqa: BLE001 - the slot is free either way; a job left `running` resumes at the next start
+            log.exception("could not record how the job ended", extra={"job_id": job.id, "exit_code": code})
         finally:
             with self._lock:  # after the record: a cancel that found no process joins this watcher until then
                 self._watchers.pop(job.id, None)
@@ -343,7 +352,7 @@ def _parse_event(line: str) -> tuple[str, dict[str, Any]]:
 
 
 def _exit_reason(code: int, stderr: Path) -> str:
-    how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    how = f"was killed by signal {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
     try:
         tail = [line for line in stderr.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     except OSError:
@@ -379,3 +388,10 @@ def _stop_orphan(pid: int, directory: Path, grace_seconds: float) -> None:
             time.sleep(0.05)
         if not alive():
             return
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal (34 and up) has no name in the enum
+        return str(number)

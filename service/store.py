@@ -251,6 +251,12 @@ class Store:
                 values = {k: v for k, v in data.items() if k not in ("stage", "report")}
                 self._update(job_id, stamp, metrics=json.dumps({**job.metrics, key: values}))
 
+    def sent_done(self, job_id: str) -> bool:
+        """Whether the job's process reported `done`: it comes after report.json is written, so the job is complete."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM events WHERE job_id = ? AND kind = 'done' LIMIT 1",
+                                    (job_id,)).fetchone() is not None
+
     def events(self, job_id: str, after: int, limit: int) -> list[Event]:
         with self._lock:
             rows = self._db.execute("SELECT seq, kind, data, time FROM events WHERE job_id = ? AND seq > ? "

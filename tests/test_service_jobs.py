@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -248,6 +249,57 @@ def test_a_job_that_sent_done_as_the_server_stopped_is_succeeded_not_run_again(
     with TestClient(create_app(settings)) as client:  # the next start
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert (job["status"], job["runs"]) == ("succeeded", 1)
+
+
+def test_a_job_that_sent_done_before_the_server_died_is_succeeded_at_the_next_start(
+        tiny_teacher_dir: Path, distill_home: Path) -> None:
+    """A server killed (no graceful stop) between a job's `done` and its process's exit leaves the job `running`
+    with its report written; the next start records it succeeded instead of running it again over its served
+    models."""
+    settings = Settings(home=distill_home, model_dirs=[distill_home.parent])
+    store = Store(settings.database)
+    config = {"teacher": {"name": str(tiny_teacher_dir)}, "data": {"dataset": "reviews"},
+              "student": {"init": "teacher", "layers": [0]}}
+    assert store.create_job("finished", config, None, capacity=10) is not None
+    assert store.claim_next() is not None
+    store.add_event("finished", "done", {"student_test_accuracy": 0.9})
+    store.close()
+    with TestClient(create_app(settings)) as client:
+        job = client.get("/v1/jobs/finished").json()
+    assert (job["status"], job["runs"], job["metrics"]["test"]) == ("succeeded", 1, {"student_test_accuracy": 0.9})
+
+
+def test_a_job_whose_events_cannot_be_stored_still_ends_and_frees_its_slot(
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that refuses an event (a full disk) loses that event, not the job: the pipe is still read, the end
+    is recorded and the next job starts. The job process is a stand-in that sends a progress event and `done`."""
+    popen = subprocess.Popen
+    events = ('import json; [print(json.dumps(e), flush=True) for e in ({"kind": "log", "data": {"message": "x"}}, '
+              '{"kind": "done", "data": {}})]')
+    monkeypatch.setattr(runner.subprocess, "Popen",
+                        lambda command, **kwargs: popen([sys.executable, "-c", events], **kwargs))
+    add_event = Store.add_event
+
+    def full_disk(self: Store, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        if kind == "log":
+            raise sqlite3.OperationalError("database or disk is full")
+        add_event(self, job_id, kind, data)
+
+    monkeypatch.setattr(Store, "add_event", full_disk)
+    client = make_client()
+    reference = upload(client, synthetic_csv).json()["reference"]
+    first, second = (client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+                     for _ in range(2))
+    for job_id in (first, second):  # one job at a time: the second starts only once the first's slot is free
+        assert wait_for(client, job_id, lambda j: j["status"] != "running" and j["status"] != "queued")[
+            "status"] == "succeeded"
+
+
+def test_a_job_killed_by_a_real_time_signal_is_failed_naming_its_number(tmp_path: Path) -> None:
+    """Real-time signals (34 and up) have no name in Python's enum: the reason says the number instead of the
+    watcher raising ValueError and leaving the job `running`."""
+    assert runner._exit_reason(-9, tmp_path / "none.log") == "the job process was killed by signal SIGKILL"
+    assert runner._exit_reason(-40, tmp_path / "none.log") == "the job process was killed by signal 40"
 
 
 def test_a_job_cancelled_after_it_sent_done_is_succeeded(make_client: Any, tiny_teacher_dir: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from service.datasets import remove_unfinished_uploads
 from service.deps import require_api_key
 from service.models import ModelCatalog
 from service.routes import compare, datasets, jobs, models, ops, ui
-from service.runner import Runner
+from service.runner import DELETING, Runner
 from service.schemas import ServiceError
 from service.settings import Settings, get_settings
 from service.store import Store
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(settings.jobs_dir / DELETING, ignore_errors=True)  # what a delete cut short left
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         remove_unfinished_uploads(settings)
         store = Store(settings.database)

@@ -289,6 +289,14 @@ class ModelCatalog:
             raise UnknownModelError(model_id)
         return info
 
+    def forget_job(self, job_id: str) -> None:
+        """A deleted job's models: out of the listing, and unloaded unless a comparison holds them (it unloads
+        them with the least recently used once it ends)."""
+        self._reports.pop(job_id, None)
+        directory = self.settings.jobs_dir / job_id
+        for key in [key for key in self._cache if key.path.is_relative_to(directory) and not self._held[key]]:
+            self._cache.pop(key).batcher.close()
+
     def is_loaded(self, info: ModelInfo) -> bool:
         return info.cache_key in self._cache
 

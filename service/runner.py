@@ -49,6 +49,22 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.jobs_dir / job_id
 
 
+DELETING = ".deleting"  # under jobs_dir: deleted jobs' directories until removed; a crash leaves them to the next start
+
+
+def move_out(settings: Settings, job_id: str) -> Path | None:
+    """Take a deleted job's directory out of jobs_dir in one rename (its models stop being listed at once) and
+    return where it went, for the caller to remove; None when there is none (a delete before this one took it)."""
+    trash = settings.jobs_dir / DELETING
+    trash.mkdir(exist_ok=True)
+    moved = trash / f"{job_id}.{uuid.uuid4().hex}"
+    try:
+        os.replace(job_dir(settings, job_id), moved)
+    except FileNotFoundError:
+        return None
+    return moved
+
+
 def upload_path(settings: Settings, dataset_id: str, format: str) -> Path:
     return settings.datasets_dir / dataset_id / f"data.{format}"
 

@@ -251,6 +251,14 @@ class Store:
                 values = {k: v for k, v in data.items() if k not in ("stage", "report")}
                 self._update(job_id, stamp, metrics=json.dumps({**job.metrics, key: values}))
 
+    def delete_job(self, job_id: str) -> bool:
+        """Delete an ended job's record and events; whether this call deleted it (not a queued or running one)."""
+        with self._lock, self._db:
+            if self._db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND NOT {_IS_ACTIVE}", (job_id,)).fetchone() is None:
+                return False
+            self._db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            return self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
+
     def sent_done(self, job_id: str) -> bool:
         """Whether the job's process reported `done`: it comes after report.json is written, so the job is complete."""
         with self._lock:

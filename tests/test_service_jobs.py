@@ -232,20 +232,30 @@ def test_cancel_stops_every_process_of_a_multi_process_job(make_client: Any, tin
     assert processes_of(directory) == []
 
 
+def _processes_send_done_then_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Job processes become a stand-in that sends `done` and then waits (to be stopped)."""
+    popen = subprocess.Popen
+    done_then_wait = 'import json, time; print(json.dumps({"kind": "done", "data": {}}), flush=True); time.sleep(60)'
+    monkeypatch.setattr(runner.subprocess, "Popen",
+                        lambda command, **kwargs: popen([sys.executable, "-c", done_then_wait], **kwargs))
+
+
+def _job_that_sent_done(client: Any, teacher_dir: Path, csv: Path) -> str:
+    reference = upload(client, csv).json()["reference"]
+    job_id = client.post("/v1/jobs", json=tiny_job(teacher_dir, reference)).json()["id"]
+    wait_for(client, job_id, lambda j: "test" in j["metrics"])  # the done event is in
+    return job_id
+
+
 def test_a_job_that_sent_done_as_the_server_stopped_is_succeeded_not_run_again(
         tiny_teacher_dir: Path, synthetic_csv: Path, distill_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`done` comes after the job wrote its report: a server stopping as such a job exits records it succeeded,
     where before it stayed `running` and the next start ran it again. The job process is a stand-in that sends
     `done` and then waits to be stopped."""
-    popen = subprocess.Popen
-    done_then_wait = 'import json, time; print(json.dumps({"kind": "done", "data": {}}), flush=True); time.sleep(60)'
-    monkeypatch.setattr(runner.subprocess, "Popen",
-                        lambda command, **kwargs: popen([sys.executable, "-c", done_then_wait], **kwargs))
+    _processes_send_done_then_wait(monkeypatch)
     settings = Settings(home=distill_home, model_dirs=[distill_home.parent])
     with TestClient(create_app(settings)) as client:
-        reference = upload(client, synthetic_csv).json()["reference"]
-        job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
-        wait_for(client, job_id, lambda j: "test" in j["metrics"])  # the done event is in
+        job_id = _job_that_sent_done(client, tiny_teacher_dir, synthetic_csv)
     with TestClient(create_app(settings)) as client:  # the next start
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert (job["status"], job["runs"]) == ("succeeded", 1)
@@ -295,6 +305,27 @@ def test_a_job_whose_events_cannot_be_stored_still_ends_and_frees_its_slot(
             "status"] == "succeeded"
 
 
+def test_a_running_job_is_deleted_only_once_it_has_ended(make_client: Any, tiny_teacher_dir: Path,
+                                                         synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELETE of a running job is a 409 that says to cancel it first; once cancelled, the delete takes its directory
+    too, and a directory a delete was removing when the server stopped is removed at the next start. The job
+    process is a stand-in that sends `done` and then waits."""
+    _processes_send_done_then_wait(monkeypatch)
+    client = make_client()
+    job_id = _job_that_sent_done(client, tiny_teacher_dir, synthetic_csv)
+    refused = client.delete(f"/v1/jobs/{job_id}")
+    assert refused.status_code == 409 and f"POST /v1/jobs/{job_id}/cancel" in refused.json()["detail"]
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "succeeded"
+    jobs_dir = client.app.state.settings.jobs_dir
+    assert (jobs_dir / job_id).is_dir()
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert not (jobs_dir / job_id).exists() and client.get(f"/v1/jobs/{job_id}").status_code == 404
+    left = jobs_dir / runner.DELETING / "cut-short"
+    left.mkdir()
+    make_client()  # the next start
+    assert not left.exists()
+
+
 def test_a_job_killed_by_a_real_time_signal_is_failed_naming_its_number(tmp_path: Path) -> None:
     """Real-time signals (34 and up) have no name in Python's enum: the reason says the number instead of the
     watcher raising ValueError and leaving the job `running`."""
@@ -307,14 +338,9 @@ def test_a_job_cancelled_after_it_sent_done_is_succeeded(make_client: Any, tiny_
     """A cancel between `done` (the report is written, the models are served) and the process's exit stops the
     process with SIGTERM; the job is complete, not `cancelled` with its models listed. The job process is a
     stand-in that sends `done` and then waits."""
-    popen = subprocess.Popen
-    done_then_wait = 'import json, time; print(json.dumps({"kind": "done", "data": {}}), flush=True); time.sleep(60)'
-    monkeypatch.setattr(runner.subprocess, "Popen",
-                        lambda command, **kwargs: popen([sys.executable, "-c", done_then_wait], **kwargs))
+    _processes_send_done_then_wait(monkeypatch)
     client = make_client()
-    reference = upload(client, synthetic_csv).json()["reference"]
-    job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
-    wait_for(client, job_id, lambda j: "test" in j["metrics"])  # the done event is in
+    job_id = _job_that_sent_done(client, tiny_teacher_dir, synthetic_csv)
     answered = client.post(f"/v1/jobs/{job_id}/cancel")
     assert (answered.status_code, answered.json()["status"]) == (200, "succeeded")
 

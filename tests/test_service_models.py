@@ -417,3 +417,31 @@ def test_compare_refuses_models_whose_labels_differ(settings: Settings, tmp_path
 def test_unknown_comparison_is_404(client: TestClient) -> None:
     response = client.get("/v1/compare/nothing")
     assert response.status_code == 404 and "POST /v1/compare starts one" in response.json()["detail"]
+
+
+def test_deleting_a_job_removes_its_record_files_and_loaded_models(settings: Settings, tmp_path: Path) -> None:
+    """DELETE /v1/jobs/{id} of an ended job: 204; then the job, its events, its directory and its models are gone,
+    and a model of it that was loaded is unloaded; a second delete is a 404."""
+    from service.app import create_app
+    from service.store import Store
+
+    home = tmp_path / "home"
+    shutil.copytree(settings.jobs_dir / "job1", home / "jobs" / "job2")
+    served = Settings(home=home, model_dirs=[home])
+    store = Store(served.database)  # the record a server would have kept of the job
+    assert store.create_job("job2", {}, None, capacity=1) is not None and store.claim_next() is not None
+    store.finish("job2", "succeeded")
+    store.close()
+    with TestClient(create_app(served)) as client:
+        assert client.post("/v1/models/job2.student/predict", json={"texts": TEXTS}).status_code == 200
+        catalog = client.app.state.models
+        assert any(key.path.is_relative_to(served.jobs_dir / "job2") for key in catalog._cache)
+        assert client.delete("/v1/jobs/job2").status_code == 204
+        assert not any(key.path.is_relative_to(served.jobs_dir / "job2") for key in catalog._cache)
+        assert client.get("/v1/jobs/job2").status_code == 404
+        assert client.get("/v1/jobs/job2/events").status_code == 404
+        assert [m["id"] for m in client.get("/v1/models").json()["items"]] == []
+        assert client.post("/v1/models/job2.student/predict", json={"texts": TEXTS}).status_code == 404
+        assert client.delete("/v1/jobs/job2").status_code == 404
+    assert sorted(p.name for p in served.jobs_dir.iterdir()) == [".deleting"] and not any(
+        (served.jobs_dir / ".deleting").iterdir())

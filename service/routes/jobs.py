@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,8 +19,9 @@ from pydantic_core import CoreSchema
 from distill import atomic
 from distill.config import JobConfig
 from service.deps import RunnerDep, SettingsDep, StoppingDep, StoreDep
+from service.routes.models import CatalogDep
 from service.routing import TextJsonRoute
-from service.runner import REPORT_FILE, job_dir
+from service.runner import REPORT_FILE, job_dir, move_out
 from service.schemas import (
     JOB_CONFIG_EXAMPLE,
     ArtifactList,
@@ -118,6 +120,21 @@ def cancel_job(job: JobDep, runner: RunnerDep, store: StoreDep) -> JobPublic:
                                 f"can be cancelled")
     runner.cancel(job.id)
     return JobPublic.of(load_job(job.id, store))
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 409),
+               summary="Delete an ended job: its record, events, files and models")
+async def delete_job(job: JobDep, settings: SettingsDep, store: StoreDep, catalog: CatalogDep) -> None:
+    if job.status not in TERMINAL:
+        raise ServiceError(409, f"job {job.id} is {job.status}; cancel it first (POST /v1/jobs/{job.id}/cancel), "
+                                f"then delete it")
+    moved = move_out(settings, job.id)
+    catalog.forget_job(job.id)
+    deleted = store.delete_job(job.id)
+    if moved is not None:
+        await anyio.to_thread.run_sync(shutil.rmtree, moved, True)  # ignore_errors: the record is gone already
+    if not deleted:  # a delete at the same time took it
+        raise ServiceError(404, f"no job {job.id!r}")
 
 
 @router.get("/{job_id}/report", response_model=dict[str, Any], responses=error_responses(404),

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ STDERR_FILE = "stderr.log"
 REPORT_FILE = "report.json"  # distill.pipeline.REPORT, not imported from there: that module loads torch
 UPLOAD_PREFIX = "upload:"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `distill` and `service` import from
+SPAWN_ATTEMPTS, SPAWN_RETRY_SECONDS = 3, 10.0  # a job whose process cannot start is tried again, then failed
 RETRY_AFTER_SECONDS = 30  # a guess at when a slot frees up; tiny jobs take a minute, real ones much longer
 
 log = logging.getLogger("distill.service.runner")
@@ -180,10 +182,11 @@ def _server_model_name(key: str, name: str, settings: Settings) -> str:
 class Runner:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings, self.store = settings, store
-        self._lock = threading.Lock()  # guards the three dicts/sets below and claim + launch as one step
+        self._lock = threading.Lock()  # guards the dicts/sets below and claim + launch as one step
         self._procs: dict[str, subprocess.Popen[str]] = {}
         self._watchers: dict[str, threading.Thread] = {}
         self._cancelling: set[str] = set()
+        self._spawn_failures: Counter[str] = Counter()  # per queued job: its process could not be started
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._dispatcher: threading.Thread | None = None
@@ -279,16 +282,19 @@ class Runner:
 
     def _dispatch(self) -> None:
         while not self._stopping.is_set():
+            pause = 1.0  # woken by submit and by every job's end; the timeout is a safety net
             with self._lock:
                 while not self._stopping.is_set() and len(self._procs) < self.settings.max_concurrent_jobs:
                     job = self.store.claim_next()
                     if job is None:
                         break
-                    self._launch(job)
-            self._wake.wait(timeout=1.0)  # woken by submit and by every job's end; the timeout is a safety net
+                    if not self._launch(job):  # no process could start (too many open files, memory): wait
+                        pause = SPAWN_RETRY_SECONDS
+                        break
+            self._wake.wait(timeout=pause)
             self._wake.clear()
 
-    def _launch(self, job: Job) -> None:
+    def _launch(self, job: Job) -> bool:
         """Start the job's process (called holding the lock, so cancel never sees a claimed job without one)."""
         directory = job_dir(self.settings, job.id)
         args = [str(directory), *(["--resume"] if job.runs > 1 else [])]
@@ -306,13 +312,22 @@ class Runner:
                 proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=directory,
                                         text=True, encoding="utf-8", errors="replace", start_new_session=True)
         except OSError as e:
-            self.store.finish(job.id, "failed", f"could not start the job process: {e}")
-            return
+            # Another try later, back in its place in the queue: one failure must not fail every queued job at once.
+            self._spawn_failures[job.id] += 1
+            if self._spawn_failures[job.id] < SPAWN_ATTEMPTS:
+                self.store.requeue(job.id, f"could not start the job process ({e}); trying again in "
+                                           f"{SPAWN_RETRY_SECONDS:g} s", started=False)
+            else:
+                del self._spawn_failures[job.id]
+                self.store.finish(job.id, "failed", f"could not start the job process ({SPAWN_ATTEMPTS} tries): {e}")
+            return False
+        self._spawn_failures.pop(job.id, None)
         self.store.set_pid(job.id, proc.pid)
         watcher = threading.Thread(target=self._watch, args=(job, proc), name=f"job-{job.id}", daemon=True)
         self._procs[job.id], self._watchers[job.id] = proc, watcher
         watcher.start()
         log.info("job started", extra={"job_id": job.id, "pid": proc.pid, "run": job.runs})
+        return True
 
     def _watch(self, job: Job, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None

@@ -204,12 +204,13 @@ class Store:
         with self._lock, self._db:
             self._db.execute("UPDATE jobs SET pid = ? WHERE id = ?", (pid, job_id))
 
-    def requeue(self, job_id: str, reason: str) -> None:
-        """A `running` job whose process is gone (server restart) waits to be resumed."""
+    def requeue(self, job_id: str, reason: str, *, started: bool = True) -> None:
+        """A `running` job whose process is gone (server restart) waits to be resumed; `started` False: its process
+        could not be started, so this run does not count."""
         stamp = now()
         with self._lock, self._db:
-            self._db.execute("UPDATE jobs SET status = 'queued', pid = NULL, updated_at = ? "
-                             "WHERE id = ? AND status = 'running'", (stamp, job_id))
+            self._db.execute("UPDATE jobs SET status = 'queued', pid = NULL, runs = runs - ?, updated_at = ? "
+                             "WHERE id = ? AND status = 'running'", (0 if started else 1, stamp, job_id))
             self._append(job_id, "log", {"message": reason}, stamp)
             self._append(job_id, "status", {"status": "queued"}, stamp)
 

@@ -326,6 +326,39 @@ def test_a_running_job_is_deleted_only_once_it_has_ended(make_client: Any, tiny_
     assert not left.exists()
 
 
+def test_a_job_process_that_cannot_start_is_tried_again_without_failing_the_queue(
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Popen failing once (too many open files, say) puts the job back in its place and tries again later; the
+    queued job behind it is not failed meanwhile. One that never starts is failed after SPAWN_ATTEMPTS tries."""
+    popen, calls = subprocess.Popen, Counter()
+    done = 'import json; print(json.dumps({"kind": "done", "data": {}}), flush=True)'
+
+    def flaky(command: list[str], **kwargs: Any) -> subprocess.Popen:
+        calls["all"] += 1
+        if calls["all"] == 1 or calls["fail always"]:
+            raise OSError(24, "Too many open files")
+        return popen([sys.executable, "-c", done], **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "Popen", flaky)
+    monkeypatch.setattr(runner, "SPAWN_RETRY_SECONDS", 0.2)
+    client = make_client()
+    reference = upload(client, synthetic_csv).json()["reference"]
+    first, second = (client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+                     for _ in range(2))
+    for job_id in (first, second):
+        job = wait_for(client, job_id, lambda j: j["status"] not in ("queued", "running"))
+        assert (job["status"], job["runs"]) == ("succeeded", 1)
+    messages = [e["data"].get("message", "") for e in all_events(client, first)]
+    assert any(m.startswith("could not start the job process ([Errno 24] Too many open files)") for m in messages)
+
+    calls["fail always"] = 1
+    never = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+    job = wait_for(client, never, lambda j: j["status"] not in ("queued", "running"))
+    assert (job["status"], job["runs"]) == ("failed", 1)
+    assert job["error"] == (f"could not start the job process ({runner.SPAWN_ATTEMPTS} tries): "
+                            f"[Errno 24] Too many open files")
+
+
 def test_a_job_killed_by_a_real_time_signal_is_failed_naming_its_number(tmp_path: Path) -> None:
     """Real-time signals (34 and up) have no name in Python's enum: the reason says the number instead of the
     watcher raising ValueError and leaving the job `running`."""

@@ -45,8 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(settings.jobs_dir / DELETING, ignore_errors=True)  # what a delete cut short left
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-        remove_unfinished_uploads(settings)
         store = Store(settings.database)
+        remove_unfinished_uploads(settings, store)
         runner = Runner(settings, store)
         await anyio.to_thread.run_sync(runner.start)  # recovery may wait for an orphaned job process to exit
         app.state.settings, app.state.store, app.state.runner = settings, store, runner

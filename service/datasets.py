@@ -123,10 +123,12 @@ def save_upload(settings: Settings, store: Store, upload: Upload) -> DatasetPubl
     return DatasetPublic.of(record)
 
 
-def remove_unfinished_uploads(settings: Settings) -> None:
-    """Uploads a stopped server was still checking: never published, so nothing refers to them."""
-    for work in settings.datasets_dir.glob("*" + atomic.STAGED):
-        shutil.rmtree(work, ignore_errors=True)
+def remove_unfinished_uploads(settings: Settings, store: Store) -> None:
+    """Upload folders no record names: those a stopped server was still checking, one published by a server that
+    stopped before recording it, one whose delete removed the record and stopped before the folder."""
+    for folder in settings.datasets_dir.iterdir():
+        if folder.name.endswith(atomic.STAGED) or store.get_dataset(folder.name) is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _copy_capped(source: BinaryIO, target: Path, limit: int) -> int:

@@ -609,11 +609,15 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
 
 def test_an_upload_a_stopped_server_was_checking_is_removed_at_the_next_start(make_client: Any,
                                                                               synthetic_csv: Path) -> None:
+    """What a stopped server left in uploads/: a folder it was still checking, and one it had published but not
+    recorded."""
     client = make_client()
     kept = upload(client, synthetic_csv).json()["id"]
     datasets_dir = client.app.state.settings.datasets_dir
     (datasets_dir / "0123456789ab.tmp").mkdir()
     (datasets_dir / "0123456789ab.tmp" / "data.csv").write_text("text,label\n")
+    (datasets_dir / "ba9876543210").mkdir()  # published, then the server stopped before recording it
+    (datasets_dir / "ba9876543210" / "data.csv").write_text("text,label\n")
     make_client()  # the next start
     assert sorted(p.name for p in datasets_dir.iterdir()) == [kept]
 

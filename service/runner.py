@@ -364,7 +364,7 @@ class Runner:
             self.store.finish(job.id, "succeeded")
         elif stopped:
             return  # the server is stopping: the job stays `running` and resumes at the next start
-        elif cancelled:
+        elif cancelled and error is None:  # an error came before the cancel's SIGTERM (which sends none): failed
             self.store.finish(job.id, "cancelled")
         else:
             reason = error or _exit_reason(code, job_dir(self.settings, job.id) / STDERR_FILE)

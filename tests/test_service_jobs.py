@@ -359,6 +359,27 @@ def test_a_job_process_that_cannot_start_is_tried_again_without_failing_the_queu
                             f"[Errno 24] Too many open files")
 
 
+def test_a_job_that_failed_on_its_own_as_a_cancel_came_is_failed_with_its_error(
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's `error` event comes before its exit, and a cancel's SIGTERM brings none: a job that sent one
+    failed on its own, and keeps its error, when a cancel lands before its end is recorded. The job process is a
+    stand-in that sends an error and then waits."""
+    popen = subprocess.Popen
+    error_then_wait = ('import json, time; print(json.dumps({"kind": "error", "data": {"message": "out of memory"}}))'
+                       '; print(json.dumps({"kind": "log", "data": {"message": "after"}}), flush=True); time.sleep(60)')
+    monkeypatch.setattr(runner.subprocess, "Popen",
+                        lambda command, **kwargs: popen([sys.executable, "-c", error_then_wait], **kwargs))
+    client = make_client()
+    reference = upload(client, synthetic_csv).json()["reference"]
+    job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+    deadline = time.monotonic() + 60  # the lines are read in order: the error is in once the log after it is
+    while not any(e["data"].get("message") == "after" for e in all_events(client, job_id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job = client.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert (job["status"], job["error"]) == ("failed", "out of memory")
+
+
 def test_a_job_killed_by_a_real_time_signal_is_failed_naming_its_number(tmp_path: Path) -> None:
     """Real-time signals (34 and up) have no name in Python's enum: the reason says the number instead of the
     watcher raising ValueError and leaving the job `running`."""

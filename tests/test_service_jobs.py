@@ -232,12 +232,18 @@ def test_cancel_stops_every_process_of_a_multi_process_job(make_client: Any, tin
     assert processes_of(directory) == []
 
 
-def _processes_send_done_then_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Job processes become a stand-in that sends `done` and then waits (to be stopped)."""
+def _job_processes_run(monkeypatch: pytest.MonkeyPatch, *events: dict[str, Any], wait: bool) -> None:
+    """Job processes become a stand-in that prints `events` as the pipeline does and then, with `wait`, waits (to
+    be stopped) instead of exiting."""
     popen = subprocess.Popen
-    done_then_wait = 'import json, time; print(json.dumps({"kind": "done", "data": {}}), flush=True); time.sleep(60)'
+    script = (f"import json, time; [print(json.dumps(e), flush=True) for e in {events!r}]"
+              + ("; time.sleep(60)" if wait else ""))
     monkeypatch.setattr(runner.subprocess, "Popen",
-                        lambda command, **kwargs: popen([sys.executable, "-c", done_then_wait], **kwargs))
+                        lambda command, **kwargs: popen([sys.executable, "-c", script], **kwargs))
+
+
+def _processes_send_done_then_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    _job_processes_run(monkeypatch, {"kind": "done", "data": {}}, wait=True)
 
 
 def _job_that_sent_done(client: Any, teacher_dir: Path, csv: Path) -> str:
@@ -282,12 +288,9 @@ def test_a_job_that_sent_done_before_the_server_died_is_succeeded_at_the_next_st
 def test_a_job_whose_events_cannot_be_stored_still_ends_and_frees_its_slot(
         make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A store that refuses an event (a full disk) loses that event, not the job: the pipe is still read, the end
-    is recorded and the next job starts. The job process is a stand-in that sends a progress event and `done`."""
-    popen = subprocess.Popen
-    events = ('import json; [print(json.dumps(e), flush=True) for e in ({"kind": "log", "data": {"message": "x"}}, '
-              '{"kind": "done", "data": {}})]')
-    monkeypatch.setattr(runner.subprocess, "Popen",
-                        lambda command, **kwargs: popen([sys.executable, "-c", events], **kwargs))
+    is recorded and the next job starts. The job process is a stand-in that sends a log event and `done`."""
+    _job_processes_run(monkeypatch, {"kind": "log", "data": {"message": "x"}}, {"kind": "done", "data": {}},
+                       wait=False)
     add_event = Store.add_event
 
     def full_disk(self: Store, job_id: str, kind: str, data: dict[str, Any]) -> None:
@@ -364,11 +367,8 @@ def test_a_job_that_failed_on_its_own_as_a_cancel_came_is_failed_with_its_error(
     """The pipeline's `error` event comes before its exit, and a cancel's SIGTERM brings none: a job that sent one
     failed on its own, and keeps its error, when a cancel lands before its end is recorded. The job process is a
     stand-in that sends an error and then waits."""
-    popen = subprocess.Popen
-    error_then_wait = ('import json, time; print(json.dumps({"kind": "error", "data": {"message": "out of memory"}}))'
-                       '; print(json.dumps({"kind": "log", "data": {"message": "after"}}), flush=True); time.sleep(60)')
-    monkeypatch.setattr(runner.subprocess, "Popen",
-                        lambda command, **kwargs: popen([sys.executable, "-c", error_then_wait], **kwargs))
+    _job_processes_run(monkeypatch, {"kind": "error", "data": {"message": "out of memory"}},
+                       {"kind": "log", "data": {"message": "after"}}, wait=True)
     client = make_client()
     reference = upload(client, synthetic_csv).json()["reference"]
     job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]

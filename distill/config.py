@@ -165,6 +165,11 @@ class TrainConfig(_Section):
     dropout: float | None = Field(None, ge=0, lt=1, description="Dropout probability of every dropout layer of the "
                                                                "student; None keeps its model's own (0.1 for BERT). "
                                                                "0 trains about 1.4x faster on CPU.")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Evaluate and keep an exponential moving average of the weights (each step: "
+                                      "average = decay x average + (1 - decay) x weights), e.g. 0.999; None keeps the "
+                                      "weights as trained. The history also scores the trained weights "
+                                      "(unaveraged_*).")
     group_by_length: bool = Field(
         False, description="Batches of texts of similar length (sorted within groups of 50 batches, the batches "
                            "shuffled). A batch pads to its longest text: random batches of reviews carry 2.1x their "

@@ -1,8 +1,9 @@
 """The training loop: fine-tunes a teacher (no teacher given) or distills a student (teacher given).
 
-One loop for both modes: AdamW, linear warmup then decay, gradient clipping, evaluation each epoch, the best model
-kept, resumable checkpoints every N steps (model, optimizer, scheduler, step, RNG; the data order is a function of
-(seed, epoch), so it needs no state; with `train.group_by_length` batches group texts of similar length).
+One loop for both modes: AdamW, linear warmup then decay, gradient clipping, evaluation each epoch (of an exponential
+moving average of the weights when `train.ema_decay` is set), the best epoch kept, resumable checkpoints every N steps
+(model, its average, optimizer, scheduler, step, RNG; the data order is a function of (seed, epoch), so it needs no
+state; with `train.group_by_length` batches group texts of similar length).
 Progress goes to an event callback; the CLI draws it, the service stores it.
 
 Under torchrun (distill/distributed.py) the same loop is data-parallel: every rank walks the same global batches and
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -111,12 +113,17 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    # The weights evaluated and kept: an exponential moving average of the trained ones when train.ema_decay is set
+    # (every rank averages the same weights, so all keep the same average).
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
+    kept = averaged.module if averaged is not None else model
     if distributed.active():
         torch.manual_seed(seed + distributed.rank())  # each rank its own dropout masks (the checkpoint keeps each)
     state = {"step": 0, "history": [], "best": None, "examples": 0, "train_seconds": 0.0}
     run = _run_settings(cfg, seed, loss, train, validation, total_steps) | {"precision": precision, **(identity or {})}
     if resume and (payload := _read_checkpoint(run_dir / CHECKPOINT, emit)) is not None:
-        state = {**state, **_restore(run_dir / CHECKPOINT, payload, model, projection, optimizer, scheduler, run)}
+        state = {**state, **_restore(run_dir / CHECKPOINT, payload, model, projection, averaged, optimizer,
+                                     scheduler, run)}
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})
     net = _data_parallel(model, projection, device) if distributed.active() else model
 
@@ -159,28 +166,32 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             step += 1
             examples += len(batch)
             train_seconds += time.perf_counter() - started
             if step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:  # epoch ends checkpoint after eval
                 state.update(step=step, examples=examples, train_seconds=train_seconds)
-                _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, run)
+                _save_checkpoint(run_dir / CHECKPOINT, model, projection, averaged, optimizer, scheduler, state, run)
                 emit("checkpoint", {"stage": stage, "step": step})
             emit("progress", {"stage": stage, "step": step, "total_steps": total_steps, "epoch": epoch + 1,
                               "loss": batch_loss.item(), "lr": scheduler.get_last_lr()[0]})
 
         # Every rank evaluates the same weights on the same split, so all agree on the best epoch without a message.
-        metrics = {"epoch": epoch + 1, **task.evaluate(model, tokenizer, validation, precision)}
+        metrics = {"epoch": epoch + 1, **task.evaluate(kept, tokenizer, validation, precision)}
+        if averaged is not None:  # what the averaging is worth, epoch by epoch
+            metrics |= {f"unaveraged_{k}": v for k, v in task.evaluate(model, tokenizer, validation, precision).items()}
         state["history"].append(metrics)
         if state["best"] is None or task.better(metrics, state["best"]):
             state["best"] = metrics
             if distributed.is_main():
                 with atomic.building(run_dir / BEST) as staged:
-                    task.save(model, tokenizer, staged)
+                    task.save(kept, tokenizer, staged)
         emit("metrics", {"stage": stage, **{f"validation_{k}": v for k, v in metrics.items() if k != "epoch"},
                          "epoch": epoch + 1})
         state.update(step=step, examples=examples, train_seconds=train_seconds)
-        _save_checkpoint(run_dir / CHECKPOINT, model, projection, optimizer, scheduler, state, run)
+        _save_checkpoint(run_dir / CHECKPOINT, model, projection, averaged, optimizer, scheduler, state, run)
 
     for hook in hooks:
         hook.remove()
@@ -363,8 +374,9 @@ def _refuse_other_run(path: Path, saved: dict[str, Any], run: dict[str, Any]) ->
                             f"run only: restore those settings, or start afresh without --resume")
 
 
-def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, state: dict[str, Any], run: dict[str, Any]) -> None:
+def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, averaged: AveragedModel | None,
+                     optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any],
+                     run: dict[str, Any]) -> None:
     """Called on every rank (each one's dropout RNG goes in: the CPU's, and the GPU's when it trains on one);
     rank 0 writes."""
     device = distributed.device()
@@ -373,6 +385,7 @@ def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None,
     if not distributed.is_main():
         return
     payload = {"model": model.state_dict(), "projection": projection.state_dict() if projection else None,
+               "averaged": averaged.state_dict() if averaged else None,
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
                "run": run, "rng": rng, "cuda_rng": cuda_rng}
     atomic.save_torch(payload, path)
@@ -391,12 +404,17 @@ def _read_checkpoint(path: Path, emit: EventSink) -> dict[str, Any] | None:
 
 
 def _restore(path: Path, payload: dict[str, Any], model: nn.Module, projection: nn.Module | None,
-             optimizer: torch.optim.Optimizer, scheduler: Any, run: dict[str, Any]) -> dict[str, Any]:
+             averaged: AveragedModel | None, optimizer: torch.optim.Optimizer, scheduler: Any,
+             run: dict[str, Any]) -> dict[str, Any]:
     saved = payload.get("run", {"total_steps": payload.get("total_steps")})  # older checkpoints kept the steps only
     _refuse_other_run(path, saved, {key: run.get(key) for key in saved})
     model.load_state_dict(payload["model"])
     if projection is not None:
         projection.load_state_dict(payload["projection"])
+    if averaged is not None:
+        if payload.get("averaged") is None:  # a checkpoint older than train.ema_decay
+            raise TrainingError(f"{path} holds no averaged weights; start afresh without --resume")
+        averaged.load_state_dict(payload["averaged"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     rng, cuda_rng = payload["rng"], payload.get("cuda_rng")  # one per rank; resumed with another world size (or

@@ -39,6 +39,7 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
     ({"seed": 2**64}, "seed: Input should be less than or equal to 4294967295 (got 18446744073709551616)"),
     ({"teacher": {"seed": -1}}, "teacher.seed: Input should be greater than or equal to 0 (got -1)"),
     ({"train": {"dropout": 1}}, "train.dropout: Input should be less than 1 (got 1)"),
+    ({"train": {"ema_decay": 1}}, "train.ema_decay: Input should be less than 1 (got 1)"),
     ({"loss": {"alpha": 1.5}}, "loss.alpha: Input should be less than or equal to 1"),
     ({"student": {"init": "copy"}}, "student.init: 'copy' is not one; allowed: 'teacher', 'model', 'fresh'"),
     ({"student": {"layers": [1]}}, "student.init: missing; allowed: 'teacher', 'model', 'fresh'"),

@@ -61,13 +61,13 @@ def _weights(model: torch.nn.Module) -> torch.Tensor:
 CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=3)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_resume_equals_uninterrupted(setup, tmp_path: Path, grouped: bool) -> None:
+@pytest.mark.parametrize(("grouped", "ema_decay"), [(False, None), (True, None), (False, 0.9)])
+def test_resume_equals_uninterrupted(setup, tmp_path: Path, grouped: bool, ema_decay: float | None) -> None:
     tokenizer, teacher, train, validation = setup
     if grouped:  # lengths 1..12, so that grouping reorders: the resumed run rebuilds the order from (seed, epoch)
         train.student_inputs = [{key: ids[:1 + i % 12] for key, ids in example.items()}
                                 for i, example in enumerate(train.student_inputs)]
-    cfg = CFG.model_copy(update={"group_by_length": grouped})
+    cfg = CFG.model_copy(update={"group_by_length": grouped, "ema_decay": ema_decay})
     uninterrupted = _classifier(len(tokenizer), seed=1)
     fit(TASK, uninterrupted, tokenizer, train, validation, cfg, run_dir=tmp_path / "a", seed=5, teacher=teacher)
 
@@ -89,6 +89,32 @@ def test_resume_equals_uninterrupted(setup, tmp_path: Path, grouped: bool) -> No
     assert ("resumed", {"stage": "distill", "step": 9, "total_steps": 16}) in events
     assert result.steps == 16
     assert torch.equal(_weights(resumed), _weights(uninterrupted))
+    kept = [_weights(AutoModelForSequenceClassification.from_pretrained(tmp_path / run / "best")) for run in "ab"]
+    assert torch.equal(*kept)  # with ema_decay, the average continued exactly too
+
+
+def test_ema_decay_keeps_the_moving_average_of_the_trained_weights(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, train, validation = setup
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-2, checkpoint_every=1, ema_decay=0.25)  # 2 steps
+    after_step_1: dict[str, torch.Tensor] = {}
+
+    def keep_step_1(kind: str, data: dict) -> None:
+        if kind == "checkpoint":
+            after_step_1.update(torch.load(tmp_path / CHECKPOINT, weights_only=False)["model"])
+
+    model = _classifier(len(tokenizer), seed=1)
+    result = fit(TASK, model, tokenizer, train, validation, cfg, run_dir=tmp_path, seed=5, teacher=teacher,
+                 on_event=keep_step_1)
+    kept = AutoModelForSequenceClassification.from_pretrained(tmp_path / "best")
+    trained = model.state_dict()
+    # The first step's weights start the average; the second moves it 1 - 0.25 of the way to the new weights.
+    for name, weights in kept.state_dict().items():
+        if weights.is_floating_point():
+            expected = 0.25 * after_step_1[name] + 0.75 * trained[name].cpu()
+            torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6)
+    assert not torch.equal(_weights(kept), _weights(model))
+    scored = {f"unaveraged_{k}": v for k, v in TASK.evaluate(model, tokenizer, validation, "fp32").items()}
+    assert result.best_metrics == {"epoch": 1, **TASK.evaluate(kept, tokenizer, validation, "fp32"), **scored}
 
 
 def test_length_grouped_batches_pad_less_and_still_cover_every_example_in_a_new_order() -> None:

@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from service import runner
 from service.app import create_app
-from service.routes.jobs import _files
+from service.routes.jobs import _files, log_as_written_now
 from service.runner import _server_model_name, check_job
 from service.schemas import ServiceError
 from service.settings import Settings
@@ -94,7 +95,7 @@ def make_client(distill_home: Path) -> Iterator[Any]:
 
 
 def test_a_job_goes_queued_running_succeeded_with_ordered_events_report_and_artifacts(
-        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path) -> None:
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, distill_home: Path) -> None:
     client = make_client()
     dataset = upload(client, synthetic_csv)
     assert dataset.status_code == 201, dataset.text
@@ -138,6 +139,8 @@ def test_a_job_goes_queued_running_succeeded_with_ordered_events_report_and_arti
     assert {"config.json", "report.json", "report.md", "student/config.json", "stderr.log"} <= set(files)
     markdown = client.get(f"/v1/jobs/{job_id}/artifacts/report.md")
     assert markdown.status_code == 200 and markdown.text.startswith("# Distillation report")
+    log = client.get(f"/v1/jobs/{job_id}/artifacts/stderr.log")
+    assert log.status_code == 200 and log.content == (distill_home / "jobs" / job_id / "stderr.log").read_bytes()
     directory = client.get(f"/v1/jobs/{job_id}/artifacts/student")
     assert directory.status_code == 400 and "student/config.json" in directory.json()["detail"]
     escape = client.get(f"/v1/jobs/{job_id}/artifacts/%2E%2E%2F%2E%2E%2Fservice.sqlite3")
@@ -716,6 +719,27 @@ def test_the_pages_script_calls_routes_the_api_has(make_client: Any, tmp_path: P
     (tmp_path / "ui.js").write_text(script)
     checked = subprocess.run(["node", "--check", str(tmp_path / "ui.js")], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_a_log_that_grows_while_it_is_sent_is_sent_as_long_as_it_was(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.log"
+    written = os.urandom(3 * 64 * 1024 + 5)  # several chunks and a short one
+    log.write_bytes(written)
+    messages: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        if message["type"] == "http.response.start":  # the job writes on while the download runs
+            with log.open("ab") as more:
+                more.write(b"x" * 100_000)
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()  # no disconnect: the body is sent whole
+
+    anyio.run(log_as_written_now(log), {"type": "http", "method": "GET", "headers": []}, receive, send)
+    declared = dict(messages[0]["headers"])[b"content-length"]
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    assert int(declared) == len(written) and body == written
 
 
 def test_the_artifact_list_of_a_running_job_skips_staging_and_what_vanishes_mid_walk(

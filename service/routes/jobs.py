@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +21,7 @@ from distill.config import JobConfig
 from service.deps import RunnerDep, SettingsDep, StoppingDep, StoreDep
 from service.routes.models import CatalogDep
 from service.routing import TextJsonRoute
-from service.runner import REPORT_FILE, job_dir, move_out
+from service.runner import REPORT_FILE, STDERR_FILE, job_dir, move_out
 from service.schemas import (
     JOB_CONFIG_EXAMPLE,
     ArtifactList,
@@ -157,8 +157,25 @@ def list_artifacts(job: JobDep, settings: SettingsDep) -> ArtifactList:
     **error_responses(400, 404), 200: {"description": "The file's bytes.",
                                        "content": {"application/octet-stream": {}}}},
     summary="Download one file, e.g. student-onnx/model_int8.onnx or report.md")
-def get_artifact(job: JobDep, settings: SettingsDep, name: str) -> FileResponse:
-    return FileResponse(_artifact(job_dir(settings, job.id), name))
+def get_artifact(job: JobDep, settings: SettingsDep, name: str) -> Response:
+    path = _artifact(job_dir(settings, job.id), name)
+    return log_as_written_now(path) if name == STDERR_FILE else FileResponse(path)
+
+
+def log_as_written_now(path: Path) -> StreamingResponse:
+    """The bytes of a log a running job appends to, up to its size now. Starlette's FileResponse declares the size
+    it finds and then reads to the end of the file, so a log that grew meanwhile overran its Content-Length and the
+    server aborted the download. (The job's other files are replaced whole, never grown in place.)"""
+    size = path.stat().st_size
+
+    def chunks() -> Iterator[bytes]:
+        with path.open("rb") as log:
+            left = size
+            while left > 0 and (chunk := log.read(min(FileResponse.chunk_size, left))):
+                left -= len(chunk)
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers={"Content-Length": str(size)})
 
 
 def _artifact(directory: Path, name: str) -> Path:

@@ -270,7 +270,7 @@ class Runner:
             directory = job_dir(self.settings, job_id)
             if job.pid is not None:
                 _stop_orphan(job.pid, directory, self.settings.cancel_grace_seconds)
-            if self.store.sent_done(job_id):  # the server died as the finished job's process was exiting
+            if _complete(directory):  # the server died as the finished job's process was exiting
                 self.store.finish(job_id, "succeeded")
                 continue
             if not (directory / CONFIG_FILE).is_file():
@@ -331,13 +331,12 @@ class Runner:
 
     def _watch(self, job: Job, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
-        error, done = None, False
+        error = None
         for line in proc.stdout:
             kind, data = _parse_event(line)
             if kind == "error":  # becomes the job's error, in its final status event
                 error = data.get("message")
                 continue
-            done = done or kind == "done"
             try:
                 self.store.add_event(job.id, kind, data)
             except sqlite3.Error:  # a full disk, say: keep reading the pipe, or the job blocks once it fills
@@ -348,7 +347,7 @@ class Runner:
             cancelled = job.id in self._cancelling
             self._cancelling.discard(job.id)
         try:
-            self._record_end(job, code, error, done=done, cancelled=cancelled)
+            self._record_end(job, code, error, cancelled=cancelled)
         except Exception:  # noqa: BLE001 - the slot is free either way; a job left `running` resumes at the next start
             log.exception("could not record how the job ended", extra={"job_id": job.id, "exit_code": code})
         finally:
@@ -356,11 +355,11 @@ class Runner:
                 self._watchers.pop(job.id, None)
             self._wake.set()
 
-    def _record_end(self, job: Job, code: int, error: str | None, *, done: bool, cancelled: bool) -> None:
+    def _record_end(self, job: Job, code: int, error: str | None, *, cancelled: bool) -> None:
         stopped = self._stopping.is_set() and not cancelled
-        # `done` comes after report.json is written: the job is complete, however its process ended after it (a
-        # cancel or the server's stop as it exited); its models are served from that report either way.
-        if done:
+        # A job that wrote its report is complete, however its process ended after it (a cancel or the server's stop
+        # as it sent `done` and exited); its models are served from that report either way.
+        if _complete(job_dir(self.settings, job.id)):
             self.store.finish(job.id, "succeeded")
         elif stopped:
             return  # the server is stopping: the job stays `running` and resumes at the next start
@@ -372,6 +371,11 @@ class Runner:
         final = self.store.get_job(job.id)
         assert final is not None and final.status in TERMINAL
         log.info(f"job {final.status}", extra={"job_id": job.id, "exit_code": code})
+
+
+def _complete(directory: Path) -> bool:
+    """Whether the job in `directory` finished: the pipeline writes report.json last (distill.pipeline.finish)."""
+    return (directory / REPORT_FILE).is_file()
 
 
 def _parse_event(line: str) -> tuple[str, dict[str, Any]]:

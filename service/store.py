@@ -260,12 +260,6 @@ class Store:
             self._db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
             return self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
 
-    def sent_done(self, job_id: str) -> bool:
-        """Whether the job's process reported `done`: it comes after report.json is written, so the job is complete."""
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM events WHERE job_id = ? AND kind = 'done' LIMIT 1",
-                                    (job_id,)).fetchone() is not None
-
     def events(self, job_id: str, after: int, limit: int) -> list[Event]:
         with self._lock:
             rows = self._db.execute("SELECT seq, kind, data, time FROM events WHERE job_id = ? AND seq > ? "

@@ -235,46 +235,53 @@ def test_cancel_stops_every_process_of_a_multi_process_job(make_client: Any, tin
     assert processes_of(directory) == []
 
 
-def _job_processes_run(monkeypatch: pytest.MonkeyPatch, *events: dict[str, Any], wait: bool) -> None:
-    """Job processes become a stand-in that prints `events` as the pipeline does and then, with `wait`, waits (to
-    be stopped) instead of exiting."""
-    popen = subprocess.Popen
-    script = (f"import json, time; [print(json.dumps(e), flush=True) for e in {events!r}]"
-              + ("; time.sleep(60)" if wait else ""))
+def _stand_in(*events: dict[str, Any], report: bool, wait: bool) -> str:
+    """A job process's stand-in script: with `report` it writes report.json in its working directory (the job's), as
+    the pipeline does last; then it prints `events` as the pipeline does and, with `wait`, waits (to be stopped)
+    instead of exiting."""
+    return ("import json, pathlib, time; "
+            + ("pathlib.Path('report.json').write_text('{}'); " if report else "")
+            + f"[print(json.dumps(e), flush=True) for e in {events!r}]" + ("; time.sleep(60)" if wait else ""))
+
+
+def _job_processes_run(monkeypatch: pytest.MonkeyPatch, *events: dict[str, Any], report: bool = False,
+                       wait: bool) -> None:
+    """Job processes become `_stand_in(*events, report=report, wait=wait)`."""
+    popen, script = subprocess.Popen, _stand_in(*events, report=report, wait=wait)
     monkeypatch.setattr(runner.subprocess, "Popen",
                         lambda command, **kwargs: popen([sys.executable, "-c", script], **kwargs))
 
 
-def _processes_send_done_then_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    _job_processes_run(monkeypatch, {"kind": "done", "data": {}}, wait=True)
+def _processes_finish_then_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    _job_processes_run(monkeypatch, {"kind": "done", "data": {}}, report=True, wait=True)
 
 
-def _job_that_sent_done(client: Any, teacher_dir: Path, csv: Path) -> str:
+def _job_that_finished(client: Any, teacher_dir: Path, csv: Path) -> str:
     reference = upload(client, csv).json()["reference"]
     job_id = client.post("/v1/jobs", json=tiny_job(teacher_dir, reference)).json()["id"]
     wait_for(client, job_id, lambda j: "test" in j["metrics"])  # the done event is in
     return job_id
 
 
-def test_a_job_that_sent_done_as_the_server_stopped_is_succeeded_not_run_again(
+def test_a_job_that_finished_as_the_server_stopped_is_succeeded_not_run_again(
         tiny_teacher_dir: Path, synthetic_csv: Path, distill_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`done` comes after the job wrote its report: a server stopping as such a job exits records it succeeded,
-    where before it stayed `running` and the next start ran it again. The job process is a stand-in that sends
-    `done` and then waits to be stopped."""
-    _processes_send_done_then_wait(monkeypatch)
+    """A server stopping as a job that wrote its report exits records it succeeded, where before it stayed
+    `running` and the next start ran it again. The job process is a stand-in that writes its report, sends `done`
+    and then waits to be stopped."""
+    _processes_finish_then_wait(monkeypatch)
     settings = Settings(home=distill_home, model_dirs=[distill_home.parent])
     with TestClient(create_app(settings)) as client:
-        job_id = _job_that_sent_done(client, tiny_teacher_dir, synthetic_csv)
+        job_id = _job_that_finished(client, tiny_teacher_dir, synthetic_csv)
     with TestClient(create_app(settings)) as client:  # the next start
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert (job["status"], job["runs"]) == ("succeeded", 1)
 
 
-def test_a_job_that_sent_done_before_the_server_died_is_succeeded_at_the_next_start(
+def test_a_job_that_wrote_its_report_before_the_server_died_is_succeeded_at_the_next_start(
         tiny_teacher_dir: Path, distill_home: Path) -> None:
-    """A server killed (no graceful stop) between a job's `done` and its process's exit leaves the job `running`
-    with its report written; the next start records it succeeded instead of running it again over its served
-    models."""
+    """A server killed (no graceful stop) between a job's report and its process's exit leaves the job `running`
+    with its report written; the next start records it succeeded (with the metrics of its `done`) instead of running
+    it again over its served models."""
     settings = Settings(home=distill_home, model_dirs=[distill_home.parent])
     store = Store(settings.database)
     config = {"teacher": {"name": str(tiny_teacher_dir)}, "data": {"dataset": "reviews"},
@@ -283,6 +290,8 @@ def test_a_job_that_sent_done_before_the_server_died_is_succeeded_at_the_next_st
     assert store.claim_next() is not None
     store.add_event("finished", "done", {"student_test_accuracy": 0.9})
     store.close()
+    (settings.jobs_dir / "finished").mkdir(parents=True)
+    (settings.jobs_dir / "finished" / "report.json").write_text("{}")
     with TestClient(create_app(settings)) as client:
         job = client.get("/v1/jobs/finished").json()
     assert (job["status"], job["runs"], job["metrics"]["test"]) == ("succeeded", 1, {"student_test_accuracy": 0.9})
@@ -293,7 +302,7 @@ def test_a_job_whose_events_cannot_be_stored_still_ends_and_frees_its_slot(
     """A store that refuses an event (a full disk) loses that event, not the job: the pipe is still read, the end
     is recorded and the next job starts. The job process is a stand-in that sends a log event and `done`."""
     _job_processes_run(monkeypatch, {"kind": "log", "data": {"message": "x"}}, {"kind": "done", "data": {}},
-                       wait=False)
+                       report=True, wait=False)
     add_event = Store.add_event
 
     def full_disk(self: Store, job_id: str, kind: str, data: dict[str, Any]) -> None:
@@ -315,10 +324,10 @@ def test_a_running_job_is_deleted_only_once_it_has_ended(make_client: Any, tiny_
                                                          synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DELETE of a running job is a 409 that says to cancel it first; once cancelled, the delete takes its directory
     too, and a directory a delete was removing when the server stopped is removed at the next start. The job
-    process is a stand-in that sends `done` and then waits."""
-    _processes_send_done_then_wait(monkeypatch)
+    process is a stand-in that writes its report, sends `done` and then waits."""
+    _processes_finish_then_wait(monkeypatch)
     client = make_client()
-    job_id = _job_that_sent_done(client, tiny_teacher_dir, synthetic_csv)
+    job_id = _job_that_finished(client, tiny_teacher_dir, synthetic_csv)
     refused = client.delete(f"/v1/jobs/{job_id}")
     assert refused.status_code == 409 and f"POST /v1/jobs/{job_id}/cancel" in refused.json()["detail"]
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "succeeded"
@@ -337,13 +346,13 @@ def test_a_job_process_that_cannot_start_is_tried_again_without_failing_the_queu
     """Popen failing once (too many open files, say) puts the job back in its place and tries again later; the
     queued job behind it is not failed meanwhile. One that never starts is failed after SPAWN_ATTEMPTS tries."""
     popen, calls = subprocess.Popen, Counter()
-    done = 'import json; print(json.dumps({"kind": "done", "data": {}}), flush=True)'
+    finishes = _stand_in({"kind": "done", "data": {}}, report=True, wait=False)
 
     def flaky(command: list[str], **kwargs: Any) -> subprocess.Popen:
         calls["all"] += 1
         if calls["all"] == 1 or calls["fail always"]:
             raise OSError(24, "Too many open files")
-        return popen([sys.executable, "-c", done], **kwargs)
+        return popen([sys.executable, "-c", finishes], **kwargs)
 
     monkeypatch.setattr(runner.subprocess, "Popen", flaky)
     monkeypatch.setattr(runner, "SPAWN_RETRY_SECONDS", 0.2)
@@ -390,14 +399,20 @@ def test_a_job_killed_by_a_real_time_signal_is_failed_naming_its_number(tmp_path
     assert runner._exit_reason(-40, tmp_path / "none.log") == "the job process was killed by signal 40"
 
 
-def test_a_job_cancelled_after_it_sent_done_is_succeeded(make_client: Any, tiny_teacher_dir: Path,
-                                                          synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cancel between `done` (the report is written, the models are served) and the process's exit stops the
-    process with SIGTERM; the job is complete, not `cancelled` with its models listed. The job process is a
-    stand-in that sends `done` and then waits."""
-    _processes_send_done_then_wait(monkeypatch)
+def test_a_job_cancelled_after_it_wrote_its_report_is_succeeded(make_client: Any, tiny_teacher_dir: Path,
+                                                                  synthetic_csv: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel after report.json is written (the models are served from it) and before the process exits stops the
+    process with SIGTERM; the job is complete, not `cancelled` with its models listed, also when `done` was not yet
+    sent. The job process is a stand-in that writes its report, logs, and then waits."""
+    _job_processes_run(monkeypatch, {"kind": "log", "data": {"message": "reported"}}, report=True, wait=True)
     client = make_client()
-    job_id = _job_that_sent_done(client, tiny_teacher_dir, synthetic_csv)
+    reference = upload(client, synthetic_csv).json()["reference"]
+    job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+    deadline = time.monotonic() + 60
+    while not any(e["data"].get("message") == "reported" for e in all_events(client, job_id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     answered = client.post(f"/v1/jobs/{job_id}/cancel")
     assert (answered.status_code, answered.json()["status"]) == (200, "succeeded")
 

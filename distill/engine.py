@@ -367,7 +367,7 @@ def check_resumable(path: Path, settings: dict[str, Any]) -> None:
 
 def _refuse_other_run(path: Path, saved: dict[str, Any], run: dict[str, Any]) -> None:
     """TrainingError naming each of `run`'s settings that `saved` (the checkpoint's) has otherwise."""
-    changed = [(f"the {key} differ" if key.endswith(" data") else f"{key}: {saved[key]!r} then, "
+    changed = [(f"the {key} differ" if key.endswith((" data", " files")) else f"{key}: {saved[key]!r} then, "
                 f"{run.get(key)!r} now") for key in run if saved.get(key) != run.get(key)]
     if changed:
         raise TrainingError(f"{path} was written by another run ({'; '.join(changed)}); --resume continues the same "

@@ -287,12 +287,16 @@ def run_identity(config: JobConfig) -> dict[str, Any]:
     another of any, a checkpoint is not this job's to continue (engine.fit's `identity`), and a config says so
     before its first stage (fit's digest of the training data would say it only after the teacher's preparation and
     outputs). The teacher's preparation settings count for classification only, the one task that prepares its
-    teacher."""
+    teacher. So do the teacher's files (`teacher files`): one saved again at its path is another teacher, whose
+    outputs would replace the saved ones midway through the run."""
     teacher = (config.teacher.model_dump(mode="json") if config.task == "sequence-classification"
                else {"name": config.teacher.name})
     sections = {"data": config.data.model_dump(mode="json"), "teacher": teacher,
                 "student": config.student.model_dump(mode="json")}
-    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+    files = hashlib.sha256()
+    update_with_files(files, Path(resolve_teacher(config.teacher.name)))  # a hub id has none here: nothing to compare
+    return ({f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+            | {"teacher files": files.hexdigest()[:16]})
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -221,8 +222,9 @@ def test_a_resumed_job_runs_its_teacher_again_when_the_teacher_was_saved_again_o
 def test_a_job_resumed_with_another_student_is_refused_naming_it(tiny_teacher_dir: Path, synthetic_csv: Path,
                                                                  tmp_path: Path) -> None:
     """Layer 0 instead of layer 1 of the teacher: the same shapes, so the checkpoint's weights would load and the
-    report would describe a student it did not train."""
-    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]))
+    report would describe a student it did not train. Likewise a teacher saved again at its path."""
+    teacher = shutil.copytree(tiny_teacher_dir, tmp_path / "teacher")
+    config = _config(teacher, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1]))
     config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
     run(config)
     saved_outputs = (tmp_path / "job" / "teacher_logits.pt").read_bytes()
@@ -234,6 +236,9 @@ def test_a_job_resumed_with_another_student_is_refused_naming_it(tiny_teacher_di
                              (fewer_rows, "data.limit: None then, 300 now")):
         with pytest.raises(TrainingError, match=re.escape(message)):
             run(changed, lambda kind, data: events.append((kind, data)), resume=True)
+    os.utime(teacher / "model.safetensors", ns=(0, 0))  # rewritten in place
+    with pytest.raises(TrainingError, match="the teacher files differ"):
+        run(config, lambda kind, data: events.append((kind, data)), resume=True)
     assert events == []  # refused before the first stage: the saved teacher outputs are the run's to resume
     assert (tmp_path / "job" / "teacher_logits.pt").read_bytes() == saved_outputs
 

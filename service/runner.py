@@ -12,6 +12,8 @@ with the reason; no job stays `running` without a process.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -260,7 +262,7 @@ class Runner:
         try:
             proc.wait(self.settings.cancel_grace_seconds)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_tree(proc.pid)  # not waited for, so not gone: at worst a zombie
             proc.wait()
 
     def _recover(self) -> None:
@@ -413,9 +415,10 @@ def _stop_orphan(pid: int, directory: Path, grace_seconds: float) -> None:
     if not alive():
         return
     log.warning("stopping the job process left by the previous server", extra={"pid": pid})
-    for sig, wait_seconds in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 10.0)):
+    for stop, wait_seconds in ((functools.partial(os.kill, pid, signal.SIGTERM), grace_seconds),
+                               (functools.partial(_kill_tree, pid), 10.0)):
         try:
-            os.kill(pid, sig)
+            stop()
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait_seconds
@@ -423,6 +426,26 @@ def _stop_orphan(pid: int, directory: Path, grace_seconds: float) -> None:
             time.sleep(0.05)
         if not alive():
             return
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process under it. torchrun's workers run in sessions of their own, out of its process
+    group: a worker that outlived a SIGKILLed torchrun (SIGTERM ignored, or torchrun's own grace not yet over) kept
+    the job's stdout open, and its watcher, and a cancel waiting for it, waited as long. The tree is read from
+    /proc/<pid>/task/*/children before anything is killed (an orphan is no one's child); without /proc, `pid` alone."""
+    tree, unseen = [pid], [pid]
+    while unseen:
+        for children in Path(f"/proc/{unseen.pop()}/task").glob("*/children"):
+            try:
+                found = [int(child) for child in children.read_text().split()]
+            except OSError:  # ended while we looked
+                continue
+            tree += found
+            unseen += found
+    for child in tree[1:]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)  # ProcessLookupError when it had ended, for the caller to see
 
 
 def _signal_name(number: int) -> str:

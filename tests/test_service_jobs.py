@@ -84,8 +84,8 @@ def make_client(distill_home: Path) -> Iterator[Any]:
 
     def make(**settings: Any) -> TestClient:
         # Tests name their tiny teachers by their directories under pytest's temporary root.
-        settings = {"model_dirs": [distill_home.parent], **settings}
-        client = TestClient(create_app(Settings(home=distill_home, cancel_grace_seconds=5, **settings)))
+        settings = {"model_dirs": [distill_home.parent], "cancel_grace_seconds": 5, **settings}
+        client = TestClient(create_app(Settings(home=distill_home, **settings)))
         clients.append(client.__enter__())  # runs the lifespan: store, runner, recovery
         return client
 
@@ -233,6 +233,44 @@ def test_cancel_stops_every_process_of_a_multi_process_job(make_client: Any, tin
     stopped = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert stopped.status_code == 200 and stopped.json()["status"] == "cancelled"
     assert processes_of(directory) == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads processes from /proc")
+def test_cancel_kills_a_worker_that_ignores_sigterm_and_holds_the_jobs_output(
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As torchrun's workers may: in a session of their own, SIGTERM ignored, the job's stdout inherited. Once the
+    grace period is over the whole tree is killed; before, the worker outlived its SIGKILLed parent, kept the pipe
+    open, and the cancel waited for it."""
+    ignores_sigterm = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    script = (ignores_sigterm + "import json, subprocess, sys; worker = subprocess.Popen([sys.executable, '-c', "
+              f"{ignores_sigterm + 'time.sleep(300)'!r}], start_new_session=True); "
+              "print(json.dumps({'kind': 'log', 'data': {'message': f'worker {worker.pid}'}}), flush=True); "
+              "time.sleep(300)")
+    popen = subprocess.Popen
+    monkeypatch.setattr(runner.subprocess, "Popen",
+                        lambda command, **kwargs: popen([sys.executable, "-c", script], **kwargs))
+    client = make_client(cancel_grace_seconds=0.5)
+    reference = upload(client, synthetic_csv).json()["reference"]
+    job_id = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference)).json()["id"]
+    deadline, worker = time.monotonic() + 60, None
+    while worker is None:
+        assert time.monotonic() < deadline
+        messages = [e["data"].get("message", "") for e in all_events(client, job_id)]
+        worker = next((int(m.split()[1]) for m in messages if m.startswith("worker ")), None)
+        time.sleep(0.05)
+    answers: list[Any] = []
+    cancel = threading.Thread(target=lambda: answers.append(client.post(f"/v1/jobs/{job_id}/cancel")), daemon=True)
+    cancel.start()
+    cancel.join(60)  # the worker would hold the pipe for 300 s
+    assert answers and answers[0].json()["status"] == "cancelled"
+    assert not _running(worker)
 
 
 def _stand_in(*events: dict[str, Any], report: bool, wait: bool) -> str:

@@ -160,10 +160,11 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
 def finish(out: Path, report: dict[str, Any], markdown: str, emit: EventSink,
            headline: dict[str, Any]) -> RunResult:
-    """Every task's last step: report.md and report.json (with the device the job computed on) in `out`, then the
-    `done` event with the headline numbers (what `distill run` prints). report.json is the last file written: a job
-    directory that has it is complete (the service records such a job succeeded, however its process ended)."""
-    report = {**report, "device": str(distributed.device())}
+    """Every task's last step: report.md and report.json (with the device the job computed on and the headline
+    numbers) in `out`, then the `done` event with the headline numbers (what `distill run` prints). report.json is
+    the last file written: a job directory that has it is complete (the service records such a job succeeded, with
+    the report's headline as its test metrics, however its process ended)."""
+    report = {**report, "device": str(distributed.device()), "headline": headline}
     atomic.write_text(out / REPORT_MD, markdown)
     atomic.write_text(out / REPORT, json.dumps(report, indent=2))
     emit("done", {"report": str(out / REPORT), **headline})

@@ -272,8 +272,8 @@ class Runner:
             directory = job_dir(self.settings, job_id)
             if job.pid is not None:
                 _stop_orphan(job.pid, directory, self.settings.cancel_grace_seconds)
-            if _complete(directory):  # the server died as the finished job's process was exiting
-                self.store.finish(job_id, "succeeded")
+            if (test := _test_metrics(directory)) is not None:  # the server died as the job's process was exiting
+                self.store.finish(job_id, "succeeded", test=test)
                 continue
             if not (directory / CONFIG_FILE).is_file():
                 self.store.finish(job_id, "failed", f"the server stopped while this job ran and its directory "
@@ -361,8 +361,8 @@ class Runner:
         stopped = self._stopping.is_set() and not cancelled
         # A job that wrote its report is complete, however its process ended after it (a cancel or the server's stop
         # as it sent `done` and exited); its models are served from that report either way.
-        if _complete(job_dir(self.settings, job.id)):
-            self.store.finish(job.id, "succeeded")
+        if (test := _test_metrics(job_dir(self.settings, job.id))) is not None:
+            self.store.finish(job.id, "succeeded", test=test)
         elif stopped:
             return  # the server is stopping: the job stays `running` and resumes at the next start
         elif cancelled and error is None:  # an error came before the cancel's SIGTERM (which sends none): failed
@@ -375,9 +375,13 @@ class Runner:
         log.info(f"job {final.status}", extra={"job_id": job.id, "exit_code": code})
 
 
-def _complete(directory: Path) -> bool:
-    """Whether the job in `directory` finished: the pipeline writes report.json last (distill.pipeline.finish)."""
-    return (directory / REPORT_FILE).is_file()
+def _test_metrics(directory: Path) -> dict[str, Any] | None:
+    """The headline numbers of the job in `directory` if it finished (the pipeline writes report.json last:
+    distill.pipeline.finish), else None."""
+    try:
+        return dict(json.loads((directory / REPORT_FILE).read_text(encoding="utf-8")).get("headline", {}))
+    except FileNotFoundError:
+        return None
 
 
 def _parse_event(line: str) -> tuple[str, dict[str, Any]]:

@@ -224,11 +224,17 @@ class Store:
                 self._append(job_id, "status", {"status": "cancelled"}, stamp)
             return bool(changed)
 
-    def finish(self, job_id: str, status: JobStatus, error: str | None = None) -> None:
-        """End a running job; the last event of every finished job is its status event."""
+    def finish(self, job_id: str, status: JobStatus, error: str | None = None,
+               test: dict[str, Any] | None = None) -> None:
+        """End a running job (a succeeded one with its `test` metrics); the last event of every finished job is its
+        status event."""
         assert status in TERMINAL
         stamp = now()
         with self._lock, self._db:
+            if test is not None:
+                job = self._job(job_id)
+                assert job is not None
+                self._update(job_id, stamp, metrics=json.dumps({**job.metrics, "test": test}))
             progress = ", progress = 1" if status == "succeeded" else ""
             self._db.execute(f"UPDATE jobs SET status = ?, error = ?, pid = NULL, finished_at = ?, updated_at = ?"
                              f"{progress} WHERE id = ?", (status, error, stamp, stamp, job_id))
@@ -244,13 +250,11 @@ class Store:
                 self._update(job_id, stamp, stage=stage, progress=0.0)
             elif kind in ("progress", "resumed"):
                 self._update(job_id, stamp, stage=stage, progress=data["step"] / max(data["total_steps"], 1))
-            elif kind in ("metrics", "done"):
-                # Latest metrics per stage; `done` carries the test accuracies.
+            elif kind == "metrics":  # the latest per stage
                 job = self._job(job_id)
                 assert job is not None
-                key = stage if kind == "metrics" else "test"
-                values = {k: v for k, v in data.items() if k not in ("stage", "report")}
-                self._update(job_id, stamp, metrics=json.dumps({**job.metrics, key: values}))
+                values = {k: v for k, v in data.items() if k != "stage"}
+                self._update(job_id, stamp, metrics=json.dumps({**job.metrics, stage: values}))
 
     def delete_job(self, job_id: str) -> bool:
         """Delete an ended job's record and events; whether this call deleted it (not a queued or running one)."""

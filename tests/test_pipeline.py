@@ -72,7 +72,7 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     measured = [(d["step"], d["total_steps"]) for k, d in events
                 if k == "progress" and d["stage"] == "evaluate-deployment"]
     assert measured == [(i, 5) for i in range(1, 6)]  # one per deployed variant
-    assert events[-1][0] == "done"
+    assert events[-1] == ("done", {"report": str(tmp_path / "job" / "report.json"), **report["headline"]})
     # The deployable student: ONNX checked against PyTorch, INT8 gated on validation accuracy, all measured.
     assert max(e["max_abs_diff"] for e in report["export"].values()) <= 1e-4
     gate = report["compress"]["gate"]

@@ -21,7 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from distill import distributed, pipeline, tasks
 from distill.cli import main as cli
 from distill.config import ConfigError, DistributedConfig, LossConfig, TrainConfig, parse_config
-from distill.engine import CHECKPOINT, Split, Teacher, fit
+from distill.engine import BEST, CHECKPOINT, Split, Teacher, fit
 from distill.tasks import SequenceClassification, predict_distilled
 from tests.conftest import synthetic_rows, write_tiny_tokenizer
 
@@ -64,8 +64,9 @@ class CrashAtStep(SequenceClassification):
 
 
 def _train(out: Path) -> dict[str, Any]:
-    """Three fits (plain KD with cached teacher logits; the same crashed at step 14 and resumed from its step-12
-    checkpoint; hidden-state MSE through a learned projection) → weights, metrics and every rank's events.
+    """Four fits (plain KD with cached teacher logits; the same crashed at step 14 and resumed from its step-12
+    checkpoint; the same keeping an average of the weights, train.ema_decay; hidden-state MSE through a learned
+    projection) → weights (the average as kept in best/), metrics and every rank's events.
 
     The hidden-state run reads texts cut to 4 tokens: its loss is a mean over tokens while ranks are weighted by
     examples, which is exact only when every example has as many tokens (otherwise close: 1e-3 on these weights).
@@ -91,6 +92,9 @@ def _train(out: Path) -> dict[str, Any]:
             run_dir=out / "resumed", seed=5)
     resumed = _classifier(len(tokenizer), seed=99)  # weights come from the checkpoint
     fit(task, resumed, tokenizer, cached, validation, CFG, run_dir=out / "resumed", seed=5, resume=True)
+    averaging = CFG.model_copy(update={"ema_decay": 0.9})
+    averaged = fit(task, _classifier(len(tokenizer), seed=1), tokenizer, cached, validation, averaging,
+                   run_dir=out / "averaged", seed=5)
     narrow = _classifier(len(tokenizer), seed=1, hidden=16)
     fit(task, narrow, tokenizer, train, validation, CFG.model_copy(update={"epochs": 1}), run_dir=out / "hidden",
         seed=5, teacher=teacher, loss=LossConfig(hidden_mse=1.0), layer_map=[1, 2])
@@ -103,8 +107,10 @@ def _train(out: Path) -> dict[str, Any]:
     with distributed.standing_in(distributed.rank() == 1):
         without = distributed.gather_rows(stand_in)
     without.sum().backward()
+    kept = BertForSequenceClassification.from_pretrained(out / "averaged" / BEST)
     return {"plain": _weights(plain), "resumed": _weights(resumed), "hidden": _weights(narrow),
-            "history": result.history, "steps": result.steps, "events": distributed.gather(events),
+            "averaged": _weights(kept), "averaged_history": averaged.history, "history": result.history,
+            "steps": result.steps, "events": distributed.gather(events),
             "gathered": gathered.detach(), "gathered_grad": rows.grad,
             "stand_in_gathered": without.detach(), "stand_in_grads": distributed.gather(stand_in.grad)}
 
@@ -124,10 +130,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     two = torch.load(tmp_path / "two" / "result.pt", weights_only=False)
 
     assert two["steps"] == one["steps"] == 20
-    for name in ("plain", "hidden"):
+    for name in ("plain", "averaged", "hidden"):
         assert torch.allclose(two[name], one[name], atol=ATOL), (name, (two[name] - one[name]).abs().max())
-    for a, b in zip(two["history"], one["history"], strict=True):
-        assert a == pytest.approx(b, abs=1e-6)  # accuracy/agreement on 32 examples: the same predictions
+    assert not torch.allclose(one["averaged"], one["plain"], atol=ATOL)  # the average is not the trained weights
+    for history in ("history", "averaged_history"):
+        for a, b in zip(two[history], one[history], strict=True):
+            assert a == pytest.approx(b, abs=1e-6)  # accuracy/agreement on 32 examples: the same predictions
     # Resume under DDP: every rank reloads the checkpoint and continues exactly.
     assert torch.equal(two["resumed"], two["plain"])
     # Rank 0 alone emits (the same events as one process; its loss is the global batch's) and writes.
@@ -137,7 +145,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     losses = [(a["loss"], b["loss"]) for (kind, a), (_, b) in zip(rank0, one["events"][0], strict=True)
               if kind == "progress"]
     assert all(a == pytest.approx(b, abs=1e-4) for a, b in losses)
-    for run in ("plain", "resumed", "hidden"):
+    for run in ("plain", "resumed", "averaged", "hidden"):
         assert sorted(p.name for p in (tmp_path / "two" / run).iterdir()) == ["best", CHECKPOINT]
     # Rank 0's view: its row and rank 1's two; its row's gradient sums both ranks' losses (1 + 2).
     assert two["gathered"].tolist() == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]

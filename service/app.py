@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +10,6 @@ from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -87,20 +85,21 @@ async def _service_error(request: Request, exc: Any) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: Any) -> JSONResponse:
-    """FastAPI's own 422, but with a NaN or ±Infinity the client sent (Python's JSON reader takes them) echoed as a
-    string: JSON cannot carry them, and the default answer failed on them with a 500."""
+    """A malformed request's 422 as one message, like every other refusal: each error's place (`texts[1]`,
+    `repeats`, `offset`) and what is wrong. The input is not echoed back: a NaN or ±Infinity (Python's JSON reader
+    takes them) cannot be written as JSON, and a body nested a few hundred levels deep overflowed the recursion
+    limit on the way out; both were 500s."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+    return JSONResponse({"detail": "; ".join(map(_validation_message, exc.errors()))}, status_code=422)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+def _validation_message(error: dict[str, Any]) -> str:
+    """`texts[1]: Input should be a valid string` from one of pydantic's errors (loc: ("body", "texts", 1))."""
+    source, *path = error["loc"]
+    if error["type"] == "json_invalid":  # path: the character where the JSON reader stopped
+        return f"body: not valid JSON at character {path[0]}: {error['ctx']['error']}"
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+    return f"{where or source}: {error['msg']}"
 
 
 def serve(settings: Settings | None = None) -> None:

@@ -74,6 +74,8 @@ async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[
             if not isinstance(value, str):
                 raise ServiceError(422, f"{key}: must be a text field naming a column, not a file")
         labelled = form.get("labelled") or "true"
+        if not isinstance(labelled, str):
+            raise ServiceError(422, "labelled: must be a text field (true or false), not a file")
         if labelled not in ("true", "false"):
             raise ServiceError(422, f"labelled: {labelled!r}; allowed: true (the default: rows with labels) or false "
                                     f"(texts alone, for causal-LM jobs)")

@@ -114,17 +114,20 @@ def test_predict_limits(client: TestClient, texts: list[str], code: int, message
     assert response.status_code == code and message in response.json()["detail"]
 
 
-@pytest.mark.parametrize(("route", "body", "field"), [
-    ("/v1/models/job1.student/predict", '{"texts": [NaN]}', ["body", "texts", 0]),
-    ("/v1/compare", '{"models": ["job1.student"], "texts": ["fine"], "repeats": -Infinity}', ["body", "repeats"]),
+@pytest.mark.parametrize(("route", "body", "message"), [
+    # Python's JSON reader takes NaN and Infinity, which JSON cannot carry back: echoing them was a 500.
+    ("/v1/models/job1.student/predict", '{"texts": [NaN]}', "texts[0]: Input should be a valid string"),
+    ("/v1/compare", '{"models": ["job1.student"], "texts": ["fine"], "repeats": -Infinity}',
+     "repeats: Input should be a finite number"),
+    # Nested past the recursion limit: echoing it was a 500.
+    ("/v1/models/job1.student/predict", '{"a":' * 600 + '1' + '}' * 600, "texts: Field required"),
+    ("/v1/models/job1.student/generate", '{"prompt": ' + '[' * 600 + ']' * 600 + '}', "prompt: Input should be"),
+    ("/v1/models/job1.student/predict", '{"texts": ["fine"', "body: not valid JSON at character 17: Expecting"),
+    ("/v1/models/job1.student/predict", '{"texts": "fine"}', "texts: Input should be a valid list"),
 ])
-def test_a_nan_or_infinity_in_a_body_is_a_422_naming_the_field(client: TestClient, route: str, body: str,
-                                                               field: list[str | int]) -> None:
-    # Python's JSON reader takes NaN and Infinity; the 422 echoes the input back, which JSON cannot carry.
+def test_a_malformed_body_is_a_422_naming_the_field(client: TestClient, route: str, body: str, message: str) -> None:
     response = client.post(route, content=body, headers={"content-type": "application/json"})
-    assert response.status_code == 422, response.text
-    (error,) = response.json()["detail"]
-    assert error["loc"] == field and error["input"] in ("nan", "-inf")
+    assert response.status_code == 422 and response.json()["detail"].startswith(message), response.text
 
 
 @pytest.mark.parametrize(("route", "body", "message"), [

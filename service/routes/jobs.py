@@ -158,8 +158,10 @@ def list_artifacts(job: JobDep, settings: SettingsDep) -> ArtifactList:
                                        "content": {"application/octet-stream": {}}}},
     summary="Download one file, e.g. student-onnx/model_int8.onnx or report.md")
 def get_artifact(job: JobDep, settings: SettingsDep, name: str) -> Response:
-    path = _artifact(job_dir(settings, job.id), name)
-    return log_as_written_now(path) if name == STDERR_FILE else FileResponse(path)
+    directory = job_dir(settings, job.id)
+    path = _artifact(directory, name)
+    # Compared resolved: "./stderr.log" or "stderr.log/" name the growing log too.
+    return log_as_written_now(path) if path == (directory / STDERR_FILE).resolve() else FileResponse(path)
 
 
 def log_as_written_now(path: Path) -> StreamingResponse:

@@ -283,17 +283,20 @@ class Runner:
             log.info("job requeued to resume", extra={"job_id": job_id})
 
     def _dispatch(self) -> None:
+        start_after = 0.0  # once no process could start (too many open files, memory), none is tried for a while
         while not self._stopping.is_set():
-            pause = 1.0  # woken by submit and by every job's end; the timeout is a safety net
-            with self._lock:
-                while not self._stopping.is_set() and len(self._procs) < self.settings.max_concurrent_jobs:
-                    job = self.store.claim_next()
-                    if job is None:
-                        break
-                    if not self._launch(job):  # no process could start (too many open files, memory): wait
-                        pause = SPAWN_RETRY_SECONDS
-                        break
-            self._wake.wait(timeout=pause)
+            if time.monotonic() >= start_after:
+                with self._lock:
+                    while not self._stopping.is_set() and len(self._procs) < self.settings.max_concurrent_jobs:
+                        job = self.store.claim_next()
+                        if job is None:
+                            break
+                        if not self._launch(job):
+                            start_after = time.monotonic() + SPAWN_RETRY_SECONDS
+                            break
+            # Woken by submit and by every job's end; the timeout is a safety net, or the end of the wait to start.
+            until_start = start_after - time.monotonic()
+            self._wake.wait(timeout=until_start if 0 < until_start < 1 else 1.0)
             self._wake.clear()
 
     def _launch(self, job: Job) -> bool:

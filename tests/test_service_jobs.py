@@ -424,6 +424,30 @@ def test_a_job_process_that_cannot_start_is_tried_again_without_failing_the_queu
                             f"[Errno 24] Too many open files")
 
 
+def test_a_job_process_that_cannot_start_waits_its_retry_however_often_the_queue_is_woken(
+        make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each submit wakes the dispatcher: it used to try the failed job again at once, so a few submits used up its
+    SPAWN_ATTEMPTS within milliseconds of the first failure instead of SPAWN_RETRY_SECONDS apart."""
+    calls = Counter()
+
+    def failing(command: list[str], **kwargs: Any) -> subprocess.Popen:
+        calls["all"] += 1
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(runner.subprocess, "Popen", failing)
+    monkeypatch.setattr(runner, "SPAWN_RETRY_SECONDS", 60.0)
+    client = make_client()
+    job = tiny_job(tiny_teacher_dir, upload(client, synthetic_csv).json()["reference"])
+    first = client.post("/v1/jobs", json=job).json()["id"]
+    _wait_for_event(client, first, lambda e: e["data"].get("message", "").startswith("could not start"))
+    submits = runner.SPAWN_ATTEMPTS + 1
+    for _ in range(submits):
+        client.post("/v1/jobs", json=job)
+    time.sleep(0.5)
+    assert calls["all"] == 1, f"{calls['all']} tries after {submits} submits"
+    assert client.get(f"/v1/jobs/{first}").json()["status"] == "queued"
+
+
 def test_a_job_that_failed_on_its_own_as_a_cancel_came_is_failed_with_its_error(
         make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline's `error` event comes before its exit, and a cancel's SIGTERM brings none: a job that sent one

@@ -49,7 +49,7 @@ async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[
     """The multipart form of POST /v1/datasets; an oversize body is refused before it is read, so the body must
     say its size: Starlette spools a form's file part to disk whole, with no limit of its own."""
     length = request.headers.get("content-length", "")
-    if not length.isdigit():
+    if not (length.isascii() and length.isdigit()):
         raise ServiceError(411, "send the upload with a Content-Length header (a chunked body cannot be checked "
                                 f"against the {settings.max_upload_bytes:,}-byte limit before it is stored)")
     if int(length) > settings.max_upload_bytes + FORM_OVERHEAD_BYTES:

@@ -1,4 +1,7 @@
-"""The /v1 routers' route class: a JSON body holds Unicode text only.
+"""The /v1 routers' route class: a JSON body of a bounded size that holds Unicode text only.
+
+Its size: the most texts a request may carry, at the most characters each, bounds every body these routes need; a
+larger one is refused (413) as it arrives instead of being read into memory whole and parsed.
 
 JSON's "\\ud800" escape decodes to a lone UTF-16 surrogate, a Python string that no UTF-8 encoder takes: a tokenizer,
 SQLite, a file path or the JSON answer echoing it each failed with a 500 wherever it went next. Refused once, here,
@@ -13,8 +16,37 @@ from typing import Any
 from fastapi import HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
 
+from service.settings import Settings
+
+# The longest a JSON character gets: an astral one written as two \\uXXXX escapes. The rest: keys, labels, a job config.
+_BYTES_PER_CHAR, _BODY_OVERHEAD_BYTES = 12, 1024 * 1024
+
+
+def json_body_limit(settings: Settings) -> int:
+    """The most bytes a /v1 JSON body may have: max_batch_texts texts of max_text_chars characters, and room."""
+    return settings.max_batch_texts * settings.max_text_chars * _BYTES_PER_CHAR + _BODY_OVERHEAD_BYTES
+
 
 class TextJsonRequest(Request):
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            settings: Settings = self.app.state.settings
+            limit = json_body_limit(settings)
+            too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                                      f"the request body is over {limit:,} bytes, the most {settings.max_batch_texts} "
+                                      f"texts (max_batch_texts) of {settings.max_text_chars} characters "
+                                      f"(max_text_chars) need")
+            declared = self.headers.get("content-length", "")
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
+                raise too_large
+            received = bytearray()
+            async for chunk in self.stream():  # a chunked body says its size only as it arrives
+                received += chunk
+                if len(received) > limit:
+                    raise too_large
+            self._body = bytes(received)
+        return self._body
+
     async def json(self) -> Any:
         body = await super().json()
         _refuse_lone_surrogates(body, "")

@@ -23,6 +23,7 @@ from distill.config import TrainConfig as Train
 from distill.pipeline import run
 from distill.runtime import InputError, OnnxPredictor, Prediction, TorchPredictor
 from service.models import CompareError, MicroBatcher, ModelCatalog
+from service.routing import json_body_limit
 from service.settings import Settings
 from tests.conftest import (
     compare_in_background,
@@ -112,6 +113,23 @@ def test_predict_matches_the_same_model_in_process(client: TestClient, report: d
 def test_predict_limits(client: TestClient, texts: list[str], code: int, message: str) -> None:
     response = client.post("/v1/models/job1.student/predict", json={"texts": texts})
     assert response.status_code == code and message in response.json()["detail"]
+
+
+def test_a_json_body_past_what_the_limits_need_is_refused_as_it_arrives(client: TestClient,
+                                                                        settings: Settings) -> None:
+    """8 texts of 100 characters bound a body; a larger one was read into memory whole and parsed."""
+    limit = json_body_limit(settings)
+    body = json.dumps({"texts": ["fine"], "pad": "x" * limit}).encode()
+    message = "the request body is over 1,058,176 bytes, the most 8 texts (max_batch_texts) of 100 characters"
+    for content in (body, iter([body[:limit // 2], body[limit // 2:]])):  # with a Content-Length, and chunked
+        response = client.post("/v1/models/job1.student/predict", content=content,
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 413 and response.json()["detail"].startswith(message), response.text
+    # The largest body the limits allow, each character escaped as a surrogate pair: 12 bytes.
+    largest = json.dumps({"texts": ["\U0001f600" * settings.max_text_chars] * settings.max_batch_texts})
+    response = client.post("/v1/models/job1.student/predict", content=largest,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize(("route", "body", "message"), [

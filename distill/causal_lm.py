@@ -59,7 +59,6 @@ from distill.runtime import (
     PRESENT_KEYS,
     PRESENT_VALUES,
     OnnxLanguageModel,
-    available_cpus,
     next_tokens,
     token_nll,
 )
@@ -130,7 +129,7 @@ def torch_logits(model: PreTrainedModel, precision: Precision) -> Logits:
 
 def onnx_logits(path: Path) -> Logits:
     """An exported causal LM (the tokenizer next to it) run by onnxruntime as the service runs it
-    (distill.runtime.OnnxLanguageModel), every CPU this process may use."""
+    (distill.runtime.OnnxLanguageModel), on as many threads as PyTorch."""
     model = OnnxLanguageModel(path)
 
     def logits(inputs: dict[str, Tensor]) -> Tensor:
@@ -386,7 +385,7 @@ def _deploy(config: JobConfig, out: Path, student: PreTrainedModel, teacher_logi
             emit("progress", {"stage": "evaluate-deployment", "step": done, "total_steps": len(variants)})
     served = "student-onnx-int8" if int8_served else "student-onnx-fp32"
     section["evaluation"] = {"models": rows, "latency_tokens": int(median["input_ids"].shape[1]),
-                             "torch_threads": torch.get_num_threads(), "onnx_threads": available_cpus(),
+                             "threads": torch.get_num_threads(),  # PyTorch's and onnxruntime's
                              "served": served,
                              # < 1: the served student answers faster than the PyTorch teacher
                              "latency_ratio": rows[served]["latency_p50_ms"] / rows["teacher-torch"]["latency_p50_ms"]}

@@ -69,10 +69,12 @@ def available_cpus() -> int:
 
 
 def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.InferenceSession:
-    """An onnxruntime CPU session with `threads` intra-op threads (default: every CPU this process may use);
-    inter-op parallelism 1, since the graphs are one chain of layers."""
+    """An onnxruntime CPU session with `threads` intra-op threads (default: PyTorch's, torch.get_num_threads(), so
+    that the two runtimes timed side by side in one process use as many: under torchrun, whose workers get
+    OMP_NUM_THREADS=1, every CPU for onnxruntime against one for PyTorch made the speed-ups up to that factor too
+    high); inter-op parallelism 1, since the graphs are one chain of layers."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = available_cpus() if threads is None else threads
+    options.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(4 * 1024**3, ge=1, description="Memory cap of the loaded-model LRU cache.")
     batch_max_size: int = Field(32, ge=1, description="Micro-batching: most texts merged into one model call.")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batching: longest wait for more requests.")
-    inference_threads: int | None = Field(None, ge=1, description="Intra-op threads per model (default: all CPUs).")
+    inference_threads: int | None = Field(None, ge=1, description="Intra-op threads per model (default: PyTorch's, "
+                                                                   "OMP_NUM_THREADS or the physical cores).")
     inference_spinning: bool = Field(True, description="ONNX Runtime's threads spin-wait for the next call after "
                                                        "each one (its default): lower latency for sequential "
                                                        "requests; false saves CPU per request on a busy server "

@@ -21,6 +21,7 @@ from distill.runtime import (
     TorchEmbedder,
     TorchLanguageModel,
     TorchPredictor,
+    available_cpus,
     load_model,
     load_tokenizer,
     onnx_file,
@@ -56,6 +57,18 @@ def test_torch_and_onnx_agree(model_dir: Path, onnx_dir: Path) -> None:
 def test_onnx_session_uses_the_threads_asked_for(onnx_dir: Path) -> None:
     options = OnnxPredictor(onnx_dir / "model.onnx", onnx_dir, threads=3).session.get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+
+
+def test_onnx_sessions_default_to_pytorchs_threads(onnx_dir: Path, model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed side by side, both runtimes use as many threads (torchrun's workers run PyTorch on one): a count that
+    is not the CPUs', which onnxruntime used to take."""
+    threads = available_cpus() + 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    models = {"torch": TorchPredictor(model_dir), "onnx": OnnxPredictor(onnx_dir / "model.onnx", onnx_dir)}
+    report = evaluate_models(models, ["a fine film", "a dull film"], [LABELS[1], LABELS[0]], reference="torch",
+                             latency_calls=2, throughput_batch=2)
+    assert {name: row["threads"] for name, row in report["models"].items()} == {"torch": threads, "onnx": threads}
 
 
 def test_onnx_threads_spin_between_calls_only_when_asked(onnx_dir: Path) -> None:

@@ -241,9 +241,16 @@ def retention_interval(student_correct: Tensor, teacher_correct: Tensor, *, leve
 
 
 def predict_labels(predictor: Predictor, texts: list[str], batch_size: int = 32) -> list[int]:
-    """The predicted class id of every text, in batches."""
-    return [label for start in range(0, len(texts), batch_size)
-            for label in predictor.predict(texts[start:start + batch_size]).labels]
+    """The predicted class id of every text, in batches; EvaluateError where a model outputs NaN or ±inf (argmax
+    would read such a row as class 0 and score it as an answer)."""
+    labels: list[int] = []
+    for start in range(0, len(texts), batch_size):
+        prediction = predictor.predict(texts[start:start + batch_size])
+        if not np.isfinite(prediction.probabilities).all():
+            raise EvaluateError(f"{predictor.name} outputs NaN or infinite logits on texts {start}–"
+                                f"{start + len(prediction.labels) - 1}; its answers cannot be scored")
+        labels += prediction.labels
+    return labels
 
 
 def accuracy(predictor: Predictor, texts: list[str], labels: list[int], batch_size: int = 32) -> float:

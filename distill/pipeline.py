@@ -21,11 +21,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill import atomic, distributed, engine
-from distill.compress import accuracy_gate, compress, optimize
+from distill.compress import CompressError, accuracy_gate, compress, optimize
 from distill.config import ConfigError, JobConfig
 from distill.data import Example, TaskData, load_task_data
 from distill.engine import EventSink, Split, Teacher
-from distill.evaluate import accuracy, evaluate_models, footprint, render_markdown, retention_interval
+from distill.evaluate import EvaluateError, accuracy, evaluate_models, footprint, render_markdown, retention_interval
 from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher, update_with_files
@@ -201,8 +201,12 @@ def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData,
         student_int8 = OnnxPredictor(int8_path, student_onnx, max_length) if int8_path is not None else None
         if student_int8 is not None:
             texts, labels = [e.text for e in data.validation], [e.label for e in data.validation]
-            gate = accuracy_gate(accuracy(student_fp32, texts, labels), accuracy(student_int8, texts, labels),
-                                 cc.max_accuracy_drop)
+            try:
+                int8_accuracy = accuracy(student_int8, texts, labels)
+            except EvaluateError as e:  # NaN is never servable, whatever its accuracy
+                raise CompressError(f"INT8 on the validation texts: {e}. Leave the op types that overflow in fp32 "
+                                    f"(compress.exclude_ops) or set compress.quantize: none") from None
+            gate = accuracy_gate(accuracy(student_fp32, texts, labels), int8_accuracy, cc.max_accuracy_drop)
             emit("log", {"message": gate.message})
             section["compress"] = {"mode": cc.quantize, "per_channel": cc.per_channel, "fused_ops": result.fused_ops,
                                    "optimized_bytes": result.optimized_bytes, "int8_bytes": result.int8_bytes,
@@ -387,11 +391,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from distill.compress import CompressError
     from distill.config import parse_config
     from distill.data import DataError
     from distill.engine import TrainingError
-    from distill.evaluate import EvaluateError
     from distill.export import ExportError
     from teachers.registry import TeacherNotFound
 

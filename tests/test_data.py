@@ -237,6 +237,18 @@ def test_a_text_scored_on_is_never_trained_on(tmp_path):
     assert len(data.train) < 80 + 50  # the copies of held-out rows left
 
 
+def test_training_rows_left_with_one_class_are_refused(tmp_path):
+    """The file's classes were checked before its validation/test texts left it: a job trained on one class."""
+    train = write_csv(tmp_path / "train.csv", [[f"good film {i}", "1"] for i in range(20)] + [["awful", "0"],
+                                                                                            ["bad plot", "0"]])
+    held_out = write_csv(tmp_path / "held.csv", [["awful", "0"], ["bad plot", "0"], ["good film 0", "1"]])
+    with pytest.raises(DataError, match="the 19 training rows left after removing validation/test texts all have "
+                                        "label '1'; distillation needs at least 2 classes"):
+        load_task_data(files(train=train, validation=held_out, test=held_out))
+    with pytest.raises(DataError, match=r"the 1 training rows left .* and keeping the first 1 \(data.limit\)"):
+        load_task_data(files(train=train, validation=held_out, test=held_out).model_copy(update={"limit": 1}))
+
+
 def test_training_rows_that_are_all_held_out_texts_are_refused(tmp_path):
     train = write_csv(tmp_path / "train.csv", [["same", "0"], ["other", "1"]] * 5)
     test = write_csv(tmp_path / "test.csv", [["same", "0"], ["other", "1"]])

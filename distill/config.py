@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from teachers.registry import distill_home
 
@@ -28,7 +28,19 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` passed gt=0 and failed hours later, in training.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# A path as a shell reads it: `~/reviews.csv` (teacher.name and student.model expand `~` too).
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
+
+
+def _text_or_none(value: Any) -> Any:
+    """data.transfer's one message for a value of the wrong type, instead of one per branch of its union."""
+    if value is not None and not isinstance(value, str | Path):
+        raise ValueError("allowed: a file path (.txt, CSV or JSONL) or 'builtin'")
+    return value
 
 
 class TeacherConfig(_Section):
@@ -55,13 +67,13 @@ class TeacherConfig(_Section):
 
 class DataConfig(_Section):
     dataset: str = Field("reviews", description="Built-in dataset name, or 'files' to read train/validation/test.")
-    train: Path | None = None
-    validation: Path | None = Field(None, description="When absent, split off the training file.")
-    test: Path | None = Field(None, description="When absent, split off the training file.")
+    train: UserPath | None = None
+    validation: UserPath | None = Field(None, description="When absent, split off the training file.")
+    test: UserPath | None = Field(None, description="When absent, split off the training file.")
     format: Literal["auto", "csv", "jsonl"] = "auto"
     text_column: str = "text"
     label_column: str = "label"
-    transfer: Literal["builtin"] | Path | None = Field(
+    transfer: Annotated[Literal["builtin"] | UserPath | None, BeforeValidator(_text_or_none)] = Field(
         None, description="Unlabeled texts the teacher labels for the student: a file (.txt one per line, or "
                           "CSV/JSONL text column), or 'builtin' for a built-in dataset's own (reviews: 13,098 "
                           "Amazon, NYT and Twitter snippets from the same source).")
@@ -255,7 +267,7 @@ class JobConfig(_Section):
     compress: CompressConfig = CompressConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     distributed: DistributedConfig = DistributedConfig()
-    output_dir: Path | None = Field(None, description="Defaults to $DISTILL_HOME/runs/<config name>.")
+    output_dir: UserPath | None = Field(None, description="Defaults to $DISTILL_HOME/runs/<config name>.")
 
     @model_validator(mode="after")
     def _losses_fit_the_task(self) -> JobConfig:
@@ -282,9 +294,9 @@ class JobConfig(_Section):
 def format_validation_error(error: ValidationError, withheld: Collection[str] = ()) -> str:
     """One line per problem: `section.key: what was wrong (allowed ...)`; top-level keys in `withheld` (the
     caller's to set) are not offered as allowed."""
-    lines = []
+    lines: list[str] = []
     for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after")) or "config"
+        where = _where(err["loc"])
         if err["type"] == "extra_forbidden":
             allowed = [key for key in _allowed_keys(err["loc"]) if len(err["loc"]) > 1 or key not in withheld]
             lines.append(f"{where}: unknown key; allowed keys: {', '.join(allowed)}")
@@ -297,7 +309,17 @@ def format_validation_error(error: ValidationError, withheld: Collection[str] = 
                 lines.append(message)
                 continue
             lines.append(f"{where}: {message}" + (f" (got {err['input']!r})" if _short(err.get("input")) else ""))
-    return "\n".join(lines)
+    return "\n".join(dict.fromkeys(lines))  # a union's branches can say the same thing twice
+
+
+def _where(loc: tuple[str | int, ...]) -> str:
+    """`student.num_layers` from pydantic's ("student", "teacher", "num_layers"): without the student's `init` tag
+    and the names of a union's branches or validators (`function-after[...]`, `lax-or-strict[...]`), which are
+    no key of the config."""
+    parts = [p for p in loc if isinstance(p, int) or not any(c in p for c in "[(-")]
+    if len(parts) > 2 and parts[0] == "student" and parts[1] in STUDENT_INITS:
+        del parts[1]
+    return ".".join(map(str, parts)) or "config"
 
 
 def _short(value: Any) -> bool:

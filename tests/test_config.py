@@ -45,8 +45,13 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
     ({"student": {"layers": [1]}}, "student.init: missing; allowed: 'teacher', 'model', 'fresh'"),
     ({"student": {"init": "fresh", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
                   "layers": [1]}},
-     "student.fresh.layers: unknown key; allowed keys: hidden_size, init, intermediate_size, num_heads, num_layers"),
-    ({"student": {"init": "teacher"}}, "student.teacher.layers: Field required"),
+     "student.layers: unknown key; allowed keys: hidden_size, init, intermediate_size, num_heads, num_layers"),
+    ({"student": {"init": "teacher"}}, "student.layers: Field required"),  # not student.teacher.layers: no such key
+    ({"student": {"init": "model"}}, "student.model: Field required\nstudent.num_layers: Field required"),
+    ({"data": {"transfer": ["a.txt", "b.txt"]}}, "data.transfer: allowed: a file path (.txt, CSV or JSONL) or "
+                                                 "'builtin'"),  # one line, not one per branch of the union
+    ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number (got inf)"),  # failed in training
+    ({"loss": {"temperature": float("inf")}}, "loss.temperature: Input should be a finite number (got inf)"),
     ({"student": {"init": "fresh", "num_layers": 2, "hidden_size": 30, "num_heads": 4, "intermediate_size": 64}},
      "student.hidden_size (30) must be divisible by student.num_heads (4)"),
     ({"data": {"dataset": "files"}}, "data.dataset is 'files' but data.train is not set"),
@@ -60,6 +65,22 @@ def test_bad_configs_name_the_key_and_what_is_allowed(body: dict, message: str) 
     with pytest.raises(ConfigError) as error:
         parse_config(body)
     assert message in str(error.value)
+
+
+def test_a_value_of_the_wrong_type_for_transfer_is_one_line() -> None:
+    with pytest.raises(ConfigError) as error:  # it was a line per branch of its union, naming pydantic's internals
+        parse_config({"data": {"transfer": 5}})
+    assert str(error.value) == "data.transfer: allowed: a file path (.txt, CSV or JSONL) or 'builtin' (got 5)"
+
+
+def test_paths_expand_home_as_a_shell_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`~/out` as output_dir wrote the run into a directory named `~` under the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = parse_config({"data": {"dataset": "files", "train": "~/train.csv", "validation": "~/v.csv",
+                                    "test": "~/t.csv", "transfer": "~/transfer.txt"}, "output_dir": "~/out"})
+    assert (config.data.train, config.data.validation, config.data.test, config.data.transfer, config.output_dir) == (
+        tmp_path / "train.csv", tmp_path / "v.csv", tmp_path / "t.csv", tmp_path / "transfer.txt", tmp_path / "out")
+    assert parse_config({"data": {"transfer": "builtin"}}).data.transfer == "builtin"
 
 
 def test_load_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) -> None:

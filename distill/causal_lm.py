@@ -47,8 +47,8 @@ from transformers.modeling_outputs import ModelOutput
 from distill import atomic, distributed, engine, pipeline  # pipeline imports this module only inside run()
 from distill.compress import INT8_FILE, quantize_dynamic_int8
 from distill.config import ConfigError, DataConfig, JobConfig, LossConfig, Precision, TrainConfig
-from distill.data import load_task_data
-from distill.engine import EventSink, Split, Teacher
+from distill.data import DataError, load_task_data
+from distill.engine import EventSink, Split, Teacher, TrainingError
 from distill.export import export_module
 from distill.losses import IGNORE_INDEX, kd_kl
 from distill.runtime import (
@@ -459,31 +459,41 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m distill.causal_lm OUT_DIR`: train a GPT-2-shaped teacher on the built-in reviews texts (train
     split + the built-in transfer texts; validation split for the best epoch), for `teacher.name: OUT_DIR`."""
     import argparse
+    import sys
+
+    from distill.cli import positive_int
 
     parser = argparse.ArgumentParser(prog="python -m distill.causal_lm", description=main.__doc__)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--hidden", type=positive_int, default=256)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--vocab-size", type=positive_int, default=4096)
+    parser.add_argument("--max-length", type=positive_int, default=64)
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args(argv)
+    if args.hidden % args.heads:
+        parser.error(f"--hidden ({args.hidden}) must be divisible by --heads ({args.heads})")
     try:
         atomic.check_replaceable(args.out_dir, "config.json")  # an earlier teacher is replaced, nothing else
     except ValueError as e:
         parser.error(str(e))
-    data = load_task_data(DataConfig(dataset="reviews", transfer="builtin"))
 
     def log(kind: str, event: dict[str, Any]) -> None:
         if kind != "progress" or event["step"] % 100 == 0:
             print(kind, event, flush=True)
 
-    train_lm_teacher([e.text for e in data.train] + data.transfer, [e.text for e in data.validation], args.out_dir,
-                     layers=args.layers, hidden=args.hidden, heads=args.heads, vocab_size=args.vocab_size,
-                     max_length=args.max_length, train=TrainConfig(epochs=args.epochs, batch_size=32, lr=1e-3),
-                     precision=args.precision, on_event=log)
+    try:
+        data = load_task_data(DataConfig(dataset="reviews", transfer="builtin"))
+        train_lm_teacher([e.text for e in data.train] + data.transfer, [e.text for e in data.validation],
+                         args.out_dir, layers=args.layers, hidden=args.hidden, heads=args.heads,
+                         vocab_size=args.vocab_size, max_length=args.max_length,
+                         train=TrainConfig(epochs=args.epochs, batch_size=32, lr=1e-3), precision=args.precision,
+                         on_event=log)
+    except (DataError, TrainingError, OSError) as e:  # e.g. the dataset not pulled yet: what to do, not a traceback
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     print(f"teacher saved to {args.out_dir}")
     return 0
 

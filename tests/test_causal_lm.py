@@ -207,3 +207,20 @@ def test_two_processes_distill_a_causal_lm_like_one(tmp_path: Path) -> None:
     one, two = reports[1], reports[2]
     assert two["steps"] == one["steps"] == 2 * 10  # 160 training texts in global batches of 16
     assert two["test_perplexity"] == pytest.approx(one["test_perplexity"], rel=1e-3)  # measured: 7e-6
+
+
+def test_the_teacher_command_refuses_what_it_cannot_train_in_one_line(distill_home: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """`python -m distill.causal_lm OUT_DIR` (the README's way to a causal-LM teacher): the dataset not pulled yet and
+    a width the heads do not divide were tracebacks."""
+    from distill.causal_lm import main
+
+    assert main([str(distill_home / "lm")]) == 2
+    assert capsys.readouterr().err.startswith("python -m distill.causal_lm: error: dataset 'reviews' is not "
+                                              "downloaded yet")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(distill_home / "lm"), "--hidden", "30", "--heads", "4"])
+    assert exit_.value.code == 2 and "--hidden (30) must be divisible by --heads (4)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(distill_home / "lm"), "--layers", "0"])
+    assert "'0' is not a whole number of at least 1" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import huggingface_hub
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from teachers import distill_home
 from teachers.packaged import SOURCES, PackageSource, SplitWheelSource, TeacherSource
@@ -116,7 +116,7 @@ def list_teachers() -> list[TeacherInfo]:
             name=name,
             origin=source.origin,
             description=source.description,
-            params=count_parameters(path) if path else None,
+            params=_readable_count(path) if path else None,
             present=path is not None,
             path=str(path) if path else None,
         ))
@@ -154,6 +154,15 @@ def count_parameters(model_dir: Path) -> int:
             slices = [f.get_slice(key) for key in f.keys()]  # noqa: SIM118
             total += sum(math.prod(s.get_shape()) for s in slices if s.get_dtype().startswith(("F", "BF")))
     return total
+
+
+def _readable_count(model_dir: Path) -> int | None:
+    """The parameter count, or None for weights that cannot be read (damaged on disk): one row unknown, not the
+    whole list a traceback."""
+    try:
+        return count_parameters(model_dir)
+    except (OSError, SafetensorError):
+        return None
 
 
 def registered_names() -> str:

@@ -122,6 +122,15 @@ def test_list_teachers() -> None:
     assert (mpnet.origin, mpnet.present, mpnet.params, mpnet.path) == ("pulled", False, None, None)
 
 
+def test_list_teachers_shows_a_teacher_with_unreadable_weights_without_a_count(distill_home: Path) -> None:
+    damaged = MPNET.directory()
+    damaged.mkdir(parents=True)
+    (damaged / "config.json").write_text(json.dumps({"model_type": "mpnet"}))
+    (damaged / "model.safetensors").write_bytes(b"\0" * 100)  # was a SafetensorError traceback for the whole list
+    mpnet = next(info for info in list_teachers() if info.name == "mpnet-base")
+    assert (mpnet.present, mpnet.params) == (True, None)
+
+
 def _fake_archive() -> bytes:
     """A small zip shaped like the real one: all-mpnet-base-v2/ with config, weights and desktop.ini junk."""
     buf = io.BytesIO()

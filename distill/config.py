@@ -342,9 +342,30 @@ def parse_config(data: dict[str, Any], withheld: Collection[str] = ()) -> JobCon
         raise ConfigError(format_validation_error(e, withheld)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of a key given twice; a config's second `train:` section silently replaced the first."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges: YAML's own way to override keys
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in lines:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice, on lines {lines[key]} and {key_node.start_mark.line + 1}; "
+                            f"keep one", key_node.start_mark)
+        lines[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(path: Path) -> JobConfig:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), _UniqueKeyLoader) or {}  # a SafeLoader
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
     except UnicodeDecodeError as e:

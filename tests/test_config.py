@@ -83,6 +83,16 @@ def test_paths_expand_home_as_a_shell_does(tmp_path: Path, monkeypatch: pytest.M
     assert parse_config({"data": {"transfer": "builtin"}}).data.transfer == "builtin"
 
 
+def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path: Path) -> None:
+    """YAML keeps the last: the second `train:` section replaced the first silently."""
+    (tmp_path / "twice.yaml").write_text("train:\n  epochs: 2\nseed: 1\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="'train' is given twice, on lines 1 and 4; keep one"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "merged.yaml").write_text("base: &b {epochs: 2, lr: 0.1}\ntrain: {<<: *b, lr: 0.2}\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):  # a merge's override is no repeat; read on
+        load_config(tmp_path / "merged.yaml")
+
+
 def test_load_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config"):
         load_config(tmp_path / "missing.yaml")

@@ -251,7 +251,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     precision, max_length = config.precision, config.data.max_length
 
     with clock("data"):
-        data = load_task_data(config.data, labelled=False)
+        data = pipeline.read_data(config, resume, labelled=False)
         teacher_dir = resolve_teacher(config.teacher.name)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         if tokenizer.pad_token is None:  # GPT-2's own tokenizer has none; padded positions are masked anyway
@@ -273,7 +273,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         result = engine.fit(TASK, student.model, tokenizer, splits["train"], splits["validation"], config.train,
                             run_dir=out, seed=config.seed, teacher=Teacher(teacher, tokenizer), loss=config.loss,
                             layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill",
-                            precision=precision, identity=pipeline.run_identity(config))
+                            precision=precision,
+                            identity=pipeline.run_identity(config) | pipeline.data_identity(data))
     if not distributed.is_main():
         return None
 

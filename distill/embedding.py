@@ -32,7 +32,7 @@ from transformers.utils import cached_file
 from distill import atomic, distributed, engine, losses
 from distill.compress import INT8_FILE, CompressError, accuracy_gate, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
-from distill.data import DataError, load_task_data
+from distill.data import DataError
 from distill.engine import EventSink, Split, Teacher
 from distill.evaluate import NEIGHBOURS, embedding_agreement, retention_interval
 from distill.export import CHECK_TEXTS, ExportResult, export_module
@@ -42,8 +42,10 @@ from distill.pipeline import (
     STUDENT_ONNX,
     TEACHER_LOGITS,
     RunResult,
+    data_identity,
     finish,
     publish,
+    read_data,
     run_identity,
     start_job,
     teacher_outputs,
@@ -390,7 +392,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
 
     with clock("data"):
-        data = load_task_data(config.data)
+        data = read_data(config, resume)
         for name, split in (("validation", data.validation), ("test", data.test)):
             if len(split) < NEIGHBOURS + 2:  # recall@k (validation: the INT8 gate, the best epoch; test: the
                 # report) ranks each text's neighbours: with k + 1 texts, they are all the others
@@ -442,7 +444,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         result = engine.fit(task, student, built.tokenizer, splits["train"], splits["validation"], config.train,
                             run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
                             layer_map=built.layer_map, resume=resume, on_event=emit, stage="distill",
-                            precision=config.precision, identity=run_identity(config))
+                            precision=config.precision, identity=run_identity(config) | data_identity(data))
     if not distributed.is_main():
         return None
 

@@ -70,7 +70,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     clock = functools.partial(timed_stage, timings=timings, emit=emit)
 
     with clock("data"):
-        data = load_task_data(config.data)
+        data = read_data(config, resume)
         teacher_dir = resolve_teacher(config.teacher.name)
         transfer = [Example(text, IGNORE_INDEX) for text in data.transfer]  # labelled by the teacher's logits
         examples = {"train": data.train + transfer, "validation": data.validation, "test": data.test}
@@ -118,7 +118,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         result = engine.fit(task, student.model, student.tokenizer, splits["train"], splits["validation"],
                             config.train, run_dir=out, seed=config.seed, teacher=teacher, loss=config.loss,
                             layer_map=student.layer_map, resume=resume, on_event=emit, stage="distill",
-                            precision=config.precision, identity=run_identity(config))
+                            precision=config.precision, identity=run_identity(config) | data_identity(data))
     if not distributed.is_main():
         return None
 
@@ -302,6 +302,26 @@ def run_identity(config: JobConfig) -> dict[str, Any]:
     update_with_files(files, Path(resolve_teacher(config.teacher.name)))  # a hub id has none here: nothing to compare
     return ({f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
             | {"teacher files": files.hexdigest()[:16]})
+
+
+def read_data(config: JobConfig, resume: bool, *, labelled: bool = True) -> TaskData:
+    """The job's data (data.load_task_data); on --resume, a checkpoint written on other data refused now, before
+    the teacher is prepared again and its outputs recomputed over the saved ones (fit's digest of the tokenized
+    splits would say it only then)."""
+    data = load_task_data(config.data, labelled=labelled)
+    if resume:
+        assert config.output_dir is not None  # start_job's
+        engine.check_resumable(Path(config.output_dir) / engine.CHECKPOINT, data_identity(data))
+    return data
+
+
+def data_identity(data: TaskData) -> dict[str, str]:
+    """`source data`: a digest of the texts and labels the job trains and chooses its best epoch on (training,
+    transfer and validation rows, the label names), for fit's `identity`."""
+    digest = hashlib.sha256(json.dumps([data.labels, data.transfer]).encode())
+    for rows in (data.train, data.validation):
+        digest.update(json.dumps([[e.text, e.label] for e in rows]).encode())
+    return {"source data": digest.hexdigest()[:16]}
 
 
 @contextlib.contextmanager

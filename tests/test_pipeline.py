@@ -260,10 +260,22 @@ def test_a_job_resumed_with_another_student_is_refused_naming_it(tiny_teacher_di
                              (fewer_rows, "data.limit: None then, 300 now")):
         with pytest.raises(TrainingError, match=re.escape(message)):
             run(changed, lambda kind, data: events.append((kind, data)), resume=True)
+    written = (teacher / "model.safetensors").stat()
     os.utime(teacher / "model.safetensors", ns=(0, 0))  # rewritten in place
     with pytest.raises(TrainingError, match="the teacher files differ"):
         run(config, lambda kind, data: events.append((kind, data)), resume=True)
+    os.utime(teacher / "model.safetensors", ns=(written.st_atime_ns, written.st_mtime_ns))
     assert events == []  # refused before the first stage: the saved teacher outputs are the run's to resume
+    assert (tmp_path / "job" / "teacher_logits.pt").read_bytes() == saved_outputs
+
+    # The data file edited in place (one label flipped): refused once the data are read, before the teacher is
+    # prepared again and its outputs recomputed over the saved ones.
+    rows = synthetic_csv.read_text().splitlines()
+    rows[-1] = rows[-1].rsplit(",", 1)[0] + ("," + ("negative" if rows[-1].endswith("positive") else "positive"))
+    synthetic_csv.write_text("\n".join(rows) + "\n")
+    with pytest.raises(TrainingError, match=re.escape("(the source data differ)")):
+        run(config, lambda kind, data: events.append((kind, data)), resume=True)
+    assert [d["stage"] for k, d in events if k == "stage"] == ["data"]
     assert (tmp_path / "job" / "teacher_logits.pt").read_bytes() == saved_outputs
 
 

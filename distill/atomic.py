@@ -48,17 +48,27 @@ def replace_dir(staged: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text(path: Path, text: str) -> None:
+@contextmanager
+def _staged_file(path: Path) -> Iterator[Path]:
+    """The place to write `path`'s new content: renamed over `path` when the block ends, removed when it raises (a
+    checkpoint cut short by a full disk would otherwise stay beside it, as large as the model)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(path.name + STAGED)
-    staged.write_text(text, encoding="utf-8")
-    os.replace(staged, path)
+    try:
+        yield staged
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with _staged_file(path) as staged:
+        staged.write_text(text, encoding="utf-8")
 
 
 def save_torch(obj: object, path: Path) -> None:
     """torch.save to `path` through a staged file: a crash mid-write never leaves a truncated checkpoint or cache."""
     import torch  # here, not at the top: the service imports this module without needing torch
 
-    staged = path.with_name(path.name + STAGED)
-    torch.save(obj, staged)
-    os.replace(staged, path)
+    with _staged_file(path) as staged:
+        torch.save(obj, staged)

@@ -163,3 +163,18 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tiny_teacher_dir: Path, s
     assert main(["run", str(config), "--output-dir", str(tmp_path / "my run")]) == 130
     assert capsys.readouterr().err == (f"distill: interrupted; `distill run {config} --output-dir '{tmp_path}/my run' "
                                        f"--resume` continues from the last checkpoint\n")
+
+
+def test_a_write_that_fails_leaves_neither_a_staged_file_nor_a_changed_one(tmp_path: Path) -> None:
+    """A checkpoint cut short (a full disk, an object that cannot be pickled) stayed beside the old one as .tmp."""
+
+    class Unpicklable:
+        def __reduce__(self) -> tuple:
+            raise RuntimeError("cannot pickle")
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    atomic.save_torch({"step": 1}, checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic.save_torch({"big": bytes(10**6), "bad": Unpicklable()}, checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"] and checkpoint.read_bytes() == before

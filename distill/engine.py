@@ -129,6 +129,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
     if teacher is not None:
         teacher.model.eval().to(device)
+    final_norm = _final_norm(teacher.model) if teacher is not None and loss.hidden_mse > 0 else None
     hooks: list[torch.utils.hooks.RemovableHandle] = []
     values = ((_capture_values(model, hooks), _capture_values(teacher.model, hooks))
               if teacher and loss.value_kl > 0 else None)
@@ -149,7 +150,7 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 value = task.loss(task.distilled(output, inputs), teacher_distilled, inputs, labels, loss)
                 if distilling:
                     if loss.hidden_mse > 0:
-                        hidden = _hidden_loss(output, teacher_output, inputs, layer_map, projection)
+                        hidden = _hidden_loss(output, teacher_output, inputs, layer_map, projection, final_norm)
                         value = value + loss.hidden_mse * hidden
                     if loss.attention_kl > 0:
                         value = value + loss.attention_kl * _attention_loss(output, teacher_output, inputs, layer_map)
@@ -287,10 +288,25 @@ def _projection(model: PreTrainedModel, teacher: Teacher | None) -> nn.Linear | 
     return nn.Linear(s, t) if s != t else None
 
 
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm a pre-LN decoder applies to its last hidden state alone (GPT-2's `ln_f`, Llama's `norm`), or None:
+    an encoder's layers each end in their own norm."""
+    base = getattr(model, "base_model", model)  # a sentence encoder wraps its transformer and has none
+    found = (getattr(base, name, None) for name in ("ln_f", "norm", "final_layer_norm"))
+    return next((module for module in found if isinstance(module, nn.Module)), None)
+
+
 def _hidden_loss(output: Any, teacher_output: Any, inputs: dict[str, Tensor], layer_map: list[int] | None,
-                 projection: nn.Module | None) -> Tensor:
+                 projection: nn.Module | None, final_norm: nn.Module | None) -> Tensor:
+    """hidden_mse over the mapped layers. In a pre-LN decoder the student's last state has been through its final
+    norm and a teacher block's mid-stack output has not: the teacher's final norm is applied to it too (without
+    it, a student that copies the teacher's blocks exactly was pulled away from the last one)."""
     assert layer_map is not None
-    pairs = zip(output.hidden_states[1:], (teacher_output.hidden_states[i] for i in layer_map), strict=True)
+    targets = [teacher_output.hidden_states[i] for i in layer_map]
+    if final_norm is not None and layer_map[-1] != len(teacher_output.hidden_states) - 1:
+        with torch.no_grad():
+            targets[-1] = final_norm(targets[-1])
+    pairs = zip(output.hidden_states[1:], targets, strict=True)
     terms = [losses.hidden_mse(s, t, inputs["attention_mask"], projection) for s, t in pairs]
     return torch.stack(terms).mean()
 

@@ -23,6 +23,7 @@ from distill.config import (
     TeacherConfig,
     TrainConfig,
 )
+from distill.engine import _final_norm, _hidden_loss
 from distill.pipeline import run
 from distill.runtime import next_tokens
 from distill.student import build_student
@@ -89,6 +90,21 @@ def test_student_from_teacher_blocks_copies_gpt2_blocks(tmp_path: Path) -> None:
     assert student.model.config.n_layer == 2 and student.shares_teacher_tokenizer
     assert torch.equal(student.model.transformer.h[1].attn.c_attn.weight, teacher.transformer.h[2].attn.c_attn.weight)
     assert torch.equal(student.model.lm_head.weight, teacher.lm_head.weight)
+
+
+def test_hidden_mse_of_a_student_that_copies_the_teachers_first_blocks_is_zero(tmp_path: Path) -> None:
+    """GPT-2's last hidden state has been through its final norm, a mid-stack block's output has not: the student's
+    last state was compared with the teacher's un-normed one (0.31 here, for an exact copy)."""
+    teacher_dir = write_tiny_gpt2(tmp_path / "t", layers=4)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = build_student(FromTeacher(init="teacher", layers=[0, 1, 2]), teacher, str(teacher_dir),
+                            auto_class=AutoModelForCausalLM)
+    inputs = TASK.collate(student.tokenizer, [TASK.encode(student.tokenizer, ["a fine film", "dull"], 16)[i]
+                                              for i in range(2)])
+    with torch.no_grad():
+        outputs = [TASK.forward(m.eval(), inputs, internals=True) for m in (student.model, teacher)]
+        hidden = _hidden_loss(*outputs, inputs, student.layer_map, None, _final_norm(teacher))
+    assert hidden.item() == pytest.approx(0.0, abs=1e-10)
 
 
 def test_fresh_gpt2_student_has_the_asked_sizes(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from distill import atomic, distributed
 from distill.config import JobConfig, TrainConfig
 from distill.engine import BEST, EventSink, Split, fit
 from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches, on_device
-from teachers.registry import distill_home
+from teachers.registry import TeacherNotFound, distill_home, local_dir
 
 HEAD_FILE = "head.pt"  # the trained head, kept in the job's scratch until the preparation is done
 
@@ -191,9 +191,15 @@ def preparation_seed(config: JobConfig) -> int:
     return config.seed if config.teacher.seed is None else config.teacher.seed
 
 
-def update_with_files(digest: Any, root: Path) -> None:
-    """Feed a model directory's files as they are now into a hashlib `digest`: name, size, modification time.
-    Cheap (no weights are read), and it changes when a model is saved again at the same path."""
+def update_with_files(digest: Any, model: str | Path) -> None:
+    """Feed a model's files as they are now into a hashlib `digest`: name, size, modification time. Cheap (no
+    weights are read), and it changes when a model is saved again at the same path. `model`: a directory, or a hub
+    id, whose files are the snapshot the hub cache holds (teachers.registry.local_dir): another revision fetched is
+    another model; one never fetched has none yet, and nothing is fed."""
+    try:
+        root = local_dir(str(model))
+    except TeacherNotFound:
+        return
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -209,7 +215,7 @@ def _cache_key(config: JobConfig, teacher_dir: str, labels: list[str], train: Sp
                               "settings": config.teacher.model_dump(exclude={"seed"}),
                               "max_length": config.data.max_length, "seed": preparation_seed(config),
                               "precision": config.precision}, sort_keys=True).encode())
-    update_with_files(digest, Path(teacher_dir))
+    update_with_files(digest, teacher_dir)
     train.update_digest(digest)
     validation.update_digest(digest)
     name = Path(str(teacher_dir)).name or "teacher"

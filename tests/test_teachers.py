@@ -113,6 +113,28 @@ def test_mpnet_not_pulled_says_how_to_pull() -> None:
         resolve_teacher("mpnet-base")
 
 
+def test_a_hub_teachers_files_are_its_cached_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id fed nothing into the prepared teacher's key and the run identity: a revision fetched since reused
+    the teacher prepared from the old one, and a resume went on against another teacher."""
+    from distill.prepare import update_with_files
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def files_digest() -> str:
+        digest = hashlib.sha256()
+        update_with_files(digest, resolve_teacher("hub:org/tiny"))
+        return digest.hexdigest()
+
+    digests = [files_digest()]  # never fetched: no files yet
+    (repo / "refs").mkdir(parents=True)
+    for revision, seed in (("0" * 40, 0), ("1" * 40, 1)):  # fetched, then saved again upstream and fetched again
+        write_tiny_encoder(repo / "snapshots" / revision, seed=seed)
+        (repo / "refs" / "main").write_text(revision)
+        digests.append(files_digest())
+    assert len(set(digests)) == 3
+
+
 def test_list_teachers() -> None:
     infos = {info.name: info for info in list_teachers()}
     assert set(infos) == {"minilm-l6", "mpnet-base"}

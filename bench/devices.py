@@ -9,8 +9,9 @@ fused AdamW, one validation pass), placed by `distributed.place` as a job's `dev
 trains the same freshly loaded student on the same texts, seed and teacher logits (random and fixed: speed does not
 depend on their values). Each row trains twice and times the second: the first pays the one-time costs (the CUDA
 context; on a GPU, picking kernels for each new padded length, which in bf16 took longer than the epoch itself).
-examples/s is the engine's own measure: the training steps' wall time, each step ended by reading its loss (which
-waits for the GPU). Writes bench/results/devices.json; asserts nothing.
+examples/s is the engine's own measure: the training steps' wall time, each step ended by waiting for the GPU (the
+runs in the README were timed before that wait: each step's backward pass and update ran partly after its timer).
+Writes bench/results/devices.json; asserts nothing.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ computed once and reused by every seed (they depend on the texts, not on the see
 (train.dropout 0). --no-three-layer skips the 3-layer student and the cache timing (for the two-stage seeds alone).
 --resume keeps the jobs under $DISTILL_HOME/bench/distill_reviews: a finished one (its report.json, made from the
 same config) is read back, an interrupted one continues from its checkpoint, so a run longer than a session is the
-same command again. Writes bench/results/distill_reviews.json (its headline numbers are the two-stage students' mean
+same command again; it does not time the cache (a resumed job's stage timings are one process's part). Writes
+bench/results/distill_reviews.json (its headline numbers are the two-stage students' mean
 when run, else the compact student's) each time a job ends, `"complete": false` until the last; asserts nothing.
 """
 
@@ -185,7 +186,9 @@ def write_results(rows: list[dict], args: argparse.Namespace, *, complete: bool)
               "teacher_accuracy": headline["teacher_accuracy"], "student_accuracy": headline["student_accuracy"],
               "retention": headline["retention"], "param_ratio": headline["param_ratio"],
               "retention_by_seed": {r["seed"]: r["retention"] for r in two_stage} or None,
-              "cache_speedup": rows[0].get("cache_speedup"), "group_by_length": args.group_by_length,
+              "cache_speedup": rows[0].get("cache_speedup"),  # timed with the first row's student, not the headline's
+              "cache_speedup_student": rows[0]["student"] if "cache_speedup" in rows[0] else None,
+              "group_by_length": args.group_by_length,
               "ema_decay": args.ema_decay, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -225,6 +228,9 @@ def three_layer_student(teacher: str, work: Path, first: bool, args: argparse.Na
            "teacher_prepared_from_cache": report["teacher"]["prepared_from_cache"],
            "teacher_preparation": report["teacher"]["preparation"]}
     if not first:
+        return row
+    if args.resume:  # a resumed job's stage timings cover this process's part only; a read-back one, another run's
+        print("== --resume: the teacher-output cache is not timed", flush=True)
         return row
     train_examples = report["data"]["splits"]["train"]["rows"] + report["data"]["transfer"]
     print(f"== {teacher}: distill stage with the teacher at every step", flush=True)

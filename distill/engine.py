@@ -171,6 +171,8 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 averaged.update_parameters(model)
             step += 1
             examples += len(batch)
+            if device.type == "cuda":  # the backward pass and the update are only queued until the GPU is waited on
+                torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - started
             if step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:  # epoch ends checkpoint after eval
                 state.update(step=step, examples=examples, train_seconds=train_seconds)

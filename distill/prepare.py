@@ -62,7 +62,9 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
         return PreparedTeacher(Path(teacher_dir), cached=True, summary={"stages": [], "note": "already has the head"})
     key = _cache_key(config, teacher_dir, labels, train, validation)
     target = distill_home() / "prepared" / key
-    if (target / "prepared.json").exists():
+    # Rank 0's answer for every rank: a job publishing this key meanwhile could make ranks disagree, and the ones
+    # preparing would wait at the barriers below for those that returned.
+    if distributed.broadcast((target / "prepared.json").exists() if distributed.is_main() else None):
         emit("log", {"message": f"reusing the prepared teacher {target}"})
         if distributed.is_main():
             _sweep_staged(target)

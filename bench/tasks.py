@@ -11,20 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
-
 sys.path.insert(0, str(Path(__file__).parent))  # the parts live next to this script
 
 import tasks_causal_lm  # noqa: E402
 import tasks_embedding  # noqa: E402
+
+from distill.evaluate import machine_facts  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "tasks.json"
 # name → (add its command-line options, run it in a work directory and return its numbers)
@@ -59,9 +57,10 @@ def main() -> None:
         results.update(part)
         results[f"command_{name}"] = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python bench/tasks.py " + \
             shlex.join(sys.argv[1:])
-        results[f"torch_threads_{name}"] = torch.get_num_threads()
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
-                          "transformers": transformers.__version__}
+        # Each part's own: the parts may run on different machines (the CPU and its INT8/bf16 flags set the numbers).
+        results[f"machine_{name}"] = machine_facts()
+        results.pop(f"torch_threads_{name}", None)  # earlier runs' keys: machine_facts holds the thread count
+    results.pop("machine", None)  # the shared key of earlier runs, which said only the last part's versions
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -299,7 +299,7 @@ def run_identity(config: JobConfig) -> dict[str, Any]:
     sections = {"data": config.data.model_dump(mode="json"), "teacher": teacher,
                 "student": config.student.model_dump(mode="json")}
     files = hashlib.sha256()
-    update_with_files(files, resolve_teacher(config.teacher.name))  # a hub id: its snapshot in the hub cache
+    update_with_files(files, resolve_teacher(config.teacher.name))  # a hub id: the revision in its hub cache
     return ({f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
             | {"teacher files": files.hexdigest()[:16]})
 

@@ -195,12 +195,15 @@ def preparation_seed(config: JobConfig) -> int:
 
 def update_with_files(digest: Any, model: str | Path) -> None:
     """Feed a model's files as they are now into a hashlib `digest`: name, size, modification time. Cheap (no
-    weights are read), and it changes when a model is saved again at the same path. `model`: a directory, or a hub
-    id, whose files are the snapshot the hub cache holds (teachers.registry.local_dir): another revision fetched is
-    another model; one never fetched has none yet, and nothing is fed."""
+    weights are read), and it changes when a model is saved again at the same path. A hub id feeds the revision
+    its hub cache holds (teachers.registry.local_dir's snapshot, named by its commit), not the files, which arrive
+    as they are loaded: another revision fetched is another model; one never fetched feeds nothing."""
     try:
         root = local_dir(str(model))
     except TeacherNotFound:
+        return
+    if not Path(model).is_absolute():  # a hub id (resolve_teacher gives local directories absolute)
+        digest.update(f"revision {root.name}".encode())
         return
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         stat = path.stat()

@@ -333,6 +333,7 @@ def timed_stage(name: str, *, timings: dict[str, float], emit: EventSink) -> Ite
     timings[name] = round(time.perf_counter() - started, 3)
 
 
+LOW_DISK_BYTES = 64 * 1024**2  # below it, a job's failure message says how much disk is left
 TEACHER_OUTPUT_CHUNK = 4096  # examples per saved piece: an interrupted job loses at most this many teacher passes
 
 
@@ -451,8 +452,13 @@ def main(argv: list[str] | None = None) -> int:
         emit("error", {"message": str(e), "type": type(e).__name__})
         return 2
     except Exception as e:
-        traceback.print_exc()
-        emit("error", {"message": f"{type(e).__name__}: {e}", "type": type(e).__name__})
+        # The event first: on a full disk printing the traceback to stderr.log fails too, and the job ended with
+        # no reason at all. A full disk is named: torch.save's C++ writer says only "iostream error".
+        free = shutil.disk_usage(args.job_dir).free
+        disk = f" (the job directory's disk has {free:,} bytes free)" if free < LOW_DISK_BYTES else ""
+        emit("error", {"message": f"{type(e).__name__}: {e}{disk}", "type": type(e).__name__})
+        with contextlib.suppress(OSError):
+            traceback.print_exc()
         return 1
 
 

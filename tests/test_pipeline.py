@@ -407,3 +407,23 @@ def test_the_report_says_there_is_no_retention_when_the_teacher_got_no_test_text
               "student": {"params": 100, "test_accuracy": 1.0, "test_agreement": 0.0},
               "param_ratio": 0.1, "retention": None, "retention_interval": None, "timings_seconds": {"data": 0.1}}
     assert "no retention (the teacher got no test text right)." in render_job_markdown(report)
+
+
+def test_a_job_that_fails_on_a_full_disk_says_so_in_its_error_event(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The traceback went to stderr.log first, which failed on the full disk, so the error event never came and the
+    service recorded only an exit code; torch.save's own message names no disk."""
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(pipeline, "run", lambda *args, **kwargs: (_ for _ in ()).throw(
+        RuntimeError("basic_ios::clear: iostream error")))
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+
+    def stderr_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("traceback.print_exc", stderr_full)
+    events = tmp_path / "events.jsonl"
+    assert pipeline.main([str(tmp_path), "--events", str(events)]) == 1
+    (error,) = [json.loads(line) for line in events.read_text().splitlines()]
+    assert (error["kind"], error["data"]["message"]) == (
+        "error", "RuntimeError: basic_ios::clear: iostream error (the job directory's disk has 4,096 bytes free)")

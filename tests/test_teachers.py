@@ -113,7 +113,8 @@ def test_mpnet_not_pulled_says_how_to_pull() -> None:
         resolve_teacher("mpnet-base")
 
 
-def test_a_hub_teacher_is_identified_by_the_revision_its_hub_cache_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hub_teacher_is_identified_by_the_revision_its_hub_cache_holds(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A hub id fed nothing into the prepared teacher's key and the run identity: a revision fetched since reused
     the teacher prepared from the old one, and a resume went on against another teacher."""
     from distill.prepare import update_with_files

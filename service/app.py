@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from collections.abc import AsyncIterator
@@ -77,11 +78,23 @@ def add_error_handlers(app: FastAPI) -> None:
     """How errors become answers: a ServiceError its status and message, a malformed request FastAPI's 422."""
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OSError, _storage_error)
 
 
 async def _service_error(request: Request, exc: Any) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _storage_error(request: Request, exc: Any) -> JSONResponse:
+    """A full disk is the operator's to fix and the client's to retry: 507 saying so (it was a plain-text 500);
+    any other OSError stays a 500, as JSON like every answer, without the server's paths."""
+    assert isinstance(exc, OSError)
+    if exc.errno == errno.ENOSPC:
+        return JSONResponse({"detail": "the server's disk is full, so the request was not completed and nothing of "
+                                       "it kept; retry once space is freed under DISTILL_HOME"}, status_code=507)
+    log.exception("request failed", exc_info=exc)
+    return JSONResponse({"detail": f"internal error: {exc.strerror or type(exc).__name__}"}, status_code=500)
 
 
 async def _validation_error(request: Request, exc: Any) -> JSONResponse:

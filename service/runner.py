@@ -222,22 +222,24 @@ class Runner:
         submitted, runnable, dataset_id = check_job(body, self.settings, self.store)
         job_id = uuid.uuid4().hex[:12]
         directory = job_dir(self.settings, job_id)
-        directory.mkdir(parents=True)
-        runnable = runnable.model_copy(update={"output_dir": directory})
-        (directory / CONFIG_FILE).write_text(runnable.model_dump_json(indent=2), encoding="utf-8")
         capacity = self.settings.max_concurrent_jobs + self.settings.max_queued_jobs
-        try:
+        try:  # a job not queued leaves no directory (start-up sweeps no unrecorded ones)
+            directory.mkdir(parents=True)
+            runnable = runnable.model_copy(update={"output_dir": directory})
+            (directory / CONFIG_FILE).write_text(runnable.model_dump_json(indent=2), encoding="utf-8")
             job = self.store.create_job(job_id, submitted.model_dump(mode="json", exclude={"output_dir"}),
                                         dataset_id, capacity)
+            if job is None:
+                raise ServiceError(429, f"the job queue is full ({self.settings.max_concurrent_jobs} running and "
+                                        f"{self.settings.max_queued_jobs} waiting at most); retry later",
+                                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         except DatasetGone:
-            shutil.rmtree(directory)
+            shutil.rmtree(directory, ignore_errors=True)
             raise ServiceError(422, f"data.dataset: the uploaded dataset {dataset_id!r} was deleted just now; "
                                     f"upload it again with POST /v1/datasets") from None
-        if job is None:
-            shutil.rmtree(directory)
-            raise ServiceError(429, f"the job queue is full ({self.settings.max_concurrent_jobs} running and "
-                                    f"{self.settings.max_queued_jobs} waiting at most); retry later",
-                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        except BaseException:  # the 429 above, a full disk, the store refusing the record
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         log.info("job queued", extra={"job_id": job_id})
         self._wake.set()
         return job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from service import datasets as datasets_module
 from service import runner
 from service.app import create_app
 from service.routes.jobs import _files, log_as_written_now
@@ -661,6 +663,23 @@ def test_a_cuda_job_is_refused_by_a_server_without_a_gpu(client_and_dataset: tup
     response = client.post("/v1/jobs", json={**tiny_job(tiny_teacher_dir, dataset), "device": "cuda"})
     assert response.status_code == 422
     assert "device: 'cuda', but torch sees no GPU on this machine" in response.json()["detail"]
+
+
+def test_a_full_disk_is_a_507_that_keeps_nothing(make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path,
+                                               distill_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job submitted or a file uploaded on a full disk was a plain-text 500, and the job's directory (its
+    config.json written before the record) stayed for good: start-up sweeps no unrecorded job directory."""
+    client = make_client()
+    reference = upload(client, synthetic_csv).json()["reference"]
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(client.app.state.store, "create_job", lambda *args, **kwargs: (_ for _ in ()).throw(full))
+    submitted = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, reference))
+    assert submitted.status_code == 507 and "the server's disk is full" in submitted.json()["detail"]
+    assert list((distill_home / "jobs").iterdir()) == []
+    monkeypatch.setattr(datasets_module, "_copy_capped", lambda *args: (_ for _ in ()).throw(full))
+    uploaded = client.post("/v1/datasets", files={"file": ("more.csv", synthetic_csv.read_bytes(), "text/csv")})
+    assert uploaded.status_code == 507 and "the server's disk is full" in uploaded.json()["detail"]
+    assert [d.name for d in (distill_home / "uploads").iterdir()] == [reference.removeprefix("upload:")]
 
 
 def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path: Path) -> None:

@@ -384,8 +384,13 @@ class ModelCatalog:
                 loaded = self._cache.get(info.cache_key)
                 if loaded is None:
                     self._make_room(info.size_bytes)
-                    predictor = await asyncio.to_thread(open_model, info, self.settings.inference_threads,
-                                                        self.settings.inference_spinning, self.settings.torch_device)
+                    try:
+                        predictor = await asyncio.to_thread(open_model, info, self.settings.inference_threads,
+                                                            self.settings.inference_spinning,
+                                                            self.settings.torch_device)
+                    finally:
+                        # Its job deleted meanwhile: no model (404), not a failed load (500), and none cached.
+                        self.get(info.id)
                     batcher = MicroBatcher(predictor, self.settings.batch_max_size,
                                            self.settings.batch_max_wait_ms / 1000)
                     loaded = self._cache[info.cache_key] = _Loaded(predictor, batcher, info.size_bytes)
@@ -598,6 +603,8 @@ class Comparisons:
             comparison.status = "succeeded"
         except (CompareError, DataError, EvaluateError, InputError) as e:
             comparison.status, comparison.error, comparison.error_status = "failed", str(e), 422
+        except UnknownModelError as e:  # its job deleted while the comparison waited for its turn
+            comparison.status, comparison.error, comparison.error_status = "failed", str(e), 404
         except ModelLoadError as e:
             comparison.status, comparison.error, comparison.error_status = "failed", str(e), 500
         except Exception as e:  # a bug: say so in the comparison instead of losing it in a task nobody awaits

@@ -22,7 +22,8 @@ from distill.config import DataConfig, EvaluateConfig, ExportConfig, Fresh, JobC
 from distill.config import TrainConfig as Train
 from distill.pipeline import run
 from distill.runtime import InputError, OnnxPredictor, Prediction, TorchPredictor
-from service.models import CompareError, MicroBatcher, ModelCatalog
+from service import models as service_models
+from service.models import CompareError, MicroBatcher, ModelCatalog, UnknownModelError
 from service.routing import json_body_limit
 from service.settings import Settings
 from tests.conftest import (
@@ -65,6 +66,29 @@ def report(settings: Settings) -> dict:
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Iterator[TestClient]:
     yield from models_client(settings)
+
+
+@pytest.mark.parametrize("when", ["before the load", "during the load"])
+def test_a_model_whose_job_is_deleted_as_it_loads_is_unknown_and_not_cached(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """Looked up, then its job deleted before the load (a 500 naming a missing ONNX file) or during it (a deleted
+    job's model cached, unreachable until the LRU dropped it)."""
+    shutil.copytree(settings.jobs_dir / "job1", settings.jobs_dir / "gone")
+    catalog = ModelCatalog(settings)
+    info = catalog.get("gone.student")
+
+    def delete() -> None:  # as DELETE /v1/jobs/gone does: the directory moved away, the catalog told
+        shutil.move(settings.jobs_dir / "gone", tmp_path / "gone")
+        catalog.forget_job("gone")
+
+    if when == "before the load":
+        delete()
+    else:
+        load = service_models.open_model
+        monkeypatch.setattr(service_models, "open_model", lambda *args: (delete(), load(*args))[1])
+    with pytest.raises(UnknownModelError, match="no model 'gone.student'"):
+        asyncio.run(catalog._loaded(info))
+    assert not catalog._cache
 
 
 def test_models_lists_the_teacher_and_the_students_of_a_job(client: TestClient, report: dict) -> None:

@@ -291,10 +291,14 @@ class ModelCatalog:
 
     def forget_job(self, job_id: str) -> None:
         """A deleted job's models: out of the listing, and unloaded unless a comparison holds them (it unloads
-        them with the least recently used once it ends)."""
-        self._reports.pop(job_id, None)
+        them with the least recently used once it ends). Its teacher lies in the shared $DISTILL_HOME/prepared:
+        unloaded too, unless a job still listed serves the same one."""
+        _, models = self._reports.pop(job_id, (None, {}))
         directory = self.settings.jobs_dir / job_id
-        for key in [key for key in self._cache if key.path.is_relative_to(directory) and not self._held[key]]:
+        served = {info.cache_key for _, others in self._reports.values() for info in others.values()}
+        own = {info.cache_key for info in models.values()} - served
+        for key in [key for key in self._cache
+                    if (key.path.is_relative_to(directory) or key in own) and not self._held[key]]:
             self._cache.pop(key).batcher.close()
 
     def is_loaded(self, info: ModelInfo) -> bool:

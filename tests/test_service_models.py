@@ -91,6 +91,20 @@ def test_a_model_whose_job_is_deleted_as_it_loads_is_unknown_and_not_cached(
     assert not catalog._cache
 
 
+def test_a_deleted_jobs_teacher_is_unloaded_unless_a_listed_job_serves_it(settings: Settings, tmp_path: Path) -> None:
+    """The teacher lies in the shared prepared/ directory, not the job's: it stayed loaded after the delete."""
+    shutil.copytree(settings.jobs_dir / "job1", settings.jobs_dir / "gone")
+    try:
+        for listed, stays_loaded in ((["gone"], False), (["gone", "job1"], True)):  # job1 serves the same teacher
+            catalog = ModelCatalog(settings)
+            infos = [catalog.get(f"{job}.teacher") for job in listed]
+            asyncio.run(catalog._loaded(infos[0]))
+            catalog.forget_job("gone")
+            assert catalog.is_loaded(infos[0]) == stays_loaded
+    finally:
+        shutil.rmtree(settings.jobs_dir / "gone")
+
+
 def test_models_lists_the_teacher_and_the_students_of_a_job(client: TestClient, report: dict) -> None:
     listed = {m["id"]: m for m in client.get("/v1/models").json()["items"]}
     assert list(listed) == IDS

@@ -240,3 +240,15 @@ def test_the_teacher_command_refuses_what_it_cannot_train_in_one_line(distill_ho
     with pytest.raises(SystemExit):
         main([str(distill_home / "lm"), "--layers", "0"])
     assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_an_int8_lm_whose_perplexity_is_nan_fails_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN fails `<=`, so the gate quietly served fp32 with a 'nan%' message; the other tasks fail the job."""
+    from distill import causal_lm
+    from distill.compress import INT8_FILE, CompressError
+
+    monkeypatch.setattr(causal_lm, "onnx_logits", lambda path: path.name)
+    monkeypatch.setattr(causal_lm, "score", lambda logits, tokenizer, texts: {
+        "perplexity": math.nan if logits == INT8_FILE else 12.0})
+    with pytest.raises(CompressError, match=r"INT8 validation perplexity is nan: .* \(compress.exclude_ops\)"):
+        causal_lm._perplexity_gate(tmp_path, None, [], 5.0)

@@ -81,7 +81,7 @@ class DataConfig(_Section):
                                                      "dropout) added to the transfer texts for the teacher to label.")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated.")
     split_seed: int = Field(13, description="Seed of the deterministic 80/10/10 split.")
-    limit: int | None = Field(None, ge=10, description="Use only the first N training examples (quick runs).")
+    limit: int | None = Field(None, ge=10, description="Train on N of the training examples, a random sample fixed by split_seed (quick runs).")
 
     @model_validator(mode="after")
     def _files_need_train(self) -> DataConfig:
@@ -279,6 +279,18 @@ class JobConfig(_Section):
         if unused:
             raise ValueError(f"loss.{unused[0]}: not used by task {self.task!r}; its loss keys are "
                              f"{', '.join(own)}, hidden_mse, attention_kl, value_kl")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_preparation_fits_the_task(self) -> JobConfig:
+        """Only a classifier's teacher is prepared (a head, then fine-tuning): its settings for another task would
+        be ignored. Compared with the defaults, as the loss keys are."""
+        if self.task != "sequence-classification":
+            fields = TeacherConfig.model_fields
+            unused = [k for k in fields if k != "name" and getattr(self.teacher, k) != fields[k].default]
+            if unused:
+                raise ValueError(f"teacher.{unused[0]}: not used by task {self.task!r}, whose teacher is used as it "
+                                 f"is (only sequence-classification prepares one); its teacher key is name")
         return self
 
     @model_validator(mode="after")

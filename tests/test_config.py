@@ -22,6 +22,8 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
     ({"task": "causal-lm", "loss": {"similarity_kl": 2}}, "loss.similarity_kl: not used by task 'causal-lm'; its "
                                                             "loss keys are temperature, alpha, divergence"),
     ({"task": "causal-lm", "loss": {"anchor_kl": 1}}, "loss.anchor_kl: not used by task 'causal-lm'"),
+    ({"task": "sentence-embedding", "teacher": {"finetune_epochs": 4}},  # was ignored silently
+     "teacher.finetune_epochs: not used by task 'sentence-embedding', whose teacher is used as it is"),
     ({"task": "sentence-embedding", "loss": {"divergence": "jsd"}}, "loss.divergence: not used by task "
                                                                      "'sentence-embedding'"),
     ({"loss": {"divergence": "js"}}, "loss.divergence: Input should be 'kd_kl', 'reverse_kl' or 'jsd'"),

@@ -81,7 +81,8 @@ class DataConfig(_Section):
                                                      "dropout) added to the transfer texts for the teacher to label.")
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated.")
     split_seed: int = Field(13, description="Seed of the deterministic 80/10/10 split.")
-    limit: int | None = Field(None, ge=10, description="Train on N of the training examples, a random sample fixed by split_seed (quick runs).")
+    limit: int | None = Field(None, ge=10, description="Train on N of the training examples, a random sample "
+                                                    "fixed by split_seed (quick runs).")
 
     @model_validator(mode="after")
     def _files_need_train(self) -> DataConfig:

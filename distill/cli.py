@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             again = [args.config, *(["--output-dir", args.output_dir] if args.output_dir else [])]
             resume = (f"; `distill run {' '.join(shlex.quote(str(part)) for part in again)} --resume` continues from "
                       f"the last checkpoint")
-        print(f"distill: interrupted{resume}", file=sys.stderr)
+        if not distributed.launched():  # torchrun's workers get the same Ctrl-C: the `distill run` above them says it
+            print(f"distill: interrupted{resume}", file=sys.stderr)
         return 130
     except (ConfigError, DataError, TeacherNotFound, PullError, TrainingError, ExportError, CompressError,
             EvaluateError, UsageError, OSError) as e:  # OSError: e.g. an output directory that cannot be created

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tiny_teacher_dir: Path, s
     assert main(["run", str(config), "--output-dir", str(tmp_path / "my run")]) == 130
     assert capsys.readouterr().err == (f"distill: interrupted; `distill run {config} --output-dir '{tmp_path}/my run' "
                                        f"--resume` continues from the last checkpoint\n")
+    # torchrun's workers get the same Ctrl-C: the `distill run` above them says it, once.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr("distill.distributed.process_group", lambda device: contextlib.nullcontext())
+    assert main(["run", str(config)]) == 130
+    assert capsys.readouterr().err == ""
 
 
 def test_a_write_that_fails_leaves_neither_a_staged_file_nor_a_changed_one(tmp_path: Path) -> None:

@@ -201,6 +201,10 @@ def _bench(args: argparse.Namespace) -> int:
             models[str(path)] = load_model(path, args.max_length, args.threads)
         except (OSError, ValueError) as e:  # no config.json / tokenizer files / weights, a broken graph
             raise UsageError(f"{path}: cannot load a model from it: {e}") from e
+    shortest, reads = min(((path, model.max_length) for path, model in models.items()), key=lambda item: item[1])
+    if args.seq_len is not None and args.seq_len > reads:  # load_model caps max_length at a model's positions
+        raise UsageError(f"--seq-len {args.seq_len}: {shortest} reads at most {reads} tokens (its positions); give "
+                         f"at most {reads}")
     first = next(iter(models.values()))
     try:
         latency_text = text_of_length(first, args.seq_len) if args.seq_len else None

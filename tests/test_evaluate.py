@@ -195,6 +195,18 @@ def test_bad_paths_are_one_line_errors(command: list[str], model_dir: Path, tmp_
     assert err.startswith("distill: error: ") and "/no/such/model" in err and "Traceback" not in err
 
 
+def test_bench_refuses_a_seq_len_past_a_models_positions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """load_model caps a model's max_length at its positions, so --seq-len 100 on a 64-position encoder timed a
+    64-token text and said so only in a footnote."""
+    encoder = write_tiny_encoder(tmp_path / "encoder")  # 64 positions
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good movie\nbad plot\n")
+    capsys.readouterr()  # the model's save
+    assert main(["bench", str(encoder), "--texts", str(texts), "--seq-len", "100"]) == 2
+    assert capsys.readouterr().err == (f"distill: error: --seq-len 100: {encoder} reads at most 64 tokens (its "
+                                       f"positions); give at most 64\n")
+
+
 def test_retention_interval_of_equal_answers_is_a_point() -> None:
     correct = torch.rand(500, generator=torch.Generator().manual_seed(0)) < 0.8
     interval = retention_interval(correct, correct, resamples=200)

@@ -181,7 +181,7 @@ def _bench(args: argparse.Namespace) -> int:
     import transformers
 
     from distill.evaluate import evaluate_models, footprint, render_markdown, task_of, text_of_length
-    from distill.runtime import load_model
+    from distill.runtime import load_model, onnx_file
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -194,11 +194,13 @@ def _bench(args: argparse.Namespace) -> int:
         texts = [text for text, _ in rows]
     else:
         texts = read_texts(args.texts, "auto", args.text_column)
+    # An ONNX directory is named by the graph that runs (its fused fp32 one, not the INT8 a job may serve).
+    names = {path: str(onnx_file(path) or path) for path in args.models}
     models = {}
     for path in args.models:
         _need(path, "a model: an HF directory, an ONNX directory or a .onnx file")
         try:
-            models[str(path)] = load_model(path, args.max_length, args.threads)
+            models[names[path]] = load_model(path, args.max_length, args.threads)
         except (OSError, ValueError) as e:  # no config.json / tokenizer files / weights, a broken graph
             raise UsageError(f"{path}: cannot load a model from it: {e}") from e
     shortest, reads = min(((path, model.max_length) for path, model in models.items()), key=lambda item: item[1])
@@ -223,7 +225,7 @@ def _bench(args: argparse.Namespace) -> int:
         labels = [first.label_names.index(label) for _, label in rows]
     sizes, params = {}, {}
     for path in args.models:
-        sizes[str(path)], params[str(path)] = footprint(path)
+        sizes[names[path]], params[names[path]] = footprint(path)
     report = evaluate_models(models, texts, labels, latency_calls=args.latency_calls, warmup_calls=args.warmup_calls,
                              latency_text=latency_text,
                              throughput_batch=args.batch_size, throughput_batches=args.throughput_batches, sizes=sizes,

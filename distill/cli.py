@@ -40,24 +40,28 @@ class ProgressPrinter:
         if kind == "checkpoint":  # for the service's records; a line here would break the bar
             return
         if kind == "progress":
-            if self.bar is None or self.bar.desc != data["stage"]:
+            bar = self.bar  # another pass of the stage (the next split, or model) counts from its start again
+            if bar is None or bar.desc != data["stage"] or bar.total != data["total_steps"] or data["step"] <= bar.n:
                 self.close()
                 self.bar = tqdm(total=data["total_steps"], initial=data["step"] - 1, desc=data["stage"])
             self.bar.update(data["step"] - self.bar.n)
             if "loss" in data:  # training steps; a teacher-output pass counts examples
                 self.bar.set_postfix(loss=f"{data['loss']:.4f}", epoch=data["epoch"])
             return
-        self.close()
         if kind == "stage":
+            self.close()
             print(f"==> {data['stage']}" + (f" ({data['detail']})" if "detail" in data else ""), flush=True)
-        elif kind == "metrics":
-            print("    " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items()))
-        elif kind == "log":
-            print(f"    {data['message']}", flush=True)
-        elif kind == "resumed":
-            print(f"    {kind}: " + ", ".join(f"{k}={v}" for k, v in data.items()), flush=True)
         elif kind == "done":
+            self.close()
             self.done = data
+        # Lines within a stage go above its bar, which runs on: closed at each epoch's metrics, it restarted.
+        elif kind == "metrics":
+            tqdm.write("    " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in data.items()))
+        elif kind == "log":
+            tqdm.write(f"    {data['message']}")
+        elif kind == "resumed":
+            tqdm.write(f"    {kind}: " + ", ".join(f"{k}={v}" for k, v in data.items()))
 
     def close(self) -> None:
         if self.bar is not None:

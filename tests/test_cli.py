@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from tqdm import tqdm
 
 from distill import atomic
 from distill.cli import main
@@ -184,3 +186,35 @@ def test_a_write_that_fails_leaves_neither_a_staged_file_nor_a_changed_one(tmp_p
     with pytest.raises(RuntimeError, match="cannot pickle"):
         atomic.save_torch({"big": bytes(10**6), "bad": Unpicklable()}, checkpoint)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"] and checkpoint.read_bytes() == before
+
+
+def test_the_progress_bar_of_a_stage_runs_on_across_its_epochs(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """Closed at every epoch's metrics line, the bar restarted (its elapsed time and rate from zero) each epoch; a
+    stage's next pass over another split or model still gets a bar of its own."""
+    from distill import cli
+
+    bars: list[str] = []
+
+    class CountedBar(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            bars.append(kwargs["desc"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "tqdm", CountedBar)
+    printer = cli.ProgressPrinter()
+    printer("stage", {"stage": "distill"})
+    for step in range(1, 9):
+        printer("progress", {"stage": "distill", "step": step, "total_steps": 8, "epoch": 1 + (step > 4),
+                             "loss": 0.5})
+        if step == 4:
+            printer("metrics", {"stage": "distill", "validation_accuracy": 0.75, "epoch": 1})
+    printer("stage", {"stage": "teacher-logits"})
+    for split, total in (("train", 3), ("validation", 2)):
+        for step in range(1, total + 1):
+            printer("progress", {"stage": "teacher-logits", "step": step, "total_steps": total})
+        printer("log", {"message": f"{split} done"})
+    printer.close()
+    assert bars == ["distill", "teacher-logits", "teacher-logits"]
+    out = capsys.readouterr().out
+    assert "validation_accuracy=0.7500" in out and "    train done" in out

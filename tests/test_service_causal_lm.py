@@ -370,6 +370,7 @@ def test_bench_command_on_language_models(settings: Settings, tmp_path: Path, ca
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["task"] == "causal-lm"
+    models[1] = str(job / "student-onnx" / "model.onnx")  # named by the graph that ran
     rows = report["models"]
     assert [rows[m]["format"] for m in models] == ["pytorch", "onnxruntime"]
     assert all(row["latency_sequence_length"] == 8 for row in rows.values())

@@ -45,7 +45,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import ModelOutput
 
 from distill import atomic, distributed, engine, pipeline  # pipeline imports this module only inside run()
-from distill.compress import INT8_FILE, CompressError, quantize_dynamic_int8
+from distill.compress import INT8_FILE, INT8_OVERFLOW_ADVICE, CompressError, quantize_dynamic_int8
 from distill.config import ConfigError, DataConfig, JobConfig, LossConfig, Precision, TrainConfig
 from distill.data import DataError, load_task_data
 from distill.engine import EventSink, Split, Teacher, TrainingError
@@ -411,8 +411,7 @@ def _perplexity_gate(directory: Path, tokenizer: PreTrainedTokenizerBase, valida
     fp32, int8 = (score(onnx_logits(directory / name), tokenizer, validation)["perplexity"]
                   for name in (ONNX_FILE, INT8_FILE))
     if not math.isfinite(int8):  # NaN is never servable; the comparison below would quietly serve fp32
-        raise CompressError(f"INT8 validation perplexity is {int8}: its logits overflow. Leave the op types that "
-                            f"overflow in fp32 (compress.exclude_ops) or set compress.quantize: none")
+        raise CompressError(f"INT8 validation perplexity is {int8}: its logits overflow. {INT8_OVERFLOW_ADVICE}")
     increase = (int8 / fp32 - 1) * 100
     passed = increase <= max_increase_percent
     return {"passed": passed, "validation_perplexity": {"fp32": fp32, "int8": int8}, "increase_percent": increase,

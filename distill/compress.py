@@ -77,6 +77,11 @@ class CompressError(RuntimeError):
     """Graph optimization changed the model's outputs; nothing was written."""
 
 
+# What a job whose INT8 model outputs NaN or ±inf is told to do (each task finds it on its own validation outputs).
+INT8_OVERFLOW_ADVICE = ("Leave the op types that overflow in fp32 (compress.exclude_ops) or set compress.quantize: "
+                        "none")
+
+
 @dataclass(frozen=True)
 class CompressResult:
     optimized_path: Path

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
 
 from distill import atomic, distributed, engine, losses
-from distill.compress import INT8_FILE, CompressError, accuracy_gate, quantize_dynamic_int8
+from distill.compress import INT8_FILE, INT8_OVERFLOW_ADVICE, CompressError, accuracy_gate, quantize_dynamic_int8
 from distill.config import ConfigError, JobConfig, LossConfig, Precision
 from distill.data import DataError
 from distill.engine import EventSink, Split, Teacher
@@ -538,8 +538,7 @@ def _deploy(config: JobConfig, out: Path, model: SentenceEncoder, tokenizer: Pre
             if not torch.isfinite(validation["onnx-int8"]).all():  # NaN is never servable, whatever its recall
                 files.pop("onnx-int8").unlink()
                 raise CompressError(f"INT8 outputs NaN or infinite embeddings on the validation texts; "
-                                    f"{target / INT8_FILE} was not kept. Leave the op types that overflow in fp32 "
-                                    f"(compress.exclude_ops) or set compress.quantize: none")
+                                    f"{target / INT8_FILE} was not kept. {INT8_OVERFLOW_ADVICE}")
             fp32, int8 = (embedding_agreement(validation[name], teacher_embeddings["validation"])[recall]
                           for name in ("onnx-fp32", "onnx-int8"))
             gate = accuracy_gate(fp32, int8, config.compress.max_accuracy_drop, metric="recall@10 agreement")

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill import atomic, distributed, engine
-from distill.compress import CompressError, accuracy_gate, compress, optimize
+from distill.compress import INT8_OVERFLOW_ADVICE, CompressError, accuracy_gate, compress, optimize
 from distill.config import ConfigError, JobConfig
 from distill.data import Example, TaskData, load_task_data
 from distill.engine import EventSink, Split, Teacher
@@ -204,8 +204,7 @@ def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData,
             try:
                 int8_accuracy = accuracy(student_int8, texts, labels)
             except EvaluateError as e:  # NaN is never servable, whatever its accuracy
-                raise CompressError(f"INT8 on the validation texts: {e}. Leave the op types that overflow in fp32 "
-                                    f"(compress.exclude_ops) or set compress.quantize: none") from None
+                raise CompressError(f"INT8 on the validation texts: {e}. {INT8_OVERFLOW_ADVICE}") from None
             gate = accuracy_gate(accuracy(student_fp32, texts, labels), int8_accuracy, cc.max_accuracy_drop)
             emit("log", {"message": gate.message})
             section["compress"] = {"mode": cc.quantize, "per_channel": cc.per_channel, "fused_ops": result.fused_ops,

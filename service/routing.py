@@ -32,18 +32,14 @@ class TextJsonRequest(Request):
         if not hasattr(self, "_body"):
             settings: Settings = self.app.state.settings
             limit = json_body_limit(settings)
-            too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                                      f"the request body is over {limit:,} bytes, the most {settings.max_batch_texts} "
-                                      f"texts (max_batch_texts) of {settings.max_text_chars} characters "
-                                      f"(max_text_chars) need")
             declared = self.headers.get("content-length", "")
             if declared.isascii() and declared.isdigit() and int(declared) > limit:
-                raise too_large
+                raise _too_large(settings, limit)
             received = bytearray()
             async for chunk in self.stream():  # a chunked body says its size only as it arrives
                 received += chunk
                 if len(received) > limit:
-                    raise too_large
+                    raise _too_large(settings, limit)
             self._body = bytes(received)
         return self._body
 
@@ -51,6 +47,12 @@ class TextJsonRequest(Request):
         body = await super().json()
         _refuse_lone_surrogates(body, "")
         return body
+
+
+def _too_large(settings: Settings, limit: int) -> HTTPException:
+    return HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                         f"the request body is over {limit:,} bytes, the most {settings.max_batch_texts} texts "
+                         f"(max_batch_texts) of {settings.max_text_chars} characters (max_text_chars) need")
 
 
 class TextJsonRoute(APIRoute):

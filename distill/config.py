@@ -151,9 +151,9 @@ class LossConfig(_Section):
                                                      "anchor_count training texts).")
     anchor_count: int = Field(4096, ge=1, description="sentence-embedding: training texts (evenly spaced) whose "
                                                       "teacher embeddings are the anchors of anchor_kl.")
-    hidden_mse: float = Field(0.0, ge=0, description="Weight of hidden-state MSE (same tokenizer only).")
-    attention_kl: float = Field(0.0, ge=0, description="Weight of attention-distribution KL (same tokenizer only).")
-    value_kl: float = Field(0.0, ge=0, description="Weight of value-relation KL, MiniLM (same tokenizer only).")
+    hidden_mse: float = Field(0.0, ge=0, description="Weight of hidden-state MSE (tokens split alike only).")
+    attention_kl: float = Field(0.0, ge=0, description="Weight of attention-distribution KL (tokens split alike only).")
+    value_kl: float = Field(0.0, ge=0, description="Weight of value-relation KL, MiniLM (tokens split alike only).")
 
     @property
     def intermediate(self) -> bool:

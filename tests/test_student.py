@@ -106,10 +106,12 @@ def test_a_student_with_another_tokenizer_is_refused_where_tokens_are_compared(t
     same = FromModel(init="model", model=str(tiny_teacher_dir), num_layers=1)
     check_student(minilm, tiny_teacher_dir, max_length=16, task="sequence-classification")  # logits across tokenizers
     for task in ("sequence-classification", "sentence-embedding"):
-        check_student(same, tiny_teacher_dir, max_length=16, task=task, intermediate_losses=True)
-        for spec in (minilm, same.model_copy(update={"trim_vocabulary": True})):
-            with pytest.raises(ConfigError, match="need the same tokenizer"):
-                check_student(spec, tiny_teacher_dir, max_length=16, task=task, intermediate_losses=True)
+        # A trimmed vocabulary renumbers the teacher's tokens but splits texts into them; MiniLM's has pieces the
+        # tiny teacher lacks ("##s"), so its texts could split otherwise.
+        for spec in (same, same.model_copy(update={"trim_vocabulary": True})):
+            check_student(spec, tiny_teacher_dir, max_length=16, task=task, intermediate_losses=True)
+        with pytest.raises(ConfigError, match="split texts into the teacher's tokens"):
+            check_student(minilm, tiny_teacher_dir, max_length=16, task=task, intermediate_losses=True)
     gpt2 = write_tiny_gpt2(tmp_path / "gpt2")
     check_student(FromModel(init="model", model=str(gpt2), num_layers=1), gpt2, max_length=16, task="causal-lm")
     with pytest.raises(ConfigError, match="compares next-token distributions over one vocabulary"):

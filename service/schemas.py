@@ -154,3 +154,4 @@ class Readiness(BaseModel):
     ready: bool
     store: bool = Field(description="The SQLite store answers.")
     runner: bool = Field(description="The job dispatcher is running.")
+    jobs_dir: bool = Field(description="A file can be written in the jobs directory (where new jobs go).")

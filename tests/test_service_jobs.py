@@ -795,7 +795,23 @@ def test_api_key_guards_every_route_but_healthz_and_the_page(make_client: Any) -
     assert page.status_code == 200 and page.url.path == "/ui" and page.headers["content-type"].startswith("text/html")
     ok = {"Authorization": "Bearer s3cret"}
     assert client.get("/v1/jobs", headers=ok).status_code == 200
-    assert client.get("/readyz", headers=ok).json() == {"ready": True, "store": True, "runner": True}
+    assert client.get("/readyz", headers=ok).json() == {"ready": True, "store": True, "runner": True,
+                                                         "jobs_dir": True}
+
+
+def test_readyz_fails_when_new_jobs_could_not_be_written(make_client: Any) -> None:
+    client = make_client()
+    jobs_dir = client.app.state.settings.jobs_dir
+    moved = jobs_dir.rename(jobs_dir.with_name("jobs-moved"))
+    jobs_dir.write_text("not a directory")  # as root, a read-only mode would not stop the write: this does
+    try:
+        answer = client.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.json() == {"ready": False, "store": True, "runner": True, "jobs_dir": False}
+    finally:
+        jobs_dir.unlink()
+        moved.rename(jobs_dir)
+    assert client.get("/readyz").status_code == 200
 
 
 def test_metrics_use_route_templates_and_count_jobs(make_client: Any) -> None:

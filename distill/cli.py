@@ -172,7 +172,7 @@ def _compress(args: argparse.Namespace) -> int:
     texts = read_texts(args.calibration_texts, "auto", args.text_column) if args.calibration_texts else None
     source = args.onnx_dir / ONNX_FILE
     result = compress(source, args.onnx_dir, mode=args.mode, per_channel=args.per_channel,
-                      exclude_ops=args.exclude_ops, calibration_texts=texts)
+                      exclude_ops=args.exclude_ops, calibration_texts=texts, max_length=args.max_length)
     print(f"{source}: {source.stat().st_size / 1e6:.1f} MB")
     print(f"{result.optimized_path}: {result.optimized_bytes / 1e6:.1f} MB, fused {result.fused_ops or 'nothing'}, "
           f"max |logit difference| {result.optimized_max_abs_diff:.2e}")
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="op types left in fp32")
     compress.add_argument("--calibration-texts", type=Path, help="texts for --mode static (.txt, .csv, .jsonl)")
     compress.add_argument("--text-column", default="text")
+    compress.add_argument("--max-length", type=positive_int, default=128,
+                          help="tokens per calibration text; longer texts are truncated")
     compress.set_defaults(handler=_compress)
     bench = commands.add_parser("bench", help="compare models on the same texts: accuracy (embedding agreement, "
                                               "perplexity), latency, throughput")

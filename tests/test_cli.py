@@ -97,6 +97,8 @@ def test_model_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path, c
                            "--seq-len: '0' is not a whole number of at least 1"),
                           (["bench", str(encoder), "--texts", str(texts), "--threads", "-1"],
                            "--threads: '-1' is not a whole number of at least 1"),
+                          (["compress", str(tmp_path), "--max-length", "0"],
+                           "--max-length: '0' is not a whole number of at least 1"),
                           (["export", str(encoder), str(tmp_path / "out"), "--opset", "5"],
                            "--opset: invalid choice: 5 (choose from 14, "),
                           (["export", str(encoder), str(tmp_path / "out"), "--tolerance", "nan"],

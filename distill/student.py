@@ -79,13 +79,14 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
                 raise ConfigError("student.trim_vocabulary: a causal LM predicts over its whole vocabulary, so it "
                                   "is kept; remove the key")
             _wordpiece(AutoTokenizer.from_pretrained(source_dir))
-        student_tokenizer, teacher_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (source_dir, teacher_dir))
-        if task == "causal-lm":
-            # A trimmed vocabulary renumbers the tokens, so it is another vocabulary too.
-            if spec.trim_vocabulary or student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-                raise ConfigError(TOKENIZER_DIFFERS["causal-lm"])
-        elif intermediate_losses and not _splits_alike(student_tokenizer, teacher_tokenizer):
-            raise ConfigError(TOKENIZER_DIFFERS["intermediate"])
+        if task == "causal-lm" or intermediate_losses:
+            student_tokenizer, teacher_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (source_dir, teacher_dir))
+            if task == "causal-lm":
+                # A trimmed vocabulary renumbers the tokens, so it is another vocabulary too.
+                if spec.trim_vocabulary or student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+                    raise ConfigError(TOKENIZER_DIFFERS["causal-lm"])
+            elif not _splits_alike(student_tokenizer, teacher_tokenizer):
+                raise ConfigError(TOKENIZER_DIFFERS["intermediate"])
 
 
 TOKENIZER_DIFFERS = {
@@ -129,8 +130,9 @@ def check_aligned_tokens(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
     """ConfigError unless each text is the same tokens at the same positions for both tokenizers (their special
     tokens may differ: [CLS] against <s>), which the intermediate losses need: they pair hidden states and attention
     position by position. For a student that passed _splits_alike with another vocabulary."""
+    special = set(student.all_special_ids), set(teacher.all_special_ids)
     differ = [i for i, (s, t) in enumerate(zip(student_inputs, teacher_inputs, strict=True))
-              if _tokens(student, s["input_ids"]) != _tokens(teacher, t["input_ids"])]
+              if _tokens(student, special[0], s["input_ids"]) != _tokens(teacher, special[1], t["input_ids"])]
     if differ:
         first = differ[0]
         pieces = [tokenizer.convert_ids_to_tokens(inputs[first]["input_ids"])
@@ -142,9 +144,8 @@ def check_aligned_tokens(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
             f"a student with init 'teacher' or 'fresh'")
 
 
-def _tokens(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str | None]:
+def _tokens(tokenizer: PreTrainedTokenizerBase, special: set[int], ids: list[int]) -> list[str | None]:
     """The text's tokens, each special one as None (same position, any name)."""
-    special = set(tokenizer.all_special_ids)
     return [None if i in special else token for i, token in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True)]
 
 

@@ -14,7 +14,8 @@ MiniLM within 20% of mpnet-base's parameters, trained on the same cached teacher
 With --two-stage, for the first teacher, the two-stage compact student once per --seeds seed (the README's best
 method, examples/reviews-embedding-compact.yaml then examples/reviews-mpnet-compact-gd.yaml): stage 1 teaches the
 compact student the teacher's sentence embeddings (no labels, --stage1-epochs), stage 2 distills the task into it
-as the compact student is (--two-stage-augment perturbed copies, --epochs); each stage's teacher outputs are
+as the compact student is (--two-stage-augment perturbed copies, --epochs; --stage1-layer-losses: stage 1 also
+matches the teacher layer by layer, in jobs of their own); each stage's teacher outputs are
 computed once and reused by every seed (they depend on the texts, not on the seed). Students train without dropout
 (train.dropout 0). --no-three-layer skips the 3-layer student and the cache timing (for the two-stage seeds alone).
 --resume keeps the jobs under $DISTILL_HOME/bench/distill_reviews: a finished one (its report.json, made from the
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=False,
                         help="also the two-stage compact student for the first teacher, once per --seeds seed")
     parser.add_argument("--stage1-epochs", type=int, default=3, help="two-stage: epochs of embedding distillation")
+    parser.add_argument("--stage1-layer-losses", action=argparse.BooleanOptionalAction, default=False,
+                        help="two-stage: stage 1 also matches the teacher's hidden states and attention layer by "
+                             "layer (the teacher then runs at every step: about 3x the time)")
     parser.add_argument("--two-stage-augment", type=int, default=8,
                         help="two-stage: perturbed copies of each training text in stage 2 (stage 1 uses --augment)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="two-stage: the students' seeds")
@@ -284,24 +288,28 @@ def two_stage_students(teacher: str, work: Path, args: argparse.Namespace,
     logits = work / teacher / TEACHER_LOGITS if args.two_stage_augment == args.augment else None
     for seed in args.seeds:
         print(f"== {teacher}: two-stage compact student, seed {seed}: stage 1 (sentence embeddings)", flush=True)
-        stage1_dir = work / f"{teacher}-stage1-seed{seed}"
+        variant = "-layers" if args.stage1_layer_losses else ""
+        stage1_dir = work / f"{teacher}-stage1{variant}-seed{seed}"
+        # The layer losses' weights start each term near the cosine loss (README, "Layer by layer").
+        layers = {"hidden_mse": 10.0, "attention_kl": 0.1} if args.stage1_layer_losses else {}
         stage1 = run_job(JobConfig(
             task="sentence-embedding", seed=seed, precision=args.precision, teacher=TeacherConfig(name=teacher),
             data=data(args, args.augment), student=COMPACT,
-            loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0),
+            loss=LossConfig(embedding_mse=1.0, embedding_cosine=1.0, similarity_kl=0.0, **layers),
             train=TrainConfig(epochs=args.stage1_epochs, batch_size=32, lr=5e-4, dropout=0.0,
                               group_by_length=args.group_by_length),
             export=ExportConfig(onnx=False), output_dir=stage1_dir), args, embeddings)
         embeddings = embeddings or stage1_dir / TEACHER_LOGITS
         print(f"== {teacher}: two-stage compact student, seed {seed}: stage 2 (the task)", flush=True)
-        stage2_dir = work / f"{teacher}-two-stage-seed{seed}"
+        stage2_dir = work / f"{teacher}-two-stage{variant}-seed{seed}"
         student = FromModel(init="model", model=stage1["student"]["dir"], num_layers=6)  # trimmed in stage 1
         report = run_job(job(teacher, stage2_dir, args.epochs, True, args, student=student,
                              augment=args.two_stage_augment, seed=seed, onnx=False), args, logits)
         logits = logits or stage2_dir / TEACHER_LOGITS
         record({**student_row(teacher, f"{COMPACT_NAME}, two-stage (seed {seed})", report), "seed": seed,
                      "stage1": {key: stage1["student"][key] for key in ("test_cosine", "test_recall_at_10")}
-                     | {"epochs": args.stage1_epochs, "stage_seconds": stage1["timings_seconds"]}})
+                     | {"epochs": args.stage1_epochs, "layer_losses": layers,
+                        "stage_seconds": stage1["timings_seconds"]}})
 
 
 if __name__ == "__main__":

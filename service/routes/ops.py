@@ -21,7 +21,7 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
-            summary="The store answers and the job runner runs")
+            summary="The store answers, the job runner runs and the jobs directory takes files")
 def readyz(settings: SettingsDep, store: StoreDep, runner: RunnerDep, response: Response) -> Readiness:
     readiness = Readiness(ready=False, store=store.ping(), runner=runner.ready, jobs_dir=_writable(settings.jobs_dir))
     readiness.ready = readiness.store and readiness.runner and readiness.jobs_dir
@@ -37,7 +37,8 @@ def metrics(request: Request) -> Response:
 
 
 def _writable(directory: Path) -> bool:
-    """By writing a file: a read-only mount, a full disk's quota or a path that became a file all show."""
+    """By writing a file: a read-only mount, lost permissions or a path that became a file show; a full disk may
+    not (an empty file takes no blocks)."""
     try:
         with tempfile.TemporaryFile(dir=directory):
             return True

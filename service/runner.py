@@ -338,12 +338,18 @@ class Runner:
 
     def _watch(self, job: Job, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
-        error = None
+        error, stored_progress = None, (None, -float("inf"))  # the stage and time of the last progress stored
         for line in proc.stdout:
             kind, data = _parse_event(line)
             if kind == "error":  # becomes the job's error, in its final status event
                 error = data.get("message")
                 continue
+            if kind == "progress":
+                stage, at = data.get("stage"), time.monotonic()
+                if (stage == stored_progress[0] and data.get("step") != data.get("total_steps")
+                        and at - stored_progress[1] < self.settings.progress_event_seconds):
+                    continue
+                stored_progress = (stage, at)
             try:
                 self.store.add_event(job.id, kind, data)
             except sqlite3.Error:  # a full disk, say: keep reading the pipe, or the job blocks once it fills

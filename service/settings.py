@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                                      "joins the rendezvous host the client names.")
     cancel_grace_seconds: float = Field(10.0, ge=0, description="After SIGTERM, how long a job process has before "
                                                                 "SIGKILL (cancel, shutdown).")
+    progress_event_seconds: float = Field(0.5, ge=0, description="A job's progress events are stored at most this "
+                                          "often, besides each stage's first and last (a GPU takes tens of steps "
+                                          "a second; 0 stores every step).")
     model_dirs: list[Path] = Field(default_factory=list, description="Server directories, besides "
                                    "$DISTILL_HOME/teachers, under which a job's teacher.name / student.model may "
                                    "name a model directory (JSON list); other local paths are refused, as data "

@@ -799,6 +799,19 @@ def test_api_key_guards_every_route_but_healthz_and_the_page(make_client: Any) -
                                                          "jobs_dir": True}
 
 
+def test_progress_events_are_stored_at_most_as_often_as_set(make_client: Any, tiny_teacher_dir: Path,
+                                                            synthetic_csv: Path) -> None:
+    """Each stage's first and last progress events are kept, the steps between only every progress_event_seconds:
+    a job on a GPU takes tens of steps a second, each one an SQLite write and an event for every client."""
+    client = make_client(progress_event_seconds=3600)
+    dataset = client.post("/v1/datasets", files={"file": ("synthetic.csv", synthetic_csv.read_bytes())})
+    job = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset.json()["reference"])).json()
+    assert wait_for(client, job["id"], lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
+    progress = [e["data"] for e in all_events(client, job["id"]) if e["kind"] == "progress"]
+    total = next(d["total_steps"] for d in progress if d["stage"] == "distill")
+    assert [d["step"] for d in progress if d["stage"] == "distill"] == [1, total] and total > 2
+
+
 def test_readyz_fails_when_new_jobs_could_not_be_written(make_client: Any) -> None:
     client = make_client()
     jobs_dir = client.app.state.settings.jobs_dir

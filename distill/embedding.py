@@ -43,6 +43,7 @@ from distill.pipeline import (
     TEACHER_LOGITS,
     RunResult,
     data_identity,
+    encode_for_student,
     finish,
     publish,
     read_data,
@@ -52,7 +53,7 @@ from distill.pipeline import (
     timed_stage,
 )
 from distill.runtime import EMBEDDING_OUTPUT, OnnxEmbedder
-from distill.student import build_student, check_aligned_tokens, count_params
+from distill.student import build_student, count_params
 from distill.tasks import Encoded, SequenceClassification, predict_distilled
 from teachers.registry import local_dir, resolve_teacher
 
@@ -415,11 +416,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         built = build_student(config.student, teacher.model.encoder, teacher_dir, attn_implementation=attention,
                               auto_class=AutoModel, texts=texts["train"])
         width, student = built.model.config.hidden_size, encoder_like(teacher.model, built.model)
-        student_inputs = teacher_inputs if built.shares_teacher_tokenizer else {
-            name: task.encode(built.tokenizer, batch, config.data.max_length) for name, batch in texts.items()}
-        if config.loss.intermediate and not built.shares_teacher_tokenizer:
-            check_aligned_tokens(built.tokenizer, teacher.tokenizer, student_inputs["train"], teacher_inputs["train"],
-                                 texts["train"])
+        student_inputs = encode_for_student(task, built, teacher.tokenizer, teacher_inputs, texts,
+                                            config.data.max_length, intermediate=config.loss.intermediate)
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
                   for name in texts}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from distill import atomic, distributed, engine
 from distill.compress import INT8_OVERFLOW_ADVICE, CompressError, accuracy_gate, compress, optimize
@@ -30,8 +30,8 @@ from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher, update_with_files
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
-from distill.student import build_student, check_aligned_tokens, check_student, count_params
-from distill.tasks import Precision, SequenceClassification, Task, bf16_is_slow, predict_distilled
+from distill.student import Student, build_student, check_aligned_tokens, check_student, count_params
+from distill.tasks import Encoded, Precision, SequenceClassification, Task, bf16_is_slow, predict_distilled
 from teachers.registry import resolve_teacher
 
 STUDENT = "student"
@@ -97,11 +97,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention,
                                 texts=texts["train"])
         intermediate = config.loss.intermediate
-        student_inputs = teacher_inputs if student.shares_teacher_tokenizer else {
-            name: task.encode(student.tokenizer, batch, max_length) for name, batch in texts.items()}
-        if intermediate and not student.shares_teacher_tokenizer:
-            check_aligned_tokens(student.tokenizer, teacher_tokenizer, student_inputs["train"],
-                                 teacher_inputs["train"], texts["train"])
+        student_inputs = encode_for_student(task, student, teacher_tokenizer, teacher_inputs, texts, max_length,
+                                            intermediate=intermediate)
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])
                   for name in examples}
 
@@ -336,6 +333,20 @@ def timed_stage(name: str, *, timings: dict[str, float], emit: EventSink) -> Ite
 
 LOW_DISK_BYTES = 64 * 1024**2  # below it, a job's failure message says how much disk is left
 TEACHER_OUTPUT_CHUNK = 4096  # examples per saved piece: an interrupted job loses at most this many teacher passes
+
+
+def encode_for_student(task: Task, student: Student, teacher_tokenizer: PreTrainedTokenizerBase,
+                       teacher_inputs: dict[str, list[Encoded]], texts: dict[str, list[str]], max_length: int, *,
+                       intermediate: bool) -> dict[str, list[Encoded]]:
+    """Each split's token ids for the student: the teacher's when they share a vocabulary, else its own, which
+    `intermediate` losses pair with the teacher's position by position (student.check_aligned_tokens)."""
+    if student.shares_teacher_tokenizer:
+        return teacher_inputs
+    inputs = {name: task.encode(student.tokenizer, batch, max_length) for name, batch in texts.items()}
+    if intermediate:
+        check_aligned_tokens(student.tokenizer, teacher_tokenizer, inputs["train"], teacher_inputs["train"],
+                             texts["train"])
+    return inputs
 
 
 def teacher_outputs(task: Task, teacher: Teacher, splits: dict[str, Split], cache_train: bool, path: Path,

@@ -423,7 +423,21 @@ def _load_files(config: DataConfig, labelled: bool) -> TaskData:
                     validation=given.get("validation", validation), test=given.get("test", test), transfer=[])
 
 
+def check_builtin_keys(config: DataConfig) -> None:
+    """DataError for a key a built-in dataset would silently ignore: its columns are its own; data.text_column and
+    data.format are read from a transfer file only."""
+    dataset = _builtin(config.dataset)
+    reads_transfer_file = config.transfer not in (None, "builtin")
+    ignored = {"label_column": "label"} | ({} if reads_transfer_file else {"text_column": "text", "format": "auto"})
+    for key, default in ignored.items():
+        if (value := getattr(config, key)) != default:
+            files = "data.train files" if key == "label_column" else "data.train and data.transfer files"
+            raise DataError(f"data.{key}: {value!r}, but the built-in dataset {dataset.name!r} has its own columns "
+                            f"and {key} applies to {files} only; remove the key (or set it to {default!r})")
+
+
 def _load_builtin(config: DataConfig) -> TaskData:
+    check_builtin_keys(config)
     dataset = _builtin(config.dataset)
     path = dataset.cache_path(distill_home())
     if not path.exists():

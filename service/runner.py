@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, DistributedConfig, FromModel, JobConfig, parse_config
-from distill.data import BUILTIN_DATASETS
+from distill.data import BUILTIN_DATASETS, DataError, check_builtin_keys
 from distill.distributed import torchrun_command, uses_cuda, wanted
 from distill.student import check_student
 from service.schemas import ServiceError
@@ -129,9 +129,14 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
     elif data.dataset not in BUILTIN_DATASETS:
         raise ServiceError(422, f"data.dataset: unknown dataset {data.dataset!r}; allowed: the built-in "
                                 f"{', '.join(map(repr, BUILTIN_DATASETS))} or 'upload:<id>' of an uploaded file")
-    elif not BUILTIN_DATASETS[data.dataset].cache_path(settings.home).exists():
-        raise ServiceError(422, f"data.dataset: the built-in dataset {data.dataset!r} is not downloaded on the "
-                                f"server yet; run `distill datasets pull {data.dataset}` there, or upload a file")
+    else:
+        try:
+            check_builtin_keys(data)
+        except DataError as e:
+            raise ServiceError(422, str(e)) from None
+        if not BUILTIN_DATASETS[data.dataset].cache_path(settings.home).exists():
+            raise ServiceError(422, f"data.dataset: the built-in dataset {data.dataset!r} is not downloaded on the "
+                                    f"server yet; run `distill datasets pull {data.dataset}` there, or upload a file")
     sources = {"teacher.name": config.teacher.name}
     if isinstance(config.student, FromModel):
         sources["student.model"] = config.student.model

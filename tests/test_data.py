@@ -274,6 +274,25 @@ def test_reviews_reads_cache_under_distill_home(tmp_path, monkeypatch):
     assert all(data.labels[e.label] == ["negative", "positive"][int(e.text[1:]) % 2] for e in data.train)
 
 
+def test_keys_a_builtin_dataset_would_ignore_are_refused(tmp_path, monkeypatch):
+    """A built-in dataset's columns are its own: label_column, and text_column/format unless a transfer file is
+    read with them, were silently ignored."""
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path))
+    cache = BUILTIN_DATASETS["reviews"].cache_path(tmp_path)
+    cache.parent.mkdir(parents=True)
+    write_jsonl(cache, [{"id": i, "text": f"r{i}", "label": ["negative", "positive"][i % 2], "score": 1.0}
+                        for i in range(50)])
+    for key, value in (("label_column", "sentiment"), ("text_column", "review"), ("format", "csv")):
+        with pytest.raises(DataError, match=rf"^data.{key}: '{value}', but the built-in dataset 'reviews' has its "
+                                            rf"own columns"):
+            load_task_data(DataConfig(**{key: value}))
+    transfer = write_csv(tmp_path / "more.csv", [["unlabelled one"], ["unlabelled two"]], header=("review",))
+    data = load_task_data(DataConfig(transfer=transfer, text_column="review", format="csv"))
+    assert data.transfer == ["unlabelled one", "unlabelled two"]
+    with pytest.raises(DataError, match="^data.label_column: 'sentiment'"):
+        load_task_data(DataConfig(transfer=transfer, text_column="review", label_column="sentiment"))
+
+
 def test_reviews_missing_cache_says_how_to_pull(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_HOME", str(tmp_path))
     with pytest.raises(DataError, match="run `distill datasets pull reviews`"):

@@ -535,6 +535,8 @@ def client_and_dataset(make_client: Any, synthetic_csv: Path) -> tuple[Any, str]
     ({"data": {"dataset": "upload:0123456789ab"}}, "data.dataset: no uploaded dataset '0123456789ab'"),
     ({"data": {"dataset": "imdb"}}, "data.dataset: unknown dataset 'imdb'; allowed: the built-in 'reviews'"),
     ({"data": {"dataset": "reviews"}}, "built-in dataset 'reviews' is not downloaded on the server yet"),
+    ({"data": {"dataset": "reviews", "label_column": "sentiment"}}, "data.label_column: 'sentiment', but the "
+                                                                   "built-in dataset 'reviews' has its own columns"),
     ({"data": {"dataset": "files", "train": "/etc/hosts"}}, "data.dataset: 'files' reads paths on the server"),
     ({"student": {"init": "teacher", "layers": [0, 2]}}, "student.layers must be distinct increasing indices in 0..1"),
     ({"distributed": {"nproc_per_node": 10_000}}, "distributed.nproc_per_node: 10000 is more than this server starts "

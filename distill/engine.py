@@ -323,11 +323,17 @@ def _attention_loss(output: Any, teacher_output: Any, inputs: dict[str, Tensor],
 VALUE_PROJECTIONS = re.compile(r"\.layer\.(\d+)\.attention\.(?:self\.value|attn\.v)$")  # BERT/RoBERTa, MPNet
 
 
+def value_projections(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, value projection) of each self-attention layer; none for an architecture not in
+    VALUE_PROJECTIONS."""
+    return [(int(m.group(1)), module) for name, module in model.named_modules()
+            if (m := VALUE_PROJECTIONS.search(name))]
+
+
 def _capture_values(model: nn.Module, hooks: list[torch.utils.hooks.RemovableHandle]) -> dict[int, Tensor]:
     """Hooks (appended to `hooks`) that keep each layer's latest value vectors, (B, heads, L, d) by layer index."""
     heads, captured = model.config.num_attention_heads, {}
-    found = [(int(m.group(1)), module) for name, module in model.named_modules()
-             if (m := VALUE_PROJECTIONS.search(name))]
+    found = value_projections(model)
     if not found:
         raise TrainingError(f"loss.value_kl: cannot find the value projections of {type(model).__name__}; supported "
                             f"encoders are BERT-, RoBERTa- and MPNet-style")

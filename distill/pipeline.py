@@ -269,7 +269,8 @@ def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tu
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
     check_student(config.student, resolve_teacher(config.teacher.name), max_length=config.data.max_length,
-                  task=config.task, intermediate_losses=config.loss.intermediate)
+                  task=config.task, intermediate_losses=config.loss.intermediate,
+                  value_relations=config.loss.value_kl > 0)
     if resume:
         engine.check_resumable(Path(config.output_dir) / engine.CHECKPOINT,
                                engine.config_settings(config.train, config.seed, config.loss)

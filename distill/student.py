@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers.models import WordPiece
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
@@ -23,6 +25,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
+from distill.engine import value_projections
 from distill.runtime import model_kind, usable_positions
 from distill.tasks import Encoded
 from teachers.registry import TeacherNotFound, resolve_teacher
@@ -45,13 +48,16 @@ def count_params(model: nn.Module) -> int:
 
 
 def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: int, task: Task,
-                  intermediate_losses: bool = False) -> None:
+                  intermediate_losses: bool = False, value_relations: bool = False) -> None:
     """ConfigError for a student the models cannot give or the job cannot train (a data.max_length past their
     positions, a decoder for an encoder task, a tokenizer other than the teacher's where tokens are compared one by
-    one: `intermediate_losses`, or a causal LM's next tokens): read from their configs and tokenizers, so a job is
-    refused before the teacher's preparation, which may take long."""
+    one: `intermediate_losses`, or a causal LM's next tokens; an architecture whose value vectors loss.value_kl
+    cannot read: `value_relations`): read from their configs and tokenizers, so a job is refused before the
+    teacher's preparation, which may take long."""
     teacher = _read_config(teacher_dir, "teacher.name")
     _check_positions(teacher, max_length, "the teacher")
+    if value_relations:
+        _check_value_projections(teacher, f"teacher.name {str(teacher_dir)!r}")
     if task != "causal-lm" and model_kind(teacher) == "language-model":
         raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is a causal language model "
                           f"({', '.join(teacher.architectures)}); "
@@ -70,6 +76,8 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
             raise ConfigError(f"student.model: {e}") from None
         source = _source_config(spec, source_dir)
         _check_positions(source, max_length, f"student.model {spec.model!r}")
+        if value_relations:
+            _check_value_projections(source, f"student.model {spec.model!r}")
         if task != "causal-lm" and model_kind(source) == "language-model":
             raise ConfigError(f"student.model: {spec.model!r} is a causal language model "
                               f"({', '.join(source.architectures)}); task {task!r} trains encoder students (BERT, "
@@ -158,6 +166,17 @@ def _sees_later_tokens(config: PretrainedConfig) -> bool:
     model_type = config.model_type
     return model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
         model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder)
+
+
+def _check_value_projections(config: PretrainedConfig, which: str) -> None:
+    """loss.value_kl reads each layer's value vectors where engine.VALUE_PROJECTIONS finds them: look for them in
+    the architecture built on the meta device (no weights, no memory)."""
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    if not value_projections(model):
+        raise ConfigError(f"loss.value_kl: {which} is {config.model_type}, whose self-attention value vectors it "
+                          f"cannot read; supported: BERT-, RoBERTa- and MPNet-style encoders. Set loss.value_kl to 0 "
+                          f"(hidden_mse and attention_kl work with it)")
 
 
 def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:

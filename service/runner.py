@@ -153,7 +153,8 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
     if not any(name.startswith(HUB_PREFIX) for name in runs.values()):
         try:
             check_student(config.student, resolved["teacher.name"], max_length=config.data.max_length,
-                          task=config.task, intermediate_losses=config.loss.intermediate)
+                          task=config.task, intermediate_losses=config.loss.intermediate,
+                          value_relations=config.loss.value_kl > 0)
         except ConfigError as e:
             raise ServiceError(422, str(e)) from None
     update: dict[str, Any] = {"data": data, "teacher": config.teacher.model_copy(update={"name": runs["teacher.name"]})}

@@ -6,12 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertModel,
+)
 
 from distill.causal_lm import train_tokenizer
 from distill.config import ConfigError, Fresh, FromModel, FromTeacher
 from distill.student import build_student, check_student, trim_vocabulary
-from tests.conftest import write_tiny_encoder, write_tiny_gpt2, write_tiny_mpnet_encoder
+from tests.conftest import write_tiny_encoder, write_tiny_gpt2, write_tiny_mpnet_encoder, write_tiny_tokenizer
 
 # Whole words, their pieces and the single characters ("##x" continues a word), as a real WordPiece vocabulary has.
 PIECES = ["good", "film", "bad", "plot", "great", "##s", "##ly", "dull", "##er"]
@@ -116,6 +123,27 @@ def test_a_student_with_another_tokenizer_is_refused_where_tokens_are_compared(t
     check_student(FromModel(init="model", model=str(gpt2), num_layers=1), gpt2, max_length=16, task="causal-lm")
     with pytest.raises(ConfigError, match="compares next-token distributions over one vocabulary"):
         check_student(same, gpt2, max_length=16, task="causal-lm")
+
+
+def test_value_kl_on_an_architecture_without_known_value_projections_is_refused_before_the_job(
+        tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """It was a TrainingError in fit, after the teacher's preparation (which may take an hour)."""
+    gpt2 = write_tiny_gpt2(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match=r"^loss.value_kl: teacher.name '.*gpt2' is gpt2, whose self-attention "
+                                          r"value vectors it cannot read"):
+        check_student(FromTeacher(init="teacher", layers=[0]), gpt2, max_length=16, task="causal-lm",
+                      value_relations=True)
+    distilbert = tmp_path / "distilbert"
+    write_tiny_tokenizer(distilbert)
+    DistilBertModel(DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=64)).save_pretrained(distilbert)
+    with pytest.raises(ConfigError, match=r"^loss.value_kl: student.model '.*distilbert' is distilbert"):
+        check_student(FromModel(init="model", model=str(distilbert), num_layers=1), tiny_teacher_dir, max_length=16,
+                      task="sequence-classification", intermediate_losses=True, value_relations=True)
+    mpnet = write_tiny_mpnet_encoder(tmp_path / "mpnet")
+    for teacher in (tiny_teacher_dir, mpnet):  # BERT and MPNet: their value projections are found
+        check_student(FromTeacher(init="teacher", layers=[0]), teacher, max_length=16, task="sentence-embedding",
+                      intermediate_losses=True, value_relations=True)
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding"])

@@ -16,6 +16,7 @@ def building(target: Path) -> Iterator[Path]:
     """Build directory `target` in the yielded empty place beside it (same filesystem, so the swap is a rename):
     swapped in whole when the block ends, removed when the block raises (`target` then stays as it was)."""
     staged = target.with_name(target.name + STAGED)
+    _restore_replaced(target)
     shutil.rmtree(staged, ignore_errors=True)
     try:
         yield staged
@@ -39,13 +40,22 @@ def check_replaceable(target: Path, marker: str, source: Path | None = None) -> 
 
 
 def replace_dir(staged: Path, target: Path) -> None:
-    """Swap a fully built directory in for `target` (whatever was there is removed afterwards)."""
+    """Swap a fully built directory in for `target` (whatever was there is removed afterwards). Two renames: the old
+    one steps aside first, and a crash between them leaves it beside `target`, put back by the next swap."""
     old = target.with_name(target.name + REPLACED)
+    _restore_replaced(target)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
     os.replace(staged, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_replaced(target: Path) -> None:
+    """Put back the directory a crash between replace_dir's renames left aside: the swap never happened."""
+    old = target.with_name(target.name + REPLACED)
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
 
 
 @contextmanager

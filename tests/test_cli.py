@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,33 @@ def test_a_write_that_fails_leaves_neither_a_staged_file_nor_a_changed_one(tmp_p
     with pytest.raises(RuntimeError, match="cannot pickle"):
         atomic.save_torch({"big": bytes(10**6), "bad": Unpicklable()}, checkpoint)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"] and checkpoint.read_bytes() == before
+
+
+def test_a_crash_between_the_renames_of_a_directory_swap_loses_nothing(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """replace_dir moves the old directory aside, then the new one in: a process killed between the two left only
+    `best.old`, which the next swap deleted, so a job lost its best checkpoint to a crash."""
+    target = tmp_path / "best"
+    with atomic.building(target) as staged:
+        staged.mkdir()
+        (staged / "weights").write_text("first")
+    rename, renames = os.replace, []
+
+    def killed_at_the_second_rename(source: Path, destination: Path) -> None:
+        renames.append(source)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        rename(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt), atomic.building(target) as staged:
+        staged.mkdir()
+        (staged / "weights").write_text("second")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.old"]
+    with pytest.raises(RuntimeError, match="a build that fails"), atomic.building(target):
+        raise RuntimeError("a build that fails")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (target / "weights").read_text() == "first"
 
 
 def test_the_progress_bar_of_a_stage_runs_on_across_its_epochs(monkeypatch: pytest.MonkeyPatch,

@@ -46,10 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.database)
         remove_unfinished_uploads(settings, store)
-        runner = Runner(settings, store)
+        catalog = ModelCatalog(settings)
+        runner = Runner(settings, store, catalog)
         await anyio.to_thread.run_sync(runner.start)  # recovery may wait for an orphaned job process to exit
         app.state.settings, app.state.store, app.state.runner = settings, store, runner
-        app.state.models = ModelCatalog(settings)
+        app.state.models = catalog
         log.info("ready", extra={"home": str(settings.home), "max_concurrent_jobs": settings.max_concurrent_jobs})
         try:
             yield

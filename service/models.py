@@ -12,6 +12,10 @@ Classifier jobs' models answer /predict; sentence-embedding jobs' models answer 
 /score (perplexity of each text) and /generate (their teacher is the one the job was given, and a causal-LM job's
 `student` is INT8 unless its gate kept fp32); /v1/compare takes models of one task.
 
+A job may name a model by its id as teacher.name or student.model (ModelCatalog.trainable_dir): a student distilled
+further, a prepared teacher reused, or an embedding job's student as the start of a task job (two-stage
+distillation); PyTorch variants only. A job whose models a queued or running job names is not deleted until it ends.
+
 Listing reads only report.json files, cached by modification time; a lookup by id reads one job's report.
 
 Cache. Models load on first use, in a worker thread, and stay in an LRU cache capped at settings.model_cache_bytes.
@@ -288,6 +292,18 @@ class ModelCatalog:
         if info is None:
             raise UnknownModelError(model_id)
         return info
+
+    def trainable_dir(self, name: str) -> Path | None:
+        """The PyTorch directory of model `name` for a new job to train from (its teacher.name or student.model);
+        None for a name not shaped as an id. UnknownModelError for an id of no model, ValueError for an ONNX one."""
+        job_id, _, variant = name.rpartition(".")
+        if variant not in VARIANTS or "/" in job_id:
+            return None
+        info = self.get(name)
+        if info.format != "torch":
+            raise ValueError(f"{name!r} is an {info.format} graph, which a job cannot train from; use "
+                             f"'{job_id}.student-torch'")
+        return info.path
 
     def forget_job(self, job_id: str) -> None:
         """A deleted job's models: out of the listing, and unloaded unless a comparison holds them (it unloads

@@ -26,8 +26,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distill.config import ConfigError, DistributedConfig, FromModel, JobConfig, parse_config
 from distill.data import BUILTIN_DATASETS, DataError, check_builtin_keys
@@ -35,8 +36,11 @@ from distill.distributed import torchrun_command, uses_cuda, wanted
 from distill.student import check_student
 from service.schemas import ServiceError
 from service.settings import Settings
-from service.store import TERMINAL, DatasetGone, Job, Store
+from service.store import TERMINAL, DatasetGone, Job, SourceJobGone, Store
 from teachers.registry import HUB_PREFIX, TeacherNotFound, name_kind, registered_names, resolve_teacher
+
+if TYPE_CHECKING:  # service.models imports this module
+    from service.models import ModelCatalog
 
 CONFIG_FILE = "config.json"
 STDERR_FILE = "stderr.log"
@@ -73,12 +77,18 @@ def upload_path(settings: Settings, dataset_id: str, format: str) -> Path:
     return settings.datasets_dir / dataset_id / f"data.{format}"
 
 
-def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[JobConfig, JobConfig, str | None]:
-    """(the config as submitted, the config the job runs, the uploaded dataset it reads) or a 422.
+@dataclass(frozen=True)
+class CheckedJob:
+    submitted: JobConfig  # as the client sent it, defaults filled in
+    runnable: JobConfig  # what the job runs: an upload's file, models' server paths
+    dataset_id: str | None  # the uploaded dataset it reads
+    source_jobs: list[str]  # the jobs whose models it names
 
-    Everything a job can be refused for is checked here, before it is queued: the schema, the dataset (an
-    uploaded one is `upload:<id>`; the server rewrites it to its file) and the teacher and student sources.
-    """
+
+def check_job(body: dict[str, Any], settings: Settings, store: Store, catalog: ModelCatalog) -> CheckedJob:
+    """The job, or a 422. Everything a job can be refused for is checked here, before it is queued: the schema, the
+    dataset (an uploaded one is `upload:<id>`; the server rewrites it to its file) and the teacher and student
+    sources (a model of a succeeded job by its id, `<job_id>.<variant>`: rewritten to its directory)."""
     if "output_dir" in body:
         raise ServiceError(422, "output_dir: chosen by the server (each job writes to its own directory, whose "
                                 "files GET /v1/jobs/{id}/artifacts lists); remove the key")
@@ -141,26 +151,37 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store) -> tuple[J
     if isinstance(config.student, FromModel):
         sources["student.model"] = config.student.model
     runs, resolved = {}, {}  # the name each source has in the job that runs, and what it resolves to
+    by_id = {}  # the directory of each model named by id → its id, which messages show instead
     for key, name in sources.items():
-        runs[key] = _server_model_name(key, name, settings)
+        try:
+            job_model = catalog.trainable_dir(name)
+        except (LookupError, ValueError) as e:
+            raise ServiceError(422, f"{key}: {e.args[0]}") from None
+        runs[key] = str(job_model) if job_model is not None else _server_model_name(key, name, settings)
+        if job_model is not None:
+            by_id[runs[key]] = name
         try:
             resolved[key] = resolve_teacher(runs[key])
         except TeacherNotFound as e:
             raise ServiceError(422, f"{key}: {e}") from None
+    update: dict[str, Any] = {"data": data, "teacher": config.teacher.model_copy(update={"name": runs["teacher.name"]})}
+    if "student.model" in runs:
+        update["student"] = config.student.model_copy(update={"model": runs["student.model"]})
+    runnable = config.model_copy(update=update)
     # A student the models cannot give: refused now, not once the job has prepared its teacher. Not for hub ids:
     # from_pretrained here would read a relative directory of that name in the server's working directory; the
     # job checks them first thing, in its own directory.
     if not any(name.startswith(HUB_PREFIX) for name in runs.values()):
         try:
-            check_student(config.student, resolved["teacher.name"], max_length=config.data.max_length,
+            check_student(runnable.student, resolved["teacher.name"], max_length=config.data.max_length,
                           task=config.task, intermediate_losses=config.loss.intermediate,
                           value_relations=config.loss.value_kl > 0)
         except ConfigError as e:
-            raise ServiceError(422, str(e)) from None
-    update: dict[str, Any] = {"data": data, "teacher": config.teacher.model_copy(update={"name": runs["teacher.name"]})}
-    if "student.model" in runs:
-        update["student"] = config.student.model_copy(update={"model": runs["student.model"]})
-    return config, config.model_copy(update=update), dataset_id
+            message = str(e)
+            for directory, model_id in by_id.items():
+                message = message.replace(directory, model_id)
+            raise ServiceError(422, message) from None
+    return CheckedJob(config, runnable, dataset_id, sorted({name.rpartition(".")[0] for name in by_id.values()}))
 
 
 def _server_model_name(key: str, name: str, settings: Settings) -> str:
@@ -188,8 +209,8 @@ def _server_model_name(key: str, name: str, settings: Settings) -> str:
 
 
 class Runner:
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.settings, self.store = settings, store
+    def __init__(self, settings: Settings, store: Store, catalog: ModelCatalog) -> None:
+        self.settings, self.store, self.catalog = settings, store, catalog
         self._lock = threading.Lock()  # guards the dicts/sets below and claim + launch as one step
         self._procs: dict[str, subprocess.Popen[str]] = {}
         self._watchers: dict[str, threading.Thread] = {}
@@ -225,24 +246,27 @@ class Runner:
 
     def submit(self, body: dict[str, Any]) -> Job:
         """Validate, write the job's directory and config, and queue it (422 / 429 when it cannot be)."""
-        submitted, runnable, dataset_id = check_job(body, self.settings, self.store)
+        checked = check_job(body, self.settings, self.store, self.catalog)
         job_id = uuid.uuid4().hex[:12]
         directory = job_dir(self.settings, job_id)
         capacity = self.settings.max_concurrent_jobs + self.settings.max_queued_jobs
         try:  # a job not queued leaves no directory (start-up sweeps no unrecorded ones)
             directory.mkdir(parents=True)
-            runnable = runnable.model_copy(update={"output_dir": directory})
+            runnable = checked.runnable.model_copy(update={"output_dir": directory})
             (directory / CONFIG_FILE).write_text(runnable.model_dump_json(indent=2), encoding="utf-8")
-            job = self.store.create_job(job_id, submitted.model_dump(mode="json", exclude={"output_dir"}),
-                                        dataset_id, capacity)
+            job = self.store.create_job(job_id, checked.submitted.model_dump(mode="json", exclude={"output_dir"}),
+                                        checked.dataset_id, capacity, checked.source_jobs)
             if job is None:
                 raise ServiceError(429, f"the job queue is full ({self.settings.max_concurrent_jobs} running and "
                                         f"{self.settings.max_queued_jobs} waiting at most); retry later",
                                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         except DatasetGone:
             shutil.rmtree(directory, ignore_errors=True)
-            raise ServiceError(422, f"data.dataset: the uploaded dataset {dataset_id!r} was deleted just now; "
-                                    f"upload it again with POST /v1/datasets") from None
+            raise ServiceError(422, f"data.dataset: the uploaded dataset {checked.dataset_id!r} was deleted just "
+                                    f"now; upload it again with POST /v1/datasets") from None
+        except SourceJobGone as e:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ServiceError(422, f"job {e.args[0]!r}, whose model this job names, was deleted just now") from None
         except BaseException:  # the 429 above, a full disk, the store refusing the record
             shutil.rmtree(directory, ignore_errors=True)
             raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,10 @@ _IS_ACTIVE = "status IN ('queued', 'running')"
 
 class DatasetGone(LookupError):
     """The uploaded dataset a new job reads no longer exists."""
+
+
+class SourceJobGone(LookupError):
+    """A job whose model a new job names (teacher.name / student.model `<job_id>.<variant>`) is no longer there."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -144,14 +149,20 @@ class Store:
     # ------------------------------------------------------------------------------------------------------
     # Jobs
 
-    def create_job(self, job_id: str, config: dict[str, Any], dataset_id: str | None, capacity: int) -> Job | None:
+    def create_job(self, job_id: str, config: dict[str, Any], dataset_id: str | None, capacity: int,
+                   source_jobs: Collection[str] = ()) -> Job | None:
         """Insert a queued job unless `capacity` jobs are already queued or running (then None); DatasetGone when
-        its uploaded dataset was deleted since the caller looked (checked here, where a delete cannot interleave)."""
+        its uploaded dataset was deleted since the caller looked, SourceJobGone when one of the `source_jobs` whose
+        models it names was (checked here, where a delete cannot interleave)."""
         stamp = now()
         with self._lock, self._db:
             if dataset_id is not None and self._db.execute("SELECT 1 FROM datasets WHERE id = ?",
                                                            (dataset_id,)).fetchone() is None:
                 raise DatasetGone(dataset_id)
+            for source in source_jobs:
+                if self._db.execute("SELECT 1 FROM jobs WHERE id = ? AND status = 'succeeded'",
+                                    (source,)).fetchone() is None:
+                    raise SourceJobGone(source)
             active = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {_IS_ACTIVE}").fetchone()[0]
             if active >= capacity:
                 return None
@@ -255,6 +266,15 @@ class Store:
                 assert job is not None
                 values = {k: v for k, v in data.items() if k != "stage"}
                 self._update(job_id, stamp, metrics=json.dumps({**job.metrics, stage: values}))
+
+    def jobs_using_models_of(self, job_id: str) -> list[str]:
+        """The queued or running jobs whose teacher.name or student.model is one of `job_id`'s models."""
+        prefix = job_id + "."
+        with self._lock:
+            return [row[0] for row in self._db.execute(
+                f"SELECT id FROM jobs WHERE {_IS_ACTIVE} AND (substr(json_extract(config, '$.teacher.name'), 1, ?) = ? "
+                f"OR substr(json_extract(config, '$.student.model'), 1, ?) = ?) ORDER BY created_at",
+                (len(prefix), prefix, len(prefix), prefix))]
 
     def delete_job(self, job_id: str) -> bool:
         """Delete an ended job's record and events; whether this call deleted it (not a queued or running one)."""

@@ -393,6 +393,64 @@ def test_a_running_job_is_deleted_only_once_it_has_ended(make_client: Any, tiny_
     assert not left.exists()
 
 
+def test_a_job_trains_from_another_jobs_models_named_by_id_which_stay_until_it_ends(
+        client_and_dataset: tuple[Any, str], tiny_teacher_dir: Path) -> None:
+    """Two-stage distillation (or a student distilled further, a prepared teacher reused) over HTTP: teacher.name
+    and student.model take model ids as GET /v1/models lists them; the job runs with their directories."""
+    client, dataset = client_and_dataset
+    first = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset)).json()["id"]
+    assert wait_for(client, first, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
+    job = tiny_job(tiny_teacher_dir, dataset) | {"student": {"init": "model", "model": f"{first}.student-torch",
+                                                             "num_layers": 1}}
+    job["teacher"] |= {"name": f"{first}.teacher"}
+    for key, change, message in (
+            ("student", {"model": f"{first}.student-fp32"}, f"student.model: no model '{first}.student-fp32'"),
+            ("teacher", {"name": "0123456789ab.teacher"}, "teacher.name: no model '0123456789ab.teacher'"),
+            # named by its id, not by the server's directory
+            ("student", {"num_layers": 2}, f"student.num_layers: 2, but '{first}.student-torch' has 1 layers")):
+        refused = client.post("/v1/jobs", json=job | {key: job[key] | change})
+        assert refused.status_code == 422 and refused.json()["detail"].startswith(message), refused.text
+    second = client.post("/v1/jobs", json=job)
+    assert second.status_code == 202, second.text
+    second_id = second.json()["id"]
+    assert second.json()["config"]["student"]["model"] == f"{first}.student-torch"  # as submitted
+    jobs_dir = client.app.state.settings.jobs_dir
+    runs = json.loads((jobs_dir / second_id / "config.json").read_text())
+    first_report = json.loads((jobs_dir / first / "report.json").read_text())
+    assert runs["student"]["model"] == str(jobs_dir / first / "student")
+    assert runs["teacher"]["name"] == first_report["teacher"]["prepared_dir"]
+    refused = client.delete(f"/v1/jobs/{first}")  # the second is queued or running (importing torch takes seconds)
+    assert refused.status_code == 409 and refused.json()["detail"] == (
+        f"job {first}'s models are named by the queued or running jobs {second_id}; delete it once they have ended "
+        f"(or cancel them)")
+    assert wait_for(client, second_id, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
+    report = json.loads((jobs_dir / second_id / "report.json").read_text())
+    assert report["teacher"]["test_accuracy"] == first_report["teacher"]["test_accuracy"]  # the same teacher, as is
+    assert report["student"]["params"] == first_report["student"]["params"]
+    assert client.delete(f"/v1/jobs/{first}").status_code == 204
+
+
+def test_a_job_is_not_queued_on_a_job_deleted_after_its_check(client_and_dataset: tuple[Any, str],
+                                                              tiny_teacher_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    client, dataset = client_and_dataset
+    first = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset)).json()["id"]
+    assert wait_for(client, first, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
+    store = client.app.state.store
+
+    def check_then_delete(*args: Any) -> Any:
+        checked = check_job(*args)
+        assert store.delete_job(first)
+        return checked
+
+    monkeypatch.setattr(runner, "check_job", check_then_delete)
+    response = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset) | {
+        "student": {"init": "model", "model": f"{first}.student-torch", "num_layers": 1}})
+    assert response.status_code == 422 and response.json()["detail"] == (
+        f"job {first!r}, whose model this job names, was deleted just now"), response.text
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
 def test_a_job_process_that_cannot_start_is_tried_again_without_failing_the_queue(
         make_client: Any, tiny_teacher_dir: Path, synthetic_csv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Popen failing once (too many open files, say) puts the job back in its place and tries again later; the

@@ -105,6 +105,20 @@ def test_a_deleted_jobs_teacher_is_unloaded_unless_a_listed_job_serves_it(settin
         shutil.rmtree(settings.jobs_dir / "gone")
 
 
+def test_a_job_trains_only_from_the_pytorch_models_it_names_by_id(settings: Settings, report: dict) -> None:
+    catalog = ModelCatalog(settings)
+    assert catalog.trainable_dir("job1.student-torch") == settings.jobs_dir / "job1" / "student"
+    assert catalog.trainable_dir("job1.teacher") == Path(report["teacher"]["prepared_dir"])
+    for onnx in ("job1.student", "job1.student-fp32"):
+        with pytest.raises(ValueError, match=rf"^'{onnx}' is an onnx-(int8|fp32) graph, which a job cannot train "
+                                             rf"from; use 'job1.student-torch'"):
+            catalog.trainable_dir(onnx)
+    with pytest.raises(UnknownModelError):
+        catalog.trainable_dir("job2.teacher")
+    for other in ("mpnet-base", "org/job1.teacher", "/models/bert", "job1.other"):  # not shaped as an id
+        assert catalog.trainable_dir(other) is None
+
+
 def test_models_lists_the_teacher_and_the_students_of_a_job(client: TestClient, report: dict) -> None:
     listed = {m["id"]: m for m in client.get("/v1/models").json()["items"]}
     assert list(listed) == IDS

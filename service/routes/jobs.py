@@ -54,7 +54,9 @@ class _DocumentedAsJobConfig:
 
 JobBody = Annotated[dict[str, Any], _DocumentedAsJobConfig(), Body(
     description="The job config, the same schema as `distill run` takes, without output_dir. data.dataset is a "
-                "built-in name (`reviews`) or `upload:<id>` of a file uploaded with POST /v1/datasets.",
+                "built-in name (`reviews`) or `upload:<id>` of a file uploaded with POST /v1/datasets; teacher.name and "
+                "student.model may name a succeeded job's PyTorch model by its id (`<job_id>.student-torch`, "
+                "`<job_id>.teacher`), e.g. stage 2 of two-stage distillation.",
     openapi_examples={"reviews": {"summary": "MiniLM → 3-layer student on the built-in reviews",
                                   "value": JOB_CONFIG_EXAMPLE}})]
 
@@ -128,6 +130,9 @@ async def delete_job(job: JobDep, settings: SettingsDep, store: StoreDep, catalo
     if job.status not in TERMINAL:
         raise ServiceError(409, f"job {job.id} is {job.status}; cancel it first (POST /v1/jobs/{job.id}/cancel), "
                                 f"then delete it")
+    if users := store.jobs_using_models_of(job.id):
+        raise ServiceError(409, f"job {job.id}'s models are named by the queued or running jobs "
+                                f"{', '.join(users)}; delete it once they have ended (or cancel them)")
     moved = move_out(settings, job.id)
     catalog.forget_job(job.id)
     deleted = store.delete_job(job.id)

@@ -54,9 +54,9 @@ class _DocumentedAsJobConfig:
 
 JobBody = Annotated[dict[str, Any], _DocumentedAsJobConfig(), Body(
     description="The job config, the same schema as `distill run` takes, without output_dir. data.dataset is a "
-                "built-in name (`reviews`) or `upload:<id>` of a file uploaded with POST /v1/datasets; teacher.name and "
-                "student.model may name a succeeded job's PyTorch model by its id (`<job_id>.student-torch`, "
-                "`<job_id>.teacher`), e.g. stage 2 of two-stage distillation.",
+                "built-in name (`reviews`) or `upload:<id>` of a file uploaded with POST /v1/datasets; "
+                "teacher.name and student.model may name a succeeded job's PyTorch model by its id "
+                "(`<job_id>.student-torch`, `<job_id>.teacher`), e.g. stage 2 of two-stage distillation.",
     openapi_examples={"reviews": {"summary": "MiniLM → 3-layer student on the built-in reviews",
                                   "value": JOB_CONFIG_EXAMPLE}})]
 

@@ -16,7 +16,7 @@ def building(target: Path) -> Iterator[Path]:
     """Build directory `target` in the yielded empty place beside it (same filesystem, so the swap is a rename):
     swapped in whole when the block ends, removed when the block raises (`target` then stays as it was)."""
     staged = target.with_name(target.name + STAGED)
-    _restore_replaced(target)
+    restore_replaced(target)
     shutil.rmtree(staged, ignore_errors=True)
     try:
         yield staged
@@ -43,7 +43,7 @@ def replace_dir(staged: Path, target: Path) -> None:
     """Swap a fully built directory in for `target` (whatever was there is removed afterwards). Two renames: the old
     one steps aside first, and a crash between them leaves it beside `target`, put back by the next swap."""
     old = target.with_name(target.name + REPLACED)
-    _restore_replaced(target)
+    restore_replaced(target)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
@@ -51,8 +51,9 @@ def replace_dir(staged: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore_replaced(target: Path) -> None:
-    """Put back the directory a crash between replace_dir's renames left aside: the swap never happened."""
+def restore_replaced(target: Path) -> None:
+    """Put back the directory a crash between replace_dir's renames left aside: the swap never happened. Done by
+    the next swap, and by whoever reads `target` after a crash without swapping first (a resumed run's best/)."""
     old = target.with_name(target.name + REPLACED)
     if old.is_dir() and not target.exists():
         os.replace(old, target)

@@ -425,7 +425,8 @@ def _load_files(config: DataConfig, labelled: bool) -> TaskData:
 
 def check_builtin_keys(config: DataConfig) -> None:
     """DataError for a key a built-in dataset would silently ignore: its columns are its own; data.text_column and
-    data.format are read from a transfer file only."""
+    data.format are read from a transfer file only. Checked when a job starts afresh (a config saved before the
+    check still loads its data: a resumed job, a comparison on a job's data)."""
     dataset = _builtin(config.dataset)
     reads_transfer_file = config.transfer not in (None, "builtin")
     ignored = {"label_column": "label"} | ({} if reads_transfer_file else {"text_column": "text", "format": "auto"})
@@ -437,7 +438,6 @@ def check_builtin_keys(config: DataConfig) -> None:
 
 
 def _load_builtin(config: DataConfig) -> TaskData:
-    check_builtin_keys(config)
     dataset = _builtin(config.dataset)
     path = dataset.cache_path(distill_home())
     if not path.exists():

@@ -125,6 +125,8 @@ def fit(task: Task, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         state = {**state, **_restore(run_dir / CHECKPOINT, payload, model, projection, averaged, optimizer,
                                      scheduler, run)}
         emit("resumed", {"stage": stage, "step": state["step"], "total_steps": total_steps})
+        if distributed.is_main():  # best/ as the checkpoint knows it, should a crash have come mid-swap
+            atomic.restore_replaced(run_dir / BEST)
     net = _data_parallel(model, projection, device) if distributed.active() else model
 
     if teacher is not None:

@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from distill import atomic, distributed, engine
 from distill.compress import INT8_OVERFLOW_ADVICE, CompressError, accuracy_gate, compress, optimize
 from distill.config import ConfigError, JobConfig
-from distill.data import Example, TaskData, load_task_data
+from distill.data import Example, TaskData, check_builtin_keys, load_task_data
 from distill.engine import EventSink, Split, Teacher
 from distill.evaluate import EvaluateError, accuracy, evaluate_models, footprint, render_markdown, retention_interval
 from distill.export import export_model_dir
@@ -263,14 +263,17 @@ def render_job_markdown(report: dict[str, Any]) -> str:
 
 
 def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tuple[Path, EventSink]:
-    """Every task's first step: the student checked against the models (student.check_student), a --resume of
-    another run's checkpoint refused, where it computes (distributed.place), the output directory (made by rank 0)
-    and the event sink (rank 0 speaks for all), warned when bf16 would run slower than fp32 here."""
+    """Every task's first step: the student checked against the models (student.check_student), a built-in
+    dataset's ignored keys refused (data.check_builtin_keys), a --resume of another run's checkpoint refused, where
+    it computes (distributed.place), the output directory (made by rank 0) and the event sink (rank 0 speaks for
+    all), warned when bf16 would run slower than fp32 here."""
     if config.output_dir is None:
         raise ConfigError("output_dir: not set; give the directory the job writes to")
     check_student(config.student, resolve_teacher(config.teacher.name), max_length=config.data.max_length,
                   task=config.task, intermediate_losses=config.loss.intermediate,
                   value_relations=config.loss.value_kl > 0)
+    if not resume and config.data.dataset != "files":
+        check_builtin_keys(config.data)
     if resume:
         engine.check_resumable(Path(config.output_dir) / engine.CHECKPOINT,
                                engine.config_settings(config.train, config.seed, config.loss)

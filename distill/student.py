@@ -56,8 +56,6 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
     teacher's preparation, which may take long."""
     teacher = _read_config(teacher_dir, "teacher.name")
     _check_positions(teacher, max_length, "the teacher")
-    if value_relations:
-        _check_value_projections(teacher, f"teacher.name {str(teacher_dir)!r}")
     if task != "causal-lm" and model_kind(teacher) == "language-model":
         raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is a causal language model "
                           f"({', '.join(teacher.architectures)}); "
@@ -67,6 +65,8 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
         raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is not a causal language model (an encoder, "
                           f"{teacher.model_type}: its predictions depend on later tokens); task 'causal-lm' needs a "
                           f"decoder such as GPT-2 or Llama")
+    if value_relations:
+        _check_value_projections(teacher, f"teacher.name {str(teacher_dir)!r}")
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher.num_hidden_layers)
     elif isinstance(spec, FromModel):

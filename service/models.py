@@ -14,7 +14,8 @@ Classifier jobs' models answer /predict; sentence-embedding jobs' models answer 
 
 A job may name a model by its id as teacher.name or student.model (ModelCatalog.trainable_dir): a student distilled
 further, a prepared teacher reused, or an embedding job's student as the start of a task job (two-stage
-distillation); PyTorch variants only. A job whose models a queued or running job names is not deleted until it ends.
+distillation); PyTorch variants only. A job whose models a queued or running job trains from is not deleted until
+that one ends.
 
 Listing reads only report.json files, cached by modification time; a lookup by id reads one job's report.
 
@@ -35,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
@@ -75,6 +77,7 @@ from teachers.registry import distill_home
 log = logging.getLogger("distill.service.models")
 
 VARIANTS = ("teacher", "student", "student-fp32", "student-torch")
+JOB_ID = re.compile(r"[0-9A-Za-z_-]+")  # what a job's directory is named (the runner's are 12 hex digits)
 JOB_DATASET_PREFIX = "job:"
 
 Kind = Literal["teacher", "student"]
@@ -297,7 +300,7 @@ class ModelCatalog:
         """The PyTorch directory of model `name` for a new job to train from (its teacher.name or student.model);
         None for a name not shaped as an id. UnknownModelError for an id of no model, ValueError for an ONNX one."""
         job_id, _, variant = name.rpartition(".")
-        if variant not in VARIANTS or "/" in job_id:
+        if variant not in VARIANTS or not JOB_ID.fullmatch(job_id):
             return None
         info = self.get(name)
         if info.format != "torch":

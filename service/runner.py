@@ -82,7 +82,7 @@ class CheckedJob:
     submitted: JobConfig  # as the client sent it, defaults filled in
     runnable: JobConfig  # what the job runs: an upload's file, models' server paths
     dataset_id: str | None  # the uploaded dataset it reads
-    source_jobs: list[str]  # the jobs whose models it names
+    source_jobs: list[str]  # the jobs whose models it trains from
 
 
 def check_job(body: dict[str, Any], settings: Settings, store: Store, catalog: ModelCatalog) -> CheckedJob:
@@ -151,19 +151,19 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store, catalog: M
     if isinstance(config.student, FromModel):
         sources["student.model"] = config.student.model
     runs, resolved = {}, {}  # the name each source has in the job that runs, and what it resolves to
-    by_id = {}  # the directory of each model named by id → its id, which messages show instead
+    by_id = {}  # a model named by id: its directory (as given and resolved) → the id, which messages show instead
     for key, name in sources.items():
         try:
             job_model = catalog.trainable_dir(name)
         except (LookupError, ValueError) as e:
             raise ServiceError(422, f"{key}: {e.args[0]}") from None
         runs[key] = str(job_model) if job_model is not None else _server_model_name(key, name, settings)
-        if job_model is not None:
-            by_id[runs[key]] = name
         try:
             resolved[key] = resolve_teacher(runs[key])
         except TeacherNotFound as e:
             raise ServiceError(422, f"{key}: {e}") from None
+        if job_model is not None:
+            by_id |= {runs[key]: name, resolved[key]: name}
     update: dict[str, Any] = {"data": data, "teacher": config.teacher.model_copy(update={"name": runs["teacher.name"]})}
     if "student.model" in runs:
         update["student"] = config.student.model_copy(update={"model": runs["student.model"]})
@@ -172,16 +172,20 @@ def check_job(body: dict[str, Any], settings: Settings, store: Store, catalog: M
     # from_pretrained here would read a relative directory of that name in the server's working directory; the
     # job checks them first thing, in its own directory.
     if not any(name.startswith(HUB_PREFIX) for name in runs.values()):
+        student = runnable.student if runs.get("student.model") in by_id else config.student  # a path as given
         try:
-            check_student(runnable.student, resolved["teacher.name"], max_length=config.data.max_length,
-                          task=config.task, intermediate_losses=config.loss.intermediate,
-                          value_relations=config.loss.value_kl > 0)
+            check_student(student, resolved["teacher.name"], max_length=config.data.max_length, task=config.task,
+                          intermediate_losses=config.loss.intermediate, value_relations=config.loss.value_kl > 0)
         except ConfigError as e:
             message = str(e)
             for directory, model_id in by_id.items():
                 message = message.replace(directory, model_id)
             raise ServiceError(422, message) from None
-    return CheckedJob(config, runnable, dataset_id, sorted({name.rpartition(".")[0] for name in by_id.values()}))
+    # The jobs whose directories it reads: those it names, and one whose student the named teacher is.
+    jobs_dir = settings.jobs_dir.resolve()
+    source_jobs = sorted({Path(d).relative_to(jobs_dir).parts[0] for d in resolved.values()
+                          if Path(d).is_absolute() and Path(d).is_relative_to(jobs_dir)})
+    return CheckedJob(config, runnable, dataset_id, source_jobs)
 
 
 def _server_model_name(key: str, name: str, settings: Settings) -> str:
@@ -266,7 +270,9 @@ class Runner:
                                     f"now; upload it again with POST /v1/datasets") from None
         except SourceJobGone as e:
             shutil.rmtree(directory, ignore_errors=True)
-            raise ServiceError(422, f"job {e.args[0]!r}, whose model this job names, was deleted just now") from None
+            raise ServiceError(422, f"job {e.args[0]!r}, whose model this job trains from, is not a succeeded job "
+                                    f"(deleted just now, or its end not recorded yet: GET /v1/jobs/{e.args[0]})"
+                                    ) from None
         except BaseException:  # the 429 above, a full disk, the store refusing the record
             shutil.rmtree(directory, ignore_errors=True)
             raise

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL,
     time TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
+);
+CREATE TABLE IF NOT EXISTS job_sources (  -- jobs whose models a job trains from, so DELETE can refuse while it runs
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    source_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, source_id)
 );
 CREATE TABLE IF NOT EXISTS datasets (
     id TEXT PRIMARY KEY,
@@ -153,7 +158,7 @@ class Store:
                    source_jobs: Collection[str] = ()) -> Job | None:
         """Insert a queued job unless `capacity` jobs are already queued or running (then None); DatasetGone when
         its uploaded dataset was deleted since the caller looked, SourceJobGone when one of the `source_jobs` whose
-        models it names was (checked here, where a delete cannot interleave)."""
+        models it trains from is no longer a succeeded job (checked here, where a delete cannot interleave)."""
         stamp = now()
         with self._lock, self._db:
             if dataset_id is not None and self._db.execute("SELECT 1 FROM datasets WHERE id = ?",
@@ -169,6 +174,8 @@ class Store:
             self._db.execute("INSERT INTO jobs (id, status, config, dataset_id, created_at, updated_at) "
                              "VALUES (?, 'queued', ?, ?, ?, ?)", (job_id, json.dumps(config), dataset_id, stamp,
                                                                   stamp))
+            self._db.executemany("INSERT INTO job_sources (job_id, source_id) VALUES (?, ?)",
+                                 [(job_id, source) for source in source_jobs])
             self._append(job_id, "status", {"status": "queued"}, stamp)
             return self._job(job_id)
 
@@ -267,22 +274,23 @@ class Store:
                 values = {k: v for k, v in data.items() if k != "stage"}
                 self._update(job_id, stamp, metrics=json.dumps({**job.metrics, stage: values}))
 
-    def jobs_using_models_of(self, job_id: str) -> list[str]:
-        """The queued or running jobs whose teacher.name or student.model is one of `job_id`'s models."""
-        prefix = job_id + "."
-        with self._lock:
-            return [row[0] for row in self._db.execute(
-                f"SELECT id FROM jobs WHERE {_IS_ACTIVE} AND (substr(json_extract(config, '$.teacher.name'), 1, ?) = ? "
-                f"OR substr(json_extract(config, '$.student.model'), 1, ?) = ?) ORDER BY created_at",
-                (len(prefix), prefix, len(prefix), prefix))]
-
-    def delete_job(self, job_id: str) -> bool:
-        """Delete an ended job's record and events; whether this call deleted it (not a queued or running one)."""
+    def delete_job(self, job_id: str, take_files: Callable[[], Path | None]) -> tuple[bool, list[str], Path | None]:
+        """Delete an ended job's record and events unless queued or running jobs train from its models: (whether
+        this call deleted it, those jobs, what `take_files` returned). `take_files` (its directory out of jobs/) runs
+        inside the transaction, so no job that trains from its models is queued between the check and the files
+        going."""
         with self._lock, self._db:
             if self._db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND NOT {_IS_ACTIVE}", (job_id,)).fetchone() is None:
-                return False
-            self._db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
-            return self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
+                return False, [], None
+            users = [row[0] for row in self._db.execute(
+                f"SELECT id FROM jobs JOIN job_sources ON job_sources.job_id = jobs.id "
+                f"WHERE job_sources.source_id = ? AND {_IS_ACTIVE} ORDER BY created_at", (job_id,))]
+            if users:
+                return False, users, None
+            moved = take_files()
+            for table, column in (("events", "job_id"), ("job_sources", "job_id"), ("jobs", "id")):
+                self._db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+            return True, [], moved
 
     def events(self, job_id: str, after: int, limit: int) -> list[Event]:
         with self._lock:

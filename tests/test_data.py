@@ -8,19 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import DataConfig
+from distill.config import DataConfig, FromTeacher, JobConfig, TeacherConfig
 from distill.data import (
     BUILTIN_DATASETS,
     NO_LABEL,
     DataError,
     Example,
     augment,
+    check_builtin_keys,
     load_task_data,
     pull_dataset,
     pull_reviews,
     read_labeled_file,
     read_texts,
 )
+from distill.pipeline import start_job
 
 
 def write_csv(path: Path, rows: list[list[str]], header: tuple[str, ...] = ("text", "label")) -> Path:
@@ -274,9 +276,9 @@ def test_reviews_reads_cache_under_distill_home(tmp_path, monkeypatch):
     assert all(data.labels[e.label] == ["negative", "positive"][int(e.text[1:]) % 2] for e in data.train)
 
 
-def test_keys_a_builtin_dataset_would_ignore_are_refused(tmp_path, monkeypatch):
+def test_keys_a_builtin_dataset_would_ignore_are_refused_when_a_job_starts(tmp_path, monkeypatch, tiny_teacher_dir):
     """A built-in dataset's columns are its own: label_column, and text_column/format unless a transfer file is
-    read with them, were silently ignored."""
+    read with them, were silently ignored. A config saved before the check still loads its data."""
     monkeypatch.setenv("DISTILL_HOME", str(tmp_path))
     cache = BUILTIN_DATASETS["reviews"].cache_path(tmp_path)
     cache.parent.mkdir(parents=True)
@@ -285,12 +287,19 @@ def test_keys_a_builtin_dataset_would_ignore_are_refused(tmp_path, monkeypatch):
     for key, value in (("label_column", "sentiment"), ("text_column", "review"), ("format", "csv")):
         with pytest.raises(DataError, match=rf"^data.{key}: '{value}', but the built-in dataset 'reviews' has its "
                                             rf"own columns"):
-            load_task_data(DataConfig(**{key: value}))
+            check_builtin_keys(DataConfig(**{key: value}))
+        assert len(load_task_data(DataConfig(**{key: value})).train) == 40
     transfer = write_csv(tmp_path / "more.csv", [["unlabelled one"], ["unlabelled two"]], header=("review",))
-    data = load_task_data(DataConfig(transfer=transfer, text_column="review", format="csv"))
-    assert data.transfer == ["unlabelled one", "unlabelled two"]
+    read_with_them = DataConfig(transfer=transfer, text_column="review", format="csv")
+    check_builtin_keys(read_with_them)
+    assert load_task_data(read_with_them).transfer == ["unlabelled one", "unlabelled two"]
     with pytest.raises(DataError, match="^data.label_column: 'sentiment'"):
-        load_task_data(DataConfig(transfer=transfer, text_column="review", label_column="sentiment"))
+        check_builtin_keys(DataConfig(transfer=transfer, text_column="review", label_column="sentiment"))
+    job = JobConfig(teacher=TeacherConfig(name=str(tiny_teacher_dir)),
+                    data=DataConfig(label_column="sentiment", max_length=16),
+                    student=FromTeacher(init="teacher", layers=[0]), output_dir=tmp_path / "job")
+    with pytest.raises(DataError, match="^data.label_column: 'sentiment'"):
+        start_job(job, None, resume=False)
 
 
 def test_reviews_missing_cache_says_how_to_pull(tmp_path, monkeypatch):

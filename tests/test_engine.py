@@ -16,6 +16,7 @@ from transformers import (
 
 from distill.config import LossConfig, TrainConfig
 from distill.engine import (
+    BEST,
     CHECKPOINT,
     VALUE_PROJECTIONS,
     Split,
@@ -179,6 +180,19 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup
     assert any(k == "log" and "cannot be read" in d["message"] and "starts afresh" in d["message"] for k, d in events)
     assert not any(k == "resumed" for k, _ in events)
     assert (again.steps, again.history) == (first.steps, first.history)
+
+
+def test_a_resumed_run_puts_back_the_best_checkpoint_a_crash_mid_swap_left_aside(setup, tmp_path: Path) -> None:
+    """best/ is swapped in by two renames, the old one aside first; a resume that trains no better epoch (here: a
+    finished run) never swaps again, and the job then read a best/ that was not there."""
+    tokenizer, teacher, train, validation = setup
+    fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
+        teacher=teacher)
+    best = (tmp_path / BEST / "model.safetensors").read_bytes()
+    (tmp_path / BEST).rename(tmp_path / (BEST + ".old"))  # the crash came between the renames
+    fit(TASK, _classifier(len(tokenizer), 1), tokenizer, train, validation, CFG, run_dir=tmp_path, seed=5,
+        teacher=teacher, resume=True)
+    assert (tmp_path / BEST / "model.safetensors").read_bytes() == best and not (tmp_path / (BEST + ".old")).exists()
 
 
 def test_logit_cache_trains_like_running_the_teacher_every_step(setup, tmp_path: Path) -> None:

@@ -394,12 +394,14 @@ def test_a_running_job_is_deleted_only_once_it_has_ended(make_client: Any, tiny_
 
 
 def test_a_job_trains_from_another_jobs_models_named_by_id_which_stay_until_it_ends(
-        client_and_dataset: tuple[Any, str], tiny_teacher_dir: Path) -> None:
+        client_and_dataset: tuple[Any, str], tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two-stage distillation (or a student distilled further, a prepared teacher reused) over HTTP: teacher.name
     and student.model take model ids as GET /v1/models lists them; the job runs with their directories."""
     client, dataset = client_and_dataset
     first = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset)).json()["id"]
     assert wait_for(client, first, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
+    popen, started = subprocess.Popen, threading.Event()  # the next job's process starts once the test says so
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda *args, **kwargs: started.wait(30) and popen(*args, **kwargs))
     job = tiny_job(tiny_teacher_dir, dataset) | {"student": {"init": "model", "model": f"{first}.student-torch",
                                                              "num_layers": 1}}
     job["teacher"] |= {"name": f"{first}.teacher"}
@@ -419,10 +421,12 @@ def test_a_job_trains_from_another_jobs_models_named_by_id_which_stay_until_it_e
     first_report = json.loads((jobs_dir / first / "report.json").read_text())
     assert runs["student"]["model"] == str(jobs_dir / first / "student")
     assert runs["teacher"]["name"] == first_report["teacher"]["prepared_dir"]
-    refused = client.delete(f"/v1/jobs/{first}")  # the second is queued or running (importing torch takes seconds)
+    refused = client.delete(f"/v1/jobs/{first}")
     assert refused.status_code == 409 and refused.json()["detail"] == (
-        f"job {first}'s models are named by the queued or running jobs {second_id}; delete it once they have ended "
-        f"(or cancel them)")
+        f"job {first}'s models are what the queued or running jobs {second_id} train from; delete it once they have "
+        f"ended (or cancel them)")
+    assert (jobs_dir / first).is_dir() and client.get(f"/v1/models/{first}.student-torch").status_code == 200
+    started.set()
     assert wait_for(client, second_id, lambda j: j["status"] in TERMINAL)["status"] == "succeeded"
     report = json.loads((jobs_dir / second_id / "report.json").read_text())
     assert report["teacher"]["test_accuracy"] == first_report["teacher"]["test_accuracy"]  # the same teacher, as is
@@ -440,14 +444,15 @@ def test_a_job_is_not_queued_on_a_job_deleted_after_its_check(client_and_dataset
 
     def check_then_delete(*args: Any) -> Any:
         checked = check_job(*args)
-        assert store.delete_job(first)
+        assert store.delete_job(first, lambda: None)[0]
         return checked
 
     monkeypatch.setattr(runner, "check_job", check_then_delete)
     response = client.post("/v1/jobs", json=tiny_job(tiny_teacher_dir, dataset) | {
         "student": {"init": "model", "model": f"{first}.student-torch", "num_layers": 1}})
     assert response.status_code == 422 and response.json()["detail"] == (
-        f"job {first!r}, whose model this job names, was deleted just now"), response.text
+        f"job {first!r}, whose model this job trains from, is not a succeeded job (deleted just now, or its end not "
+        f"recorded yet: GET /v1/jobs/{first})"), response.text
     assert client.get("/v1/jobs").json()["total"] == 0
 
 

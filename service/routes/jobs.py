@@ -130,12 +130,11 @@ async def delete_job(job: JobDep, settings: SettingsDep, store: StoreDep, catalo
     if job.status not in TERMINAL:
         raise ServiceError(409, f"job {job.id} is {job.status}; cancel it first (POST /v1/jobs/{job.id}/cancel), "
                                 f"then delete it")
-    if users := store.jobs_using_models_of(job.id):
-        raise ServiceError(409, f"job {job.id}'s models are named by the queued or running jobs "
-                                f"{', '.join(users)}; delete it once they have ended (or cancel them)")
-    moved = move_out(settings, job.id)
+    deleted, users, moved = store.delete_job(job.id, lambda: move_out(settings, job.id))
+    if users:
+        raise ServiceError(409, f"job {job.id}'s models are what the queued or running jobs {', '.join(users)} "
+                                f"train from; delete it once they have ended (or cancel them)")
     catalog.forget_job(job.id)
-    deleted = store.delete_job(job.id)
     if moved is not None:
         await anyio.to_thread.run_sync(shutil.rmtree, moved, True)  # ignore_errors: the record is gone already
     if not deleted:  # a delete at the same time took it

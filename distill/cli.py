@@ -22,7 +22,7 @@ from distill.evaluate import EvaluateError
 from distill.export import DEFAULT_OPSET, ExportError
 from distill.runtime import ONNX_FILE
 from teachers.packaged import PullError
-from teachers.registry import TeacherNotFound, list_teachers, pull_teacher
+from teachers.registry import TeacherNotFound, distill_home, list_teachers, pull_teacher
 
 
 class UsageError(Exception):
@@ -131,8 +131,10 @@ def _datasets(args: argparse.Namespace) -> int:
     if args.action == "pull":
         print(f"{args.name} is ready at {pull_dataset(args.name, progress=print)}")
         return 0
+    print(f"{'name':<10} {'licence':<8} {'present':<8} description")
     for name, dataset in BUILTIN_DATASETS.items():
-        print(f"{name:<10} {dataset.description}")
+        present = "yes" if dataset.cache_path(distill_home()).exists() else "no"
+        print(f"{name:<10} {dataset.license:<8} {present:<8} {dataset.description}")
     return 0
 
 

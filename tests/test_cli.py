@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from distill import atomic
 from distill.cli import main
+from distill.data import BUILTIN_DATASETS
 from tests.conftest import write_tiny_encoder
 
 
@@ -174,6 +175,19 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tiny_teacher_dir: Path, s
     monkeypatch.setattr("distill.distributed.process_group", lambda device: contextlib.nullcontext())
     assert main(["run", str(config)]) == 130
     assert capsys.readouterr().err == ""
+
+
+def test_datasets_list_says_which_are_present(distill_home: Path, capsys: pytest.CaptureFixture) -> None:
+    """Like `teachers list`: whether a built-in dataset is pulled under $DISTILL_HOME (it printed descriptions)."""
+    assert main(["datasets", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["reviews", "MIT", "no"]
+    cache = BUILTIN_DATASETS["reviews"].cache_path(distill_home)
+    cache.parent.mkdir(parents=True)
+    cache.write_text("")
+    assert main(["datasets", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "licence", "present", "description"] and lines[1].split()[:3] == [
+        "reviews", "MIT", "yes"]
 
 
 def test_a_write_that_fails_leaves_neither_a_staged_file_nor_a_changed_one(tmp_path: Path) -> None:

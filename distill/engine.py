@@ -321,14 +321,17 @@ def _attention_loss(output: Any, teacher_output: Any, inputs: dict[str, Tensor],
     return torch.stack([losses.attention_kl(s, t, inputs["attention_mask"]) for s, t in pairs]).mean()
 
 
-# Each architecture's value projection inside self-attention; its output is V for value_relation_kl.
-VALUE_PROJECTIONS = re.compile(r"\.layer\.(\d+)\.attention\.(?:self\.value|attn\.v)$")  # BERT/RoBERTa, MPNet
+# Each architecture's value projection inside self-attention, whose output is V for value_relation_kl: BERT/RoBERTa,
+# MPNet, and GPT-2's c_attn, which computes Q, K and V in one matmul (V is its last third).
+VALUE_PROJECTIONS = re.compile(r"(?:^|\.)(?:layer|h)\.(\d+)\."
+                               r"(?:attention\.self\.value|attention\.attn\.v|attn\.c_attn)$")
+FUSED_QKV = "c_attn"
 
 
-def value_projections(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, value projection) of each self-attention layer; none for an architecture not in
-    VALUE_PROJECTIONS."""
-    return [(int(m.group(1)), module) for name, module in model.named_modules()
+def value_projections(model: nn.Module) -> list[tuple[int, nn.Module, bool]]:
+    """(layer index, value projection, whether its output is Q, K and V together) of each self-attention layer; none
+    for an architecture not in VALUE_PROJECTIONS."""
+    return [(int(m.group(1)), module, name.endswith(FUSED_QKV)) for name, module in model.named_modules()
             if (m := VALUE_PROJECTIONS.search(name))]
 
 
@@ -338,15 +341,17 @@ def _capture_values(model: nn.Module, hooks: list[torch.utils.hooks.RemovableHan
     found = value_projections(model)
     if not found:
         raise TrainingError(f"loss.value_kl: cannot find the value projections of {type(model).__name__}; supported "
-                            f"encoders are BERT-, RoBERTa- and MPNet-style")
+                            f"are BERT-, RoBERTa-, MPNet- and GPT-2-style models")
 
-    def keep(layer: int) -> Callable[..., None]:
+    def keep(layer: int, fused: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Tensor) -> None:
+            if fused:
+                out = out.chunk(3, dim=-1)[2]  # (B, L, 3E) → V (B, L, E)
             b, length, width = out.shape
             captured[layer] = out.view(b, length, heads, width // heads).transpose(1, 2)  # (B, heads, L, d)
         return hook
 
-    hooks += [module.register_forward_hook(keep(layer)) for layer, module in found]
+    hooks += [module.register_forward_hook(keep(layer, fused)) for layer, module, fused in found]
     return captured
 
 

@@ -175,8 +175,8 @@ def _check_value_projections(config: PretrainedConfig, which: str) -> None:
         model = AutoModel.from_config(config)
     if not value_projections(model):
         raise ConfigError(f"loss.value_kl: {which} is {config.model_type}, whose self-attention value vectors it "
-                          f"cannot read; supported: BERT-, RoBERTa- and MPNet-style encoders. Set loss.value_kl to 0 "
-                          f"(hidden_mse and attention_kl work with it)")
+                          f"cannot read; supported: BERT-, RoBERTa-, MPNet- and GPT-2-style models. Set loss.value_kl "
+                          f"to 0 (hidden_mse and attention_kl work with it)")
 
 
 def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:

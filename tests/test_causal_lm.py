@@ -23,7 +23,7 @@ from distill.config import (
     TeacherConfig,
     TrainConfig,
 )
-from distill.engine import _final_norm, _hidden_loss
+from distill.engine import _capture_values, _final_norm, _hidden_loss, _value_loss
 from distill.pipeline import run
 from distill.runtime import next_tokens
 from distill.student import build_student
@@ -105,6 +105,26 @@ def test_hidden_mse_of_a_student_that_copies_the_teachers_first_blocks_is_zero(t
         outputs = [TASK.forward(m.eval(), inputs, internals=True) for m in (student.model, teacher)]
         hidden = _hidden_loss(*outputs, inputs, student.layer_map, None, _final_norm(teacher))
     assert hidden.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_gpt2_values_are_read_from_its_fused_qkv_and_a_copying_student_has_no_value_loss(tmp_path: Path) -> None:
+    """value_kl on GPT-2: c_attn computes Q, K and V in one matmul; the captured V is the one its KV cache keeps."""
+    teacher_dir = write_tiny_gpt2(tmp_path / "t", layers=4)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = build_student(FromTeacher(init="teacher", layers=[0, 1]), teacher, str(teacher_dir),
+                            auto_class=AutoModelForCausalLM)
+    inputs = TASK.collate(student.tokenizer, [TASK.encode(student.tokenizer, ["a fine film", "dull"], 16)[i]
+                                              for i in range(2)])
+    hooks: list = []
+    values = _capture_values(student.model.eval(), hooks), _capture_values(teacher, hooks)
+    with torch.no_grad():
+        student.model(**inputs)
+        cache = teacher(**inputs, use_cache=True).past_key_values
+        gap = _value_loss(*values, inputs, student.layer_map)
+    assert sorted(values[1]) == [0, 1, 2, 3]
+    for layer in range(4):
+        torch.testing.assert_close(values[1][layer], cache.layers[layer].values)  # (B, heads, L, d)
+    assert gap.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_fresh_gpt2_student_has_the_asked_sizes(tmp_path: Path) -> None:

@@ -322,9 +322,10 @@ def _attention_loss(output: Any, teacher_output: Any, inputs: dict[str, Tensor],
 
 
 # Each architecture's value projection inside self-attention, whose output is V for value_relation_kl: BERT/RoBERTa,
-# MPNet, and GPT-2's c_attn, which computes Q, K and V in one matmul (V is its last third).
-VALUE_PROJECTIONS = re.compile(r"(?:^|\.)(?:layer|h)\.(\d+)\."
-                               r"(?:attention\.self\.value|attention\.attn\.v|attn\.c_attn)$")
+# MPNet, Llama-style decoders (Mistral, Qwen2; V has their key-value heads), and GPT-2's c_attn, which computes Q, K
+# and V in one matmul (V is its last third).
+VALUE_PROJECTIONS = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\."
+                               r"(?:attention\.self\.value|attention\.attn\.v|self_attn\.v_proj|attn\.c_attn)$")
 FUSED_QKV = "c_attn"
 
 
@@ -337,11 +338,12 @@ def value_projections(model: nn.Module) -> list[tuple[int, nn.Module, bool]]:
 
 def _capture_values(model: nn.Module, hooks: list[torch.utils.hooks.RemovableHandle]) -> dict[int, Tensor]:
     """Hooks (appended to `hooks`) that keep each layer's latest value vectors, (B, heads, L, d) by layer index."""
-    heads, captured = model.config.num_attention_heads, {}
+    config, captured = model.config, {}
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # grouped-query: V's own
     found = value_projections(model)
     if not found:
         raise TrainingError(f"loss.value_kl: cannot find the value projections of {type(model).__name__}; supported "
-                            f"are BERT-, RoBERTa-, MPNet- and GPT-2-style models")
+                            f"are BERT-, RoBERTa-, MPNet-, GPT-2- and Llama-style models")
 
     def keep(layer: int, fused: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Tensor) -> None:

@@ -175,8 +175,8 @@ def _check_value_projections(config: PretrainedConfig, which: str) -> None:
         model = AutoModel.from_config(config)
     if not value_projections(model):
         raise ConfigError(f"loss.value_kl: {which} is {config.model_type}, whose self-attention value vectors it "
-                          f"cannot read; supported: BERT-, RoBERTa-, MPNet- and GPT-2-style models. Set loss.value_kl "
-                          f"to 0 (hidden_mse and attention_kl work with it)")
+                          f"cannot read; supported: BERT-, RoBERTa-, MPNet-, GPT-2- and Llama-style models. Set "
+                          f"loss.value_kl to 0 (hidden_mse and attention_kl work with it)")
 
 
 def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:
@@ -287,8 +287,9 @@ def trim_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return trimmed
 
 
-# A weight of transformer block N: `encoder.layer.N.` (BERT, RoBERTa, MPNet) or `transformer.h.N.` (GPT-2).
-LAYER_KEY = re.compile(r"\.(layer|h)\.(\d+)\.")
+# A weight of transformer block N: `encoder.layer.N.` (BERT, RoBERTa, MPNet), `transformer.h.N.` (GPT-2) or
+# `model.layers.N.` (Llama, Mistral, Qwen2).
+LAYER_KEY = re.compile(r"\.(layer|layers|h)\.(\d+)\.")
 
 
 def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_implementation: str | None,

@@ -20,6 +20,8 @@ from transformers import (
     BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     MPNetConfig,
     MPNetModel,
     MPNetTokenizer,
@@ -76,6 +78,19 @@ def write_tiny_gpt2(directory: Path, layers: int = 2, seed: int = 0) -> Path:
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_tiny_llama(directory: Path, layers: int = 2, seed: int = 0) -> Path:
+    """The same as a Llama (the shape of Mistral and Qwen2 too): blocks under `model.layers`, RMSNorm, rotary
+    positions, and grouped-query attention (4 query heads share 2 key-value heads)."""
+    tokenizer = train_tokenizer([text for text, _ in synthetic_rows(240, seed=5)], vocab_size=300)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

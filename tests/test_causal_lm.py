@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from distill.engine import _capture_values, _final_norm, _hidden_loss, _value_lo
 from distill.pipeline import run
 from distill.runtime import next_tokens
 from distill.student import build_student
-from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_gpt2
+from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_gpt2, write_tiny_llama
 
 TEXTS = [text for text, _ in synthetic_rows(240, seed=5)]
 # One batch: a 3-token text and a 2-token one padded to 3.
@@ -92,6 +93,18 @@ def test_student_from_teacher_blocks_copies_gpt2_blocks(tmp_path: Path) -> None:
     assert torch.equal(student.model.lm_head.weight, teacher.lm_head.weight)
 
 
+def test_student_from_teacher_blocks_copies_llama_blocks(tmp_path: Path) -> None:
+    """`model.layers.N.` was not taken for a block: every block was copied and loading the student failed."""
+    teacher_dir = write_tiny_llama(tmp_path / "t", layers=4)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = build_student(FromTeacher(init="teacher", layers=[0, 2]), teacher, str(teacher_dir),
+                            auto_class=AutoModelForCausalLM)
+    assert student.model.config.num_hidden_layers == 2
+    assert torch.equal(student.model.model.layers[1].self_attn.v_proj.weight,
+                       teacher.model.layers[2].self_attn.v_proj.weight)
+    assert torch.equal(student.model.model.norm.weight, teacher.model.norm.weight)
+
+
 def test_hidden_mse_of_a_student_that_copies_the_teachers_first_blocks_is_zero(tmp_path: Path) -> None:
     """GPT-2's last hidden state has been through its final norm, a mid-stack block's output has not: the student's
     last state was compared with the teacher's un-normed one (0.31 here, for an exact copy)."""
@@ -107,9 +120,11 @@ def test_hidden_mse_of_a_student_that_copies_the_teachers_first_blocks_is_zero(t
     assert hidden.item() == pytest.approx(0.0, abs=1e-10)
 
 
-def test_gpt2_values_are_read_from_its_fused_qkv_and_a_copying_student_has_no_value_loss(tmp_path: Path) -> None:
-    """value_kl on GPT-2: c_attn computes Q, K and V in one matmul; the captured V is the one its KV cache keeps."""
-    teacher_dir = write_tiny_gpt2(tmp_path / "t", layers=4)
+@pytest.mark.parametrize("write", [write_tiny_gpt2, write_tiny_llama])
+def test_decoder_values_are_the_kv_caches_and_a_copying_student_has_no_value_loss(tmp_path: Path, write: Any) -> None:
+    """value_kl on decoders: GPT-2's c_attn computes Q, K and V in one matmul (V its last third), a Llama's v_proj
+    gives V for its key-value heads (2 here, under 4 query heads); either way the captured V is its KV cache's."""
+    teacher_dir = write(tmp_path / "t", layers=4)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = build_student(FromTeacher(init="teacher", layers=[0, 1]), teacher, str(teacher_dir),
                             auto_class=AutoModelForCausalLM)
@@ -178,6 +193,25 @@ def test_tiny_causal_lm_job_writes_a_report_and_a_checked_onnx_student(tmp_path:
     assert report["evaluation"]["latency_ratio"] > 0
     assert "| student-onnx-int8 |" in (tmp_path / "job" / "report.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(result.student_dir).config.n_layer == 1
+
+
+def test_a_llama_distills_into_its_own_blocks_with_every_layer_loss_and_exports_checked(tmp_path: Path) -> None:
+    """A hub Llama (Mistral, Qwen2) takes the GPT-2 path: blocks copied, hidden states, attention maps and value
+    relations matched, the ONNX graph with its KV cache checked against PyTorch."""
+    teacher_dir = write_tiny_llama(tmp_path / "teacher", layers=4)
+    config = JobConfig(task="causal-lm", teacher=TeacherConfig(name=str(teacher_dir)),
+                       data=DataConfig(dataset="files", train=write_csv(tmp_path / "texts.csv",
+                                                                        synthetic_rows(120, seed=9)), max_length=16),
+                       student=FromTeacher(init="teacher", layers=[1, 3]),
+                       loss=LossConfig(hidden_mse=1.0, attention_kl=1.0, value_kl=1.0),
+                       train=TrainConfig(epochs=1, batch_size=16, lr=3e-3), evaluate=EvaluateConfig(latency_calls=10),
+                       output_dir=tmp_path / "job")
+    run(config)
+    report = json.loads((tmp_path / "job" / "report.json").read_text())
+    assert math.isfinite(report["student"]["test_perplexity"]) and report["param_ratio"] < 1
+    assert report["export"]["student"]["max_abs_diff"] <= 1e-4
+    assert report["evaluation"]["models"]["student-onnx-fp32"]["test_perplexity"] == pytest.approx(
+        report["student"]["test_perplexity"], rel=1e-4)
 
 
 def test_an_encoder_teacher_is_refused_before_training(tmp_path: Path) -> None:

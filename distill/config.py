@@ -5,7 +5,7 @@ Every section forbids unknown keys so a typo is an error that names the key, not
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -355,6 +355,24 @@ def parse_config(data: dict[str, Any], withheld: Collection[str] = ()) -> JobCon
         raise ConfigError(format_validation_error(e, withheld)) from None
 
 
+def _set(data: dict[str, Any], override: str) -> None:
+    """Set one `section.key=value` override in the config's mapping, making the sections it names."""
+    dotted, equals, text = override.partition("=")
+    keys = dotted.strip().split(".")
+    if not equals or not all(keys):
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, the key dotted as in the config (train.epochs=5)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {override!r}: the value is not YAML ({e.problem})") from None
+    section = data
+    for depth, key in enumerate(keys[:-1]):
+        section = section.setdefault(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {override!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+    section[keys[-1]] = value
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML keeps the last of a key given twice; a config's second `train:` section silently replaced the first."""
 
@@ -376,7 +394,9 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def load_config(path: Path) -> JobConfig:
+def load_config(path: Path, overrides: Sequence[str] = ()) -> JobConfig:
+    """The job config of a YAML file, with `overrides` (`section.key=value`, the value read as YAML: `train.lr=3e-4`,
+    `student.layers=[0, 6, 11]`) set on top, validated as one."""
     try:
         data = yaml.load(Path(path).read_text(encoding="utf-8"), _UniqueKeyLoader) or {}  # a SafeLoader
     except (OSError, yaml.YAMLError) as e:
@@ -385,6 +405,8 @@ def load_config(path: Path) -> JobConfig:
         raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}); save the config as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        _set(data, override)
     config = parse_config(data)
     if config.output_dir is None:
         config = config.model_copy(update={"output_dir": distill_home() / "runs" / Path(path).stem})

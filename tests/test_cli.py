@@ -31,17 +31,18 @@ def _write_config(path: Path, teacher_dir: Path, csv: Path, **extra: dict) -> Pa
 def test_run_prints_the_result_and_resume_finishes_a_completed_job(
         tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = _write_config(tmp_path / "job.yaml", tiny_teacher_dir, synthetic_csv)
-    assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 0
+    one_epoch = ["--set", "train.epochs=1"]  # the file says 2
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), *one_epoch]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex("{\n"):])
     assert summary["student_dir"] == str(tmp_path / "out" / "student")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (summary["student_test_accuracy"], summary["param_ratio"]) == (report["student"]["test_accuracy"],
                                                                           report["param_ratio"])
-    assert "==> distill" in printed
-    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--resume"]) == 0
+    assert "==> distill" in printed and report["config"]["train"]["epochs"] == 1
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--resume", *one_epoch]) == 0
     resumed = capsys.readouterr().out
-    assert "resumed: stage=distill, step=40, total_steps=40" in resumed
+    assert "resumed: stage=distill, step=20, total_steps=20" in resumed
     assert "reusing the teacher outputs" in resumed  # the resumed job does not run the teacher again
 
 

@@ -1,5 +1,6 @@
 """Config validation: every bad key names itself and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,23 @@ def test_load_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) ->
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping of sections, got list"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_set_overrides_keys_on_top_of_the_file_and_is_validated_with_it(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text("train:\n  epochs: 2\nstudent:\n  init: teacher\n  layers: [0, 1]\n")
+    config = load_config(tmp_path / "job.yaml", ["train.lr=3e-4", "student.layers=[0, 5]", "seed=7",
+                                                 "loss.temperature=4", "teacher.name=org/a=b"])
+    assert (config.train.epochs, config.train.lr, config.student.layers, config.seed) == (2, 3e-4, [0, 5], 7)
+    assert config.loss.temperature == 4  # a section the file does not have
+    assert config.teacher.name == "org/a=b"  # split at the first '='
+    for override, message in (("train.epoch=3", "train.epoch: unknown key; allowed keys: batch_size"),
+                              ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1"),
+                              ("train.epochs", "--set 'train.epochs': expected KEY=VALUE"),
+                              ("train..epochs=1", "--set 'train..epochs=1': expected KEY=VALUE"),
+                              ("train.epochs.x=1", "--set 'train.epochs.x=1': train.epochs is a value, not a section"),
+                              ("seed=[1", "--set 'seed=[1': the value is not YAML")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(tmp_path / "job.yaml", [override])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))

@@ -367,7 +367,9 @@ def _set(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"--set {override!r}: the value is not YAML ({e.problem})") from None
     section = data
     for depth, key in enumerate(keys[:-1]):
-        section = section.setdefault(key, {})
+        if section.get(key) is None:  # absent, or `loss:` with nothing under it
+            section[key] = {}
+        section = section[key]
         if not isinstance(section, dict):
             raise ConfigError(f"--set {override!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
     section[keys[-1]] = value

@@ -331,9 +331,15 @@ FUSED_QKV = "c_attn"
 
 def value_projections(model: nn.Module) -> list[tuple[int, nn.Module, bool]]:
     """(layer index, value projection, whether its output is Q, K and V together) of each self-attention layer; none
-    for an architecture not in VALUE_PROJECTIONS."""
-    return [(int(m.group(1)), module, name.endswith(FUSED_QKV)) for name, module in model.named_modules()
-            if (m := VALUE_PROJECTIONS.search(name))]
+    for an architecture not in VALUE_PROJECTIONS, and none unless exactly one per layer is found: an encoder-decoder
+    (BART) or two towers (CLIP) name two stacks alike, and GPT-BigCode's c_attn is not GPT-2's three equal thirds."""
+    found = [(int(m.group(1)), module, name.endswith(FUSED_QKV)) for name, module in model.named_modules()
+             if (m := VALUE_PROJECTIONS.search(name))]
+    if sorted(layer for layer, _, _ in found) != list(range(model.config.num_hidden_layers)):
+        return []
+    if any(fused for _, _, fused in found) and model.config.model_type != "gpt2":
+        return []
+    return found
 
 
 def _capture_values(model: nn.Module, hooks: list[torch.utils.hooks.RemovableHandle]) -> dict[int, Tensor]:

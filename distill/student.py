@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,10 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
         return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True, [i + 1 for i in spec.layers])
     if isinstance(spec, FromModel):
         source = resolve_teacher(spec.model)
-        _source_config(spec, source)
+        source_config = _source_config(spec, source)
         model = auto_class.from_pretrained(
-            source, num_hidden_layers=spec.num_layers, attn_implementation=attn_implementation, **labels)
+            source, num_hidden_layers=spec.num_layers, attn_implementation=attn_implementation, **labels,
+            **_per_layer_settings(source_config, range(spec.num_layers)))
         tokenizer = AutoTokenizer.from_pretrained(source)
         if spec.trim_vocabulary:
             if texts is None:
@@ -251,9 +253,14 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
     base = teacher.config.to_dict()
     # GPT-2 names the MLP width n_inner, and its attribute_map does not translate intermediate_size.
     width = "n_inner" if "n_inner" in base else "intermediate_size"
+    # A Llama-style config states its head width and key-value heads: the teacher's would not fit the new shape
+    # (the fresh student gets plain multi-head attention).
+    heads = {key: value for key, value in (("head_dim", spec.hidden_size // spec.num_heads),
+                                           ("num_key_value_heads", spec.num_heads)) if key in base}
     config = teacher.config.__class__.from_dict({
         **base, "num_hidden_layers": spec.num_layers, "hidden_size": spec.hidden_size,
-        "num_attention_heads": spec.num_heads, width: spec.intermediate_size})
+        "num_attention_heads": spec.num_heads, width: spec.intermediate_size, **heads,
+        **_per_layer_settings(teacher.config, range(spec.num_layers))})
     model = auto_class.from_config(config, attn_implementation=attn_implementation)
     return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True,
                    _uniform_layer_map(spec.num_layers, teacher_layers))
@@ -292,9 +299,22 @@ def trim_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 LAYER_KEY = re.compile(r"\.(layer|layers|h)\.(\d+)\.")
 
 
+# A config's lists of one entry per block (Qwen2, Qwen3, Gemma 2: sliding or full attention), which must have as
+# many entries as the student has blocks.
+PER_LAYER_SETTINGS = ("layer_types", "mlp_layer_types")
+
+
+def _per_layer_settings(config: PretrainedConfig, layers: Iterable[int]) -> dict[str, list[Any]]:
+    """The config's per-block lists cut to the blocks the student keeps, in its order."""
+    layers = list(layers)
+    return {key: [values[i] for i in layers] for key in PER_LAYER_SETTINGS
+            if isinstance(values := getattr(config, key, None), list)}
+
+
 def _from_teacher_layers(teacher: PreTrainedModel, layers: list[int], attn_implementation: str | None,
                          auto_class: type[_BaseAutoModelClass]) -> PreTrainedModel:
-    config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
+    config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": len(layers),
+                                                 **_per_layer_settings(teacher.config, layers)})
     student = auto_class.from_config(config, attn_implementation=attn_implementation)
     new_index = {old: new for new, old in enumerate(layers)}
     state = {}

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     BertConfig,
     BertModel,
     BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     MPNetConfig,
     MPNetModel,
     MPNetTokenizer,
@@ -82,15 +82,17 @@ def write_tiny_gpt2(directory: Path, layers: int = 2, seed: int = 0) -> Path:
     return directory
 
 
-def write_tiny_llama(directory: Path, layers: int = 2, seed: int = 0) -> Path:
-    """The same as a Llama (the shape of Mistral and Qwen2 too): blocks under `model.layers`, RMSNorm, rotary
-    positions, and grouped-query attention (4 query heads share 2 key-value heads)."""
+def write_tiny_llama(directory: Path, layers: int = 2, seed: int = 0, model_type: str = "llama",
+                     **settings: Any) -> Path:
+    """The same as a Llama-style decoder (`model_type` llama, mistral, qwen2, ...): blocks under `model.layers`,
+    RMSNorm, rotary positions, and grouped-query attention (4 query heads share 2 key-value heads)."""
     tokenizer = train_tokenizer([text for text, _ in synthetic_rows(240, seed=5)], vocab_size=300)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, **settings)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

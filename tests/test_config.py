@@ -105,12 +105,15 @@ def test_load_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) ->
 
 
 def test_set_overrides_keys_on_top_of_the_file_and_is_validated_with_it(tmp_path: Path) -> None:
-    (tmp_path / "job.yaml").write_text("train:\n  epochs: 2\nstudent:\n  init: teacher\n  layers: [0, 1]\n")
+    (tmp_path / "job.yaml").write_text("train:\n  epochs: 2\nstudent:\n  init: teacher\n  layers: [0, 1]\nloss:\n")
     config = load_config(tmp_path / "job.yaml", ["train.lr=3e-4", "student.layers=[0, 5]", "seed=7",
                                                  "loss.temperature=4", "teacher.name=org/a=b"])
     assert (config.train.epochs, config.train.lr, config.student.layers, config.seed) == (2, 3e-4, [0, 5], 7)
-    assert config.loss.temperature == 4  # a section the file does not have
+    assert config.loss.temperature == 4  # a section the file leaves empty
     assert config.teacher.name == "org/a=b"  # split at the first '='
+    fresh = load_config(tmp_path / "job.yaml", ["loss.alpha=0", "student={init: fresh, num_layers: 1, hidden_size: 16, "
+                                                "num_heads: 2, intermediate_size: 32}"])  # a whole section replaced
+    assert (fresh.student.init, fresh.train.epochs) == ("fresh", 2)
     for override, message in (("train.epoch=3", "train.epoch: unknown key; allowed keys: batch_size"),
                               ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1"),
                               ("train.epochs", "--set 'train.epochs': expected KEY=VALUE"),

@@ -9,10 +9,12 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BartConfig,
     BertConfig,
     BertTokenizerFast,
     DistilBertConfig,
     DistilBertModel,
+    GPTBigCodeConfig,
 )
 
 from distill.causal_lm import train_tokenizer
@@ -146,6 +148,17 @@ def test_value_kl_on_an_architecture_without_known_value_projections_is_refused_
     gpt2 = write_tiny_gpt2(tmp_path / "gpt2")  # and GPT-2's, in its fused c_attn
     check_student(FromTeacher(init="teacher", layers=[0]), gpt2, max_length=16, task="causal-lm",
                   intermediate_losses=True, value_relations=True)
+    # Not GPT-BigCode's c_attn (multi-query: not three equal thirds), nor two stacks named alike (BART's encoder
+    # and decoder, whose layer 0 would have been whichever ran last).
+    for config in (GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64),
+                   BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                              decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                              max_position_embeddings=64)):
+        config.save_pretrained(tmp_path / config.model_type)
+        with pytest.raises(ConfigError, match=rf"^loss.value_kl: teacher.name '.*' is {config.model_type}, whose"):
+            check_student(FromTeacher(init="teacher", layers=[0]), tmp_path / config.model_type, max_length=16,
+                          task="causal-lm" if config.model_type == "gpt_bigcode" else "sequence-classification",
+                          value_relations=True)
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding"])

@@ -20,8 +20,6 @@ from transformers import (
     BertConfig,
     BertModel,
     BertTokenizerFast,
-    GPT2Config,
-    GPT2LMHeadModel,
     MPNetConfig,
     MPNetModel,
     MPNetTokenizer,
@@ -73,25 +71,22 @@ def write_tiny_encoder(directory: Path, seed: int = 0, layers: int = 2, hidden: 
 def write_tiny_gpt2(directory: Path, layers: int = 2, seed: int = 0) -> Path:
     """A seeded, untrained GPT-2 (hidden 32) with a BPE tokenizer learned from synthetic texts, saved like a hub
     model."""
-    tokenizer = train_tokenizer([text for text, _ in synthetic_rows(240, seed=5)], vocab_size=300)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=layers, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _write_tiny_lm(directory, seed, "gpt2", n_positions=64, n_embd=32, n_layer=layers, n_head=2)
 
 
 def write_tiny_llama(directory: Path, layers: int = 2, seed: int = 0, model_type: str = "llama",
                      **settings: Any) -> Path:
     """The same as a Llama-style decoder (`model_type` llama, mistral, qwen2, ...): blocks under `model.layers`,
     RMSNorm, rotary positions, and grouped-query attention (4 query heads share 2 key-value heads)."""
+    return _write_tiny_lm(directory, seed, model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **settings)
+
+
+def _write_tiny_lm(directory: Path, seed: int, model_type: str, **sizes: Any) -> Path:
     tokenizer = train_tokenizer([text for text, _ in synthetic_rows(240, seed=5)], vocab_size=300)
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, **settings)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, **sizes)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

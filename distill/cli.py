@@ -77,14 +77,15 @@ def _run(args: argparse.Namespace) -> int:
     # Our own events say what happens; transformers' load reports and per-file bars would bury them.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if args.output_dir and any(override.partition("=")[0].strip() == "output_dir" for override in args.set):
+        raise UsageError("the output directory is given twice, by --output-dir and by --set output_dir=...; give one")
     config = load_config(args.config, args.set)
     if args.output_dir:
         config = config.model_copy(update={"output_dir": args.output_dir})
     if distributed.wanted(config.distributed) and not distributed.launched():
         # The same command again as torchrun workers; rank 0 draws the progress.
         assert config.output_dir is not None  # load_config fills it in
-        again = ["run", str(args.config), "--output-dir", str(config.output_dir), *(["--resume"] * args.resume),
-                 *(f"--set={override}" for override in args.set)]
+        again = ["run", *_same_run(args), *(["--resume"] * args.resume)]
         return _torchrun(distributed.torchrun_args(config.distributed, config.output_dir.name, "distill.cli", *again))
     printer = ProgressPrinter()
     try:
@@ -252,6 +253,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_run(args: argparse.Namespace) -> list[str]:
+    """This `distill run`'s arguments again, --resume aside: the config, its output directory and overrides."""
+    return [str(args.config), *(["--output-dir", str(args.output_dir)] if args.output_dir else []),
+            *(f"--set={override}" for override in args.set)]
+
+
 def _need(path: Path, what: str) -> None:
     if not path.exists():
         raise UsageError(f"{path} does not exist; expected {what}")
@@ -352,10 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         resume = ""
-        if args.command == "run":  # the output directory given too: without it, --resume would start another run
-            again = [args.config, *(["--output-dir", args.output_dir] if args.output_dir else [])]
-            resume = (f"; `distill run {' '.join(shlex.quote(str(part)) for part in again)} --resume` continues from "
-                      f"the last checkpoint")
+        if args.command == "run":  # its output directory and overrides too: without them --resume would not continue
+            resume = (f"; `distill run {' '.join(map(shlex.quote, _same_run(args)))} --resume` continues from the last "
+                      f"checkpoint")
         if not distributed.launched():  # torchrun's workers get the same Ctrl-C: the `distill run` above them says it
             print(f"distill: interrupted{resume}", file=sys.stderr)
         return 130

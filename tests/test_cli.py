@@ -63,6 +63,15 @@ def test_errors_are_one_line_with_exit_code_2(extra: dict, message: str, tiny_te
     assert err.startswith("distill: error: ") and message in err and "Traceback" not in err
 
 
+def test_the_output_directory_given_twice_is_refused(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    config = _write_config(tmp_path / "job.yaml", tiny_teacher_dir, synthetic_csv)
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "a"), "--set", f"output_dir={tmp_path / 'b'}"]) == 2
+    assert capsys.readouterr().err == ("distill: error: the output directory is given twice, by --output-dir and by "
+                                       "--set output_dir=...; give one\n")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_an_output_directory_that_cannot_be_made_is_one_line(tiny_teacher_dir: Path, synthetic_csv: Path,
                                                             tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     blocker = tmp_path / "a-file"
@@ -171,6 +180,10 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tiny_teacher_dir: Path, s
     assert main(["run", str(config), "--output-dir", str(tmp_path / "my run")]) == 130
     assert capsys.readouterr().err == (f"distill: interrupted; `distill run {config} --output-dir '{tmp_path}/my run' "
                                        f"--resume` continues from the last checkpoint\n")
+    # And the overrides: without them the resumed job would be another config's.
+    assert main(["run", str(config), "--set", "train.epochs=1", "--set", "train.lr=1e-3"]) == 130
+    assert capsys.readouterr().err == (f"distill: interrupted; `distill run {config} --set=train.epochs=1 "
+                                       f"--set=train.lr=1e-3 --resume` continues from the last checkpoint\n")
     # torchrun's workers get the same Ctrl-C: the `distill run` above them says it, once.
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setattr("distill.distributed.process_group", lambda device: contextlib.nullcontext())

@@ -56,6 +56,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
     cannot read: `value_relations`): read from their configs and tokenizers, so a job is refused before the
     teacher's preparation, which may take long."""
     teacher = _read_config(teacher_dir, "teacher.name")
+    _check_one_stack(teacher, f"teacher.name: {str(teacher_dir)!r}")
     _check_positions(teacher, max_length, "the teacher")
     if task != "causal-lm" and model_kind(teacher) == "language-model":
         raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is a causal language model "
@@ -76,6 +77,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
         except TeacherNotFound as e:  # its words are the registry's, about teachers
             raise ConfigError(f"student.model: {e}") from None
         source = _source_config(spec, source_dir)
+        _check_one_stack(source, f"student.model: {spec.model!r}")
         _check_positions(source, max_length, f"student.model {spec.model!r}")
         if value_relations:
             _check_value_projections(source, f"student.model {spec.model!r}")
@@ -167,6 +169,15 @@ def _sees_later_tokens(config: PretrainedConfig) -> bool:
     model_type = config.model_type
     return model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
         model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder)
+
+
+def _check_one_stack(config: PretrainedConfig, which: str) -> None:
+    """A student keeps, or is shaped like, one stack of blocks (its layer settings, copies and layer losses read
+    one), and an encoder-decoder has two: BART's or T5's decoder would keep the teacher's depth and width."""
+    if config.is_encoder_decoder:
+        raise ConfigError(f"{which} is an encoder-decoder ({config.model_type}), which is not distilled here: students "
+                          f"are one stack of blocks; use an encoder (BERT, MPNet, RoBERTa, ...), or a decoder (GPT-2, "
+                          f"Llama, ...) for task 'causal-lm'")
 
 
 def _check_value_projections(config: PretrainedConfig, which: str) -> None:

@@ -15,6 +15,8 @@ from transformers import (
     DistilBertConfig,
     DistilBertModel,
     GPTBigCodeConfig,
+    PretrainedConfig,
+    T5Config,
 )
 
 from distill.causal_lm import train_tokenizer
@@ -148,17 +150,33 @@ def test_value_kl_on_an_architecture_without_known_value_projections_is_refused_
     gpt2 = write_tiny_gpt2(tmp_path / "gpt2")  # and GPT-2's, in its fused c_attn
     check_student(FromTeacher(init="teacher", layers=[0]), gpt2, max_length=16, task="causal-lm",
                   intermediate_losses=True, value_relations=True)
-    # Not GPT-BigCode's c_attn (multi-query: not three equal thirds), nor two stacks named alike (BART's encoder
-    # and decoder, whose layer 0 would have been whichever ran last).
-    for config in (GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64),
-                   BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                              decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                              max_position_embeddings=64)):
-        config.save_pretrained(tmp_path / config.model_type)
-        with pytest.raises(ConfigError, match=rf"^loss.value_kl: teacher.name '.*' is {config.model_type}, whose"):
-            check_student(FromTeacher(init="teacher", layers=[0]), tmp_path / config.model_type, max_length=16,
-                          task="causal-lm" if config.model_type == "gpt_bigcode" else "sequence-classification",
-                          value_relations=True)
+    # Not GPT-BigCode's c_attn (multi-query: not three equal thirds).
+    GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, n_positions=64).save_pretrained(tmp_path / "bigcode")
+    with pytest.raises(ConfigError, match=r"^loss.value_kl: teacher.name '.*' is gpt_bigcode, whose"):
+        check_student(FromTeacher(init="teacher", layers=[0]), tmp_path / "bigcode", max_length=16, task="causal-lm",
+                      value_relations=True)
+
+
+@pytest.mark.parametrize("config", [
+    BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
+    T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2),
+], ids=["bart", "t5"])
+@pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding", "causal-lm"])
+def test_an_encoder_decoder_is_refused_before_the_job(config: PretrainedConfig, task: str, tiny_teacher_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """Copying its blocks failed at the weights' load (a traceback); a fresh student kept the teacher's decoder
+    and failed at the ONNX export, after the whole training."""
+    config.save_pretrained(tmp_path / "encdec")
+    one_stack = f"is an encoder-decoder \\({config.model_type}\\), which is not distilled here"
+    for spec in (FromTeacher(init="teacher", layers=[0]),
+                 Fresh(init="fresh", num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64)):
+        with pytest.raises(ConfigError, match=rf"^teacher.name: '.*encdec' {one_stack}"):
+            check_student(spec, tmp_path / "encdec", max_length=16, task=task)  # type: ignore[arg-type]
+    if task != "causal-lm":
+        with pytest.raises(ConfigError, match=rf"^student.model: '.*encdec' {one_stack}"):
+            check_student(FromModel(init="model", model=str(tmp_path / "encdec"), num_layers=1), tiny_teacher_dir,
+                          max_length=16, task=task)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding"])

@@ -94,6 +94,8 @@ def export_onnx(model_dir: Path, out_path: Path, *, opset: int = DEFAULT_OPSET, 
     # Eager attention traces to MatMul/Softmax, which ORT's BERT fusion turns into one Attention op; the SDPA
     # path exports fine but is left unfused (measured on transformers 5.24 / ORT 1.32).
     reference = TorchPredictor(model_dir, max_length, attn_implementation="eager")
+    # An encoder-decoder classifier (BART) returns its decoder's key/value cache too, which a graph cannot output.
+    reference.model.config.use_cache = False
     sample = {name: torch.from_numpy(array) for name, array in reference.encode(texts).items()}  # padded batch
     axes = {name: {0: "batch", 1: "sequence"} for name in reference.input_names} | {OUTPUT_NAME: {0: "batch"}}
 
@@ -173,6 +175,12 @@ def _write_graph(module: nn.Module, sample: dict[str, Tensor], path: Path, input
         warnings.filterwarnings("ignore", "Exporting aten::index operator")
         torch.onnx.export(module, (), str(path), kwargs=sample, input_names=input_names, output_names=output_names,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
+    graph = onnx.load(str(path))
+    unnamed = [output for output in graph.graph.output if output.name not in output_names]
+    if unnamed:  # the trace's outputs past those named: an encoder-decoder's encoder states, not the graph's answer
+        for output in unnamed:
+            graph.graph.output.remove(output)
+        onnx.save(graph, str(path))
     try:
         onnx.checker.check_model(str(path))  # by path: also works past protobuf's 2 GB limit
     except onnx.checker.ValidationError as e:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import (
     AutoTokenizer,
+    BartConfig,
+    BartForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     MPNetConfig,
@@ -38,8 +40,14 @@ def write_tiny_classifier(directory: Path, *, arch: str = "bert") -> Path:
     torch.manual_seed(0)
     if arch == "bert":
         model = BertForSequenceClassification(BertConfig(**shape))
-    else:  # MPNet's forward takes no token_type_ids
+    elif arch == "mpnet":  # MPNet's forward takes no token_type_ids
         model = MPNetForSequenceClassification(MPNetConfig(**shape))
+    else:  # an encoder-decoder classifier, scored at the last [SEP]: BART-MNLI's kind
+        model = BartForSequenceClassification(BartConfig(
+            vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=2, id2label=LABELS,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+            decoder_start_token_id=tokenizer.sep_token_id))
     model.eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -139,6 +147,18 @@ def test_mpnet_graph_has_no_token_type_ids(tmp_path: Path) -> None:
     result = export_model_dir(write_tiny_classifier(tmp_path / "mpnet", arch="mpnet"), tmp_path / "onnx")
     assert result.max_abs_diff < 1e-4
     assert [i.name for i in onnx.load(str(result.path)).graph.input] == ["input_ids", "attention_mask"]
+
+
+def test_an_encoder_decoder_classifier_exports_without_its_cache(tmp_path: Path) -> None:
+    """BART's forward also returns the decoder's key/value cache, which the trace cannot output (a traceback)."""
+    model_dir = write_tiny_classifier(tmp_path / "bart", arch="bart")
+    result = export_model_dir(model_dir, tmp_path / "onnx")
+    assert result.max_abs_diff < 1e-4
+    assert [o.name for o in onnx.load(str(result.path)).graph.output] == ["logits"]
+    texts = random_texts(6, seed=3)
+    torch_predictor, onnx_predictor = TorchPredictor(model_dir), OnnxPredictor(result.path, tmp_path / "onnx")
+    inputs = torch_predictor.encode(texts)
+    assert max_abs_diff(torch_predictor.logits(inputs), onnx_predictor.logits(inputs)) < 1e-4
 
 
 def test_dynamic_int8_is_smaller_and_answers(exported: ExportResult, compressed: CompressResult) -> None:

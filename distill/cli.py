@@ -69,14 +69,18 @@ class ProgressPrinter:
             self.bar = None
 
 
-def _run(args: argparse.Namespace) -> int:
+def _quiet_transformers() -> None:
+    """Our own lines say what happens; transformers' load reports and per-file bars would bury them."""
     import transformers
 
-    from distill.pipeline import run  # heavy (torch, transformers): only for the commands that train
-
-    # Our own events say what happens; transformers' load reports and per-file bars would bury them.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from distill.pipeline import run  # heavy (torch, transformers): only for the commands that train
+
+    _quiet_transformers()
     if args.output_dir and any(override.partition("=")[0].strip() == "output_dir" for override in args.set):
         raise UsageError("the output directory is given twice, by --output-dir and by --set output_dir=...; give one")
     config = load_config(args.config, args.set)
@@ -146,6 +150,7 @@ def _export(args: argparse.Namespace) -> int:
     from distill.export import export_model_dir
     from distill.runtime import model_kind
 
+    _quiet_transformers()
     _need(args.model_dir / "config.json", "an HF model directory (config.json, weights, tokenizer)")
     config = AutoConfig.from_pretrained(args.model_dir)
     if model_kind(config) != "classifier":
@@ -186,13 +191,10 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import transformers
-
     from distill.evaluate import evaluate_models, footprint, render_markdown, task_of, text_of_length
     from distill.runtime import load_model, onnx_file
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    _quiet_transformers()
     if args.seq_len is not None and args.seq_len > args.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than --max-length {args.max_length}, "
                          f"so the text would be truncated; raise --max-length")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
 import yaml
 from tqdm import tqdm
 
@@ -145,6 +146,19 @@ def test_export_replaces_only_an_earlier_export_never_other_files_or_its_input(
     for out in (earlier, tmp_path / "empty", tmp_path / "absent"):  # replaceable: no error
         (tmp_path / "empty").mkdir(exist_ok=True)
         atomic.check_replaceable(out, "model.onnx", source=classifier)
+
+
+def test_export_says_one_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """Without transformers' weight-loading bar and load report (here: the head it initializes) around it."""
+    classifier = write_tiny_encoder(tmp_path / "classifier")
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps(config | {"architectures": ["BertForSequenceClassification"]}))
+    transformers.logging.set_verbosity_warning()  # its defaults, whichever command ran before in this process
+    transformers.logging.enable_progress_bar()
+    capfd.readouterr()
+    assert main(["export", str(classifier), str(tmp_path / "onnx")]) == 0
+    out, err = capfd.readouterr()
+    assert out.startswith(f"wrote {tmp_path / 'onnx' / 'model.onnx'} (") and out.count("\n") == 1 and err == ""
 
 
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -81,7 +81,8 @@ def _run(args: argparse.Namespace) -> int:
     from distill.pipeline import run  # heavy (torch, transformers): only for the commands that train
 
     _quiet_transformers()
-    if args.output_dir and any(override.partition("=")[0].strip() == "output_dir" for override in args.set):
+    if args.output_dir and any(key.strip() == "output_dir" and equals
+                               for key, equals, _ in (override.partition("=") for override in args.set)):
         raise UsageError("the output directory is given twice, by --output-dir and by --set output_dir=...; give one")
     config = load_config(args.config, args.set)
     if args.output_dir:

@@ -175,7 +175,7 @@ def _write_graph(module: nn.Module, sample: dict[str, Tensor], path: Path, input
         warnings.filterwarnings("ignore", "Exporting aten::index operator")
         torch.onnx.export(module, (), str(path), kwargs=sample, input_names=input_names, output_names=output_names,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(path), load_external_data=False)  # a graph past 2 GB keeps its weights beside it
     unnamed = [output for output in graph.graph.output if output.name not in output_names]
     if unnamed:  # the trace's outputs past those named: an encoder-decoder's encoder states, not the graph's answer
         for output in unnamed:

@@ -72,8 +72,10 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
 
     tc = config.teacher
     torch.manual_seed(preparation_seed(config))
+    # The labels alone: they set num_labels (given too, it was checked against the saved config's labels first:
+    # a warning for BART's three MNLI ones).
     model = AutoModelForSequenceClassification.from_pretrained(
-        teacher_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        teacher_dir, id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)}).to(distributed.device())
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     stages: list[dict[str, Any]] = []

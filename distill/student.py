@@ -56,7 +56,12 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
     cannot read: `value_relations`): read from their configs and tokenizers, so a job is refused before the
     teacher's preparation, which may take long."""
     teacher = _read_config(teacher_dir, "teacher.name")
-    _check_one_stack(teacher, f"teacher.name: {str(teacher_dir)!r}")
+    if teacher.is_encoder_decoder and not (task == "sequence-classification" and isinstance(spec, FromModel)
+                                           and not intermediate_losses):
+        raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is an encoder-decoder ({teacher.model_type}), "
+                          f"whose blocks and layers are two stacks: it teaches a classifier's logits only (task "
+                          f"'sequence-classification', student init 'model' — the first layers of an encoder such "
+                          f"as minilm-l6 — and loss.hidden_mse/attention_kl/value_kl 0)")
     _check_positions(teacher, max_length, "the teacher")
     if task != "causal-lm" and model_kind(teacher) == "language-model":
         raise ConfigError(f"teacher.name: {str(teacher_dir)!r} is a causal language model "
@@ -77,7 +82,6 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
         except TeacherNotFound as e:  # its words are the registry's, about teachers
             raise ConfigError(f"student.model: {e}") from None
         source = _source_config(spec, source_dir)
-        _check_one_stack(source, f"student.model: {spec.model!r}")
         _check_positions(source, max_length, f"student.model {spec.model!r}")
         if value_relations:
             _check_value_projections(source, f"student.model {spec.model!r}")
@@ -171,15 +175,6 @@ def _sees_later_tokens(config: PretrainedConfig) -> bool:
         model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder)
 
 
-def _check_one_stack(config: PretrainedConfig, which: str) -> None:
-    """A student keeps, or is shaped like, one stack of blocks (its layer settings, copies and layer losses read
-    one), and an encoder-decoder has two: BART's or T5's decoder would keep the teacher's depth and width."""
-    if config.is_encoder_decoder:
-        raise ConfigError(f"{which} is an encoder-decoder ({config.model_type}), which is not distilled here: students "
-                          f"are one stack of blocks; use an encoder (BERT, MPNet, RoBERTa, ...), or a decoder (GPT-2, "
-                          f"Llama, ...) for task 'causal-lm'")
-
-
 def _check_value_projections(config: PretrainedConfig, which: str) -> None:
     """loss.value_kl reads each layer's value vectors where engine.VALUE_PROJECTIONS finds them: look for them in
     the architecture built on the meta device (no weights, no memory)."""
@@ -194,6 +189,10 @@ def _check_value_projections(config: PretrainedConfig, which: str) -> None:
 def _source_config(spec: FromModel, source_dir: str | Path) -> PretrainedConfig:
     """The config of the model whose first layers the student takes, which has at least that many."""
     source = _read_config(source_dir, "student.model")
+    if source.is_encoder_decoder:  # its first layers: of which stack? (the decoder would keep its depth and width)
+        raise ConfigError(f"student.model: {spec.model!r} is an encoder-decoder ({source.model_type}); a student is "
+                          f"one stack of blocks: take the first layers of an encoder (BERT, MPNet, MiniLM, ...), or "
+                          f"of a decoder (GPT-2, Llama, ...) for task 'causal-lm'")
     if spec.num_layers > source.num_hidden_layers:  # from_pretrained would add randomly initialized ones
         raise ConfigError(f"student.num_layers: {spec.num_layers}, but {spec.model!r} has "
                           f"{source.num_hidden_layers} layers; allowed: 1 to {source.num_hidden_layers}")
@@ -241,8 +240,8 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
     attn_implementation: 'eager' when attention maps are distilled (SDPA does not return them); None lets
     transformers pick (SDPA where the architecture has it; MPNet has not).
     """
-    labels = {"num_labels": teacher.config.num_labels, "id2label": teacher.config.id2label,
-              "label2id": teacher.config.label2id} if auto_class is AutoModelForSequenceClassification else {}
+    labels = ({"id2label": teacher.config.id2label, "label2id": teacher.config.label2id}
+              if auto_class is AutoModelForSequenceClassification else {})
     teacher_layers = teacher.config.num_hidden_layers
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher_layers)

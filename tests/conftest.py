@@ -17,6 +17,8 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    BartConfig,
+    BartModel,
     BertConfig,
     BertModel,
     BertTokenizerFast,
@@ -65,6 +67,19 @@ def write_tiny_encoder(directory: Path, seed: int = 0, layers: int = 2, hidden: 
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=64)
     BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_bart(directory: Path, seed: int = 0) -> Path:
+    """The same as an encoder-decoder (BART: BART-MNLI's kind of classifier), [SEP] as its end of text."""
+    tokenizer = write_tiny_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                        decoder_start_token_id=tokenizer.cls_token_id)
+    BartModel(config).save_pretrained(directory)
     return directory
 
 

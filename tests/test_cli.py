@@ -71,6 +71,8 @@ def test_the_output_directory_given_twice_is_refused(tiny_teacher_dir: Path, syn
     assert capsys.readouterr().err == ("distill: error: the output directory is given twice, by --output-dir and by "
                                        "--set output_dir=...; give one\n")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "a"), "--set", "output_dir"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err  # a malformed --set says so first
 
 
 def test_an_output_directory_that_cannot_be_made_is_one_line(tiny_teacher_dir: Path, synthetic_csv: Path,
@@ -153,11 +155,16 @@ def test_export_says_one_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> N
     classifier = write_tiny_encoder(tmp_path / "classifier")
     config = json.loads((classifier / "config.json").read_text())
     (classifier / "config.json").write_text(json.dumps(config | {"architectures": ["BertForSequenceClassification"]}))
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_warning()  # its defaults, whichever command ran before in this process
     transformers.logging.enable_progress_bar()
     capfd.readouterr()
-    assert main(["export", str(classifier), str(tmp_path / "onnx")]) == 0
-    out, err = capfd.readouterr()
+    try:
+        assert main(["export", str(classifier), str(tmp_path / "onnx")]) == 0
+        out, err = capfd.readouterr()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        (transformers.logging.enable_progress_bar if bars else transformers.logging.disable_progress_bar)()
     assert out.startswith(f"wrote {tmp_path / 'onnx' / 'model.onnx'} (") and out.count("\n") == 1 and err == ""
 
 

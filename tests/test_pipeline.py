@@ -34,7 +34,13 @@ from distill.config import TrainConfig as Train
 from distill.engine import TrainingError
 from distill.pipeline import render_job_markdown, run
 from distill.runtime import OnnxPredictor
-from tests.conftest import synthetic_rows, write_csv, write_tiny_encoder, write_tiny_mpnet_encoder
+from tests.conftest import (
+    synthetic_rows,
+    write_csv,
+    write_tiny_bart,
+    write_tiny_encoder,
+    write_tiny_mpnet_encoder,
+)
 
 TEACHER = dict(head_epochs=3, head_lr=1e-2, finetune_epochs=4, finetune_lr=3e-3, batch_size=16)
 
@@ -169,6 +175,17 @@ def test_student_from_teacher_layers_and_from_another_model(tiny_teacher_dir: Pa
                            FromModel(init="model", model=str(other), num_layers=2)))
     config = AutoModelForSequenceClassification.from_pretrained(borrowed.student_dir).config
     assert (config.num_hidden_layers, config.hidden_size) == (2, 24)
+
+
+def test_an_encoder_decoder_teacher_teaches_its_logits_to_another_models_layers(synthetic_csv: Path,
+                                                                               tmp_path: Path) -> None:
+    """BART (BART-MNLI's kind): prepared as a classifier, distilled by logits into an encoder's first layers
+    (test_export checks its ONNX export)."""
+    teacher = write_tiny_bart(tmp_path / "tiny-bart")
+    student = FromModel(init="model", model=str(write_tiny_encoder(tmp_path / "encoder", seed=4)), num_layers=1)
+    report = run(_config(teacher, synthetic_csv, tmp_path / "job", student)).report
+    assert report["teacher"]["test_accuracy"] >= 0.9 and report["student"]["test_agreement"] >= 0.9
+    print(report["timings_seconds"])
 
 
 def test_student_vocabulary_trimmed_to_the_training_texts(tiny_teacher_dir: Path, synthetic_csv: Path,

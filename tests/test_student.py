@@ -163,18 +163,26 @@ def test_value_kl_on_an_architecture_without_known_value_projections_is_refused_
     T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2),
 ], ids=["bart", "t5"])
 @pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding", "causal-lm"])
-def test_an_encoder_decoder_is_refused_before_the_job(config: PretrainedConfig, task: str, tiny_teacher_dir: Path,
-                                                      tmp_path: Path) -> None:
-    """Copying its blocks failed at the weights' load (a traceback); a fresh student kept the teacher's decoder
-    and failed at the ONNX export, after the whole training."""
+def test_an_encoder_decoder_teaches_logits_only(config: PretrainedConfig, task: str, tiny_teacher_dir: Path,
+                                                tmp_path: Path) -> None:
+    """Copying its blocks failed at the weights' load (a traceback), a fresh student kept the teacher's decoder and
+    failed at the ONNX export after the whole training, and the other tasks read one stack's states: refused before
+    the job. A classifier's logits (test_pipeline trains one) any student of another model's layers can learn."""
     config.save_pretrained(tmp_path / "encdec")
-    one_stack = f"is an encoder-decoder \\({config.model_type}\\), which is not distilled here"
+    two_stacks = rf"^teacher.name: '.*encdec' is an encoder-decoder \({config.model_type}\), whose blocks"
+    borrowed = FromModel(init="model", model=str(tiny_teacher_dir), num_layers=1)
     for spec in (FromTeacher(init="teacher", layers=[0]),
-                 Fresh(init="fresh", num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64)):
-        with pytest.raises(ConfigError, match=rf"^teacher.name: '.*encdec' {one_stack}"):
-            check_student(spec, tmp_path / "encdec", max_length=16, task=task)  # type: ignore[arg-type]
-    if task != "causal-lm":
-        with pytest.raises(ConfigError, match=rf"^student.model: '.*encdec' {one_stack}"):
+                 Fresh(init="fresh", num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64), borrowed):
+        if task == "sequence-classification" and spec is borrowed:
+            check_student(spec, tmp_path / "encdec", max_length=16, task=task)
+            with pytest.raises(ConfigError, match=two_stacks):
+                check_student(spec, tmp_path / "encdec", max_length=16, task=task, intermediate_losses=True)
+        else:
+            with pytest.raises(ConfigError, match=two_stacks):
+                check_student(spec, tmp_path / "encdec", max_length=16, task=task)  # type: ignore[arg-type]
+    if task != "causal-lm":  # nor is a student cut from one
+        with pytest.raises(ConfigError, match=rf"^student.model: '.*encdec' is an encoder-decoder "
+                                              rf"\({config.model_type}\); a student is one stack"):
             check_student(FromModel(init="model", model=str(tmp_path / "encdec"), num_layers=1), tiny_teacher_dir,
                           max_length=16, task=task)  # type: ignore[arg-type]
 

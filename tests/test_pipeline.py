@@ -185,7 +185,6 @@ def test_an_encoder_decoder_teacher_teaches_its_logits_to_another_models_layers(
     student = FromModel(init="model", model=str(write_tiny_encoder(tmp_path / "encoder", seed=4)), num_layers=1)
     report = run(_config(teacher, synthetic_csv, tmp_path / "job", student)).report
     assert report["teacher"]["test_accuracy"] >= 0.9 and report["student"]["test_agreement"] >= 0.9
-    print(report["timings_seconds"])
 
 
 def test_student_vocabulary_trimmed_to_the_training_texts(tiny_teacher_dir: Path, synthetic_csv: Path,

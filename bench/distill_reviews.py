@@ -53,6 +53,7 @@ from distill.config import (
 )
 from distill.data import pull_dataset
 from distill.pipeline import REPORT, TEACHER_LOGITS, run
+from distill.tasks import bf16_is_slow
 from teachers.registry import distill_home, pull_teacher
 
 RESULTS = Path(__file__).parent / "results" / "distill_reviews.json"
@@ -115,8 +116,10 @@ def main() -> None:
     parser.add_argument("--two-stage-augment", type=int, default=8,
                         help="two-stage: perturbed copies of each training text in stage 2 (stage 1 uses --augment)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="two-stage: the students' seeds")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
-                        help="bf16 autocast: faster on CPUs with AVX512-BF16; what the README quotes")
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        default="fp32" if bf16_is_slow(torch.device("cpu")) else "bf16",
+                        help="bf16 autocast: faster on CPUs with AVX512-BF16, the default there (what the README "
+                             "quotes); 60x slower on others, whose default is fp32")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                         help="length-grouped batches for every student (train.group_by_length)")
     parser.add_argument("--ema-decay", type=float, default=None,

@@ -271,6 +271,9 @@ def _records(path: Path, format: str, columns: list[str]) -> list[tuple[int, lis
             for values in reader:
                 # A quoted field may span lines, so the record starts just after the previous one ended.
                 start, last = last + 1, reader.line_num
+                if any(value.strip() for value in values[len(header):]):
+                    raise _error(path, start, f"{len(values)} fields, but the header names {len(header)}; quote a "
+                                              f"field that holds a comma (\"good film, really\",positive)")
                 if values:  # csv yields [] for a blank line
                     records.append((start, [values[i] if i < len(values) else None for i in where]))
         except csv.Error as e:

@@ -51,6 +51,13 @@ def test_csv_with_string_labels_splits_80_10_10(tmp_path):
     assert data.name == "train.csv" and data.transfer == []
 
 
+def test_empty_fields_past_the_header_are_nothing(tmp_path):
+    """A spreadsheet's export may end rows with commas; a field with something in it is refused (BAD_FILES)."""
+    rows = [[f"review number {i}", ["pos", "neg"][i % 2], *[""] * (i % 3)] for i in range(20)]
+    data = load_task_data(files(train=write_csv(tmp_path / "train.csv", rows)))
+    assert data.labels == ["neg", "pos"] and len(data.train + data.validation + data.test) == 20
+
+
 def test_jsonl_int_labels_sort_numerically_and_given_splits_are_kept(tmp_path):
     labels = [2, 10, 1]
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": labels[i % 3]}
@@ -147,6 +154,9 @@ BAD_FILES = [
     ("bad.csv", b"text,label\ngood,a\n  ,b\n", ["line 3", "empty text"]),
     ("bad.csv", b"text,label\ngood,a\nfine,b\nno label,\n", ["line 4", "missing label"]),
     ("bad.csv", b"text,label\ngood,a\nshort row\n", ["line 3", "missing label"]),
+    # Its label was `really good` (a class of its own) and `positive` was dropped.
+    ("bad.csv", b"text,label\ngood,a\ngood film, really good,positive\n",
+     ["line 3", "3 fields, but the header names 2; quote a field that holds a comma"]),
     ("bad.jsonl", b'{"text": "a", "label": null}\n', ["line 1", "missing label"]),
     ("bad.jsonl", b'{"text": "a", "label": 0.5}\n', ["line 1", "string or an integer"]),
     ("bad.csv", b"", ["line 1", "empty"]),

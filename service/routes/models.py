@@ -102,7 +102,8 @@ class ScoreResponse(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: a NaN temperature was refused as "less than or equal to 5".
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(examples=["a gripping, beautifully"], description="Text to continue; may be empty where "
                                                                           "the model's tokenizer has a start token.")
     max_new_tokens: int = Field(32, ge=1, le=256, description="At most this many tokens are generated (fewer when "

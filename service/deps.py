@@ -43,14 +43,17 @@ StoppingDep = Annotated[Callable[[], bool], Depends(get_stopping)]  # true once 
 _bearer = HTTPBearer(auto_error=False, description="The server's DISTILL_API_KEY, when it has one.")
 
 
-async def require_api_key(settings: SettingsDep,
+async def require_api_key(settings: SettingsDep, request: Request,
                           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """When settings.api_key is set, the routes it guards (every /v1 route, /readyz, /metrics) need
     `Authorization: Bearer <key>`; /healthz, the page /ui and the API's own docs (/docs, /openapi.json) are open."""
     if settings.api_key is None:
         return
     if credentials is None:
-        message = "missing API key: send the header 'Authorization: Bearer <key>'"
+        # Its value is not echoed: without a scheme, it is the key.
+        message = ("the Authorization header is not 'Bearer <key>'; send the key after the word Bearer"
+                   if request.headers.get("authorization", "").strip() else
+                   "missing API key: send the header 'Authorization: Bearer <key>'")
     elif not secrets.compare_digest(credentials.credentials.encode(), settings.api_key.encode()):
         message = "invalid API key: the bearer token does not match the server's DISTILL_API_KEY"
     else:

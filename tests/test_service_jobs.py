@@ -804,6 +804,9 @@ def test_uploads_are_checked_like_the_cli_and_capped(make_client: Any, tmp_path:
                                                  "labelled": ("l.txt", b"true", "text/plain")})
     assert (as_file.status_code, as_file.json()["detail"]) == (422, "labelled: must be a text field (true or false), "
                                                                     "not a file")
+    misspelt = upload(client, small, label_colum="sentiment")  # it was ignored: the default column, silently
+    assert (misspelt.status_code, misspelt.json()["detail"]) == (422, "label_colum: unknown form part; allowed: file, "
+                                                                      "text_column, label_column, labelled")
     crowded = client.post("/v1/datasets", files={"file": ("small.csv", small.read_bytes(), "text/csv")},
                           data={"a": "1", "b": "2", "c": "3", "d": "4"})
     assert crowded.status_code == 400 and crowded.json()["detail"].endswith(
@@ -877,6 +880,10 @@ def test_api_key_guards_every_route_but_healthz_and_the_page(make_client: Any) -
     assert "missing API key" in missing.json()["detail"]
     wrong = client.get("/v1/datasets", headers={"Authorization": "Bearer guess"})
     assert wrong.status_code == 401 and "invalid API key" in wrong.json()["detail"]
+    for header in ("s3cret", "Basic czNjcmV0"):  # the key without its scheme, or another scheme: not "missing"
+        malformed = client.get("/v1/jobs", headers={"Authorization": header})
+        assert (malformed.status_code, malformed.json()["detail"]) == (
+            401, "the Authorization header is not 'Bearer <key>'; send the key after the word Bearer")
     assert client.get("/readyz").status_code == 401 and client.get("/metrics").status_code == 401
     assert client.get("/healthz").status_code == 200
     assert client.get("/openapi.json").status_code == 200  # the API's description is open, as the page is

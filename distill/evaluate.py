@@ -350,7 +350,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     quality = {"sentence-embedding": ["dim", "cosine", f"recall@{NEIGHBOURS}"],
                "causal-lm": ["perplexity", "next-token agreement"]}.get(task, ["accuracy", "agreement"])
     lines = ["| model | format | params | size MB | " + " | ".join(quality) + " | p50 ms | p90 ms | p99 ms | texts/s "
-             "| speed-up b1 | speed-up b{} |".format(settings["throughput_batch"]),
+             "| speed-up p50 | speed-up b{} |".format(settings["throughput_batch"]),
              "| --- | --- | ---: | ---: | " + " | ".join(["---:"] * len(quality)) + " | ---: | ---: | ---: | ---: "
              "| ---: | ---: |"]
     for name, row in report["models"].items():

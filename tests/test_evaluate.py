@@ -84,6 +84,9 @@ def test_fixed_timing_text_and_no_labels(predictors: dict[str, HFPredictor]) -> 
     assert {row["latency_sequence_length"] for row in report["models"].values()} == {16}
     assert all(row["accuracy"] is None and row["agreement"] == 1.0 for row in report["models"].values())
     assert "a fixed text of 16 tokens" in render_markdown(report)
+    header = render_markdown({**report, "settings": {**report["settings"], "throughput_batch": 1}}).splitlines()[0]
+    columns = [column.strip() for column in header.strip("|").split("|")]
+    assert len(set(columns)) == len(columns), header  # "speed-up b1" was there twice when throughput ran one by one
 
 
 def test_models_that_cannot_be_compared_are_refused(predictors: dict[str, HFPredictor]) -> None:

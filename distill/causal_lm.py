@@ -251,7 +251,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     precision, max_length = config.precision, config.data.max_length
 
     with clock("data"):
-        data = pipeline.read_data(config, resume, labelled=False)
+        data = pipeline.read_data(config, resume, emit, labelled=False)
         teacher_dir = resolve_teacher(config.teacher.name)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         if tokenizer.pad_token is None:  # GPT-2's own tokenizer has none; padded positions are masked anyway

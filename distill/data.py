@@ -59,6 +59,7 @@ class TaskData:
     validation: list[Example]
     test: list[Example]
     transfer: list[str]  # unlabeled texts for the teacher to label; may be empty
+    repeats_left_out: int = 0  # training rows that were validation/test texts too, left out of training
 
     def summary(self) -> dict[str, Any]:
         """Rows and label counts per split, and the transfer count (goes into report.json)."""
@@ -69,6 +70,7 @@ class TaskData:
             "splits": {split: {"rows": len(examples), "label_counts": self._label_counts(examples)}
                        for split, examples in splits.items()},
             "transfer": len(self.transfer),
+            "repeats_left_out": self.repeats_left_out,
         }
 
     def _label_counts(self, examples: list[Example]) -> dict[str, int]:
@@ -328,11 +330,15 @@ def _text(path: Path, line: int, column: str, value: Any) -> str:
     return value
 
 
+INTEGER = re.compile(r"[+-]?[0-9]+")
+FRACTION = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?[0-9]+[eE][+-]?[0-9]+")
+
+
 def _read_rows(path: Path, format: str, text_column: str, label_column: str) -> list[_Row]:
     if text_column == label_column:  # every text its own class
         raise DataError(f"{path}: the text and the label are both read from column {text_column!r}; "
                         f"label_column must name another column")
-    rows = []
+    rows, first_label = [], None
     for line, (text, label) in _records(path, _resolve_format(path, format), [text_column, label_column]):
         if isinstance(label, bool) or not isinstance(label, str | int | None):
             raise _error(path, line, f"label in {label_column!r} must be a string or an integer, "
@@ -340,6 +346,14 @@ def _read_rows(path: Path, format: str, text_column: str, label_column: str) -> 
         raw = "" if label is None else str(label).strip()
         if not raw:
             raise _error(path, line, f"missing label in column {label_column!r}")
+        if FRACTION.fullmatch(raw):  # a CSV's numbers are strings: a score column would become a class per value
+            raise _error(path, line, f"label {raw!r} in {label_column!r} is a number with a fraction; classes are "
+                                     f"strings or integers (0/1, not 0.0/1.0; a continuous score is not classes)")
+        first_label = first_label or (line, raw)
+        if _kind(raw) != _kind(first_label[1]):  # 0/1 beside neg/pos made four classes
+            raise _error(path, line, f"label {raw!r} in {label_column!r} is {_kind(raw)}, but line "
+                                     f"{first_label[0]}'s ({first_label[1]!r}) is {_kind(first_label[1])}; give "
+                                     f"every label as the same kind")
         rows.append(_Row(line, _text(path, line, text_column, text), raw))
     return rows
 
@@ -364,8 +378,12 @@ def read_texts(path: Path, format: str, text_column: str) -> list[str]:
             for line, values in _records(path, _resolve_format(path, format), [text_column])]
 
 
+def _kind(label: str) -> str:
+    return "an integer" if INTEGER.fullmatch(label) else "a name"
+
+
 def _sorted_labels(raw: set[str]) -> list[str]:
-    if all(re.fullmatch(r"[+-]?[0-9]+", s) for s in raw):
+    if all(INTEGER.fullmatch(s) for s in raw):
         return sorted(raw, key=int)  # "2" before "10"
     return sorted(raw)
 
@@ -415,6 +433,11 @@ def _load_files(config: DataConfig, labelled: bool) -> TaskData:
             return [Example(text, NO_LABEL) for text in read_texts(path, config.format, config.text_column)]
 
     files = {"validation": config.validation, "test": config.test}
+    validation, test = files.values()
+    if validation is not None and test is not None and validation.resolve() == test.resolve():
+        raise DataError(f"{config.test}: data.validation and data.test name the same file, so the best epoch would be "
+                        f"chosen on the test texts and their accuracy be optimistic; give a test file of other texts, "
+                        f"or leave data.test out (it is then carved from the training file)")
     given = {split: read(path) for split, path in files.items() if path is not None}
     examples = read(train_path)
     train, validation, test = _split(examples, config.split_seed, "validation" not in given, "test" not in given)
@@ -465,7 +488,7 @@ def load_task_data(config: DataConfig, *, labelled: bool = True) -> TaskData:
     if not train:
         raise DataError(f"{data.name}: every training row is also a validation/test text; add rows, or give "
                         f"validation/test files that do not repeat the training texts")
-    data.train = train
+    data.train, data.repeats_left_out = train, len(data.train) - len(train)
     if config.limit is not None:
         data.train = data.train[:config.limit]  # already shuffled: a random sample, the same per seed
     # A file's classes were checked as it was read; the rows left after the held-out texts and the limit may have

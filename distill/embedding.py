@@ -393,7 +393,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     attention = "eager" if config.loss.attention_kl > 0 else None  # SDPA returns no attention maps
 
     with clock("data"):
-        data = read_data(config, resume)
+        data = read_data(config, resume, emit)
         for name, split in (("validation", data.validation), ("test", data.test)):
             if len(split) < NEIGHBOURS + 2:  # recall@k (validation: the INT8 gate, the best epoch; test: the
                 # report) ranks each text's neighbours: with k + 1 texts, they are all the others

@@ -70,7 +70,7 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
     clock = functools.partial(timed_stage, timings=timings, emit=emit)
 
     with clock("data"):
-        data = read_data(config, resume)
+        data = read_data(config, resume, emit)
         teacher_dir = resolve_teacher(config.teacher.name)
         transfer = [Example(text, IGNORE_INDEX) for text in data.transfer]  # labelled by the teacher's logits
         examples = {"train": data.train + transfer, "validation": data.validation, "test": data.test}
@@ -280,9 +280,12 @@ def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tu
                                | {"precision": config.precision, **run_identity(config)})
     distributed.place(config.device)
     out = Path(config.output_dir)
+    new = not out.is_dir() or not any(out.iterdir())
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
+    if resume and new:  # a mistyped output directory: the job starts over, so say it
+        emit("log", {"message": f"nothing to resume: {out} is new or empty, so the job starts from the beginning"})
     if config.precision == "bf16" and bf16_is_slow(distributed.device()):
         emit("log", {"message": "warning: precision 'bf16' on a CPU without bf16 kernels (no AVX512): autocast falls "
                                 "back to reference code, measured 60x slower than fp32; use precision: fp32 here"})
@@ -306,11 +309,14 @@ def run_identity(config: JobConfig) -> dict[str, Any]:
             | {"teacher files": files.hexdigest()[:16]})
 
 
-def read_data(config: JobConfig, resume: bool, *, labelled: bool = True) -> TaskData:
-    """The job's data (data.load_task_data); on --resume, a checkpoint written on other data refused now, before
-    the teacher is prepared again and its outputs recomputed over the saved ones (fit's digest of the tokenized
-    splits would say it only then)."""
+def read_data(config: JobConfig, resume: bool, emit: EventSink, *, labelled: bool = True) -> TaskData:
+    """The job's data (data.load_task_data), saying how many training rows it left out; on --resume, a checkpoint
+    written on other data refused now, before the teacher is prepared again and its outputs recomputed over the
+    saved ones (fit's digest of the tokenized splits would say it only then)."""
     data = load_task_data(config.data, labelled=labelled)
+    if data.repeats_left_out:
+        emit("log", {"message": f"{data.repeats_left_out} training rows repeat a validation/test text and are left "
+                                f"out of training (a text the job is scored on is never trained on)"})
     if resume:
         assert config.output_dir is not None  # start_job's
         engine.check_resumable(Path(config.output_dir) / engine.CHECKPOINT, data_identity(data))

@@ -85,7 +85,7 @@ def torch_inputs(inputs: Inputs, device: torch.device, names: Iterable[str] | No
     return {name: torch.from_numpy(inputs[name]).to(device) for name in (names or inputs) if name in inputs}
 
 
-def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `tokenizer_dir`; FileNotFoundError when its files are missing, where transformers 5
     would build an empty-vocabulary tokenizer from config.json alone and turn every word into [UNK] silently."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -27,7 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
 from distill.engine import value_projections
-from distill.runtime import model_kind, usable_positions
+from distill.runtime import load_tokenizer, model_kind, usable_positions
 from distill.tasks import Encoded
 from teachers.registry import TeacherNotFound, resolve_teacher
 
@@ -74,6 +74,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
                           f"decoder such as GPT-2 or Llama")
     if value_relations:
         _check_value_projections(teacher, f"teacher.name {str(teacher_dir)!r}")
+    _check_tokenizer(teacher_dir, "teacher.name")
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher.num_hidden_layers)
     elif isinstance(spec, FromModel):
@@ -82,6 +83,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
         except TeacherNotFound as e:  # its words are the registry's, about teachers
             raise ConfigError(f"student.model: {e}") from None
         source = _source_config(spec, source_dir)
+        _check_tokenizer(source_dir, "student.model")
         _check_positions(source, max_length, f"student.model {spec.model!r}")
         if value_relations:
             _check_value_projections(source, f"student.model {spec.model!r}")
@@ -205,6 +207,15 @@ def _read_config(source: str | Path, key: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot read the config of {str(source)!r}: {e}") from None
+
+
+def _check_tokenizer(source: str | Path, key: str) -> None:
+    """A model directory without its tokenizer files trained on [UNK] alone (transformers 5 builds an empty
+    vocabulary from config.json) and reported success."""
+    try:
+        load_tokenizer(source)
+    except (OSError, ValueError) as e:  # FileNotFoundError: no files; OSError/ValueError: unreadable ones
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _check_positions(config: PretrainedConfig, max_length: int, whose: str) -> None:

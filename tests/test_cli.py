@@ -33,8 +33,10 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
         tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = _write_config(tmp_path / "job.yaml", tiny_teacher_dir, synthetic_csv)
     one_epoch = ["--set", "train.epochs=1"]  # the file says 2
-    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), *one_epoch]) == 0
+    # --resume on a directory with nothing in it (a mistyped one, say) starts over and says so.
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--resume", *one_epoch]) == 0
     printed = capsys.readouterr().out
+    assert f"nothing to resume: {tmp_path / 'out'} is new or empty, so the job starts from the beginning" in printed
     summary = json.loads(printed[printed.rindex("{\n"):])
     assert summary["student_dir"] == str(tmp_path / "out" / "student")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -45,6 +47,7 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     resumed = capsys.readouterr().out
     assert "resumed: stage=distill, step=20, total_steps=20" in resumed
     assert "reusing the teacher outputs" in resumed  # the resumed job does not run the teacher again
+    assert "nothing to resume" not in resumed
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -51,6 +51,18 @@ def test_csv_with_string_labels_splits_80_10_10(tmp_path):
     assert data.name == "train.csv" and data.transfer == []
 
 
+def test_training_rows_that_repeat_held_out_texts_are_counted_and_one_file_is_not_both_held_out_splits(tmp_path):
+    rows = [[f"review number {i}", ["pos", "neg"][i % 2]] for i in range(20)]
+    train = write_csv(tmp_path / "train.csv", rows)
+    held_out = write_csv(tmp_path / "held_out.csv", rows[:3])
+    data = load_task_data(files(train=train, validation=held_out))
+    assert data.repeats_left_out == 3 and data.summary()["repeats_left_out"] == 3
+    assert load_task_data(files(train=train)).repeats_left_out == 0
+    with pytest.raises(DataError, match=r"held_out.csv: data.validation and data.test name the same file, so the best "
+                                        r"epoch would be chosen on the test texts"):
+        load_task_data(files(train=train, validation=held_out, test=tmp_path / "." / "held_out.csv"))
+
+
 def test_empty_fields_past_the_header_are_nothing(tmp_path):
     """A spreadsheet's export may end rows with commas; a field with something in it is refused (BAD_FILES)."""
     rows = [[f"review number {i}", ["pos", "neg"][i % 2], *[""] * (i % 3)] for i in range(20)]
@@ -154,6 +166,12 @@ BAD_FILES = [
     ("bad.csv", b"text,label\ngood,a\n  ,b\n", ["line 3", "empty text"]),
     ("bad.csv", b"text,label\ngood,a\nfine,b\nno label,\n", ["line 4", "missing label"]),
     ("bad.csv", b"text,label\ngood,a\nshort row\n", ["line 3", "missing label"]),
+    # A score column read as classes: one per value (a CSV's 0.005 ... 1.0 made 188).
+    ("bad.csv", b"text,label\ngood,1\nbad,0.0\n", ["line 3", "label '0.0' in 'label' is a number with a fraction"]),
+    # JSONL's 0/1 and "neg"/"pos" were four classes.
+    ("bad.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": "neg"}\n',
+     ["line 2", "label 'neg' in 'label' is a name, but line 1's ('0') is an integer; give every label as the same "
+                "kind"]),
     # Its label was `really good` (a class of its own) and `positive` was dropped.
     ("bad.csv", b"text,label\ngood,a\ngood film, really good,positive\n",
      ["line 3", "3 fields, but the header names 2; quote a field that holds a comma"]),
@@ -195,7 +213,7 @@ def test_label_missing_from_training_names_line_and_known_labels(tmp_path):
     train = write_csv(tmp_path / "train.csv", [["a", "neg"], ["b", "pos"], ["c", "neg"]])
     validation = write_csv(tmp_path / "val.csv", [["d", "pos"], ["e", "maybe"]])
     with pytest.raises(DataError) as error:
-        load_task_data(files(train=train, validation=validation, test=validation))
+        load_task_data(files(train=train, validation=validation))
     message = str(error.value)
     assert message.startswith(f"{validation}, line 3: label 'maybe' never occurs in the training file")
     assert "known labels: neg, pos" in message
@@ -253,19 +271,22 @@ def test_training_rows_left_with_one_class_are_refused(tmp_path):
     """The file's classes were checked before its validation/test texts left it: a job trained on one class."""
     train = write_csv(tmp_path / "train.csv", [[f"good film {i}", "1"] for i in range(20)] + [["awful", "0"],
                                                                                             ["bad plot", "0"]])
-    held_out = write_csv(tmp_path / "held.csv", [["awful", "0"], ["bad plot", "0"], ["good film 0", "1"]])
+    rows = [["awful", "0"], ["bad plot", "0"], ["good film 0", "1"]]
+    held_out = files(train=train, validation=write_csv(tmp_path / "val.csv", rows),
+                     test=write_csv(tmp_path / "test.csv", rows))
     with pytest.raises(DataError, match="the 19 training rows left after removing validation/test texts all have "
                                         "label '1'; distillation needs at least 2 classes"):
-        load_task_data(files(train=train, validation=held_out, test=held_out))
+        load_task_data(held_out)
     with pytest.raises(DataError, match=r"the 1 training rows left .* and keeping the first 1 \(data.limit\)"):
-        load_task_data(files(train=train, validation=held_out, test=held_out).model_copy(update={"limit": 1}))
+        load_task_data(held_out.model_copy(update={"limit": 1}))
 
 
 def test_training_rows_that_are_all_held_out_texts_are_refused(tmp_path):
     train = write_csv(tmp_path / "train.csv", [["same", "0"], ["other", "1"]] * 5)
-    test = write_csv(tmp_path / "test.csv", [["same", "0"], ["other", "1"]])
+    rows = [["same", "0"], ["other", "1"]]
     with pytest.raises(DataError, match="every training row is also a validation/test text"):
-        load_task_data(files(train=train, validation=test, test=test))
+        load_task_data(files(train=train, validation=write_csv(tmp_path / "val.csv", rows),
+                             test=write_csv(tmp_path / "test.csv", rows)))
 
 
 def _in_order(words: list[str], source: list[str]) -> bool:

@@ -169,6 +169,7 @@ def test_an_encoder_decoder_teaches_logits_only(config: PretrainedConfig, task: 
     failed at the ONNX export after the whole training, and the other tasks read one stack's states: refused before
     the job. A classifier's logits (test_pipeline trains one) any student of another model's layers can learn."""
     config.save_pretrained(tmp_path / "encdec")
+    write_tiny_tokenizer(tmp_path / "encdec")
     two_stacks = rf"^teacher.name: '.*encdec' is an encoder-decoder \({config.model_type}\), whose blocks"
     borrowed = FromModel(init="model", model=str(tiny_teacher_dir), num_layers=1)
     for spec in (FromTeacher(init="teacher", layers=[0]),
@@ -185,6 +186,20 @@ def test_an_encoder_decoder_teaches_logits_only(config: PretrainedConfig, task: 
                                               rf"\({config.model_type}\); a student is one stack"):
             check_student(FromModel(init="model", model=str(tmp_path / "encdec"), num_layers=1), tiny_teacher_dir,
                           max_length=16, task=task)  # type: ignore[arg-type]
+
+
+def test_a_model_without_its_tokenizer_files_is_refused_before_the_job(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """transformers 5 builds an empty vocabulary from config.json alone: the job trained on [UNK] and succeeded."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_teacher_dir / name).read_bytes())
+    no_files = rf"{bare} holds no tokenizer files \(tokenizer.json, vocab.txt, ...\)"
+    with pytest.raises(ConfigError, match=rf"^teacher.name: {no_files}"):
+        check_student(FromTeacher(init="teacher", layers=[0]), bare, max_length=16, task="sequence-classification")
+    with pytest.raises(ConfigError, match=rf"^student.model: {no_files}"):
+        check_student(FromModel(init="model", model=str(bare), num_layers=1), tiny_teacher_dir, max_length=16,
+                      task="sequence-classification")
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding"])

@@ -181,8 +181,11 @@ def _compress(args: argparse.Namespace) -> int:
         raise UsageError("--mode static needs --calibration-texts FILE (a few hundred typical inputs)")
     texts = read_texts(args.calibration_texts, "auto", args.text_column) if args.calibration_texts else None
     source = args.onnx_dir / ONNX_FILE
-    result = compress(source, args.onnx_dir, mode=args.mode, per_channel=args.per_channel,
-                      exclude_ops=args.exclude_ops, calibration_texts=texts, max_length=args.max_length)
+    try:
+        result = compress(source, args.onnx_dir, mode=args.mode, per_channel=args.per_channel,
+                          exclude_ops=args.exclude_ops, calibration_texts=texts, max_length=args.max_length)
+    except ValueError as e:  # e.g. a graph onnxruntime cannot read (runtime.cpu_session)
+        raise UsageError(str(e)) from None
     print(f"{source}: {source.stat().st_size / 1e6:.1f} MB")
     print(f"{result.optimized_path}: {result.optimized_bytes / 1e6:.1f} MB, fused {result.fused_ops or 'nothing'}, "
           f"max |logit difference| {result.optimized_max_abs_diff:.2e}")

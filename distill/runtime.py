@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -77,7 +78,10 @@ def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.Inf
     options.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:  # a truncated or damaged file: ORT's traceback
+        raise ValueError(f"{onnx_path} is not a readable ONNX graph ({e}); export it again") from None
 
 
 def torch_inputs(inputs: Inputs, device: torch.device, names: Iterable[str] | None = None) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tokenizers.models import WordPiece
 from torch import nn
 from transformers import (
@@ -74,7 +75,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
                           f"decoder such as GPT-2 or Llama")
     if value_relations:
         _check_value_projections(teacher, f"teacher.name {str(teacher_dir)!r}")
-    _check_tokenizer(teacher_dir, "teacher.name")
+    _check_files(teacher_dir, "teacher.name")
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher.num_hidden_layers)
     elif isinstance(spec, FromModel):
@@ -83,7 +84,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
         except TeacherNotFound as e:  # its words are the registry's, about teachers
             raise ConfigError(f"student.model: {e}") from None
         source = _source_config(spec, source_dir)
-        _check_tokenizer(source_dir, "student.model")
+        _check_files(source_dir, "student.model")
         _check_positions(source, max_length, f"student.model {spec.model!r}")
         if value_relations:
             _check_value_projections(source, f"student.model {spec.model!r}")
@@ -209,13 +210,21 @@ def _read_config(source: str | Path, key: str) -> PretrainedConfig:
         raise ConfigError(f"{key}: cannot read the config of {str(source)!r}: {e}") from None
 
 
-def _check_tokenizer(source: str | Path, key: str) -> None:
+def _check_files(source: str | Path, key: str) -> None:
     """A model directory without its tokenizer files trained on [UNK] alone (transformers 5 builds an empty
-    vocabulary from config.json) and reported success."""
+    vocabulary from config.json) and reported success; a damaged weights file failed with safetensors' traceback
+    once the job loaded it (its header is read here, not its tensors)."""
     try:
         load_tokenizer(source)
     except (OSError, ValueError) as e:  # FileNotFoundError: no files; OSError/ValueError: unreadable ones
         raise ConfigError(f"{key}: {e}") from None
+    for weights in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{key}: {weights} is not a readable safetensors file ({e}); save or download the "
+                              f"model again") from None
 
 
 def _check_positions(config: PretrainedConfig, max_length: int, whose: str) -> None:

@@ -153,8 +153,9 @@ def test_export_replaces_only_an_earlier_export_never_other_files_or_its_input(
         atomic.check_replaceable(out, "model.onnx", source=classifier)
 
 
-def test_export_says_one_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    """Without transformers' weight-loading bar and load report (here: the head it initializes) around it."""
+def test_export_says_one_line_and_a_damaged_graph_is_one_error(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """Without transformers' weight-loading bar and load report (here: the head it initializes) around it; a graph
+    cut short made `compress` and `bench` print onnxruntime's traceback."""
     classifier = write_tiny_encoder(tmp_path / "classifier")
     config = json.loads((classifier / "config.json").read_text())
     (classifier / "config.json").write_text(json.dumps(config | {"architectures": ["BertForSequenceClassification"]}))
@@ -169,6 +170,15 @@ def test_export_says_one_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> N
         transformers.logging.set_verbosity(verbosity)
         (transformers.logging.enable_progress_bar if bars else transformers.logging.disable_progress_bar)()
     assert out.startswith(f"wrote {tmp_path / 'onnx' / 'model.onnx'} (") and out.count("\n") == 1 and err == ""
+    graph = tmp_path / "onnx" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a fine film\n")
+    for command in (["compress", str(tmp_path / "onnx")], ["bench", str(tmp_path / "onnx"), "--texts", str(texts)]):
+        assert main(command) == 2
+        err = capfd.readouterr().err
+        assert err.startswith("distill: error: ") and f"{graph} is not a readable ONNX graph (" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -200,6 +200,13 @@ def test_a_model_without_its_tokenizer_files_is_refused_before_the_job(tiny_teac
     with pytest.raises(ConfigError, match=rf"^student.model: {no_files}"):
         check_student(FromModel(init="model", model=str(bare), num_layers=1), tiny_teacher_dir, max_length=16,
                       task="sequence-classification")
+    # Its weights cut short (a download stopped midway): safetensors' traceback once the job loaded them.
+    write_tiny_tokenizer(bare)
+    weights = (tiny_teacher_dir / "model.safetensors").read_bytes()
+    (bare / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ConfigError, match=rf"^teacher.name: {bare / 'model.safetensors'} is not a readable "
+                                          rf"safetensors file \(.+\); save or download the model again"):
+        check_student(FromTeacher(init="teacher", layers=[0]), bare, max_length=16, task="sequence-classification")
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "sentence-embedding"])

@@ -20,7 +20,7 @@ from distill.data import BUILTIN_DATASETS, DataError, pull_dataset, read_labeled
 from distill.engine import TrainingError
 from distill.evaluate import EvaluateError
 from distill.export import DEFAULT_OPSET, ExportError
-from distill.runtime import ONNX_FILE
+from distill.runtime import ONNX_FILE, UnreadableGraph
 from teachers.packaged import PullError
 from teachers.registry import TeacherNotFound, distill_home, list_teachers, pull_teacher
 
@@ -184,7 +184,7 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         result = compress(source, args.onnx_dir, mode=args.mode, per_channel=args.per_channel,
                           exclude_ops=args.exclude_ops, calibration_texts=texts, max_length=args.max_length)
-    except ValueError as e:  # e.g. a graph onnxruntime cannot read (runtime.cpu_session)
+    except UnreadableGraph as e:
         raise UsageError(str(e)) from None
     print(f"{source}: {source.stat().st_size / 1e6:.1f} MB")
     print(f"{result.optimized_path}: {result.optimized_bytes / 1e6:.1f} MB, fused {result.fused_ops or 'nothing'}, "

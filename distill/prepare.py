@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from distill import atomic, distributed
 from distill.config import JobConfig, TrainConfig
 from distill.engine import BEST, EventSink, Split, fit
+from distill.student import label_settings
 from distill.tasks import Encoded, Precision, Task, autocast, length_sorted_batches, on_device
 from teachers.registry import TeacherNotFound, distill_home, local_dir
 
@@ -72,12 +73,8 @@ def prepare_teacher(config: JobConfig, teacher_dir: str, labels: list[str], task
 
     tc = config.teacher
     torch.manual_seed(preparation_seed(config))
-    # The labels alone: they set num_labels (given too, it was checked against the saved config's labels first:
-    # a warning for BART's three MNLI ones). A classifier of other classes gets a head for these, trained anew
-    # below (loaded as it is, a head of another size stopped the job).
     model = AutoModelForSequenceClassification.from_pretrained(
-        teacher_dir, id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
-        ignore_mismatched_sizes=True).to(distributed.device())
+        teacher_dir, **label_settings(AutoConfig.from_pretrained(teacher_dir), labels)).to(distributed.device())
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     stages: list[dict[str, Any]] = []
     # The job's own scratch directory (two jobs may prepare one teacher at once); under torchrun every rank

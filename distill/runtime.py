@@ -69,6 +69,10 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class UnreadableGraph(ValueError):
+    """An ONNX file onnxruntime cannot load: cut short, damaged, or not ONNX."""
+
+
 def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.InferenceSession:
     """An onnxruntime CPU session with `threads` intra-op threads (default: PyTorch's, torch.get_num_threads(), so
     that the two runtimes timed side by side in one process use as many: under torchrun, whose workers get
@@ -81,7 +85,7 @@ def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.Inf
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:  # a truncated or damaged file: ORT's traceback
-        raise ValueError(f"{onnx_path} is not a readable ONNX graph ({e}); export it again") from None
+        raise UnreadableGraph(f"{onnx_path} is not a readable ONNX graph ({e}); export it again") from None
 
 
 def torch_inputs(inputs: Inputs, device: torch.device, names: Iterable[str] | None = None) -> dict[str, Tensor]:

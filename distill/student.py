@@ -260,8 +260,6 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
     attn_implementation: 'eager' when attention maps are distilled (SDPA does not return them); None lets
     transformers pick (SDPA where the architecture has it; MPNet has not).
     """
-    labels = ({"id2label": teacher.config.id2label, "label2id": teacher.config.label2id}
-              if auto_class is AutoModelForSequenceClassification else {})
     teacher_layers = teacher.config.num_hidden_layers
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher_layers)
@@ -270,6 +268,8 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
     if isinstance(spec, FromModel):
         source = resolve_teacher(spec.model)
         source_config = _source_config(spec, source)
+        classes = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
+        labels = label_settings(source_config, classes) if auto_class is AutoModelForSequenceClassification else {}
         model = auto_class.from_pretrained(
             source, num_hidden_layers=spec.num_layers, attn_implementation=attn_implementation, **labels,
             **_per_layer_settings(source_config, range(spec.num_layers)))
@@ -294,6 +294,15 @@ def build_student(spec: StudentConfig, teacher: PreTrainedModel, teacher_dir: st
     model = auto_class.from_config(config, attn_implementation=attn_implementation)
     return Student(model, AutoTokenizer.from_pretrained(teacher_dir), True,
                    _uniform_layer_map(spec.num_layers, teacher_layers))
+
+
+def label_settings(source: PretrainedConfig, labels: list[str]) -> dict[str, Any]:
+    """from_pretrained's keywords for a classifier of `labels` loaded from the model of config `source`: the labels
+    alone set num_labels (given too, it was checked against the saved config's first: a warning for BART's three
+    MNLI ones), and a classifier of another number of classes (an MNLI model, another job's) gets a new head, sized
+    for these, where loading its own stopped the job with transformers' RuntimeError."""
+    return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
+            "ignore_mismatched_sizes": source.num_labels != len(labels)}
 
 
 def trim_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -60,6 +60,11 @@ class TextJsonRequest(Request):
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                     "body: values nested too deep to read; no request here needs more than a few "
                                     "levels") from None
+            except ValueError as e:
+                if isinstance(e, json.JSONDecodeError):
+                    raise
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                    f"body: not readable as JSON ({e})") from None
             _refuse_lone_surrogates(self._parsed, "")
         return self._parsed
 

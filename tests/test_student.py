@@ -250,6 +250,18 @@ def test_build_student_refuses_more_layers_than_its_source_has(tiny_teacher_dir:
                          str(tiny_teacher_dir)).model.config.num_hidden_layers == 2
 
 
+def test_a_student_from_a_classifier_of_other_classes_gets_the_teachers(tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """Another job's 3-class student under a 2-class teacher: its head of another size stopped the load."""
+    source = write_tiny_encoder(tmp_path / "three-classes")
+    AutoModelForSequenceClassification.from_pretrained(
+        source, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}).save_pretrained(source)
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        tiny_teacher_dir, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    student = build_student(FromModel(init="model", model=str(source), num_layers=1), teacher, str(tiny_teacher_dir))
+    assert student.model.config.id2label == {0: "negative", 1: "positive"}
+    assert student.model(**student.tokenizer(["good film"], return_tensors="pt")).logits.shape == (1, 2)
+
+
 def test_every_student_layer_learns_from_a_teacher_layer(tiny_teacher_dir: Path) -> None:
     """The 2-layer teacher's hidden states 1..2 spread over the student's layers; a deeper student's first layer maps
     to the teacher's first, not to its embeddings (index 0, whose attention and values do not exist)."""

@@ -53,7 +53,7 @@ from distill.config import (
 )
 from distill.data import pull_dataset
 from distill.pipeline import REPORT, TEACHER_LOGITS, run
-from distill.tasks import bf16_is_slow
+from distill.tasks import fast_precision
 from teachers.registry import distill_home, pull_teacher
 
 RESULTS = Path(__file__).parent / "results" / "distill_reviews.json"
@@ -117,7 +117,7 @@ def main() -> None:
                         help="two-stage: perturbed copies of each training text in stage 2 (stage 1 uses --augment)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="two-stage: the students' seeds")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
-                        default="fp32" if bf16_is_slow(torch.device("cpu")) else "bf16",
+                        default=fast_precision(torch.device("cpu")),
                         help="bf16 autocast: faster on CPUs with AVX512-BF16, the default there (what the README "
                              "quotes); 60x slower on others, whose default is fp32")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,

@@ -32,7 +32,7 @@ from distill import losses
 from distill.config import DataConfig
 from distill.data import load_task_data, pull_dataset
 from distill.engine import set_dropout
-from distill.tasks import autocast, bf16_is_slow
+from distill.tasks import autocast, fast_precision
 from teachers.registry import resolve_teacher
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"],
-                        default="fp32" if bf16_is_slow(torch.device("cpu")) else "bf16",
+                        default=fast_precision(torch.device("cpu")),
                         help="bf16 where the CPU has its kernels (AVX512-BF16), else fp32")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

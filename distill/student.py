@@ -75,7 +75,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
                           f"decoder such as GPT-2 or Llama")
     if value_relations:
         _check_value_projections(teacher, f"teacher.name {str(teacher_dir)!r}")
-    _check_files(teacher_dir, "teacher.name")
+    teacher_tokenizer = _check_files(teacher_dir, "teacher.name")
     if isinstance(spec, FromTeacher):
         _check_layers(spec.layers, teacher.num_hidden_layers)
     elif isinstance(spec, FromModel):
@@ -84,7 +84,7 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
         except TeacherNotFound as e:  # its words are the registry's, about teachers
             raise ConfigError(f"student.model: {e}") from None
         source = _source_config(spec, source_dir)
-        _check_files(source_dir, "student.model")
+        student_tokenizer = _check_files(source_dir, "student.model")
         _check_positions(source, max_length, f"student.model {spec.model!r}")
         if value_relations:
             _check_value_projections(source, f"student.model {spec.model!r}")
@@ -96,9 +96,8 @@ def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: i
             if task == "causal-lm":
                 raise ConfigError("student.trim_vocabulary: a causal LM predicts over its whole vocabulary, so it "
                                   "is kept; remove the key")
-            _wordpiece(AutoTokenizer.from_pretrained(source_dir))
+            _wordpiece(student_tokenizer)
         if task == "causal-lm" or intermediate_losses:
-            student_tokenizer, teacher_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (source_dir, teacher_dir))
             if task == "causal-lm":
                 # A trimmed vocabulary renumbers the tokens, so it is another vocabulary too.
                 if spec.trim_vocabulary or student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
@@ -210,12 +209,13 @@ def _read_config(source: str | Path, key: str) -> PretrainedConfig:
         raise ConfigError(f"{key}: cannot read the config of {str(source)!r}: {e}") from None
 
 
-def _check_files(source: str | Path, key: str) -> None:
-    """A model directory without its tokenizer files trained on [UNK] alone (transformers 5 builds an empty
-    vocabulary from config.json) and reported success; a damaged weights file failed with safetensors' traceback
-    once the job loaded it (its header is read here, not its tensors)."""
+def _check_files(source: str | Path, key: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, for the checks that compare it. A model directory without its tokenizer files trained
+    on [UNK] alone (transformers 5 builds an empty vocabulary from config.json) and reported success; a damaged
+    weights file failed with safetensors' traceback once the job loaded it (its header is read here, not its
+    tensors)."""
     try:
-        load_tokenizer(source)
+        tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as e:  # FileNotFoundError: no files; OSError/ValueError: unreadable ones
         raise ConfigError(f"{key}: {e}") from None
     for weights in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
@@ -225,6 +225,7 @@ def _check_files(source: str | Path, key: str) -> None:
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{key}: {weights} is not a readable safetensors file ({e}); save or download the "
                               f"model again") from None
+    return tokenizer
 
 
 def _check_positions(config: PretrainedConfig, max_length: int, whose: str) -> None:

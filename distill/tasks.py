@@ -128,6 +128,11 @@ def bf16_is_slow(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def fast_precision(device: torch.device) -> Precision:
+    """bf16 where its kernels are fast on `device`, fp32 where autocast would fall back to reference code."""
+    return "fp32" if bf16_is_slow(device) else "bf16"
+
+
 def on_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """A collated batch moved to `device` (collate builds it on the CPU)."""
     return {key: value.to(device) for key, value in inputs.items()}

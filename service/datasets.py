@@ -65,9 +65,9 @@ async def read_upload(request: Request, settings: SettingsDep) -> AsyncIterator[
     except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing kept
         raise ServiceError(400, "the upload was cut off before its end") from None
     try:
-        unknown = [key for key in dict.fromkeys(form.keys()) if key not in UPLOAD_PARTS]
-        if unknown:  # a misspelt label_column would otherwise be the default, silently
-            raise ServiceError(422, f"{unknown[0]}: unknown form part; allowed: {', '.join(UPLOAD_PARTS)}")
+        unknown = next((key for key in form if key not in UPLOAD_PARTS), None)
+        if unknown is not None:  # a misspelt label_column would otherwise be the default, silently
+            raise ServiceError(422, f"{unknown}: unknown form part; allowed: {', '.join(UPLOAD_PARTS)}")
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise ServiceError(422, "file: missing; send the CSV or JSONL file as the multipart part 'file'")

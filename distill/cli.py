@@ -78,7 +78,7 @@ def _quiet_transformers() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from distill.pipeline import run  # heavy (torch, transformers): only for the commands that train
+    from distill.pipeline import earlier_run, run  # heavy (torch, transformers): only for the commands that train
 
     _quiet_transformers()
     if args.output_dir and any(key.strip() == "output_dir" and equals
@@ -87,9 +87,13 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     if args.output_dir:
         config = config.model_copy(update={"output_dir": args.output_dir})
+    assert config.output_dir is not None  # load_config fills it in
+    if not (args.resume or args.overwrite or distributed.launched()) and (found := earlier_run(config.output_dir)):
+        # A rerun would replace the student and report (HF Trainer's overwrite_output_dir rule).
+        raise UsageError(f"{config.output_dir} holds an earlier run ({', '.join(found)}): --resume continues it, "
+                         f"--overwrite starts over in it, or give another --output-dir")
     if distributed.wanted(config.distributed) and not distributed.launched():
         # The same command again as torchrun workers; rank 0 draws the progress.
-        assert config.output_dir is not None  # load_config fills it in
         again = ["run", *_same_run(args), *(["--resume"] * args.resume)]
         return _torchrun(distributed.torchrun_args(config.distributed, config.output_dir.name, "distill.cli", *again))
     printer = ProgressPrinter()
@@ -276,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a distillation job from a YAML config")
     run.add_argument("config", type=Path)
     run.add_argument("--output-dir", type=Path, help="override the config's output_dir")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in an output_dir that holds an earlier run (refused without it)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, dotted (train.lr=3e-4, student.model=DIR); the value is read as "
                           "YAML; repeatable (give each variant its own --output-dir)")

@@ -292,6 +292,11 @@ def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tu
     return out, emit
 
 
+def earlier_run(output_dir: Path) -> list[str]:
+    """What an earlier job left in output_dir that a new one would replace: its student, report, checkpoint."""
+    return [name for name in (STUDENT, REPORT, engine.CHECKPOINT) if (Path(output_dir) / name).exists()]
+
+
 def run_identity(config: JobConfig) -> dict[str, Any]:
     """A job's data settings, teacher and student, flat (`data.limit`, `teacher.name`, `student.layers`, ...): with
     another of any, a checkpoint is not this job's to continue (engine.fit's `identity`), and a config says so

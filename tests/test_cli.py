@@ -48,6 +48,13 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     assert "resumed: stage=distill, step=20, total_steps=20" in resumed
     assert "reusing the teacher outputs" in resumed  # the resumed job does not run the teacher again
     assert "nothing to resume" not in resumed
+    # Run again without either: refused, since it would replace the student and report.
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), *one_epoch]) == 2
+    assert capsys.readouterr().err == (f"distill: error: {tmp_path / 'out'} holds an earlier run (student, "
+                                       f"report.json, checkpoint.pt): --resume continues it, --overwrite starts over "
+                                       f"in it, or give another --output-dir\n")
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--overwrite", *one_epoch]) == 0
+    assert "resumed:" not in capsys.readouterr().out  # trained from the start
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -71,6 +71,7 @@ from distill.runtime import (
     TorchPredictor,
 )
 from service.runner import REPORT_FILE as REPORT
+from service.runner import PublicPaths
 from service.settings import Settings
 from teachers.registry import distill_home
 
@@ -266,6 +267,7 @@ class ModelCatalog:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.public = PublicPaths(settings)
         self._reports: dict[str, tuple[int, dict[str, ModelInfo]]] = {}  # job id → (report mtime_ns, models)
         self._cache: OrderedDict[CacheKey, _Loaded] = OrderedDict()  # least recently used first
         self._load_lock = asyncio.Lock()  # one load at a time: a second request for a model waits for the first
@@ -411,6 +413,9 @@ class ModelCatalog:
                         predictor = await asyncio.to_thread(open_model, info, self.settings.inference_threads,
                                                             self.settings.inference_spinning,
                                                             self.settings.torch_device)
+                    except ModelLoadError as e:  # the server's log has the paths, the client the reason
+                        log.exception("could not load %s", info.id)
+                        raise ModelLoadError(self.public(str(e))) from None
                     finally:
                         # Its job deleted meanwhile: no model (404), not a failed load (500), and none cached.
                         self.get(info.id)
@@ -632,8 +637,8 @@ class Comparisons:
             comparison.status, comparison.error, comparison.error_status = "failed", str(e), 500
         except Exception as e:  # a bug: say so in the comparison instead of losing it in a task nobody awaits
             log.exception("comparison %s failed", comparison.id)
-            comparison.status, comparison.error = "failed", f"internal error: {type(e).__name__}: {e}"
-            comparison.error_status = 500
+            comparison.status, comparison.error_status = "failed", 500
+            comparison.error = self.catalog.public(f"internal error: {type(e).__name__}: {e}")
         comparison.finished_at = datetime.now(UTC)
 
     def _measure(self, predictors: dict[str, Model], infos: list[ModelInfo], inputs: _Inputs,

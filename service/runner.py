@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -75,6 +76,29 @@ def move_out(settings: Settings, job_id: str) -> Path | None:
 
 def upload_path(settings: Settings, dataset_id: str, format: str) -> Path:
     return settings.datasets_dir / dataset_id / f"data.{format}"
+
+
+class PublicPaths:
+    """The server's directories as a client sees them in events, errors and reports: an uploaded file is
+    `upload:<id>`, a job's directory `jobs/<id>` (its files are GET /v1/jobs/<id>/artifacts/<name>), anything else
+    under the server's home `$DISTILL_HOME/...`; a client learns nothing of the server's file system from them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._upload = re.compile(rf"{re.escape(str(settings.datasets_dir))}/([^/\s]+)/data\.(?:csv|jsonl)\b")
+        self._public = {str(settings.jobs_dir): "jobs", str(settings.home): "$DISTILL_HOME"}  # the longer first
+        # Not followed by a name's characters: `/srv/distill` is not in `/srv/distill-old/x`.
+        self._roots = re.compile("|".join(rf"{re.escape(path)}(?![\w-])" for path in self._public))
+
+    def __call__(self, value: Any) -> Any:
+        """`value` with every server path in its strings (in dicts and lists too) replaced."""
+        if isinstance(value, str):
+            value = self._upload.sub(lambda m: f"{UPLOAD_PREFIX}{m[1]}", value)
+            return self._roots.sub(lambda m: self._public[m[0]], value)
+        if isinstance(value, dict):
+            return {key: self(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self(item) for item in value]
+        return value
 
 
 @dataclass(frozen=True)
@@ -215,6 +239,7 @@ def _server_model_name(key: str, name: str, settings: Settings) -> str:
 class Runner:
     def __init__(self, settings: Settings, store: Store, catalog: ModelCatalog) -> None:
         self.settings, self.store, self.catalog = settings, store, catalog
+        self.public = PublicPaths(settings)  # what events and errors show a client
         self._lock = threading.Lock()  # guards the dicts/sets below and claim + launch as one step
         self._procs: dict[str, subprocess.Popen[str]] = {}
         self._watchers: dict[str, threading.Thread] = {}
@@ -314,8 +339,8 @@ class Runner:
                 self.store.finish(job_id, "succeeded", test=test)
                 continue
             if not (directory / CONFIG_FILE).is_file():
-                self.store.finish(job_id, "failed", f"the server stopped while this job ran and its directory "
-                                                    f"{directory} is gone, so it cannot resume")
+                self.store.finish(job_id, "failed", self.public(f"the server stopped while this job ran and its "
+                                                                f"directory {directory} is gone, so it cannot resume"))
                 continue
             self.store.requeue(job_id, "the server stopped while this job ran; it resumes from its last checkpoint")
             log.info("job requeued to resume", extra={"job_id": job_id})
@@ -355,14 +380,15 @@ class Runner:
                 proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=directory,
                                         text=True, encoding="utf-8", errors="replace", start_new_session=True)
         except OSError as e:
+            why = self.public(str(e))
             # Another try later, back in its place in the queue: one failure must not fail every queued job at once.
             self._spawn_failures[job.id] += 1
             if self._spawn_failures[job.id] < SPAWN_ATTEMPTS:
-                self.store.requeue(job.id, f"could not start the job process ({e}); trying again in "
+                self.store.requeue(job.id, f"could not start the job process ({why}); trying again in "
                                            f"{SPAWN_RETRY_SECONDS:g} s", started=False)
             else:
                 del self._spawn_failures[job.id]
-                self.store.finish(job.id, "failed", f"could not start the job process ({SPAWN_ATTEMPTS} tries): {e}")
+                self.store.finish(job.id, "failed", f"could not start the job process ({SPAWN_ATTEMPTS} tries): {why}")
             return False
         self._spawn_failures.pop(job.id, None)
         self.store.set_pid(job.id, proc.pid)
@@ -378,7 +404,7 @@ class Runner:
         for line in proc.stdout:
             kind, data = _parse_event(line)
             if kind == "error":  # becomes the job's error, in its final status event
-                error = data.get("message")
+                error = self.public(data.get("message"))
                 continue
             if kind == "progress":
                 stage, at = data.get("stage"), time.monotonic()
@@ -387,7 +413,7 @@ class Runner:
                     continue
                 stored_progress = (stage, at)
             try:
-                self.store.add_event(job.id, kind, data)
+                self.store.add_event(job.id, kind, self.public(data))
             except sqlite3.Error:  # a full disk, say: keep reading the pipe, or the job blocks once it fills
                 log.exception("could not record a job event", extra={"job_id": job.id, "kind": kind})
         code = proc.wait()
@@ -415,7 +441,7 @@ class Runner:
         elif cancelled and error is None:  # an error came before the cancel's SIGTERM (which sends none): failed
             self.store.finish(job.id, "cancelled")
         else:
-            reason = error or _exit_reason(code, job_dir(self.settings, job.id) / STDERR_FILE)
+            reason = error or self.public(_exit_reason(code, job_dir(self.settings, job.id) / STDERR_FILE))
             self.store.finish(job.id, "failed", f"resuming failed: {reason}" if job.runs > 1 else reason)
         final = self.store.get_job(job.id)
         assert final is not None and final.status in TERMINAL

@@ -25,7 +25,7 @@ from service import datasets as datasets_module
 from service import runner
 from service.app import create_app
 from service.routes.jobs import _files, log_as_written_now
-from service.runner import _server_model_name, check_job
+from service.runner import PublicPaths, _server_model_name, check_job
 from service.schemas import ServiceError
 from service.settings import Settings
 from service.store import Store
@@ -137,6 +137,11 @@ def test_a_job_goes_queued_running_succeeded_with_ordered_events_report_and_arti
     report = client.get(f"/v1/jobs/{job_id}/report")
     assert report.status_code == 200 and report.json()["student"]["test_accuracy"] == \
         job["metrics"]["test"]["student_test_accuracy"]
+    # The server's directories stay its own: the upload by its reference, the job's files by the job.
+    assert str(distill_home) not in json.dumps(events) + report.text
+    assert [e["data"]["report"] for e in events if e["kind"] == "done"] == [f"jobs/{job_id}/report.json"]
+    assert report.json()["config"]["data"]["train"] == dataset.json()["reference"]
+    assert report.json()["student"]["dir"] == f"jobs/{job_id}/student"
     files = client.get(f"/v1/jobs/{job_id}/artifacts").json()["files"]
     assert {"config.json", "report.json", "report.md", "student/config.json", "stderr.log"} <= set(files)
     markdown = client.get(f"/v1/jobs/{job_id}/artifacts/report.md")
@@ -169,6 +174,15 @@ def test_a_job_goes_queued_running_succeeded_with_ordered_events_report_and_arti
         "items": [], "total": 0, "limit": 20, "offset": 0}
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     assert client.delete(f"/v1/datasets/{dataset.json()['id']}").status_code == 204  # no active job uses it
+
+
+def test_server_paths_reach_clients_as_references(tmp_path: Path) -> None:
+    home = tmp_path / "distill"
+    public = PublicPaths(Settings(home=home))
+    assert public({"message": [f"read {home}/uploads/ab12/data.csv, wrote {home}/jobs/j1/student.",
+                               f"reusing the prepared teacher {home}/prepared/bert-1f2e", f"{home}-old/x", 3]}) == {
+        "message": ["read upload:ab12, wrote jobs/j1/student.", "reusing the prepared teacher "
+                    "$DISTILL_HOME/prepared/bert-1f2e", f"{home}-old/x", 3]}
 
 
 def test_cancel_stops_a_running_job_and_a_full_queue_answers_429(

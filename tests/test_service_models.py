@@ -23,7 +23,7 @@ from distill.config import TrainConfig as Train
 from distill.pipeline import run
 from distill.runtime import InputError, OnnxPredictor, Prediction, TorchPredictor
 from service import models as service_models
-from service.models import CompareError, MicroBatcher, ModelCatalog, UnknownModelError
+from service.models import CompareError, MicroBatcher, ModelCatalog, ModelLoadError, UnknownModelError
 from service.routing import json_body_limit
 from service.settings import Settings
 from tests.conftest import (
@@ -89,6 +89,19 @@ def test_a_model_whose_job_is_deleted_as_it_loads_is_unknown_and_not_cached(
     with pytest.raises(UnknownModelError, match="no model 'gone.student'"):
         asyncio.run(catalog._loaded(info))
     assert not catalog._cache
+
+
+def test_a_model_that_no_longer_loads_is_a_500_naming_no_server_path(settings: Settings) -> None:
+    shutil.copytree(settings.jobs_dir / "job1", settings.jobs_dir / "broken")
+    try:
+        catalog = ModelCatalog(settings)
+        info = catalog.get("broken.student")
+        (info.path if info.path.is_file() else info.path / "config.json").write_text("not a model")
+        with pytest.raises(ModelLoadError, match="^could not load broken.student from jobs/broken/") as raised:
+            asyncio.run(catalog._loaded(info))
+        assert str(settings.home) not in str(raised.value)
+    finally:
+        shutil.rmtree(settings.jobs_dir / "broken")
 
 
 def test_a_deleted_jobs_teacher_is_unloaded_unless_a_listed_job_serves_it(settings: Settings, tmp_path: Path) -> None:

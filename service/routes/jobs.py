@@ -21,7 +21,7 @@ from distill.config import JobConfig
 from service.deps import RunnerDep, SettingsDep, StoppingDep, StoreDep
 from service.routes.models import CatalogDep
 from service.routing import TextJsonRoute
-from service.runner import REPORT_FILE, STDERR_FILE, job_dir, move_out
+from service.runner import REPORT_FILE, STDERR_FILE, PublicPaths, job_dir, move_out
 from service.schemas import (
     JOB_CONFIG_EXAMPLE,
     ArtifactList,
@@ -148,7 +148,7 @@ def get_report(job: JobDep, settings: SettingsDep) -> dict[str, Any]:
     if not path.is_file():
         why = f"it failed: {job.error}" if job.status == "failed" else "report.json is written when it succeeds"
         raise ServiceError(404, f"job {job.id} has no report: it is {job.status}; {why}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return PublicPaths(settings)(json.loads(path.read_text(encoding="utf-8")))
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=error_responses(404),

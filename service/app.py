@@ -13,6 +13,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from service.datasets import remove_unfinished_uploads
 from service.deps import require_api_key
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await anyio.to_thread.run_sync(runner.stop)
             store.close()
 
-    app = FastAPI(title="distill", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPIOffline(title="distill", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings  # before start-up too, so dependencies never miss it
     app.state.store = None
     app.state.stopping = lambda: False  # serve() asks its uvicorn server

@@ -295,6 +295,38 @@ class JobConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _settings_fit_the_task(self) -> JobConfig:
+        """Another task's settings, refused as its loss and teacher keys are (compared with the defaults)."""
+        unread = {"sequence-classification": [],
+                  "sentence-embedding": ["export.teacher", "evaluate.latency_calls", "evaluate.throughput_batch"],
+                  "causal-lm": ["data.label_column", "export.teacher", "evaluate.throughput_batch"]}[self.task]
+        if unread := [key for key in unread if self._changed(key)]:
+            raise ValueError(f"{unread[0]}: not used by task {self.task!r}; remove it")
+        return self
+
+    def switched_off(self) -> list[str]:
+        """Settings given that another setting leaves unused (every export key with export.onnx false, INT8's with
+        compress.quantize none, calibration_size unless INT8 is static), with why: kept, so switching that one back
+        needs no edit, but said (pipeline.start_job warns)."""
+        if not self.export.onnx:
+            unused = [(f"{section}.{key}", "export.onnx is false") for section in ("export", "compress", "evaluate")
+                      for key in type(getattr(self, section)).model_fields if key != "onnx"]
+        elif self.compress.quantize == "none":
+            unused = [(f"compress.{key}", "compress.quantize is 'none'")
+                      for key in CompressConfig.model_fields if key != "quantize"]
+        elif self.compress.quantize == "dynamic":
+            unused = [("compress.calibration_size", "INT8 is dynamic")]
+        else:
+            unused = []
+        return [f"{key} (as {why})" for key, why in unused if self._changed(key)]
+
+    def _changed(self, key: str) -> bool:
+        """Whether `section.name` differs from its default."""
+        section, name = key.split(".")
+        field = type(getattr(self, section)).model_fields[name]
+        return getattr(getattr(self, section), name) != field.get_default(call_default_factory=True)
+
+    @model_validator(mode="after")
     def _quantization_fits_the_task(self) -> JobConfig:
         """Static INT8 calibrates through a classifier's graph (distill.compress); the other tasks quantize
         dynamically."""

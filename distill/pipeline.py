@@ -286,6 +286,8 @@ def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tu
     emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
     if resume and new:  # a mistyped output directory: the job starts over, so say it
         emit("log", {"message": f"nothing to resume: {out} is new or empty, so the job starts from the beginning"})
+    if unused := config.switched_off():
+        emit("log", {"message": f"warning: not used by this job: {', '.join(unused)}"})
     if config.precision == "bf16" and bf16_is_slow(distributed.device()):
         emit("log", {"message": "warning: precision 'bf16' on a CPU without bf16 kernels (no AVX512): autocast falls "
                                 "back to reference code, measured 60x slower than fp32; use precision: fp32 here"})

@@ -53,8 +53,12 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     assert capsys.readouterr().err == (f"distill: error: {tmp_path / 'out'} holds an earlier run (student, "
                                        f"report.json, checkpoint.pt): --resume continues it, --overwrite starts over "
                                        f"in it, or give another --output-dir\n")
-    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--overwrite", *one_epoch]) == 0
-    assert "resumed:" not in capsys.readouterr().out  # trained from the start
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--overwrite", *one_epoch,
+                 "--set", "compress.per_channel=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed:" not in printed  # trained from the start
+    # A setting the job's export: false leaves unused is kept (switching export back needs no edit), and said.
+    assert "warning: not used by this job: compress.per_channel (as export.onnx is false)" in printed
 
 
 @pytest.mark.parametrize("extra, message", [

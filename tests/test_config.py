@@ -28,6 +28,12 @@ def test_defaults_are_a_runnable_minilm_job() -> None:
     ({"task": "sentence-embedding", "loss": {"divergence": "jsd"}}, "loss.divergence: not used by task "
                                                                      "'sentence-embedding'"),
     ({"loss": {"divergence": "js"}}, "loss.divergence: Input should be 'kd_kl', 'reverse_kl' or 'jsd'"),
+    # Another task's keys (each was accepted and did nothing):
+    ({"task": "causal-lm", "data": {"label_column": "y"}}, "data.label_column: not used by task 'causal-lm'; "
+                                                            "remove it"),
+    ({"task": "sentence-embedding", "export": {"teacher": False}}, "export.teacher: not used by task "
+                                                                   "'sentence-embedding'; remove it"),
+    ({"task": "sentence-embedding", "evaluate": {"latency_calls": 50}}, "evaluate.latency_calls: not used by task"),
     ({"distributed": {"nnodes": 2}}, "distributed.nnodes is 2: set distributed.rdzv_endpoint"),
     ({"task": "sentence-embedding", "compress": {"quantize": "static"}}, "compress.quantize: static INT8 is not "
                                                                           "available for task 'sentence-embedding'"),
@@ -68,6 +74,20 @@ def test_bad_configs_name_the_key_and_what_is_allowed(body: dict, message: str) 
     with pytest.raises(ConfigError) as error:
         parse_config(body)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("body, unused", [
+    ({"export": {"onnx": False, "opset": 18}, "compress": {"exclude_ops": ["Gather"]}},
+     ["export.opset (as export.onnx is false)", "compress.exclude_ops (as export.onnx is false)"]),
+    ({"compress": {"quantize": "none", "max_accuracy_drop": 2}},
+     ["compress.max_accuracy_drop (as compress.quantize is 'none')"]),
+    ({"compress": {"calibration_size": 50}}, ["compress.calibration_size (as INT8 is dynamic)"]),
+    ({"compress": {"quantize": "static", "calibration_size": 50}}, []),
+    ({"export": {"onnx": False}}, []),
+])
+def test_settings_another_switches_off_are_kept_and_named(body: dict, unused: list[str]) -> None:
+    """Accepted, so switching export or INT8 back on needs no edit; pipeline.start_job warns with these."""
+    assert parse_config(body).switched_off() == unused
 
 
 def test_a_value_of_the_wrong_type_for_transfer_is_one_line() -> None:

@@ -362,7 +362,7 @@ def _where(loc: tuple[str | int, ...]) -> str:
     and the names of a union's branches or validators (`function-after[...]`, `lax-or-strict[...]`), which are
     no key of the config."""
     parts = [p for p in loc if isinstance(p, int) or not any(c in p for c in "[(-")]
-    if len(parts) > 2 and parts[0] == "student" and parts[1] in STUDENT_INITS:
+    if len(parts) > 1 and parts[0] == "student" and parts[1] in STUDENT_INITS:
         del parts[1]
     return ".".join(map(str, parts)) or "config"
 
@@ -433,6 +433,11 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> JobConfig:
     `student.layers=[0, 6, 11]`) set on top, validated as one."""
     try:
         data = yaml.load(Path(path).read_text(encoding="utf-8"), _UniqueKeyLoader) or {}  # a SafeLoader
+    except yaml.MarkedYAMLError as e:  # one line, where the parser stopped (its own text is three, "<unicode string>")
+        mark = e.problem_mark or e.context_mark
+        opened = f" ({e.context} on line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: {e.problem}{opened}") from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
     except UnicodeDecodeError as e:

@@ -279,7 +279,9 @@ def _records(path: Path, format: str, columns: list[str]) -> list[tuple[int, lis
                 if values:  # csv yields [] for a blank line
                     records.append((start, [values[i] if i < len(values) else None for i in where]))
         except csv.Error as e:
-            raise _error(path, last + 1, f"not readable as CSV: {e}") from None
+            hint = ("; an unclosed quote runs a field on into the rows after it, and texts really this long read "
+                    "from JSONL, which has no such limit") if "field limit" in str(e) else ""
+            raise _error(path, last + 1, f"not readable as CSV: {e}{hint}") from None
         if not records:
             raise _error(path, last, "no data rows after the header")
         return records
@@ -480,6 +482,9 @@ def _load_builtin(config: DataConfig) -> TaskData:
 def load_task_data(config: DataConfig, *, labelled: bool = True) -> TaskData:
     """Labeled splits and transfer texts for a job; see the module docstring for the split scheme. `labelled=False`
     (causal LMs) reads files for their texts alone: a .txt file one text per line, CSV/JSONL their text column."""
+    for key in ("train", "validation", "test", "transfer"):
+        if isinstance(path := getattr(config, key), Path) and not path.exists():
+            raise DataError(f"data.{key}: {path} does not exist")
     data = _load_files(config, labelled) if config.dataset == "files" else _load_builtin(config)
     # A text the job is scored on is never trained on: its copies leave the training rows (a file with repeated
     # rows would otherwise put one copy in train and one in test), the transfer texts and the perturbed copies.

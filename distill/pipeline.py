@@ -280,9 +280,14 @@ def start_job(config: JobConfig, on_event: EventSink | None, resume: bool) -> tu
                                | {"precision": config.precision, **run_identity(config)})
     distributed.place(config.device)
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file; give a directory (new, or one of an earlier run)")
     new = not out.is_dir() or not any(out.iterdir())
     if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"output_dir: cannot create {out}: {e.strerror}") from None
     emit = on_event if on_event is not None and distributed.is_main() else (lambda kind, data: None)
     if resume and new:  # a mistyped output directory: the job starts over, so say it
         emit("log", {"message": f"nothing to resume: {out} is new or empty, so the job starts from the beginning"})

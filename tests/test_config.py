@@ -90,6 +90,14 @@ def test_settings_another_switches_off_are_kept_and_named(body: dict, unused: li
     assert parse_config(body).switched_off() == unused
 
 
+def test_a_students_own_check_is_not_prefixed_with_its_init() -> None:
+    fresh = {"init": "fresh", "num_layers": 2, "hidden_size": 30, "num_heads": 4, "intermediate_size": 64}
+    with pytest.raises(ConfigError) as error:
+        parse_config({"student": fresh})
+    assert str(error.value) == "student.hidden_size (30) must be divisible by student.num_heads (4)"  # was after
+    # "student.fresh: ", a key no config has
+
+
 def test_a_value_of_the_wrong_type_for_transfer_is_one_line() -> None:
     with pytest.raises(ConfigError) as error:  # it was a line per branch of its union, naming pydantic's internals
         parse_config({"data": {"transfer": 5}})
@@ -109,7 +117,8 @@ def test_paths_expand_home_as_a_shell_does(tmp_path: Path, monkeypatch: pytest.M
 def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path: Path) -> None:
     """YAML keeps the last: the second `train:` section replaced the first silently."""
     (tmp_path / "twice.yaml").write_text("train:\n  epochs: 2\nseed: 1\ntrain:\n  lr: 0.1\n")
-    with pytest.raises(ConfigError, match="'train' is given twice, on lines 1 and 4; keep one"):
+    with pytest.raises(ConfigError, match="twice.yaml, line 4, column 1: 'train' is given twice, on lines 1 and 4; "
+                                          "keep one$"):
         load_config(tmp_path / "twice.yaml")
     (tmp_path / "merged.yaml").write_text("base: &b {epochs: 2, lr: 0.1}\ntrain: {<<: *b, lr: 0.2}\n")
     with pytest.raises(ConfigError, match="base: unknown key"):  # a merge's override is no repeat; read on
@@ -119,6 +128,10 @@ def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path: Path) -> None:
 def test_load_config_reports_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "unclosed.yaml").write_text("train:\n  epochs: [1\n")  # one line, not PyYAML's three
+    with pytest.raises(ConfigError, match=r"^\S+unclosed.yaml, line 3, column 1: expected ',' or ']', but got "
+                                          r"'<stream end>' \(while parsing a flow sequence on line 2\)$"):
+        load_config(tmp_path / "unclosed.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping of sections, got list"):
         load_config(tmp_path / "list.yaml")

@@ -182,7 +182,8 @@ BAD_FILES = [
     ("bad.jsonl", b"\n\n", ["line 1", "no data rows"]),
     ("bad.csv", b"text,label\na,same\nb,same\nc,same\n", ["lines 2-4", "'same'", "at least 2 classes"]),
     ("bad.csv", b"text,label\ngood,a\n" + b"x" * 131_073 + b",b\n", ["line 3", "not readable as CSV",
-                                                                  "field larger than field limit"]),
+                                                                  "field larger than field limit (131072); an "
+                                                                  "unclosed quote runs a field on", "from JSONL"]),
     ("bad.csv", b'"text,label\ngood,a\n' + b"x" * 131_073 + b"\n", ["line 1", "not readable as CSV"]),
 ]
 
@@ -200,9 +201,11 @@ def test_bad_training_file_names_file_line_and_problem(tmp_path, name, content, 
 
 
 def test_missing_file_and_unknown_extension(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.csv: file not found"):
+    with pytest.raises(DataError, match=rf"^data\.train: {tmp_path}/nope\.csv does not exist$"):
         load_task_data(files(train=tmp_path / "nope.csv"))
     (tmp_path / "train.tsv").write_text("text\tlabel\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"^data\.transfer: .*/more\.txt does not exist$"):  # before the others are read
+        load_task_data(files(train=tmp_path / "train.tsv", transfer=tmp_path / "more.txt"))
     with pytest.raises(DataError, match=r"train\.tsv: .*\.csv, \.jsonl or \.json \(a job's config may set "):
         load_task_data(files(train=tmp_path / "train.tsv"))
     with pytest.raises(DataError, match=r"texts: a directory; give a CSV or JSONL file"):

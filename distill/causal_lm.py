@@ -62,7 +62,7 @@ from distill.runtime import (
     next_tokens,
     token_nll,
 )
-from distill.student import build_student, count_params
+from distill.student import build_student, count_params, size_warning
 from distill.tasks import Encoded, autocast, length_sorted_batches, logit_divergence, on_device
 from teachers.registry import local_dir, resolve_teacher
 
@@ -267,6 +267,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         check_causal(teacher, config.teacher.name)
         student = build_student(config.student, teacher, teacher_dir, attn_implementation=attention,
                                 auto_class=AutoModelForCausalLM)
+        if warning := size_warning(student.model, teacher):
+            emit("log", {"message": warning})
         assert student.shares_teacher_tokenizer  # refused by check_student
 
     with clock("distill"):

@@ -53,7 +53,7 @@ from distill.pipeline import (
     timed_stage,
 )
 from distill.runtime import EMBEDDING_OUTPUT, OnnxEmbedder
-from distill.student import build_student, count_params
+from distill.student import build_student, count_params, size_warning
 from distill.tasks import Encoded, SequenceClassification, predict_distilled
 from teachers.registry import local_dir, resolve_teacher
 
@@ -416,6 +416,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         built = build_student(config.student, teacher.model.encoder, teacher_dir, attn_implementation=attention,
                               auto_class=AutoModel, texts=texts["train"])
         width, student = built.model.config.hidden_size, encoder_like(teacher.model, built.model)
+        if warning := size_warning(student, teacher.model):
+            emit("log", {"message": warning})
         student_inputs = encode_for_student(task, built, teacher.tokenizer, teacher_inputs, texts,
                                             config.data.max_length, intermediate=config.loss.intermediate)
         splits = {name: Split(student_inputs[name], labels[name], teacher_inputs=teacher_inputs[name])

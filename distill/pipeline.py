@@ -30,7 +30,14 @@ from distill.export import export_model_dir
 from distill.losses import IGNORE_INDEX
 from distill.prepare import prepare_teacher, update_with_files
 from distill.runtime import ONNX_FILE, OPTIMIZED_FILE, OnnxPredictor, Predictor, TorchPredictor
-from distill.student import Student, build_student, check_aligned_tokens, check_student, count_params
+from distill.student import (
+    Student,
+    build_student,
+    check_aligned_tokens,
+    check_student,
+    count_params,
+    size_warning,
+)
 from distill.tasks import Encoded, Precision, SequenceClassification, Task, bf16_is_slow, predict_distilled
 from teachers.registry import resolve_teacher
 
@@ -96,6 +103,8 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
         torch.manual_seed(config.seed)
         student = build_student(config.student, teacher_model, str(prepared.path), attn_implementation=attention,
                                 texts=texts["train"])
+        if warning := size_warning(student.model, teacher_model):
+            emit("log", {"message": warning})
         intermediate = config.loss.intermediate
         student_inputs = encode_for_student(task, student, teacher_tokenizer, teacher_inputs, texts, max_length,
                                             intermediate=intermediate)

@@ -49,6 +49,16 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def size_warning(student: nn.Module, teacher: nn.Module) -> str | None:
+    """A warning for a student with at least its teacher's parameters: a distillation that compresses nothing is
+    most likely a mistaken spec (another model's layers, a fresh config wider than the teacher)."""
+    student_params, teacher_params = count_params(student), count_params(teacher)
+    if student_params < teacher_params:
+        return None
+    return (f"warning: the student has {student_params:,} parameters, its teacher {teacher_params:,}: it is not "
+            f"smaller (param_ratio {student_params / teacher_params:.2f})")
+
+
 def check_student(spec: StudentConfig, teacher_dir: str | Path, *, max_length: int, task: Task,
                   intermediate_losses: bool = False, value_relations: bool = False) -> None:
     """ConfigError for a student the models cannot give or the job cannot train (a data.max_length past their

@@ -52,6 +52,19 @@ def _config(teacher_dir: Path, csv: Path, out: Path, student, onnx: bool = False
                      export=ExportConfig(onnx=onnx), evaluate=EvaluateConfig(latency_calls=10), output_dir=out)
 
 
+def test_a_student_not_smaller_than_its_teacher_is_warned_about(tiny_teacher_dir: Path, synthetic_csv: Path,
+                                                               tmp_path: Path) -> None:
+    events: list[tuple[str, dict]] = []
+    wider = Fresh(init="fresh", num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128)  # the teacher: 32
+    config = _config(tiny_teacher_dir, synthetic_csv, tmp_path / "job", wider).model_copy(
+        update={"train": Train(epochs=1, batch_size=16, lr=5e-3)})
+    report = run(config, lambda kind, data: events.append((kind, data))).report
+    warnings = [d["message"] for k, d in events if k == "log" and d["message"].startswith("warning: the student")]
+    assert warnings == [f"warning: the student has {report['student']['params']:,} parameters, its teacher "
+                        f"{report['teacher']['params']:,}: it is not smaller (param_ratio {report['param_ratio']:.2f})"]
+    assert report["param_ratio"] > 1
+
+
 def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
         tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path) -> None:
     events: list[tuple[str, dict]] = []

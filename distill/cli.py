@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shlex
@@ -69,18 +70,21 @@ class ProgressPrinter:
             self.bar = None
 
 
-def _quiet_transformers() -> None:
-    """Our own lines say what happens; transformers' load reports and per-file bars would bury them."""
+def _quiet_libraries() -> None:
+    """Our own lines say what happens; transformers' load reports and per-file bars, and onnxruntime's graph
+    optimizer's notes (which fusions it skipped), would bury them. The optimizer's modules log under top-level
+    names (`fusion_embedlayer`), so the root logger's level is the one that reaches them; errors still show."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.ERROR)
 
 
 def _run(args: argparse.Namespace) -> int:
     from distill.pipeline import earlier_run, run  # heavy (torch, transformers): only for the commands that train
 
-    _quiet_transformers()
+    _quiet_libraries()
     if args.output_dir and any(key.strip() == "output_dir" and equals
                                for key, equals, _ in (override.partition("=") for override in args.set)):
         raise UsageError("the output directory is given twice, by --output-dir and by --set output_dir=...; give one")
@@ -155,7 +159,7 @@ def _export(args: argparse.Namespace) -> int:
     from distill.export import export_model_dir
     from distill.runtime import model_kind
 
-    _quiet_transformers()
+    _quiet_libraries()
     _need(args.model_dir / "config.json", "an HF model directory (config.json, weights, tokenizer)")
     config = AutoConfig.from_pretrained(args.model_dir)
     if model_kind(config) != "classifier":
@@ -176,6 +180,7 @@ def _export(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from distill.compress import compress, quantized_ops
 
+    _quiet_libraries()
     _need(args.onnx_dir / ONNX_FILE, "a directory written by `distill export`")
     try:
         quantized_ops(args.mode, args.exclude_ops)
@@ -202,7 +207,7 @@ def _bench(args: argparse.Namespace) -> int:
     from distill.evaluate import evaluate_models, footprint, render_markdown, task_of, text_of_length
     from distill.runtime import load_model, onnx_file
 
-    _quiet_transformers()
+    _quiet_libraries()
     if args.seq_len is not None and args.seq_len > args.max_length:
         raise UsageError(f"--seq-len {args.seq_len} is longer than --max-length {args.max_length}, "
                          f"so the text would be truncated; raise --max-length")

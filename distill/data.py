@@ -351,6 +351,8 @@ def _read_rows(path: Path, format: str, text_column: str, label_column: str) -> 
         if FRACTION.fullmatch(raw):  # a CSV's numbers are strings: a score column would become a class per value
             raise _error(path, line, f"label {raw!r} in {label_column!r} is a number with a fraction; classes are "
                                      f"strings or integers (0/1, not 0.0/1.0; a continuous score is not classes)")
+        if INTEGER.fullmatch(raw):  # one class however written: a CSV's 1, 01 and +1 were three
+            raw = str(int(raw))
         first_label = first_label or (line, raw)
         if _kind(raw) != _kind(first_label[1]):  # 0/1 beside neg/pos made four classes
             raise _error(path, line, f"label {raw!r} in {label_column!r} is {_kind(raw)}, but line "

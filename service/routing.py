@@ -52,7 +52,8 @@ class TextJsonRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_parsed"):
             try:  # a json.JSONDecodeError goes on to FastAPI, which answers 422 naming the character
-                self._parsed = json.loads(await self.body(), object_pairs_hook=_keys_once)
+                # Decoded here: json.loads of bytes also takes UTF-16 and UTF-32, which JSON over HTTP is not.
+                self._parsed = json.loads((await self.body()).decode("utf-8-sig"), object_pairs_hook=_keys_once)
             except UnicodeDecodeError as e:
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                     f"body: not UTF-8 (byte {e.start}); send JSON encoded as UTF-8") from None

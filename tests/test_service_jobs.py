@@ -663,6 +663,7 @@ def test_a_body_that_is_not_plain_json_is_refused_saying_why(client_and_dataset:
                              "request's: none)"),
             (job, "application/x-www-form-urlencoded", 415, "(this request's: application/x-www-form-urlencoded)"),
             (b'{"seed": "\xff"}', "application/json", 422, "body: not UTF-8 (byte 10); send JSON encoded as UTF-8"),
+            (job.encode("utf-16"), "application/json", 422, "body: not UTF-8 (byte 0)"),  # json.loads took it
             ("[" * 100_000 + "]" * 100_000, "application/json", 422, "body: values nested too deep to read"),
             ('{"seed": ' + "1" * 5000 + "}", "application/json", 422, "body: not readable as JSON (Exceeds the limit")):
         headers = {"content-type": content_type} if content_type else {}

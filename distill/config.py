@@ -276,7 +276,7 @@ class JobConfig(_Section):
         own, other = ((EMBEDDING_LOSS_KEYS, LOGIT_LOSS_KEYS) if self.task == "sentence-embedding"
                       else (LOGIT_LOSS_KEYS, EMBEDDING_LOSS_KEYS))
         # Compared with the defaults, not with the keys given: a stored config round-trips with every key filled in.
-        unused = [k for k in other if getattr(self.loss, k) != LossConfig.model_fields[k].default]
+        unused = [k for k in other if self._changed(f"loss.{k}")]
         if unused:
             raise ValueError(f"loss.{unused[0]}: not used by task {self.task!r}; its loss keys are "
                              f"{', '.join(own)}, hidden_mse, attention_kl, value_kl")
@@ -287,8 +287,7 @@ class JobConfig(_Section):
         """Only a classifier's teacher is prepared (a head, then fine-tuning): its settings for another task would
         be ignored. Compared with the defaults, as the loss keys are."""
         if self.task != "sequence-classification":
-            fields = TeacherConfig.model_fields
-            unused = [k for k in fields if k != "name" and getattr(self.teacher, k) != fields[k].default]
+            unused = [k for k in TeacherConfig.model_fields if k != "name" and self._changed(f"teacher.{k}")]
             if unused:
                 raise ValueError(f"teacher.{unused[0]}: not used by task {self.task!r}, whose teacher is used as it "
                                  f"is (only sequence-classification prepares one); its teacher key is name")

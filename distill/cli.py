@@ -36,6 +36,7 @@ class ProgressPrinter:
     def __init__(self) -> None:
         self.bar: tqdm | None = None
         self.done: dict[str, Any] = {}  # the `done` event: the task's headline numbers
+        self.resumed_at: dict[str, int] = {}  # a stage continued from a checkpoint: its bar starts at that step
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "checkpoint":  # for the service's records; a line here would break the bar
@@ -44,7 +45,9 @@ class ProgressPrinter:
             bar = self.bar  # another pass of the stage (the next split, or model) counts from its start again
             if bar is None or bar.desc != data["stage"] or bar.total != data["total_steps"] or data["step"] <= bar.n:
                 self.close()
-                self.bar = tqdm(total=data["total_steps"], initial=data["step"] - 1, desc=data["stage"])
+                # From the resumed step, else 0: a pass counting examples reports its first batch's end (32 of 270).
+                self.bar = tqdm(total=data["total_steps"], initial=self.resumed_at.pop(data["stage"], 0),
+                                desc=data["stage"])
             self.bar.update(data["step"] - self.bar.n)
             if "loss" in data:  # training steps; a teacher-output pass counts examples
                 self.bar.set_postfix(loss=f"{data['loss']:.4f}", epoch=data["epoch"])
@@ -62,6 +65,7 @@ class ProgressPrinter:
         elif kind == "log":
             tqdm.write(f"    {data['message']}")
         elif kind == "resumed":
+            self.resumed_at[data["stage"]] = data["step"]
             tqdm.write(f"    {kind}: " + ", ".join(f"{k}={v}" for k, v in data.items()))
 
     def close(self) -> None:

@@ -309,10 +309,12 @@ def test_the_progress_bar_of_a_stage_runs_on_across_its_epochs(monkeypatch: pyte
     from distill import cli
 
     bars: list[str] = []
+    starts: list[int] = []
 
     class CountedBar(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             bars.append(kwargs["desc"])
+            starts.append(kwargs["initial"])
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(cli, "tqdm", CountedBar)
@@ -328,7 +330,13 @@ def test_the_progress_bar_of_a_stage_runs_on_across_its_epochs(monkeypatch: pyte
         for step in range(1, total + 1):
             printer("progress", {"stage": "teacher-logits", "step": step, "total_steps": total})
         printer("log", {"message": f"{split} done"})
+    # A pass counting examples starts at 0, not at its first batch's end (the bar said 31/270 first); a stage
+    # resumed from a checkpoint starts at its step.
+    printer("progress", {"stage": "teacher-head", "step": 32, "total_steps": 270})
+    printer("resumed", {"stage": "finetune", "step": 5, "total_steps": 8})
+    printer("progress", {"stage": "finetune", "step": 6, "total_steps": 8, "epoch": 2, "loss": 0.5})
     printer.close()
-    assert bars == ["distill", "teacher-logits", "teacher-logits"]
+    assert bars == ["distill", "teacher-logits", "teacher-logits", "teacher-head", "finetune"]
+    assert starts == [0, 0, 0, 0, 5]
     out = capsys.readouterr().out
     assert "validation_accuracy=0.7500" in out and "    train done" in out

@@ -48,6 +48,7 @@ from distill.pipeline import (
     publish,
     read_data,
     run_identity,
+    served_line,
     start_job,
     teacher_outputs,
     timed_stage,
@@ -615,9 +616,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               + (f" ({interval['level']:.0%} interval {interval['low']:.3f}–{interval['high']:.3f})." if interval
                  else ".")]
     if "served" in report:
-        gate = report.get("compress", {}).get("gate")
-        lines += [f"Served: `{report['served']['path']}` ({report['served']['format']})."
-                  + (f" {gate['message']}." if gate else "")]
+        lines += [served_line(report)]
     if "export" in report:
         lines += [f"ONNX export checked against PyTorch: max abs difference "
                   f"{report['export']['student']['max_abs_diff']:.2g}."]

@@ -246,6 +246,14 @@ def _deploy(config: JobConfig, out: Path, teacher_dir: Path, data: TaskData,
     return section
 
 
+def served_line(report: dict[str, Any]) -> str:
+    """report.md's line on the file served, named within the output directory (the service's artifact name; no
+    server path), and why it is that one."""
+    served, gate = Path(report["served"]["path"]), report.get("compress", {}).get("gate")
+    return (f"Served: `{served.parent.name}/{served.name}` ({report['served']['format']})."
+            + (f" {gate['message']}." if gate else ""))
+
+
 def render_job_markdown(report: dict[str, Any]) -> str:
     """report.md: what a person reads first."""
     teacher, student = report["teacher"], report["student"]
@@ -259,9 +267,7 @@ def render_job_markdown(report: dict[str, Any]) -> str:
                 + (f" ({interval['level']:.0%} interval {interval['low']:.3f}–{interval['high']:.3f}, "
                    f"over other test texts like these)." if (interval := report.get("retention_interval")) else "."))]
     if "served" in report:
-        gate = report.get("compress", {}).get("gate")
-        lines += ["", f"Served: `{report['served']['path']}` ({report['served']['format']})."
-                  + (f" {gate['message']}." if gate else "")]
+        lines += ["", served_line(report)]
         worst = max(e["max_abs_diff"] for e in report["export"].values())
         lines += [f"ONNX export checked against PyTorch: max abs logit difference {worst:.2g}."]
     if "evaluation" in report:

@@ -284,7 +284,10 @@ def test_tiny_job_end_to_end(tmp_path: Path) -> None:
     interval = report["probe_retention_interval"]
     assert interval["low"] <= report["probe_retention"] <= interval["high"]
     assert set(student["probe"]) == {"test_accuracy", "l2", "validation_accuracy"}  # no per-text answers
-    assert "| student (onnx-int8) |" in (tmp_path / "job" / "report.md").read_text()
+    markdown = (tmp_path / "job" / "report.md").read_text()
+    assert "| student (onnx-int8) |" in markdown
+    # The served file by its name in the output directory (the service's artifact name), not a server path.
+    assert f"Served: `student-onnx/{Path(report['served']['path']).name}` (" in markdown
     # INT8 is served only past the gate on validation recall@10 agreement (compress.max_accuracy_drop points).
     gate = report["compress"]["gate"]
     assert gate["passed"] == (gate["validation_drop_points"] <= gate["max_drop_points"] == 1.0)

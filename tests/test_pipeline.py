@@ -107,7 +107,10 @@ def test_tiny_job_reaches_90_percent_agreement_and_writes_a_loadable_student(
     assert rows["teacher-onnx-fp32"]["agreement"] == 1.0
     assert rows["student-onnx-fp32"]["accuracy"] == pytest.approx(report["student"]["test_accuracy"])
     assert rows["student-onnx-int8"]["size_bytes"] < rows["student-onnx-fp32"]["size_bytes"]
-    assert "| student-onnx-int8 |" in (tmp_path / "job" / "report.md").read_text()
+    markdown = (tmp_path / "job" / "report.md").read_text()
+    assert "| student-onnx-int8 |" in markdown
+    # The served file by its name in the output directory (the service's artifact name), not a server path.
+    assert f"Served: `student-onnx/{Path(report['served']['path']).name}` (" in markdown
     model = AutoModelForSequenceClassification.from_pretrained(result.student_dir)
     assert model.config.id2label == {0: "negative", 1: "positive"}
     teacher_tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)  # a fresh student keeps its teacher's

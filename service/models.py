@@ -310,6 +310,12 @@ class ModelCatalog:
                              f"'{job_id}.student-torch'")
         return info.path
 
+    def served_from(self, job_id: str) -> list[str]:
+        """Other jobs' models whose files lie in this job's directory: an embedding or causal-LM job's teacher is
+        the directory it was given, which may be this job's student."""
+        directory = self.settings.jobs_dir / job_id
+        return [info.id for info in self.list() if info.job_id != job_id and info.path.is_relative_to(directory)]
+
     def forget_job(self, job_id: str) -> None:
         """A deleted job's models: out of the listing, and unloaded unless a comparison holds them (it unloads
         them with the least recently used once it ends). Its teacher lies in the shared $DISTILL_HOME/prepared:
@@ -638,7 +644,9 @@ class Comparisons:
         except Exception as e:  # a bug: say so in the comparison instead of losing it in a task nobody awaits
             log.exception("comparison %s failed", comparison.id)
             comparison.status, comparison.error_status = "failed", 500
-            comparison.error = self.catalog.public(f"internal error: {type(e).__name__}: {e}")
+            comparison.error = f"internal error: {type(e).__name__}: {e}"
+        if comparison.error is not None:  # a data file's error names it: as the client knows it
+            comparison.error = self.catalog.public(comparison.error)
         comparison.finished_at = datetime.now(UTC)
 
     def _measure(self, predictors: dict[str, Model], infos: list[ModelInfo], inputs: _Inputs,

@@ -38,7 +38,7 @@ from distill.student import check_student
 from service.schemas import ServiceError
 from service.settings import Settings
 from service.store import TERMINAL, DatasetGone, Job, SourceJobGone, Store
-from teachers.registry import HUB_PREFIX, TeacherNotFound, name_kind, registered_names, resolve_teacher
+from teachers.registry import HUB_PREFIX, SOURCES, TeacherNotFound, name_kind, registered_names, resolve_teacher
 
 if TYPE_CHECKING:  # service.models imports this module
     from service.models import ModelCatalog
@@ -79,13 +79,18 @@ def upload_path(settings: Settings, dataset_id: str, format: str) -> Path:
 
 
 class PublicPaths:
-    """The server's directories as a client sees them in events, errors and reports: an uploaded file is
-    `upload:<id>`, a job's directory `jobs/<id>` (its files are GET /v1/jobs/<id>/artifacts/<name>), anything else
-    under the server's home `$DISTILL_HOME/...`; a client learns nothing of the server's file system from them."""
+    """The server's files as a client sees them in events, errors and reports: an uploaded file is `upload:<id>`,
+    a job's directory `jobs/<id>` (its files are GET /v1/jobs/<id>/artifacts/<name>), a registered teacher's its
+    name, anything else under the server's home `$DISTILL_HOME/...`, its code and Python `<distill>/...` and
+    `<python>/...` (a crashed job's last line of stderr names them); a client learns nothing of the server's file
+    system from them."""
 
     def __init__(self, settings: Settings) -> None:
-        self._upload = re.compile(rf"{re.escape(str(settings.datasets_dir))}/([^/\s]+)/data\.(?:csv|jsonl)\b")
-        self._public = {str(settings.jobs_dir): "jobs", str(settings.home): "$DISTILL_HOME"}  # the longer first
+        self._upload = re.compile(rf"{re.escape(str(settings.datasets_dir))}/([^/\s]+)/data\.(?:csv|jsonl|txt)\b")
+        public = {str(settings.jobs_dir): "jobs", str(settings.home): "$DISTILL_HOME", str(PROJECT_ROOT): "<distill>",
+                  sys.prefix: "<python>", **{str(path): name for name, source in SOURCES.items()
+                                             if (path := source.locate()) is not None}}
+        self._public = dict(sorted(public.items(), key=lambda item: -len(item[0])))  # the innermost first
         # Not followed by a name's characters: `/srv/distill` is not in `/srv/distill-old/x`.
         self._roots = re.compile("|".join(rf"{re.escape(path)}(?![\w-])" for path in self._public))
 
@@ -229,10 +234,11 @@ def _server_model_name(key: str, name: str, settings: Settings) -> str:
     except RuntimeError:  # `~user` of a user the server does not have
         raise ServiceError(422, f"{key}: {name!r} starts with a '~' this server cannot expand") from None
     if not any(path.is_relative_to(root.resolve()) for root in settings.model_roots):
+        roots = PublicPaths(settings)(", ".join(map(str, settings.model_roots)))
         raise ServiceError(422, f"{key}: {name!r} is neither a registered teacher ({registered_names()}) nor a "
                                 f"hub id ('org/name', or 'hub:name' for a one-word one such as 'hub:gpt2'), and "
-                                f"this server reads model directories only under "
-                                f"{', '.join(map(str, settings.model_roots))} (more with DISTILL_MODEL_DIRS)")
+                                f"this server reads model directories only under {roots} (more with "
+                                f"DISTILL_MODEL_DIRS)")
     return str(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from distill.config import DataConfig
 from distill.data import load_task_data
 from distill.evaluate import embedding_agreement, neighbour_recall
 from distill.runtime import OnnxEmbedder, TorchEmbedder
+from service.app import create_app
 from service.models import ModelCatalog
 from service.settings import Settings
+from service.store import Store
 from tests.conftest import compare_in_background, models_client, run_tiny_embedding_job
 
 TEXTS = ["the movie was great", "a very dull plot", "this film is lovely and the actor superb", "boring"]
@@ -126,3 +129,29 @@ def test_each_task_route_refuses_the_other_tasks_models(client: TestClient) -> N
         response.json()["detail"]
     for limit_case, code in (([], 422), (["x"] * 9, 413), (["x" * 101], 422)):  # the /predict limits apply
         assert client.post("/v1/models/emb.student/embed", json={"texts": limit_case}).status_code == code
+
+
+def test_a_job_whose_student_another_job_serves_as_its_teacher_is_deleted_only_after_that_job(
+        settings: Settings, tmp_path: Path) -> None:
+    """An embedding job's teacher is the directory it was given: another job's student. Deleting that job took the
+    teacher of the one distilled from it away without a word (its `.teacher` vanished from GET /v1/models)."""
+    home = tmp_path / "home"
+    for job in ("first", "second"):
+        shutil.copytree(settings.jobs_dir / "emb", home / "jobs" / job)
+    report_file = home / "jobs" / "second" / "report.json"
+    report = json.loads(report_file.read_text())
+    report_file.write_text(json.dumps(report | {"teacher": report["teacher"] | {
+        "dir": str(home / "jobs" / "first" / "student")}}))
+    store = Store(home / "service.sqlite3")  # both as succeeded jobs of the server's record
+    for job in ("first", "second"):
+        store.create_job(job, report["config"], None, capacity=10)
+        store.claim_next()
+        store.finish(job, "succeeded")
+    store.close()
+    with TestClient(create_app(Settings(home=home))) as client:
+        assert "second.teacher" in {m["id"] for m in client.get("/v1/models").json()["items"]}
+        refused = client.delete("/v1/jobs/first")
+        assert (refused.status_code, refused.json()["detail"]) == (
+            409, "job first's files are the model second.teacher serves (its teacher); delete that job first")
+        assert client.delete("/v1/jobs/second").status_code == 204
+        assert client.delete("/v1/jobs/first").status_code == 204

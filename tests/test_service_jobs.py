@@ -183,6 +183,13 @@ def test_server_paths_reach_clients_as_references(tmp_path: Path) -> None:
                                f"reusing the prepared teacher {home}/prepared/bert-1f2e", f"{home}-old/x", 3]}) == {
         "message": ["read upload:ab12, wrote jobs/j1/student.", "reusing the prepared teacher "
                     "$DISTILL_HOME/prepared/bert-1f2e", f"{home}-old/x", 3]}
+    # Texts alone (a causal LM's upload); a packaged teacher's directory; the server's code and Python, which a
+    # crashed job's last line of stderr names.
+    assert public(f"{home}/uploads/cd34/data.txt") == "upload:cd34"
+    assert public(f"{resolve_teacher('minilm-l6')}/config.json") == "minilm-l6/config.json"
+    assert public(f"ImportError: cannot import name 'x' ({runner.PROJECT_ROOT}/distill/student.py)") == (
+        "ImportError: cannot import name 'x' (<distill>/distill/student.py)")
+    assert public(f"{sys.prefix}/lib/site.py") == "<python>/lib/site.py"
 
 
 def test_cancel_stops_a_running_job_and_a_full_queue_answers_429(
@@ -705,8 +712,8 @@ def test_a_job_reads_server_directories_only_under_the_model_roots_and_learns_no
         assert response.status_code == 422
         details[name] = response.json()["detail"].replace(repr(str(name)), "NAME")
     assert len(set(details.values())) == 1
-    assert f"reads model directories only under {client.app.state.settings.home / 'teachers'}, {roots}" in details[
-        Path("/etc")]
+    # The operator's DISTILL_MODEL_DIRS as they are (a client names directories under them), the home not.
+    assert f"reads model directories only under $DISTILL_HOME/teachers, {roots} (more with" in details[Path("/etc")]
     body = tiny_job(roots / "teacher", dataset) | {
         "student": {"init": "model", "model": str(tiny_teacher_dir), "num_layers": 1}}
     assert client.post("/v1/jobs", json=body).json()["detail"].startswith("student.model: ")

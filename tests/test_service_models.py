@@ -20,6 +20,7 @@ from pydantic import ValidationError
 import service.models
 from distill.config import DataConfig, EvaluateConfig, ExportConfig, Fresh, JobConfig, TeacherConfig
 from distill.config import TrainConfig as Train
+from distill.data import DataError
 from distill.pipeline import run
 from distill.runtime import InputError, OnnxPredictor, Prediction, TorchPredictor
 from service import models as service_models
@@ -450,7 +451,7 @@ def test_a_comparison_on_data_it_cannot_read_is_refused_before_it_starts(client:
         shutil.rmtree(lm_job)
 
 
-def test_a_comparison_failing_on_its_inputs_is_422_and_on_the_server_500(client: TestClient,
+def test_a_comparison_failing_on_its_inputs_is_422_and_on_the_server_500(client: TestClient, settings: Settings,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A text a model cannot take (distill.runtime.InputError, e.g. a causal LM's text with no token to predict
     under a tokenizer without start/end tokens) is the caller's to fix; anything else is the server's."""
@@ -462,6 +463,14 @@ def test_a_comparison_failing_on_its_inputs_is_422_and_on_the_server_500(client:
         monkeypatch.setattr(service.models, "evaluate_models", fail)
         response = client.post("/v1/compare", json=body)
         assert response.status_code == code and str(error) in response.json()["detail"], response.text
+    # A data file's error (one changed since its job read it) names the file as the client knows it.
+    def changed_file(*args: object, **kwargs: object) -> None:
+        raise DataError(f"{settings.datasets_dir}/ab12/data.csv, line 162: 3 fields, but the header names 2")
+
+    monkeypatch.setattr(service.models, "evaluate_models", changed_file)
+    response = client.post("/v1/compare", json=body)
+    assert (response.status_code, response.json()["detail"]) == (
+        422, "upload:ab12, line 162: 3 fields, but the header names 2")
 
 
 def test_comparisons_past_the_pending_limit_answer_429(settings: Settings,

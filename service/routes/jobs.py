@@ -130,6 +130,9 @@ async def delete_job(job: JobDep, settings: SettingsDep, store: StoreDep, catalo
     if job.status not in TERMINAL:
         raise ServiceError(409, f"job {job.id} is {job.status}; cancel it first (POST /v1/jobs/{job.id}/cancel), "
                                 f"then delete it")
+    if served := catalog.served_from(job.id):
+        raise ServiceError(409, f"job {job.id}'s files are the model {', '.join(served)} serves (its teacher); delete "
+                                f"{'that job' if len(served) == 1 else 'those jobs'} first")
     deleted, users, moved = store.delete_job(job.id, lambda: move_out(settings, job.id))
     if users:
         raise ServiceError(409, f"job {job.id}'s models are what the queued or running jobs {', '.join(users)} "

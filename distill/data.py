@@ -297,8 +297,9 @@ def _records(path: Path, format: str, columns: list[str]) -> list[tuple[int, lis
         except (ValueError, RecursionError):  # Python's JSON reader refuses these valid ones
             raise _error(path, number, "not readable: a number with more than 4,300 digits, or values nested "
                                        "too deep") from None
-        if not isinstance(obj, dict):
-            raise _error(path, number, f"expected a JSON object, got {type(obj).__name__}")
+        if not isinstance(obj, dict):  # a .json file of one array, say: JSON Lines is one object per line
+            raise _error(path, number, f"expected a JSON object, got {type(obj).__name__}; JSONL (.jsonl or .json) "
+                                       f"holds one object per line, not an array of them")
         for column in columns:
             if column not in obj:
                 found = ", ".join(map(repr, obj))
@@ -347,7 +348,10 @@ def _read_rows(path: Path, format: str, text_column: str, label_column: str) -> 
                                      f"got {type(label).__name__} {label!r}")
         raw = "" if label is None else str(label).strip()
         if not raw:
-            raise _error(path, line, f"missing label in column {label_column!r}")
+            # A quote left open reads every row after it as one field: the text then spans lines, with no label.
+            spans_lines = isinstance(text, str) and "\n" in text
+            unclosed = " (the text runs over several lines: a quote left open?)" if spans_lines else ""
+            raise _error(path, line, f"missing label in column {label_column!r}{unclosed}")
         if FRACTION.fullmatch(raw):  # a CSV's numbers are strings: a score column would become a class per value
             raise _error(path, line, f"label {raw!r} in {label_column!r} is a number with a fraction; classes are "
                                      f"strings or integers (0/1, not 0.0/1.0; a continuous score is not classes)")

@@ -182,6 +182,11 @@ BAD_FILES = [
     ("bad.csv", b"text,label\ngood,a\ngood film, really good,positive\n",
      ["line 3", "3 fields, but the header names 2; quote a field that holds a comma"]),
     ("bad.jsonl", b'{"text": "a", "label": null}\n', ["line 1", "missing label"]),
+    ("bad.csv", b'text,label\ngood,a\n"an open quote,b\nfine,a\n', ["line 3", "missing label in column 'label' (the "
+                                                                    "text runs over several lines: a quote left "
+                                                                    "open?)"]),
+    ("bad.json", b'[{"text": "a", "label": 1}]\n', ["line 1", "expected a JSON object, got list; JSONL (.jsonl or "
+                                                    ".json) holds one object per line, not an array of them"]),
     ("bad.jsonl", b'{"text": "a", "label": 0.5}\n', ["line 1", "string or an integer"]),
     ("bad.csv", b"", ["line 1", "empty"]),
     ("bad.csv", b"text,label\n", ["line 1", "no data rows"]),

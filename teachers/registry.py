@@ -70,16 +70,24 @@ def resolve_teacher(name: str) -> str:
                               f"a one-word id such as 'gpt2'")
     try:
         local = Path(name).expanduser()
-        is_dir = local.is_dir()
+        is_dir, is_file, org_is_dir = local.is_dir(), local.is_file(), local.parent.is_dir()
     except (RuntimeError, OSError):  # `~user` of no user here; a name longer than the filesystem allows
-        is_dir = False
+        is_dir = is_file = org_is_dir = False
     if is_dir:
         if (local / "config.json").is_file():
             return str(local.resolve())
         raise TeacherNotFound(f"teacher {name!r} is a directory without config.json; give a directory saved "
                               f"with save_pretrained, or one of the registered teachers: {registered_names()}")
+    if is_file:
+        raise TeacherNotFound(f"teacher {name!r} is a file; give the model's directory (config.json, weights and "
+                              f"tokenizer, as written by save_pretrained)")
     if _HUB_ID.fullmatch(name):
+        if org_is_dir:  # `runs/studnet`: a mistyped directory, which offline would be minutes of hub retries
+            raise TeacherNotFound(f"teacher {name!r}: no such directory in {local.parent}/; for the Hugging Face "
+                                  f"hub's {name!r}, write {HUB_PREFIX}{name}")
         return name
+    if "/" in name or name.startswith((".", "~")):
+        raise TeacherNotFound(f"teacher {name!r}: no such directory")
     raise TeacherNotFound(f"unknown teacher {name!r}; use a registered name ({registered_names()}), a local "
                           f"directory with config.json (as written by save_pretrained), or a Hugging Face "
                           f"hub id 'org/name' ('hub:name' for a one-word one such as gpt2)")

@@ -70,7 +70,7 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     ({"data": {"dataset": "files", "train": "/nonexistent.csv", "max_length": 16}}, "/nonexistent.csv"),
     ({"student": {"init": "teacher", "layers": [0, 5]}}, "student.layers must be distinct increasing indices in 0..1"),
     ({"student": {"init": "model", "model": "/nonexistent-model", "num_layers": 1}},
-     "student.model: unknown teacher '/nonexistent-model'"),
+     "student.model: teacher '/nonexistent-model': no such directory"),
 ])
 def test_errors_are_one_line_with_exit_code_2(extra: dict, message: str, tiny_teacher_dir: Path,
                                               synthetic_csv: Path, tmp_path: Path,

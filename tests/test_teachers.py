@@ -73,7 +73,8 @@ def test_hub_id_passes_through() -> None:
 
 @pytest.mark.parametrize(("name", "message"), [
     ("gpt2", "unknown teacher 'gpt2'"),  # unprefixed, a one-word name reads as a registered name or a path
-    ("~no-such-user/model", "unknown teacher '~no-such-user/model'"),  # expanduser raises RuntimeError for it
+    ("~no-such-user/model", "teacher '~no-such-user/model': no such directory"),  # expanduser raises RuntimeError
+    ("/no/such/teacher", "teacher '/no/such/teacher': no such directory"),  # was "unknown teacher"
     ("x" * 300, "unknown teacher 'xxx"),  # is_dir raises OSError: the name is longer than a file name can be
     *((name, "after 'hub:' comes a Hugging Face hub id") for name in (
         "hub:", "hub:../x", "hub:org/../x", "hub:/etc", "hub:a/b/c")),
@@ -81,6 +82,23 @@ def test_hub_id_passes_through() -> None:
 def test_what_is_not_a_hub_id_is_refused(name: str, message: str) -> None:
     with pytest.raises(TeacherNotFound, match=re.escape(message)):
         resolve_teacher(name)
+
+
+def test_a_mistyped_directory_or_a_file_is_refused_not_fetched_from_the_hub(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runs/studnet` has a hub id's shape: offline it was half a minute of retries, then "check your internet
+    connection", never saying the directory does not exist."""
+    monkeypatch.chdir(tmp_path)
+    write_tiny_encoder(tmp_path / "runs" / "student")
+    (tmp_path / "runs" / "notes.json").write_text("{}")
+    typo = "teacher 'runs/studnet': no such directory in runs/; for the Hugging Face hub's 'runs/studnet', write "
+    with pytest.raises(TeacherNotFound, match=re.escape(typo + "hub:runs/studnet")):
+        resolve_teacher("runs/studnet")
+    with pytest.raises(TeacherNotFound, match=re.escape("teacher 'runs/notes.json' is a file; give the model's "
+                                                        "directory")):
+        resolve_teacher("runs/notes.json")
+    assert resolve_teacher("hub:runs/studnet") == "runs/studnet"
+    assert resolve_teacher("org/model") == "org/model"  # no directory org/ here: the hub's
 
 
 def test_local_dir_of_a_hub_id_is_its_snapshot_in_the_hub_cache(tmp_path: Path,

@@ -86,7 +86,7 @@ def _quiet_libraries() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from distill.pipeline import earlier_run, run  # heavy (torch, transformers): only for the commands that train
+    from distill.pipeline import clear_earlier_run, earlier_run, run  # heavy (torch, transformers): only to train
 
     _quiet_libraries()
     if args.output_dir and any(key.strip() == "output_dir" and equals
@@ -100,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
         # A rerun would replace the student and report (HF Trainer's overwrite_output_dir rule).
         raise UsageError(f"{config.output_dir} holds an earlier run ({', '.join(found)}): --resume continues it, "
                          f"--overwrite starts over in it, or give another --output-dir")
+    if args.overwrite and not distributed.launched():
+        clear_earlier_run(config.output_dir)
     if distributed.wanted(config.distributed) and not distributed.launched():
         # The same command again as torchrun workers; rank 0 draws the progress.
         again = ["run", *_same_run(args), *(["--resume"] * args.resume)]
@@ -290,11 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a distillation job from a YAML config")
     run.add_argument("config", type=Path)
-    run.add_argument("--output-dir", type=Path, help="override the config's output_dir")
+    run.add_argument("--output-dir", type=directory, help="override the config's output_dir")
     start = run.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     start.add_argument("--overwrite", action="store_true",
-                       help="start over in an output_dir that holds an earlier run (refused without it)")
+                       help="start over in an output_dir that holds an earlier run, removing its outputs "
+                            "(refused without it)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, dotted (train.lr=3e-4, student.model=DIR); the value is read as "
                           "YAML; repeatable (give each variant its own --output-dir)")
@@ -353,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: DISTILL_PORT or 8000)")
     serve.set_defaults(handler=_serve)
     return parser
+
+
+def directory(value: str) -> Path:
+    if not value.strip():  # an unset shell variable: Path('') is the current directory, where the run would land
+        raise argparse.ArgumentTypeError("empty; give a directory ('.' for the current one)")
+    return Path(value)
 
 
 def positive_int(value: str) -> int:

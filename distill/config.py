@@ -36,6 +36,13 @@ class _Section(BaseModel):
 UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
 
 
+def _not_empty(value: Any) -> Any:
+    """`output_dir: ""` (an unset shell variable, say) read as the current directory: a whole run landed there."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty; give a directory ('.' for the current one), or leave the key out for the default")
+    return value
+
+
 def _text_or_none(value: Any) -> Any:
     """data.transfer's one message for a value of the wrong type, instead of one per branch of its union."""
     if value is not None and not isinstance(value, str | Path):
@@ -268,7 +275,8 @@ class JobConfig(_Section):
     compress: CompressConfig = CompressConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     distributed: DistributedConfig = DistributedConfig()
-    output_dir: UserPath | None = Field(None, description="Defaults to $DISTILL_HOME/runs/<config name>.")
+    output_dir: Annotated[UserPath | None, BeforeValidator(_not_empty)] = Field(
+        None, description="Defaults to $DISTILL_HOME/runs/<config name>.")
 
     @model_validator(mode="after")
     def _losses_fit_the_task(self) -> JobConfig:

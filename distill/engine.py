@@ -410,7 +410,8 @@ def _refuse_other_run(path: Path, saved: dict[str, Any], run: dict[str, Any]) ->
                 f"{run.get(key)!r} now") for key in run if saved.get(key) != run.get(key)]
     if changed:
         raise TrainingError(f"{path} was written by another run ({'; '.join(changed)}); --resume continues the same "
-                            f"run only: restore those settings, or start afresh without --resume")
+                            f"run only: restore those settings, or start over (--overwrite instead of --resume, or "
+                            f"another output directory)")
 
 
 def _save_checkpoint(path: Path, model: nn.Module, projection: nn.Module | None, averaged: AveragedModel | None,
@@ -452,7 +453,7 @@ def _restore(path: Path, payload: dict[str, Any], model: nn.Module, projection: 
         projection.load_state_dict(payload["projection"])
     if averaged is not None:
         if payload.get("averaged") is None:  # a checkpoint older than train.ema_decay
-            raise TrainingError(f"{path} holds no averaged weights; start afresh without --resume")
+            raise TrainingError(f"{path} holds no averaged weights; start over (--overwrite instead of --resume)")
         averaged.load_state_dict(payload["averaged"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])

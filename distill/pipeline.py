@@ -319,6 +319,18 @@ def earlier_run(output_dir: Path) -> list[str]:
     return [name for name in (STUDENT, REPORT, engine.CHECKPOINT) if (Path(output_dir) / name).exists()]
 
 
+def clear_earlier_run(output_dir: Path) -> None:
+    """`distill run --overwrite`: the earlier job's outputs removed, so that none the new job does not write again
+    (an ONNX export, when it has export.onnx false) passes for its own. Its teacher outputs and preparation scratch
+    stay: a job reuses them only when resuming the run they belong to."""
+    for name in (STUDENT, engine.BEST, STUDENT_ONNX, TEACHER_ONNX, REPORT, REPORT_MD, engine.CHECKPOINT):
+        path = Path(output_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def run_identity(config: JobConfig) -> dict[str, Any]:
     """A job's data settings, teacher and student, flat (`data.limit`, `teacher.name`, `student.layers`, ...): with
     another of any, a checkpoint is not this job's to continue (engine.fit's `identity`), and a config says so

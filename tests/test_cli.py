@@ -56,10 +56,14 @@ def test_run_prints_the_result_and_resume_finishes_a_completed_job(
     assert capsys.readouterr().err == (f"distill: error: {tmp_path / 'out'} holds an earlier run (student, "
                                        f"report.json, checkpoint.pt): --resume continues it, --overwrite starts over "
                                        f"in it, or give another --output-dir\n")
+    earlier_export = tmp_path / "out" / "student-onnx" / "model.onnx"  # this run exports nothing to replace it
+    earlier_export.parent.mkdir()
+    earlier_export.write_bytes(b"the earlier student's graph")
     assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--overwrite", *one_epoch,
                  "--set", "compress.per_channel=false"]) == 0
     printed = capsys.readouterr().out
     assert "resumed:" not in printed  # trained from the start
+    assert not earlier_export.parent.exists()  # left, it passed for the new student's export
     # A setting the job's export: false leaves unused is kept (switching export back needs no edit), and said.
     assert "warning: not used by this job: compress.per_channel (as export.onnx is false)" in printed
 
@@ -81,8 +85,10 @@ def test_errors_are_one_line_with_exit_code_2(extra: dict, message: str, tiny_te
     assert err.startswith("distill: error: ") and message in err and "Traceback" not in err
 
 
-def test_the_output_directory_given_twice_is_refused(tiny_teacher_dir: Path, synthetic_csv: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_the_output_directory_given_twice_or_empty_is_refused(tiny_teacher_dir: Path, synthetic_csv: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where an empty output directory would put the run
     config = _write_config(tmp_path / "job.yaml", tiny_teacher_dir, synthetic_csv)
     assert main(["run", str(config), "--output-dir", str(tmp_path / "a"), "--set", f"output_dir={tmp_path / 'b'}"]) == 2
     assert capsys.readouterr().err == ("distill: error: the output directory is given twice, by --output-dir and by "
@@ -90,6 +96,14 @@ def test_the_output_directory_given_twice_is_refused(tiny_teacher_dir: Path, syn
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert main(["run", str(config), "--output-dir", str(tmp_path / "a"), "--set", "output_dir"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err  # a malformed --set says so first
+    # Empty (an unset shell variable): the run landed in the current directory.
+    with pytest.raises(SystemExit):
+        main(["run", str(config), "--output-dir", ""])
+    assert "argument --output-dir: empty; give a directory ('.' for the current one)" in capsys.readouterr().err
+    assert main(["run", str(config), "--set", "output_dir=''"]) == 2
+    assert capsys.readouterr().err.startswith("distill: error: output_dir: empty; give a directory ('.' for the "
+                                              "current one), or leave the key out for the default")
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "student").exists()
 
 
 def test_an_output_directory_that_cannot_be_made_is_one_line(tiny_teacher_dir: Path, synthetic_csv: Path,

@@ -154,7 +154,9 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_what_changed(setup
                ({"validation": train}, "(the validation data differ)"),
                ({"precision": "bf16"}, "precision: 'fp32' then, 'bf16' now"),
                ({"identity": {"student.num_layers": 2}}, "student.num_layers: 1 then, 2 now"),
-               ({"identity": {}}, "student.num_layers: 1 then, None now")]
+               ({"identity": {}}, "student.num_layers: 1 then, None now); --resume continues the same run only: "
+                                  "restore those settings, or start over (--overwrite instead of --resume, or another "
+                                  "output directory)")]
     for change, message in changes:
         run = {"cfg": CFG, "seed": 5, "train": train, "validation": validation, "precision": "fp32",
                "identity": identity} | change

@@ -21,7 +21,7 @@ from distill.data import BUILTIN_DATASETS, DataError, pull_dataset, read_labeled
 from distill.engine import TrainingError
 from distill.evaluate import EvaluateError
 from distill.export import DEFAULT_OPSET, ExportError
-from distill.runtime import ONNX_FILE, UnreadableGraph
+from distill.runtime import ONNX_FILE, UnreadableModel
 from teachers.packaged import PullError
 from teachers.registry import TeacherNotFound, distill_home, list_teachers, pull_teacher, registered_names
 
@@ -165,7 +165,7 @@ def _export(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from distill.export import export_model_dir
-    from distill.runtime import model_kind
+    from distill.runtime import check_weights, model_kind
 
     _quiet_libraries()
     _need(args.model_dir / "config.json", "an HF model directory (config.json, weights, tokenizer)")
@@ -176,6 +176,7 @@ def _export(args: argparse.Namespace) -> int:
                          f"`distill export` exports classifiers. Sentence-embedding and causal-LM jobs export their "
                          f"students themselves (student-onnx/, export.onnx: true)")
     try:
+        check_weights(args.model_dir)
         atomic.check_replaceable(args.out_dir, ONNX_FILE, source=args.model_dir)
     except ValueError as e:
         raise UsageError(f"{e}") from None
@@ -201,7 +202,7 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         result = compress(source, args.onnx_dir, mode=args.mode, per_channel=args.per_channel,
                           exclude_ops=args.exclude_ops, calibration_texts=texts, max_length=args.max_length)
-    except UnreadableGraph as e:
+    except UnreadableModel as e:
         raise UsageError(str(e)) from None
     print(f"{source}: {source.stat().st_size / 1e6:.1f} MB")
     print(f"{result.optimized_path}: {result.optimized_bytes / 1e6:.1f} MB, fused {result.fused_ops or 'nothing'}, "

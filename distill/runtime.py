@@ -23,6 +23,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -69,8 +70,9 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class UnreadableGraph(ValueError):
-    """An ONNX file onnxruntime cannot load: cut short, damaged, or not ONNX."""
+class UnreadableModel(ValueError):
+    """A model's files that cannot be read: an ONNX graph onnxruntime cannot load, an HF directory without weights
+    or with a safetensors file cut short. The message names the file."""
 
 
 def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.InferenceSession:
@@ -85,12 +87,29 @@ def cpu_session(onnx_path: Path, threads: int | None, spinning: bool) -> ort.Inf
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:  # a truncated or damaged file: ORT's traceback
-        raise UnreadableGraph(f"{onnx_path} is not a readable ONNX graph ({e}); export it again") from None
+        raise UnreadableModel(f"{onnx_path} is not a readable ONNX graph ({e}); export it again") from None
 
 
 def torch_inputs(inputs: Inputs, device: torch.device, names: Iterable[str] | None = None) -> dict[str, Tensor]:
     """The (B, L) inputs as tensors on the model's device: those of `names` the inputs have, or all."""
     return {name: torch.from_numpy(inputs[name]).to(device) for name in (names or inputs) if name in inputs}
+
+
+def check_weights(model_dir: Path) -> None:
+    """UnreadableModel for an HF directory without weights, or with a safetensors file whose header cannot be read:
+    transformers' own errors come later (a job's teacher preparation) or as safetensors' traceback."""
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards and not any((model_dir / name).is_file() for name in ("pytorch_model.bin",
+                                                                        "pytorch_model.bin.index.json")):
+        raise UnreadableModel(f"{model_dir} holds no weights (model.safetensors or pytorch_model.bin); save the "
+                              f"model there with save_pretrained")
+    for shard in shards:
+        try:
+            with safe_open(shard, "pt"):  # its header only
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UnreadableModel(f"{shard} is not a readable safetensors file ({e}); save or download the model "
+                                  f"again") from None
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -534,6 +553,8 @@ def load_model(path: Path, max_length: int = 128,
     config = AutoConfig.from_pretrained(directory)
     max_length = min(max_length, usable_positions(config) or max_length)
     kind = model_kind(config)
+    if onnx_path is None:
+        check_weights(directory)
     if kind == "classifier":
         if onnx_path is None:
             return TorchPredictor(path, max_length, threads)

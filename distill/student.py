@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tokenizers.models import WordPiece
 from torch import nn
 from transformers import (
@@ -28,7 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from distill.config import ConfigError, FromModel, FromTeacher, StudentConfig, Task
 from distill.engine import value_projections
-from distill.runtime import load_tokenizer, model_kind, usable_positions
+from distill.runtime import UnreadableModel, check_weights, load_tokenizer, model_kind, usable_positions
 from distill.tasks import Encoded
 from teachers.registry import TeacherNotFound, resolve_teacher
 
@@ -228,13 +227,11 @@ def _check_files(source: str | Path, key: str) -> PreTrainedTokenizerBase:
         tokenizer = load_tokenizer(source)
     except (OSError, ValueError) as e:  # FileNotFoundError: no files; OSError/ValueError: unreadable ones
         raise ConfigError(f"{key}: {e}") from None
-    for weights in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
+    if Path(source).is_dir():  # a hub id's files are checked as they are fetched
         try:
-            with safe_open(weights, "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise ConfigError(f"{key}: {weights} is not a readable safetensors file ({e}); save or download the "
-                              f"model again") from None
+            check_weights(Path(source))
+        except UnreadableModel as e:
+            raise ConfigError(f"{key}: {e}") from None
     return tokenizer
 
 

@@ -135,6 +135,16 @@ def test_model_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path, c
              (["compress", str(onnx_dir)], "config.json names ['BertModel'], not a sequence classifier"),
              (["bench", str(encoder), "--texts", str(texts), "--seq-len", "2"],
               "--seq-len: 2 tokens leave no room for a word beside the special tokens")]
+    # A classifier whose weights were cut short (a copy stopped midway): safetensors' traceback, exit code 1.
+    truncated = tmp_path / "truncated"
+    shutil.copytree(encoder, truncated)
+    config = json.loads((truncated / "config.json").read_text())
+    (truncated / "config.json").write_text(json.dumps(config | {"architectures": ["BertForSequenceClassification"]}))
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    unreadable = f"{truncated / 'model.safetensors'} is not a readable safetensors file ("
+    cases += [(["export", str(truncated), str(tmp_path / "out")], unreadable),
+              (["bench", str(truncated), "--texts", str(texts)], unreadable)]
     capsys.readouterr()  # transformers' progress bar of writing the encoder
     for argv, message in cases:
         assert main(argv) == 2, argv

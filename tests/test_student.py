@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BartConfig,
@@ -168,7 +169,7 @@ def test_an_encoder_decoder_teaches_logits_only(config: PretrainedConfig, task: 
     """Copying its blocks failed at the weights' load (a traceback), a fresh student kept the teacher's decoder and
     failed at the ONNX export after the whole training, and the other tasks read one stack's states: refused before
     the job. A classifier's logits (test_pipeline trains one) any student of another model's layers can learn."""
-    config.save_pretrained(tmp_path / "encdec")
+    AutoModel.from_config(config).save_pretrained(tmp_path / "encdec")
     write_tiny_tokenizer(tmp_path / "encdec")
     two_stacks = rf"^teacher.name: '.*encdec' is an encoder-decoder \({config.model_type}\), whose blocks"
     borrowed = FromModel(init="model", model=str(tiny_teacher_dir), num_layers=1)
@@ -206,6 +207,11 @@ def test_a_model_without_its_tokenizer_files_is_refused_before_the_job(tiny_teac
     (bare / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     with pytest.raises(ConfigError, match=rf"^teacher.name: {bare / 'model.safetensors'} is not a readable "
                                           rf"safetensors file \(.+\); save or download the model again"):
+        check_student(FromTeacher(init="teacher", layers=[0]), bare, max_length=16, task="sequence-classification")
+    # No weights at all: transformers' "no file named model.safetensors" once the teacher's preparation began.
+    (bare / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=rf"^teacher.name: {bare} holds no weights \(model.safetensors or "
+                                          rf"pytorch_model.bin\); save the model there with save_pretrained"):
         check_student(FromTeacher(init="teacher", layers=[0]), bare, max_length=16, task="sequence-classification")
 
 

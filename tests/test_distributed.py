@@ -194,7 +194,7 @@ def test_a_multi_process_run_with_bad_input_is_one_line_with_exit_code_2(tiny_te
                                       "distributed": {"nproc_per_node": 2}}))
     assert cli(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
     err = capfd.readouterr().err
-    assert err.count("distill: error: ") == 1 and f"{tmp_path / 'missing.csv'}: file not found" in err, err
+    assert err.count("distill: error: ") == 1 and f"data.train: {tmp_path / 'missing.csv'} does not exist" in err, err
     assert "Traceback" not in err
 
 

@@ -190,6 +190,8 @@ def _compress(args: argparse.Namespace) -> int:
     from distill.compress import compress, quantized_ops
 
     _quiet_libraries()
+    if args.onnx_dir.is_file():  # its graph named instead of its directory, which compress writes into
+        raise UsageError(f"{args.onnx_dir} is a file; give the directory holding it ({args.onnx_dir.parent})")
     _need(args.onnx_dir / ONNX_FILE, "a directory written by `distill export`")
     try:
         quantized_ops(args.mode, args.exclude_ops)

@@ -101,7 +101,7 @@ def export_onnx(model_dir: Path, out_path: Path, *, opset: int = DEFAULT_OPSET, 
 
 
     def write_and_compare(tmp: Path) -> tuple[float, list[tuple[int, int]]]:
-        _write_graph(reference.model, sample, tmp, reference.input_names, [OUTPUT_NAME], axes, opset, out_path)
+        _write_graph(reference.model, sample, tmp, reference.input_names, [OUTPUT_NAME], axes, opset)
         return check_parity(reference, OnnxPredictor(tmp, model_dir, max_length), texts)
 
     return _export_checked(out_path, opset, tolerance, "logits", write_and_compare)
@@ -125,7 +125,7 @@ def export_module(module: nn.Module, batches: list[dict[str, Tensor]], out_path:
     axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | (input_axes or {}) | output_axes
 
     def write_and_compare(tmp: Path) -> tuple[float, list[tuple[int, int]]]:
-        _write_graph(module, batches[0], tmp, input_names, output_names, axes, opset, out_path)
+        _write_graph(module, batches[0], tmp, input_names, output_names, axes, opset)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         max_diff, shapes = 0.0, []
         for batch in batches:
@@ -150,7 +150,7 @@ def _export_checked(out_path: Path, opset: int, tolerance: float, what: str,
         max_diff, shapes = write_and_compare(tmp)
         if max_diff > tolerance:
             raise ExportError(f"ONNX {what} differ from PyTorch by up to {max_diff:.3g} (tolerance {tolerance:g}) "
-                              f"on batches {shapes}; {out_path} was not written")
+                              f"on batches {shapes}; nothing was written")
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -164,8 +164,8 @@ def _tensors(output: Tensor | tuple[Tensor, ...] | ModelOutput) -> tuple[Tensor,
 
 
 def _write_graph(module: nn.Module, sample: dict[str, Tensor], path: Path, input_names: list[str],
-                 output_names: list[str], axes: dict[str, dict[int, str]], opset: int, final: Path) -> None:
-    """Trace `module` on `sample` (keyword inputs) into `path` and validate it; ExportError naming `final`."""
+                 output_names: list[str], axes: dict[str, dict[int, str]], opset: int) -> None:
+    """Trace `module` on `sample` (keyword inputs) into `path` and validate it; ExportError if it is not valid."""
     with warnings.catch_warnings():
         # The legacy-exporter DeprecationWarning and TracerWarnings on shape checks in transformers' mask code
         # (those checks only compare lengths); the parity checks after this are what catch a bad trace.
@@ -184,7 +184,7 @@ def _write_graph(module: nn.Module, sample: dict[str, Tensor], path: Path, input
     try:
         onnx.checker.check_model(str(path))  # by path: also works past protobuf's 2 GB limit
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"the exported graph is not valid ONNX ({e}); {final} was not written") from e
+        raise ExportError(f"the exported graph is not valid ONNX ({e}); nothing was written") from e
 
 
 def export_model_dir(model_dir: Path, out_dir: Path, *, opset: int = DEFAULT_OPSET, tolerance: float = 1e-4,

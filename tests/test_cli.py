@@ -133,6 +133,8 @@ def test_model_commands_refuse_what_they_cannot_do_in_one_line(tmp_path: Path, c
              (["compress", str(onnx_dir), "--exclude-ops", "Gemm"], "--exclude-ops: ['Gemm'] are not op types "
                                                                      "dynamic quantization handles"),
              (["compress", str(onnx_dir)], "config.json names ['BertModel'], not a sequence classifier"),
+             (["compress", str(onnx_dir / "model.onnx")], f"{onnx_dir / 'model.onnx'} is a file; give the directory "
+                                                           f"holding it ({onnx_dir})"),
              (["bench", str(encoder), "--texts", str(texts), "--seq-len", "2"],
               "--seq-len: 2 tokens leave no room for a word beside the special tokens")]
     # A classifier whose weights were cut short (a copy stopped midway): safetensors' traceback, exit code 1.
@@ -210,6 +212,11 @@ def test_export_says_one_line_and_a_damaged_graph_is_one_error(tmp_path: Path, c
         transformers.logging.set_verbosity(verbosity)
         (transformers.logging.enable_progress_bar if bars else transformers.logging.disable_progress_bar)()
     assert out.startswith(f"wrote {tmp_path / 'onnx' / 'model.onnx'} (") and out.count("\n") == 1 and err == ""
+    # A parity check failed named the staged file (strict/model.onnx.tmp/model.onnx), which is gone.
+    assert main(["export", str(classifier), str(tmp_path / "strict"), "--tolerance", "1e-30"]) == 2
+    err = capfd.readouterr().err
+    assert "(tolerance 1e-30) on batches [" in err and err.endswith("; nothing was written\n") and ".tmp" not in err
+    assert not (tmp_path / "strict").exists()
     # compress says its three lines, without onnxruntime's optimizer's note on the fusion it skips for this tiny
     # vocabulary (in a process of its own: pytest's handler on the root logger would take the note here).
     shutil.copytree(tmp_path / "onnx", tmp_path / "compressed")

@@ -248,7 +248,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--seq-len: {e}") from None
     labels = None
     if args.label_column and task_of(first) != "sequence-classification":
-        raise UsageError(f"--labels-column: {args.models[0]} is a {task_of(first)} model, which has no classes to "
+        raise UsageError(f"--label-column: {args.models[0]} is a {task_of(first)} model, which has no classes to "
                          f"score; leave it out (encoders are compared by cosine and recall@10 agreement with the "
                          f"first, language models by perplexity and next-token agreement)")
     if args.label_column:

@@ -214,8 +214,9 @@ def accuracy_gate(fp32_acc: float, int8_acc: float, max_drop_points: float = 1.0
     if drop > max_drop_points:
         return GateResult(False, drop, "fp32", f"serving fp32: INT8 {metric} {int8_acc:.2%} is {drop:.2f} points "
                                                f"below fp32 {fp32_acc:.2%}, more than the {max_drop_points:g} allowed")
+    change = "a gain" if drop < 0 else "a drop"  # INT8 may score higher: "a drop of -1.25 points" read as a bug
     return GateResult(True, drop, "int8", f"serving INT8: {metric} {int8_acc:.2%} vs fp32 {fp32_acc:.2%}, "
-                                          f"a drop of {drop:.2f} points ({max_drop_points:g} allowed)")
+                                          f"{change} of {abs(drop):.2f} points ({max_drop_points:g} allowed)")
 
 
 def _optimize(source: Path, target: Path, config: PretrainedConfig) -> dict[str, int]:

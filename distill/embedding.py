@@ -442,7 +442,9 @@ def run(config: JobConfig, on_event: EventSink | None = None, *, resume: bool = 
 
     with clock("distill"):
         # Without the train cache it starts random. Rank 0 alone: DDP starts every rank from rank 0's weights.
-        if student.projection is not None and cache_train and distributed.is_main():
+        # Not when resuming: the checkpoint's projection replaces it (one cut unreadable starts the stage random).
+        restoring = resume and (out / engine.CHECKPOINT).exists()
+        if student.projection is not None and cache_train and distributed.is_main() and not restoring:
             fitted = fit_projection(student, built.tokenizer, student_inputs["train"], embeddings["train"],
                                     precision=config.precision)
             emit("log", {"message": f"projection initialized by least squares: cosine {fitted:.3f} to the teacher "

@@ -373,6 +373,11 @@ def test_intermediate_losses_reach_a_student_whose_tokenizer_splits_like_the_tea
         assert any("projection initialized by least squares" in d.get("message", "") for k, d in events if k == "log")
     assert first_losses[1] > first_losses[0] + 1e-3
     assert reports[1]["teacher_logits_cached"] is True and reports[1]["student"]["projection"] is True
+    events = []  # resumed, the checkpoint's projection is restored: fitting it again said so and was thrown away
+    resumed = run(config, lambda kind, data: events.append((kind, data)), resume=True).report
+    assert any(kind == "resumed" for kind, _ in events)
+    assert not any("least squares" in d.get("message", "") for k, d in events if k == "log")
+    assert resumed["student"]["test_cosine"] == pytest.approx(reports[1]["student"]["test_cosine"], abs=1e-6)
 
 
 def test_intermediate_losses_refuse_texts_the_student_splits_otherwise(tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ def test_bench_command_on_sentence_encoders(tmp_path: Path, capsys: pytest.Captu
     assert "| dim | cosine | recall@10 |" in capsys.readouterr().out
 
     assert main(["bench", str(teacher), "--texts", str(texts), "--labels-column", "label"]) == 2
-    assert "--labels-column: " in capsys.readouterr().err
+    assert "--label-column: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [

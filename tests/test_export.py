@@ -235,6 +235,9 @@ def test_accuracy_gate(fp32: float, int8: float, max_drop: float, served: str, d
     assert (gate.served, gate.passed, gate.drop_points) == (served, served == "int8", pytest.approx(drop))
     if served == "fp32":
         assert "serving fp32" in gate.message and "2.00 points" in gate.message
+    else:
+        change = "a gain" if drop < 0 else "a drop"
+        assert gate.message.endswith(f"{change} of {abs(drop):.2f} points ({max_drop:g} allowed)"), gate.message
 
 
 def test_accuracy_gate_names_the_metric_it_gates() -> None:

@@ -136,7 +136,15 @@ def _torchrun(args: list[str]) -> int:
     return 0
 
 
+def _listing(args: argparse.Namespace, what: str) -> None:
+    """`teachers list NAME` printed the whole list, as if the name had been read."""
+    if args.action == "list" and args.name is not None:
+        raise UsageError(f"{what} list takes no name (it lists them all); to fetch {args.name}: "
+                         f"distill {what} pull {args.name}")
+
+
 def _teachers(args: argparse.Namespace) -> int:
+    _listing(args, "teachers")
     if args.action == "pull":
         if args.name is None:  # not a default: mpnet-base is 438 MB to download
             raise UsageError(f"teachers pull: name the teacher to pull; registered teachers: {registered_names()}")
@@ -151,8 +159,10 @@ def _teachers(args: argparse.Namespace) -> int:
 
 
 def _datasets(args: argparse.Namespace) -> int:
+    _listing(args, "datasets")
     if args.action == "pull":
-        print(f"{args.name} is ready at {pull_dataset(args.name, progress=print)}")
+        name = args.name or "reviews"  # the one built in, and a small download
+        print(f"{name} is ready at {pull_dataset(name, progress=print)}")
         return 0
     print(f"{'name':<10} {'licence':<8} {'present':<8} description")
     for name, dataset in BUILTIN_DATASETS.items():
@@ -311,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     teachers.set_defaults(handler=_teachers)
     datasets = commands.add_parser("datasets", help="list or pull built-in datasets")
     datasets.add_argument("action", choices=["list", "pull"])
-    datasets.add_argument("name", nargs="?", default="reviews")
+    datasets.add_argument("name", nargs="?", help="the dataset to pull (default: reviews)")
     datasets.set_defaults(handler=_datasets)
     export = commands.add_parser("export", help="export an HF model directory to ONNX (model.onnx + tokenizer)")
     export.add_argument("model_dir", type=Path)

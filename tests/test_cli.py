@@ -289,6 +289,10 @@ def test_datasets_list_says_which_are_present(distill_home: Path, capsys: pytest
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "licence", "present", "description"] and lines[1].split()[:3] == [
         "reviews", "MIT", "yes"]
+    for what, name in (("datasets", "reviews"), ("teachers", "mpnet-base")):  # the name was ignored
+        assert main([what, "list", name]) == 2
+        assert capsys.readouterr().err == (f"distill: error: {what} list takes no name (it lists them all); to "
+                                           f"fetch {name}: distill {what} pull {name}\n")
 
 
 def test_a_write_that_fails_leaves_neither_a_staged_file_nor_a_changed_one(tmp_path: Path) -> None:

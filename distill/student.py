@@ -215,7 +215,9 @@ def _read_config(source: str | Path, key: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot read the config of {str(source)!r}: {e}") from None
+        # Its first paragraph, on one line: the rest is transformers' advice on upgrading or installing from git.
+        reason = " ".join(str(e).split("\n\n")[0].split())
+        raise ConfigError(f"{key}: cannot read the config of {str(source)!r}: {reason}") from None
 
 
 def _check_files(source: str | Path, key: str) -> PreTrainedTokenizerBase:

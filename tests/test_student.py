@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,9 @@ def test_trimming_a_bpe_vocabulary_is_refused(tmp_path: Path) -> None:
      "encoder students"),
     (FromModel(init="model", model="BROKEN", num_layers=1), 16, "sequence-classification",
      "student.model: cannot read the config of .*broken"),
+    (FromModel(init="model", model="UNKNOWN", num_layers=1), 16, "sequence-classification",  # was three paragraphs
+     r"^student.model: cannot read the config of .*unknown.*model type `foo` but Transformers does not recognize "
+     r"this architecture\. This could be .* is out of date\.$"),
 ])
 def test_a_student_the_models_cannot_give_is_refused_from_their_configs(
         tiny_teacher_dir: Path, tmp_path: Path, spec: FromTeacher | FromModel, max_length: int, task: str,
@@ -103,7 +107,10 @@ def test_a_student_the_models_cannot_give_is_refused_from_their_configs(
     would otherwise get randomly initialized layers from from_pretrained without a word."""
     broken = write_tiny_encoder(tmp_path / "broken")
     (broken / "config.json").write_text("{not json")
-    sources = {"SOURCE": str(tiny_teacher_dir), "GPT2": str(write_tiny_gpt2(tmp_path / "gpt2")), "BROKEN": str(broken)}
+    unknown = write_tiny_encoder(tmp_path / "unknown")
+    (unknown / "config.json").write_text(json.dumps({"model_type": "foo"}))
+    sources = {"SOURCE": str(tiny_teacher_dir), "GPT2": str(write_tiny_gpt2(tmp_path / "gpt2")), "BROKEN": str(broken),
+               "UNKNOWN": str(unknown)}
     if isinstance(spec, FromModel):
         spec = spec.model_copy(update={"model": sources[spec.model]})
     with pytest.raises(ConfigError, match=message):
